@@ -1,0 +1,64 @@
+# cycleqd: make help
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXP ?= experiments/mini.yaml
+TASKS ?=
+GENERATIONS ?=
+WORKERS ?=
+RUN_DIR ?=
+ADDRESS ?=
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+
+EVOLVE_ARGS := --config $(EXP) $(if $(TASKS),--tasks $(TASKS)) $(if $(GENERATIONS),--generations $(GENERATIONS)) \
+	$(if $(WORKERS),--workers $(WORKERS)) $(if $(RUN_DIR),--run-dir $(RUN_DIR)) $(if $(ADDRESS),--address $(ADDRESS))
+
+.PHONY: help install test test-all evolve table bench submit clean system-deps
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+install: $(STAMP)  ## create ./.venv with everything (CPU torch), plus bubblewrap, MariaDB, Chromium
+
+$(STAMP): pyproject.toml
+	$(MAKE) system-deps
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+system-deps:  ## Debian packages the sandbox, DB tests and report test use (needs root)
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  missing=""; \
+	  command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	  command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || missing="$$missing mariadb-server"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	else echo "system-deps: not root or no apt-get; install bubblewrap, mariadb-server, chromium yourself"; fi
+
+test: install  ## run the test suite (CPU, tiny models)
+	$(BIN)/pytest -q -x --timeout=900
+
+evolve: install  ## run CycleQD (default: the mini world): make evolve [EXP=.. TASKS=a,b GENERATIONS=n WORKERS=n]
+	$(BIN)/cycleqd evolve $(EVOLVE_ARGS)
+
+table: install  ## write experiments/results/mini_table.json (mini world, 3 seeds, test split)
+	$(BIN)/python -m cycleqd.table --config experiments/mini.yaml --out experiments/results/mini_table.json
+
+bench: install  ## write bench.json (ratios against baselines measured in the same run)
+	$(BIN)/python benchmarks/bench.py --out bench.json
+
+submit: install  ## the same evolve job through `ray job submit` (ADDRESS=http://127.0.0.1:8265)
+	$(BIN)/ray job submit --address $(or $(ADDRESS),http://127.0.0.1:8265) --working-dir . \
+	  --runtime-env-json '{"excludes": [".venv", ".cache", "archives", ".git"]}' -- \
+	  $(abspath $(BIN))/cycleqd evolve $(EVOLVE_ARGS)
+
+clean:  ## remove caches (not archives)
+	rm -rf .cache .pytest_cache

@@ -1,0 +1,280 @@
+"""Experiment configuration: frozen pydantic models read from YAML.
+
+Everything is validated here, before any model is loaded: unknown keys, unknown
+operator / task / engine names, bad bin ranges, wrong counts and missing local
+paths all raise :class:`ConfigError` with one clear line.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, SAMPLERS, TASKS, UnknownNameError
+
+
+class ConfigError(ValueError):
+    """Bad input: a config, a path or a flag. The CLI turns it into exit code 2."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Bins(_Frozen):
+    """Bin range of one task's score axis; bins are (lo, hi], values outside are clamped."""
+
+    lo: float = 0.0
+    hi: float = 1.0
+    count: int = Field(15, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _range(self) -> "Bins":
+        if not (0.0 <= self.lo < self.hi <= 1.0):
+            raise ValueError(f"bin range needs 0 <= lo < hi <= 1, got lo={self.lo} hi={self.hi}")
+        return self
+
+
+class TaskConfig(_Frozen):
+    """One task: a registered ``kind`` (mbpp, dbbench, ...), its data and its bins."""
+
+    name: str
+    kind: str
+    data: str | None = None
+    bins: Bins = Bins()
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v):
+            raise ValueError(f"task name {v!r} must be letters, digits, '_', '-' or '.'")
+        return v
+
+
+class MiniWorld(_Frozen):
+    """Build the embedded mini world into ``dir`` if it is absent (see ``cycleqd mini build``)."""
+
+    dir: str = ".cache/mini"
+    seed: int = 0
+    size: Literal["default", "tiny"] = "default"
+
+
+class ModelsConfig(_Frozen):
+    """Base model and one expert per task (local HF folders or Hub ids)."""
+
+    base: str
+    experts: dict[str, str]
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+    mini: MiniWorld | None = None
+
+
+class CrossoverConfig(_Frozen):
+    name: str = "linear"
+    mu: float = 0.0
+    sigma: float = Field(0.01, ge=0.0)
+
+
+class MutationConfig(_Frozen):
+    name: str = "svd"
+    rate: float = Field(0.1, ge=0.0)
+    std: float = Field(3e-4, ge=0.0)
+    rank: int | None = Field(None, ge=1)
+
+
+class SamplingConfig(_Frozen):
+    name: str = "elite"
+    low: float = 0.5
+    high: float = 0.8
+
+    @model_validator(mode="after")
+    def _range(self) -> "SamplingConfig":
+        if not (0.0 <= self.low <= self.high):
+            raise ValueError(f"sampling needs 0 <= low <= high, got {self.low}, {self.high}")
+        return self
+
+
+class EvolutionConfig(_Frozen):
+    generations: int = Field(1200, ge=0)
+    workers: int = Field(1, ge=1)
+    flip_interval: int = Field(1, ge=1)
+    fixed_quality_task: str | None = None
+    crossover: CrossoverConfig = CrossoverConfig()
+    mutation: MutationConfig = MutationConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    final_merge: bool = True
+    worker_cpus: float = Field(0.0, ge=0.0)
+    worker_gpus: float = Field(0.0, ge=0.0)
+
+
+class EngineConfig(_Frozen):
+    name: str = "transformers"
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SandboxConfig(_Frozen):
+    """Running model-written code is opt-in: ``allow_code_execution`` must be true."""
+
+    allow_code_execution: bool = False
+    backend: Literal["auto", "bwrap", "subprocess", "docker"] = "auto"
+    timeout: float = Field(10.0, gt=0)
+    memory_mb: int = Field(1024, ge=16)
+
+
+class Config(_Frozen):
+    """A whole experiment."""
+
+    name: str = "experiment"
+    seed: int = 0
+    models: ModelsConfig
+    tasks: list[TaskConfig]
+    evolution: EvolutionConfig = EvolutionConfig()
+    engine: EngineConfig = EngineConfig()
+    sandbox: SandboxConfig = SandboxConfig()
+    prepare_cache: str = ".cache/prepare"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        names = [t.name for t in self.tasks]
+        if len(names) < 2:
+            raise ValueError(f"need at least 2 tasks, got {len(names)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names repeat: {names}")
+        missing = [n for n in names if n not in self.models.experts]
+        if missing:
+            raise ValueError(f"no expert for task(s) {missing}; models.experts has {sorted(self.models.experts)}")
+        q = self.evolution.fixed_quality_task
+        if q is not None and q not in names:
+            raise ValueError(f"evolution.fixed_quality_task {q!r} is not a task ({names})")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def expert_paths(self) -> list[str]:
+        """Expert model paths in task order."""
+        return [self.models.experts[t] for t in self.task_names]
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not s.startswith((".", "/"))
+
+
+def _check_model_path(p: str, what: str, base_dir: Path, mini: MiniWorld | None) -> None:
+    if mini is not None:
+        return  # built on demand
+    path = Path(p) if os.path.isabs(p) else base_dir / p
+    if Path(p).exists() or path.exists():
+        return
+    if _looks_like_hub_id(p) and not Path(p).parent.exists():
+        return
+    raise ConfigError(f"{what}: path {p!r} does not exist")
+
+
+def _check_names(cfg: Config) -> None:
+    try:
+        CROSSOVERS.check(cfg.evolution.crossover.name)
+        MUTATIONS.check(cfg.evolution.mutation.name)
+        SAMPLERS.check(cfg.evolution.sampling.name)
+        ENGINES.check(cfg.engine.name)
+        for t in cfg.tasks:
+            TASKS.check(t.kind)
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _one_line(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    more = f" (+{e.error_count() - 3} more)" if e.error_count() > 3 else ""
+    return "; ".join(parts) + more
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate a mapping into a Config. Raises ConfigError with one line."""
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else type(data).__name__
+        raise ConfigError(f"{source}: expected a mapping of settings, got {kind}")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_one_line(e)}") from None
+    _check_names(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, *, check_paths: bool = True) -> Config:
+    """Read and validate an experiment YAML. Raises ConfigError (bad input) with one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    cfg = parse_config(data, str(path))
+    if check_paths:
+        for t in cfg.tasks:
+            if t.data is not None and not t.data.startswith(("hf://", "mini://")):
+                if not Path(t.data).exists() and not _looks_like_hub_id(t.data):
+                    raise ConfigError(f"task {t.name}: data path {t.data!r} does not exist")
+        _check_model_path(cfg.models.base, "models.base", Path.cwd(), cfg.models.mini)
+        for task, e in cfg.models.experts.items():
+            _check_model_path(e, f"models.experts.{task}", Path.cwd(), cfg.models.mini)
+    return cfg
+
+
+def with_overrides(
+    cfg: Config,
+    *,
+    tasks: list[str] | None = None,
+    generations: int | None = None,
+    workers: int | None = None,
+    seed: int | None = None,
+) -> Config:
+    """Apply CLI overrides and re-validate. Raises ConfigError."""
+    data = cfg.model_dump()
+    if tasks is not None:
+        known = cfg.task_names
+        bad = [t for t in tasks if t not in known]
+        if bad:
+            import difflib
+
+            close = difflib.get_close_matches(bad[0], known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--tasks: unknown task {bad[0]!r}{hint} (config has {', '.join(known)})")
+        if len(set(tasks)) < 2:
+            raise ConfigError(f"--tasks: need at least 2 distinct tasks, got {tasks}")
+        data["tasks"] = [t for t in data["tasks"] if t["name"] in tasks]
+        data["models"]["experts"] = {k: v for k, v in data["models"]["experts"].items() if k in tasks}
+    if generations is not None:
+        if generations < 0:
+            raise ConfigError(f"--generations must be >= 0, got {generations}")
+        data["evolution"]["generations"] = generations
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {workers}")
+        data["evolution"]["workers"] = workers
+    if seed is not None:
+        data["seed"] = seed
+    return parse_config(data, "config")
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (written into every run folder)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,3 @@
+from cycleqd.engine.base import Engine, GenRequest
+
+__all__ = ["Engine", "GenRequest"]

@@ -1,0 +1,98 @@
+"""One small registry for named operators, tasks and engines.
+
+Duplicate names are an error; an unknown name says "did you mean ...".
+Modules that define entries are imported lazily by :func:`Registry.get`, so
+``import cycleqd`` stays fast and optional heavy packages are only imported when
+their entry is used.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(ValueError):
+    """A name that is not in a registry (a bad-input error)."""
+
+
+class Registry(Generic[T]):
+    """Name -> object map with lazy modules.
+
+    Args:
+        kind: what the entries are, for error messages ("crossover", "task").
+        lazy: name -> module path that registers that name when imported.
+    """
+
+    def __init__(self, kind: str, lazy: dict[str, str] | None = None):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._lazy = dict(lazy or {})
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator registering ``obj`` under ``name``. Raises ValueError on duplicates."""
+
+        def deco(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._items[name] = obj
+            return obj
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(set(self._items) | set(self._lazy))
+
+    def check(self, name: str) -> None:
+        """Raise UnknownNameError (with a suggestion) unless ``name`` is known. Imports nothing."""
+        if name not in self._items and name not in self._lazy:
+            close = difflib.get_close_matches(name, self.names(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})"
+            )
+
+    def get(self, name: str) -> T:
+        """Return the entry, importing its module first if needed."""
+        self.check(name)
+        if name not in self._items:
+            importlib.import_module(self._lazy[name])
+        return self._items[name]
+
+
+CROSSOVERS: Registry = Registry(
+    "crossover", {"linear": "cycleqd.crossover", "layerwise": "cycleqd.crossover"}
+)
+MUTATIONS: Registry = Registry(
+    "mutation", {"svd": "cycleqd.mutation", "gaussian": "cycleqd.mutation"}
+)
+SAMPLERS: Registry = Registry(
+    "parent sampling", {"elite": "cycleqd.sampling", "uniform": "cycleqd.sampling"}
+)
+TASKS: Registry = Registry(
+    "task",
+    {
+        "mbpp": "cycleqd.tasks.mbpp",
+        "dbbench": "cycleqd.tasks.dbbench",
+        "os_interaction": "cycleqd.tasks.os_interaction",
+        "mini_code": "cycleqd.tasks.mini",
+        "mini_sql": "cycleqd.tasks.mini",
+        "mini_shell": "cycleqd.tasks.mini",
+    },
+)
+ENGINES: Registry = Registry(
+    "engine",
+    {
+        "transformers": "cycleqd.engine.hf",
+        "replay": "cycleqd.engine.replay",
+        "vllm": "cycleqd.engine.vllm",
+    },
+)
+
+register_crossover = CROSSOVERS.register
+register_mutation = MUTATIONS.register
+register_sampler = SAMPLERS.register
+register_task = TASKS.register
+register_engine = ENGINES.register

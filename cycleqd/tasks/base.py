@@ -1,0 +1,44 @@
+"""Typed results every task returns, and the Task protocol."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+from cycleqd.engine.base import Engine
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """One sample's outcome: score in [0, 1] (1 = solved), error text if it failed to run."""
+
+    id: str
+    score: float
+    error: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """A task's verdict on one model: quality = mean sample score."""
+
+    task: str
+    quality: float
+    n: int
+    samples: tuple[SampleResult, ...]
+    seconds: float
+
+    @property
+    def failed_ids(self) -> list[str]:
+        return [s.id for s in self.samples if s.score < 1.0]
+
+
+class Task(Protocol):
+    """A skill benchmark. ``evaluate`` never raises for a bad sample: it records a failed sample."""
+
+    name: str
+
+    def sample_ids(self) -> list[str]:
+        ...
+
+    def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
+        ...
