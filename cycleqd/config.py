@@ -278,3 +278,26 @@ def with_overrides(
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (written into every run folder)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_paths(cfg: Config, root: str | os.PathLike | None = None) -> Config:
+    """Make every local path absolute (Hub ids stay as they are), so a run folder is self-contained."""
+    root = Path(root or Path.cwd())
+
+    def fix(p: str | None, local: bool = False) -> str | None:
+        if p is None or p.startswith(("hf://", "mini://")) or os.path.isabs(p):
+            return p
+        q = root / p
+        if local or q.exists() or not _looks_like_hub_id(p):
+            return str(q.resolve())
+        return p
+
+    data = cfg.model_dump()
+    mini = cfg.models.mini is not None
+    data["models"]["base"] = fix(cfg.models.base, mini)
+    data["models"]["experts"] = {k: fix(v, mini) for k, v in cfg.models.experts.items()}
+    if mini:
+        data["models"]["mini"]["dir"] = fix(cfg.models.mini.dir, True)
+    data["tasks"] = [{**t, "data": fix(t["data"])} for t in data["tasks"]]
+    data["prepare_cache"] = fix(cfg.prepare_cache, True)
+    return parse_config(data, "config")

@@ -1,0 +1,256 @@
+"""The `cycleqd` command: parse -> load config -> one library call per subcommand.
+
+Exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 1 anything
+else, with the run left resumable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cycleqd.config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _cell(text: str) -> tuple[int, ...]:
+    try:
+        cell = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--cell must be comma-separated integers like 3,7, got {text!r}") from None
+    if any(c < 0 for c in cell):
+        raise ConfigError(f"--cell indices must be >= 0, got {text!r}")
+    return cell
+
+
+def _tasks(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks is empty")
+    return tasks
+
+
+def cmd_evolve(a: argparse.Namespace) -> int:
+    from cycleqd.config import load_config, with_overrides
+
+    cfg = with_overrides(load_config(a.config), tasks=_tasks(a.tasks), generations=a.generations,
+                         workers=a.workers, seed=a.seed)
+    if a.run_dir and Path(a.run_dir).exists() and any(Path(a.run_dir).iterdir()):
+        hint = f"; continue it with `cycleqd resume {a.run_dir}`" if (Path(a.run_dir) / "config.yaml").exists() else ""
+        raise ConfigError(f"run folder {a.run_dir!r} exists and is not empty{hint}")
+    from cycleqd.run import evolve
+
+    run = evolve(cfg, a.run_dir, address=a.address, progress=not a.quiet)
+    print(f"run finished: {run}")
+    return 0
+
+
+def cmd_resume(a: argparse.Namespace) -> int:
+    from cycleqd.store import RunStore
+
+    RunStore(a.run_dir)  # bad input before anything starts
+    from cycleqd.run import resume
+
+    run = resume(a.run_dir, generations=a.generations, address=a.address, progress=not a.quiet)
+    print(f"run finished: {run}")
+    return 0
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from cycleqd.config import load_config, resolve_paths
+
+    cfg = resolve_paths(load_config(a.config))
+    if cfg.models.mini is not None:
+        from cycleqd.mini.build import ensure_mini_world
+
+        ensure_mini_world(cfg)
+    from cycleqd.factors import prepare_command
+
+    print(f"factors cached in {prepare_command(cfg)}")
+    return 0
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    from cycleqd.store import RunStore
+
+    store = RunStore(a.run_dir)
+    if a.json:
+        snap = store.archives()
+        print(json.dumps({"generation": snap["generation"], "tasks": snap["tasks"], "archives": snap["archives"],
+                          "final_merge": store.final_merge()}))
+        return 0
+    from rich.console import Console
+
+    from cycleqd.show import render_show
+
+    render_show(store.path, Console())
+    return 0
+
+
+def cmd_heatmap(a: argparse.Namespace) -> int:
+    from cycleqd.store import RunStore
+
+    store = RunStore(a.run_dir)
+    if a.generation is not None and a.generation < 0:
+        raise ConfigError(f"--generation must be >= 0, got {a.generation}")
+    from cycleqd.plots import write_heatmaps, write_history
+
+    out = Path(a.out) if a.out else store.plots_dir
+    files = write_heatmaps(store.path, out, a.generation) + write_history(store.path, out)
+    for f in files:
+        print(f)
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from cycleqd.store import RunStore
+
+    store = RunStore(a.run_dir)
+    from cycleqd.report import write_report
+
+    print(write_report(store.path))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    cell = _cell(a.cell) if a.cell is not None else None
+    if (a.archive is None) != (cell is None):
+        raise ConfigError("--archive and --cell go together")
+    from cycleqd.store import RunStore
+
+    store = RunStore(a.run_dir)
+    from cycleqd.export import export
+
+    out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),
+                 push_to_hub=a.push_to_hub, private=a.private)
+    print(out)
+    return 0
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    if (a.model is None) == (a.answers is None):
+        raise ConfigError("give exactly one of --model DIR or --answers FILE")
+    from cycleqd.score import score
+
+    res = score(a.task, a.data, model=a.model, answers=a.answers, ids=a.ids)
+    if a.json:
+        print(json.dumps({"task": res.task, "quality": res.quality, "n": res.n, "failed_ids": res.failed_ids}))
+    else:
+        print(f"{res.task}: quality {res.quality:.4f} over {res.n} samples ({res.seconds:.1f}s); "
+              f"{len(res.failed_ids)} failed")
+    return 0
+
+
+def cmd_mini(a: argparse.Namespace) -> int:
+    from cycleqd.mini.build import build_mini_world
+
+    path = build_mini_world(a.dir, seed=a.seed, size=a.size, force=not a.keep)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cycleqd", description="CycleQD: evolutionary model merging with cyclic quality-diversity.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    e = sub.add_parser("evolve", help="start a CycleQD run")
+    e.add_argument("--config", required=True, help="experiment YAML (e.g. experiments/mini.yaml)")
+    e.add_argument("--tasks", help="comma-separated subset of the config's tasks (>= 2)")
+    e.add_argument("--generations", type=int, help="children to evaluate (one generation = one finished child)")
+    e.add_argument("--workers", type=int, help="parallel workers (Ray actors)")
+    e.add_argument("--run-dir", help="run folder (default archives/<name>-<time>)")
+    e.add_argument("--seed", type=int)
+    e.add_argument("--address", help="join an existing Ray cluster (e.g. ray://host:10001 or auto)")
+    e.set_defaults(func=cmd_evolve)
+
+    r = sub.add_parser("resume", help="continue a run after a crash or to more generations")
+    r.add_argument("run_dir")
+    r.add_argument("--generations", type=int, help="new total number of generations")
+    r.add_argument("--address")
+    r.set_defaults(func=cmd_resume)
+
+    pr = sub.add_parser("prepare", help="compute and cache task vectors and SVD factors")
+    pr.add_argument("--config", required=True)
+    pr.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("show", help="the archives' elites and stats")
+    s.add_argument("run_dir")
+    s.add_argument("--json", action="store_true", help="one JSON object (DESIGN.md section 7)")
+    s.set_defaults(func=cmd_show)
+
+    h = sub.add_parser("heatmap", help="archive heatmaps (PNG and SVG) and history plots")
+    h.add_argument("run_dir")
+    h.add_argument("--out", help="folder (default RUN/plots)")
+    h.add_argument("--generation", type=int, help="archives as they were at this generation")
+    h.set_defaults(func=cmd_heatmap)
+
+    rp = sub.add_parser("report", help="one offline HTML page in the run folder")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("export", help="write an elite as a Hugging Face model folder (and push it)")
+    x.add_argument("run_dir")
+    g = x.add_mutually_exclusive_group(required=True)
+    g.add_argument("--best", choices=["mean"], help="the elite with the best mean over the tasks")
+    g.add_argument("--archive", help="archive (task name) holding the elite; with --cell")
+    g.add_argument("--merged", action="store_true", help="the final merge")
+    x.add_argument("--cell", help="cell indices, e.g. 3,7")
+    x.add_argument("--out", required=True)
+    x.add_argument("--push-to-hub", metavar="REPO_ID")
+    x.add_argument("--private", action="store_true")
+    x.set_defaults(func=cmd_export)
+
+    sc = sub.add_parser("score", help="score a model or recorded answers on one task")
+    sc.add_argument("task", help="task kind: mbpp, dbbench, os_interaction, mini_code, mini_sql, mini_shell")
+    sc.add_argument("--data", required=True)
+    sc.add_argument("--model")
+    sc.add_argument("--answers", help='JSONL of {"id": ..., "turns": [...]}')
+    sc.add_argument("--ids", nargs="+")
+    sc.add_argument("--json", action="store_true")
+    sc.set_defaults(func=cmd_score)
+
+    m = sub.add_parser("mini", help="the embedded mini world")
+    msub = m.add_subparsers(dest="mini_command", required=True, parser_class=_Parser)
+    mb = msub.add_parser("build", help="(re)build the mini world's tokenizer, base and experts")
+    mb.add_argument("--dir", default=".cache/mini")
+    mb.add_argument("--seed", type=int, default=0)
+    mb.add_argument("--size", choices=["default", "tiny"], default="default")
+    mb.add_argument("--keep", action="store_true", help="reuse a matching cached build")
+    mb.set_defaults(func=cmd_mini)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from cycleqd.run import local_ray_env
+
+    local_ray_env()
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"cycleqd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cycleqd: interrupted; the run can be continued with `cycleqd resume`", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if args.verbose:
+            raise
+        print(f"cycleqd: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""``likelihood``: how probable a model finds reference texts.
+
+quality = exp(mean per-token log-probability of the texts), in (0, 1]. A cheap,
+deterministic, real skill signal (e.g. held-out text of one domain per expert);
+no generation and no code execution. Data: a JSONL of {"text": ...} (or {"id":,
+"text":}) or a plain text file with one sample per line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from cycleqd.config import ConfigError, SandboxConfig
+from cycleqd.registry import register_task
+from cycleqd.tasks.base import SampleResult, TaskResult
+
+
+def _read_texts(path: str) -> list[tuple[str, str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"likelihood data {path!r} not found")
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines()):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            r = json.loads(line)
+            rows.append((str(r.get("id", i)), r["text"]))
+        else:
+            rows.append((str(i), line))
+    if not rows:
+        raise ConfigError(f"likelihood data {path!r} holds no texts")
+    return rows
+
+
+@register_task("likelihood")
+class Likelihood:
+    """Scores exp(mean token log-likelihood) of fixed texts under the engine's model."""
+
+    def __init__(self, name: str, data: str | None, sandbox: SandboxConfig | None = None, batch_size: int = 16):
+        if data is None:
+            raise ConfigError(f"task {name}: likelihood needs data")
+        self.name = name
+        self.rows = _read_texts(data)
+        self.batch_size = batch_size
+
+    def sample_ids(self) -> list[str]:
+        return [i for i, _ in self.rows]
+
+    def evaluate(self, engine, ids: Sequence[str] | None = None) -> TaskResult:
+        t0 = time.perf_counter()
+        rows = [r for r in self.rows if ids is None or r[0] in set(ids)]
+        model, tok = engine.model, engine.tokenizer
+        samples = []
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for i in range(0, len(rows), self.batch_size):
+                chunk = rows[i : i + self.batch_size]
+                enc = tok([t for _, t in chunk], return_tensors="pt", padding=True)
+                enc = {k: v.to(model.device) for k, v in enc.items()}
+                logits = model(**enc).logits[:, :-1].float()
+                target = enc["input_ids"][:, 1:]
+                mask = enc["attention_mask"][:, 1:].float() * enc["attention_mask"][:, :-1].float()
+                lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0] * mask
+                for (sid, _), s, m in zip(chunk, lp.sum(1), mask.sum(1)):
+                    n = max(float(m), 1.0)
+                    samples.append(SampleResult(sid, math.exp(float(s) / n)))
+                    total += float(s)
+                    count += int(n)
+        quality = math.exp(total / max(count, 1))
+        return TaskResult(self.name, quality, len(samples), tuple(samples), time.perf_counter() - t0)

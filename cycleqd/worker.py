@@ -1,0 +1,139 @@
+"""A worker: child spec -> crossover -> mutation -> materialize -> evaluate on K tasks.
+
+A worker keeps the base, the experts' task vectors, their SVD factors, one
+loaded model and the K tasks resident; a child costs one pass over the weights
+plus the evaluations, and no checkpoint is read from disk. The same class runs
+as a Ray actor (``run.py``) or in process (tests, replay of one child).
+Domain errors inside a child become a failed result; they never crash the run.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from cycleqd.config import Config, parse_config
+from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, TASKS
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """Everything a worker needs to rebuild one child exactly (the seed travels with it)."""
+
+    index: int
+    id: str
+    quality_task: str
+    q: int
+    parents: tuple[str, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    """A worker's answer: the child's genome bytes and scores, or the error that stopped it."""
+
+    id: str
+    genome: bytes | None
+    scores: Mapping[str, float]
+    seconds: Mapping[str, float] = field(default_factory=dict)
+    error: str | None = None
+    worker: int = 0
+
+
+def _short_error(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def make_child(spec: ChildSpec, parents: Sequence[Any], cfg: Config, factors: Any) -> tuple[Any, dict[str, float]]:
+    """Crossover then mutation of ``parents`` (Genomes), all randomness from ``spec.seed``."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    evo = cfg.evolution
+    t0 = time.perf_counter()
+    child = CROSSOVERS.get(evo.crossover.name)(parents, evo.crossover, gen, factors)
+    t1 = time.perf_counter()
+    child = MUTATIONS.get(evo.mutation.name)(child, spec.q, evo.mutation, gen, factors)
+    t2 = time.perf_counter()
+    return child, {"crossover": t1 - t0, "mutation": t2 - t1}
+
+
+def build_tasks(cfg: Config) -> dict[str, Any]:
+    """Instantiate the configured tasks (name -> Task)."""
+    return {
+        t.name: TASKS.get(t.kind)(name=t.name, data=t.data, sandbox=cfg.sandbox, **t.options)
+        for t in cfg.tasks
+    }
+
+
+class ChildWorker:
+    """Holds the resident tensors, one engine and the tasks; executes child specs.
+
+    Args:
+        cfg: the resolved experiment config (a Config or its dump).
+        index: worker number, for logs.
+        threads: torch CPU threads (default: cores / workers, at least 1).
+    """
+
+    def __init__(self, cfg: Config | dict, index: int = 0, threads: int | None = None):
+        from cycleqd.factors import Factors
+
+        self.cfg = cfg if isinstance(cfg, Config) else parse_config(cfg)
+        self.index = index
+        if threads is None:
+            threads = max(1, (os.cpu_count() or 1) // self.cfg.evolution.workers)
+        torch.set_num_threads(threads)
+        self.factors = Factors.prepare(self.cfg, progress=False)
+        engine_cls = ENGINES.get(self.cfg.engine.name)
+        self.engine = engine_cls.from_path(self.cfg.models.base, self.cfg.engine, dtype=self.cfg.models.dtype)
+        self._state = self.engine.model.state_dict()  # views of the live parameters
+        self.tasks = build_tasks(self.cfg)
+
+    def ping(self) -> int:
+        return self.index
+
+    def seed_genome(self, k: int) -> bytes:
+        from cycleqd.genome import Genome
+
+        return Genome.seed(k, self.factors).to_bytes()
+
+    def evaluate(self, genome: Any) -> tuple[dict[str, float], dict[str, float]]:
+        """Materialize ``genome`` into the resident model and score it on every task."""
+        from cycleqd.genome import materialize
+
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            materialize(genome, self.factors, into=self._state)
+        seconds["materialize"] = time.perf_counter() - t0
+        scores = {}
+        for name, task in self.tasks.items():
+            res = task.evaluate(self.engine)
+            scores[name] = float(res.quality)
+            seconds[f"eval_{name}"] = float(res.seconds)
+        return scores, seconds
+
+    def run(self, spec: ChildSpec, parents: Sequence[bytes]) -> ChildResult:
+        """Build the child of ``spec`` from parent genome bytes and evaluate it."""
+        from cycleqd.genome import Genome
+
+        try:
+            child, seconds = make_child(spec, [Genome.from_bytes(p) for p in parents], self.cfg, self.factors)
+            scores, more = self.evaluate(child)
+            return ChildResult(spec.id, child.to_bytes(), scores, {**seconds, **more}, None, self.index)
+        except Exception as e:  # the worker boundary: a bad child is a logged failure
+            return ChildResult(spec.id, None, {}, {}, _short_error(e), self.index)
+
+    def run_genome(self, genome_id: str, data: bytes) -> ChildResult:
+        """Evaluate a given genome (seed experts, the final merge)."""
+        from cycleqd.genome import Genome
+
+        try:
+            scores, seconds = self.evaluate(Genome.from_bytes(data))
+            return ChildResult(genome_id, data, scores, seconds, None, self.index)
+        except Exception as e:
+            return ChildResult(genome_id, None, {}, {}, _short_error(e), self.index)

@@ -1,0 +1,44 @@
+"""Parent sampling: elite weights favour quality and bin coordinates; uniform does not."""
+import numpy as np
+import pytest
+
+from cycleqd.archive import Elite
+from cycleqd.config import SamplingConfig
+from cycleqd.sampling import elite, uniform
+
+
+def _elites():
+    return [Elite("a", (i, j), q, {}, f"g{i}{j}", 1) for i, j, q in [(0, 0, 0.1), (4, 4, 0.9), (2, 1, 0.5)]]
+
+
+def _freq(fn, n=6000):
+    rng = np.random.default_rng(0)
+    picks = [p.genome for _ in range(n // 2) for p in fn(_elites(), 2, SamplingConfig(), rng)]
+    return {g: picks.count(g) / len(picks) for g in {e.genome for e in _elites()}}
+
+
+def test_elite_prefers_high_quality_and_coordinates():
+    f = _freq(elite)
+    assert f["g44"] > f["g21"] > f["g00"]
+
+
+def test_elite_weights_follow_the_paper_range():
+    # weights: 0.5^3 (all minimum), 0.8^3 (all maximum) -> ratio 4.096 in single draws
+    rng = np.random.default_rng(1)
+    cfg = SamplingConfig(low=0.5, high=0.8)
+    picks = [elite(_elites(), 1, cfg, rng)[0].genome for _ in range(20000)]
+    ratio = picks.count("g44") / picks.count("g00")
+    assert ratio == pytest.approx(0.8**3 / 0.5**3, rel=0.1)
+
+
+def test_uniform_is_flat():
+    f = _freq(uniform)
+    assert max(f.values()) - min(f.values()) < 0.05
+
+
+def test_single_elite_is_drawn_twice_and_empty_is_an_error():
+    rng = np.random.default_rng(0)
+    one = _elites()[:1]
+    assert [p.genome for p in elite(one, 2, SamplingConfig(), rng)] == ["g00", "g00"]
+    with pytest.raises(ValueError, match="empty"):
+        uniform([], 2, SamplingConfig(), rng)
