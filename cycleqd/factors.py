@@ -1,0 +1,344 @@
+"""Task vectors and their SVD factors, resident in memory, with an on-disk cache.
+
+For K experts of one base model, :class:`Factors` holds
+
+* ``base[name]``: the base weight,
+* ``tau[name]``: the task vectors stacked as ``[K, *shape]`` (``expert_k - base``),
+* for every SVD weight (2-D tensors whose name has no ``"norm"``; this includes
+  the token embeddings and ``lm_head``, as the official CycleQD mutation does),
+  the SVD ``tau_k = U_k diag(S_k) V_k^T`` truncated to rank ``r``:
+  ``U[name]`` is ``[m, K*r]`` (the K experts' ``U_k`` side by side), ``Vt[name]``
+  is ``[K*r, n]`` and ``S[name]`` is ``[K, r]`` (float32, on the CPU).
+
+``U`` and ``V`` are concatenated once here so that materialising a genome is one
+matrix product per weight. Truncation only limits which directions mutation can
+move along; the task vectors themselves stay exact.
+
+SVDs are computed once and cached as safetensors under
+``<cache>/<key>/``; the key hashes the model sources, revision, dtype, rank and
+the weight files' sizes and modification times, so a changed checkpoint is never
+served stale. Base and task vectors are rebuilt from the model files (one read).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import torch
+
+from cycleqd.experts import ModelInfo, check_compatible, inspect_model, iter_tensors, torch_dtype
+
+if TYPE_CHECKING:
+    from cycleqd.config import Config
+
+_CACHE_FORMAT = "cycleqd-factors-1"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def is_svd_weight(name: str, shape: Sequence[int]) -> bool:
+    """Whether mutation acts on this tensor: 2-D and not a norm (embeddings and head included)."""
+    return len(shape) == 2 and "norm" not in name
+
+
+def _file_stamp(info: ModelInfo) -> list:
+    stamp = []
+    for f in sorted(set(info.files) | set(info.dir.glob("*.json"))):
+        st = f.stat()
+        stamp.append([f.name, st.st_size, st.st_mtime_ns])
+    return stamp
+
+
+def cache_key(
+    base: ModelInfo,
+    experts: Mapping[str, ModelInfo],
+    *,
+    dtype: str,
+    rank: int | None,
+    revision: str | None,
+) -> str:
+    """Hex key of everything the cached factors depend on."""
+    payload = {
+        "format": _CACHE_FORMAT,
+        "base": [base.source, str(base.dir), _file_stamp(base)],
+        "experts": [[t, e.source, str(e.dir), _file_stamp(e)] for t, e in experts.items()],
+        "revision": revision,
+        "dtype": dtype,
+        "rank": rank,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class Factors:
+    """Resident base weights, stacked task vectors and concatenated SVD factors.
+
+    Build with :meth:`prepare` (from a config, cached) or :meth:`build`.
+
+    Attributes:
+        task_names: the K tasks, in the order of the task-vector axis.
+        names: all tensor names, sorted; genome rows follow this order.
+        svd_names: the SVD weights, sorted; mutation draws follow this order.
+        ranks: SVD weight -> its rank r_w = min(rank, m, n).
+        rank: the requested rank (None = full).
+        key: cache key (None if not cached).
+        svd_computed: how many SVDs this instance computed (0 when loaded from cache).
+    """
+
+    def __init__(
+        self,
+        *,
+        task_names: Sequence[str],
+        base: dict[str, torch.Tensor],
+        tau: dict[str, torch.Tensor],
+        U: dict[str, torch.Tensor],
+        S: dict[str, torch.Tensor],
+        Vt: dict[str, torch.Tensor],
+        rank: int | None,
+        key: str | None = None,
+        svd_computed: int = 0,
+    ):
+        self.task_names = list(task_names)
+        self.base = base
+        self.tau = tau
+        self.U = U
+        self.S = S
+        self.Vt = Vt
+        self.rank = rank
+        self.key = key
+        self.svd_computed = svd_computed
+        self.names = sorted(base)
+        self.svd_names = sorted(U)
+        self.ranks = {n: int(S[n].shape[1]) for n in self.svd_names}
+        self.index = {n: i for i, n in enumerate(self.names)}
+        K = self.num_experts
+        # Genome d is one flat vector: for each SVD weight, a [K, r_w] block.
+        self.d_slices: dict[str, slice] = {}
+        off = 0
+        owner = []
+        for n in self.svd_names:
+            size = K * self.ranks[n]
+            self.d_slices[n] = slice(off, off + size)
+            owner.append(torch.full((size,), self.index[n], dtype=torch.long))
+            off += size
+        self.d_size = off
+        self.d_owner = torch.cat(owner) if owner else torch.zeros(0, dtype=torch.long)
+        self.groups, self.num_groups = self._layer_groups()
+        self.layout = self._layout()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.names)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.base.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.base.values())).dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.base[name].shape)
+
+    def _layer_groups(self) -> tuple[list[int], int]:
+        # One group per decoder layer index; everything else (embeddings, final norm, head) shares one more.
+        layer_ids = []
+        for n in self.names:
+            m = _LAYER.search(n)
+            layer_ids.append(int(m.group(1)) if m else None)
+        known = sorted({i for i in layer_ids if i is not None})
+        pos = {i: j for j, i in enumerate(known)}
+        rest = len(known)
+        groups = [pos[i] if i is not None else rest for i in layer_ids]
+        return groups, rest + (1 if any(i is None for i in layer_ids) else 0)
+
+    def _layout(self) -> str:
+        spec = {
+            "tasks": self.task_names,
+            "tensors": [[n, list(self.base[n].shape)] for n in self.names],
+            "ranks": [[n, self.ranks[n]] for n in self.svd_names],
+        }
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+    def nbytes(self) -> int:
+        """Bytes held by all resident tensors."""
+        total = 0
+        for group in (self.base, self.tau, self.U, self.S, self.Vt):
+            total += sum(t.numel() * t.element_size() for t in group.values())
+        return total
+
+    def checkpoint_nbytes(self) -> int:
+        """Bytes of one full model checkpoint in the resident dtype."""
+        return sum(t.numel() * t.element_size() for t in self.base.values())
+
+    def svd_of(self, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U_k [m, r], S_k [r], V_k^T [r, n]) of expert k's task vector for ``name``."""
+        r = self.ranks[name]
+        return self.U[name][:, k * r : (k + 1) * r], self.S[name][k], self.Vt[name][k * r : (k + 1) * r]
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(
+        cls,
+        base: str | os.PathLike,
+        experts: Mapping[str, str | os.PathLike],
+        *,
+        dtype: str = "float32",
+        rank: int | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> "Factors":
+        """Load base and experts, form task vectors, and compute or load the SVD factors.
+
+        Args:
+            base: base model folder or Hub id.
+            experts: task name -> expert folder or Hub id (the order is the task axis).
+            dtype: dtype of the resident base / task vectors / U / V (SVDs run in float32).
+            rank: SVD rank per expert and weight (None = full).
+            cache_dir: where SVD factors are cached (None = no cache).
+            device: where the resident tensors live (SVDs run there too).
+
+        Raises:
+            ConfigError: a model is missing or the experts do not match the base.
+        """
+        dt = torch_dtype(dtype)
+        base_info = inspect_model(base, revision)
+        expert_infos = {t: inspect_model(p, revision) for t, p in experts.items()}
+        check_compatible(base_info, expert_infos)
+        key = cache_key(base_info, expert_infos, dtype=str(dtype), rank=rank, revision=revision)
+
+        base_sd = dict(iter_tensors(base_info, dt, device))
+        K = len(expert_infos)
+        tau = {n: torch.empty((K, *t.shape), dtype=dt, device=device) for n, t in base_sd.items()}
+        # Stream each expert tensor by tensor: never a second full model in memory.
+        for k, info in enumerate(expert_infos.values()):
+            for name, t in iter_tensors(info, dt, device):
+                torch.sub(t, base_sd[name], out=tau[name][k])
+                del t
+
+        svd_names = sorted(n for n, t in base_sd.items() if is_svd_weight(n, t.shape))
+        target = Path(cache_dir) / key if cache_dir is not None else None
+        if target is not None and (target / "meta.json").is_file():
+            U, S, Vt = _load_cache(target, svd_names, dt, device)
+            computed = 0
+        else:
+            U, S, Vt = _compute_svds(tau, svd_names, rank, dt, progress)
+            computed = K * len(svd_names)
+            if target is not None:
+                _save_cache(target, U, S, Vt, {
+                    "format": _CACHE_FORMAT,
+                    "base": str(base),
+                    "experts": {t: str(p) for t, p in experts.items()},
+                    "dtype": str(dtype),
+                    "rank": rank,
+                    "revision": revision,
+                })
+        return cls(
+            task_names=list(expert_infos), base=base_sd, tau=tau, U=U, S=S, Vt=Vt,
+            rank=rank, key=key if target is not None else None, svd_computed=computed,
+        )
+
+    @classmethod
+    def prepare(cls, cfg: "Config", *, device: str | torch.device = "cpu", progress: bool = True) -> "Factors":
+        """Factors for an experiment config, cached under ``cfg.prepare_cache``.
+
+        Experts are taken in the config's task order; the SVD rank is
+        ``cfg.evolution.mutation.rank``. A second call with unchanged models loads
+        the SVD factors from the cache instead of recomputing them.
+        """
+        return cls.build(
+            cfg.models.base,
+            {t: cfg.models.experts[t] for t in cfg.task_names},
+            dtype=cfg.models.dtype,
+            rank=cfg.evolution.mutation.rank,
+            revision=cfg.models.revision,
+            cache_dir=cfg.prepare_cache,
+            device=device,
+            progress=progress,
+        )
+
+
+def prepare_command(cfg: "Config") -> Path:
+    """``cycleqd prepare``: fill the factor cache for ``cfg`` and return its folder."""
+    factors = Factors.prepare(cfg, device="cpu", progress=True)
+    return Path(cfg.prepare_cache) / str(factors.key)
+
+
+def _compute_svds(
+    tau: dict[str, torch.Tensor], svd_names: list[str], rank: int | None, dt: torch.dtype, progress: bool
+) -> tuple[dict, dict, dict]:
+    from tqdm.auto import tqdm
+
+    U: dict[str, torch.Tensor] = {}
+    S: dict[str, torch.Tensor] = {}
+    Vt: dict[str, torch.Tensor] = {}
+    K = next(iter(tau.values())).shape[0] if tau else 0
+    bar = tqdm(total=K * len(svd_names), desc="SVD of task vectors", unit="svd", disable=not progress)
+    for name in svd_names:
+        t = tau[name]
+        m, n = t.shape[1:]
+        r = min(m, n) if rank is None else min(rank, m, n)
+        u_cat = torch.empty((m, K * r), dtype=dt, device=t.device)
+        vt_cat = torch.empty((K * r, n), dtype=dt, device=t.device)
+        s_all = torch.empty((K, r), dtype=torch.float32)
+        for k in range(K):
+            u, s, vh = torch.linalg.svd(t[k].float(), full_matrices=False)
+            u_cat[:, k * r : (k + 1) * r] = u[:, :r]
+            vt_cat[k * r : (k + 1) * r] = vh[:r]
+            s_all[k] = s[:r].cpu()
+            del u, s, vh
+            bar.update(1)
+        U[name], S[name], Vt[name] = u_cat, s_all, vt_cat
+    bar.close()
+    return U, S, Vt
+
+
+def _save_cache(target: Path, U: dict, S: dict, Vt: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # a folder without meta.json is an interrupted or foreign write
+        shutil.rmtree(target, ignore_errors=True)
+    # Write into a sibling temp folder and rename: a crash never leaves a half cache.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tensors = {}
+        for n in U:
+            tensors[f"{n}.U"] = U[n].contiguous().cpu()
+            tensors[f"{n}.S"] = S[n].contiguous()
+            tensors[f"{n}.Vt"] = Vt[n].contiguous().cpu()
+        save_file(tensors, str(tmp / "svd.safetensors"), metadata={"format": _CACHE_FORMAT})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process filled the cache first
+            pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cache(
+    target: Path, svd_names: list[str], dt: torch.dtype, device: str | torch.device
+) -> tuple[dict, dict, dict]:
+    from safetensors import safe_open
+
+    U, S, Vt = {}, {}, {}
+    with safe_open(str(target / "svd.safetensors"), framework="pt", device="cpu") as f:
+        for n in svd_names:
+            U[n] = f.get_tensor(f"{n}.U").to(device=device, dtype=dt)
+            S[n] = f.get_tensor(f"{n}.S").float()
+            Vt[n] = f.get_tensor(f"{n}.Vt").to(device=device, dtype=dt)
+    return U, S, Vt

@@ -1,0 +1,237 @@
+"""Build the mini world: a char-level tokenizer, a tiny Llama base and one expert per skill.
+
+    build_mini_world(".cache/mini")   # -> .cache/mini/{base,expert_code,expert_sql,expert_shell}, manifest.json
+
+The base is trained on a mixture of the three skills' train splits in which a
+few "common" families per skill are frequent and the rest are rare, so it knows
+every format but solves only part of each skill. Each expert is fine-tuned from
+the base on all families of its own skill, with a small learning rate so that its
+task vector stays small (merges of large task vectors collapse). Everything is
+deterministic in the seed and cached: a folder whose manifest matches is reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cycleqd.mini.items import MiniItem
+from cycleqd.mini.skills import SKILLS, skill_items
+from cycleqd.mini.train import ModelShape, TrainSpec, new_model, train
+
+MODEL_NAMES = ("base", "expert_code", "expert_sql", "expert_shell")
+
+#: Families the base sees often; the experts add the rest of their skill.
+BASE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "code": ("add", "sub", "mul", "max2", "rev", "upper", "lsum", "llen"),
+    "sql": ("gt", "eq", "count", "max", "top"),
+    "shell": ("lines", "head", "grep", "sort", "ls"),
+}
+
+
+@dataclass(frozen=True)
+class WorldRecipe:
+    """Everything that decides the built models (hashed into the manifest)."""
+
+    shape: ModelShape = ModelShape()
+    base: TrainSpec = TrainSpec(steps=700, lr=2e-3, batch_size=32)
+    expert: TrainSpec = TrainSpec(steps=300, lr=3e-4, batch_size=32)
+    rare_weight: float = 0.12  # relative frequency, in the base mixture, of a non-common family
+    base_families: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(BASE_FAMILIES))
+    eval_test_n: int = 300
+    eval_val_n: int = 150
+
+
+SIZES: dict[str, WorldRecipe] = {
+    "default": WorldRecipe(),
+    # For tests: real training and scoring, just very little of it.
+    "tiny": WorldRecipe(
+        shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=86),
+        base=TrainSpec(steps=30, lr=3e-3, batch_size=16),
+        expert=TrainSpec(steps=10, lr=1e-3, batch_size=16),
+        eval_test_n=20,
+        eval_val_n=20,
+    ),
+}
+
+
+def recipe_hash(recipe: WorldRecipe) -> str:
+    """Short hash of a recipe, so a changed recipe rebuilds the cache."""
+    return hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _bucketed(items: list[MiniItem], batch: int, rng: random.Random) -> list[MiniItem]:
+    """Reorder so each batch holds texts of similar length (less padding), batches in random order."""
+    out: list[MiniItem] = []
+    chunk = 8 * batch
+    for k in range(0, len(items), chunk):
+        part = sorted(items[k : k + chunk], key=lambda it: len(it.text))
+        batches = [part[i : i + batch] for i in range(0, len(part), batch)]
+        rng.shuffle(batches)
+        out.extend(it for b in batches for it in b)
+    return out
+
+
+def base_mixture(recipe: WorldRecipe, seed: int) -> list[MiniItem]:
+    """Training items of the base: all three skills, common families frequent, others rare."""
+    need = recipe.base.steps * recipe.base.batch_size
+    items: list[MiniItem] = []
+    for k, (skill, mod) in enumerate(SKILLS.items()):
+        common = set(recipe.base_families[skill])
+        weights = {f: 1.0 if f in common else recipe.rare_weight for f in mod.FAMILIES}
+        n = need // len(SKILLS) + (1 if k < need % len(SKILLS) else 0)
+        items += skill_items(skill, "train", n, seed, weights=weights, distinct=False)
+    rng = random.Random(f"base-mix:{seed}")
+    rng.shuffle(items)
+    return _bucketed(items, recipe.base.batch_size, rng)
+
+
+def expert_data(skill: str, recipe: WorldRecipe, seed: int) -> list[MiniItem]:
+    """Training items of one expert: every family of its skill, uniformly."""
+    need = recipe.expert.steps * recipe.expert.batch_size
+    items = skill_items(skill, "train", need, seed + 1000, distinct=False)
+    return _bucketed(items, recipe.expert.batch_size, random.Random(f"expert:{skill}:{seed}"))
+
+
+def _complete(out: Path) -> bool:
+    return all((out / m / "config.json").is_file() and (out / m / "tokenizer.json").is_file() for m in MODEL_NAMES)
+
+
+def read_manifest(out: str | Path) -> dict[str, Any] | None:
+    """The world's manifest.json, or None if absent or unreadable."""
+    p = Path(out) / "manifest.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_built(out: str | Path, seed: int = 0, size: str = "default") -> bool:
+    """True if ``out`` holds all four models and a manifest for this seed, size and recipe."""
+    m = read_manifest(out)
+    return (
+        m is not None
+        and _complete(Path(out))
+        and m.get("seed") == seed
+        and m.get("size") == size
+        and m.get("recipe") == recipe_hash(SIZES[size])
+    )
+
+
+def score_models(
+    models: dict[str, Path], recipe: WorldRecipe, *, progress: bool = True, batch_size: int = 128
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, float]]:
+    """Scores {split: {model: {skill: quality}}} on the test and val splits, and seconds per model."""
+    from cycleqd.config import EngineConfig, SandboxConfig
+    from cycleqd.engine.hf import HFEngine
+    from cycleqd.registry import TASKS
+
+    sandbox = SandboxConfig(allow_code_execution=True)
+    tasks = {
+        split: [TASKS.get(f"mini_{s}")(name=s, sandbox=sandbox, split=split, n=n, seed=0) for s in SKILLS]
+        for split, n in (("test", recipe.eval_test_n), ("val", recipe.eval_val_n))
+    }
+    scores: dict[str, dict[str, dict[str, float]]] = {"test": {}, "val": {}}
+    seconds: dict[str, float] = {}
+    cfg = EngineConfig(device="cpu", batch_size=batch_size)
+    for name, path in models.items():
+        engine = HFEngine.from_path(str(path), cfg)
+        t0 = time.perf_counter()
+        for split, ts in tasks.items():
+            scores[split][name] = {t.name: round(t.evaluate(engine).quality, 4) for t in ts}
+        seconds[name] = round(time.perf_counter() - t0, 2)
+        if progress:
+            print(f"  {name}: test {scores['test'][name]} val {scores['val'][name]} ({seconds[name]}s)", flush=True)
+    return scores, seconds
+
+
+def build_mini_world(
+    dir: str | Path, seed: int = 0, size: str = "default", force: bool = False, progress: bool = True
+) -> Path:
+    """Train (or reuse) the mini world in ``dir``; returns the folder.
+
+    Writes ``dir/base``, ``dir/expert_{code,sql,shell}`` (plain Hugging Face folders)
+    and ``dir/manifest.json`` (seed, size, recipe hash, scores, seconds). Skipped
+    when the manifest already matches, unless ``force``.
+
+    Raises:
+        ValueError: unknown ``size``.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown mini world size {size!r} (known: {', '.join(SIZES)})")
+    out = Path(dir)
+    if not force and is_built(out, seed, size):
+        return out
+    from cycleqd.mini.tokenizer import make_char_tokenizer
+
+    recipe = SIZES[size]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # an interrupted build is never mistaken for a finished one
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))  # fixed thread count: same floats, same models
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    try:
+        tok = make_char_tokenizer()
+        if progress:
+            print(f"building the mini world in {out} (seed {seed}, size {size})", flush=True)
+        t0 = time.perf_counter()
+        model = new_model(tok, recipe.shape, seed)
+        base_losses = train(model, tok, base_mixture(recipe, seed), _seeded(recipe.base, seed), desc="base", progress=progress)
+        _save(model, tok, out / "base")
+        seconds["base"] = round(time.perf_counter() - t0, 2)
+        base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        losses = {"base": base_losses[-20:]}
+        for k, skill in enumerate(SKILLS):
+            t0 = time.perf_counter()
+            model.load_state_dict(base_state)
+            spec = _seeded(recipe.expert, seed + 1 + k)
+            ls = train(model, tok, expert_data(skill, recipe, seed), spec, desc=f"expert_{skill}", progress=progress)
+            _save(model, tok, out / f"expert_{skill}")
+            seconds[f"expert_{skill}"] = round(time.perf_counter() - t0, 2)
+            losses[f"expert_{skill}"] = ls[-20:]
+        t_train = time.perf_counter() - t_start
+        scores, eval_seconds = score_models({m: out / m for m in MODEL_NAMES}, recipe, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    manifest = {
+        "seed": seed,
+        "size": size,
+        "recipe": recipe_hash(recipe),
+        "scores": scores,
+        "train_seconds": seconds,
+        "eval_seconds": eval_seconds,
+        "build_seconds": round(time.perf_counter() - t_start, 1),
+        "train_build_seconds": round(t_train, 1),
+        "final_losses": {k: round(sum(v) / len(v), 4) for k, v in losses.items()},
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if progress:
+        print(f"mini world ready in {manifest['build_seconds']}s: {out}", flush=True)
+    return out
+
+
+def ensure_mini_world(cfg: Any, *, progress: bool = True) -> Path | None:
+    """Build the mini world named by ``cfg.models.mini`` if it is not complete; None if the config has none."""
+    mini = cfg.models.mini
+    if mini is None:
+        return None
+    return build_mini_world(mini.dir, seed=mini.seed, size=mini.size, progress=progress)
+
+
+def _seeded(spec: TrainSpec, seed: int) -> TrainSpec:
+    return TrainSpec(**{**asdict(spec), "seed": seed})
+
+
+def _save(model: torch.nn.Module, tok: Any, path: Path) -> None:
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+

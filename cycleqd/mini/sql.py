@@ -1,0 +1,136 @@
+"""Mini SQL: one SQLite query over a small table, from a one-line question.
+
+Answers are checked by running the candidate and the gold query on the item's
+table and comparing the result rows (as multisets unless the query orders them).
+"""
+from __future__ import annotations
+
+import random
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from cycleqd.mini.items import Family
+
+PREFIX = "sql"
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A table with a text key column, a numeric column and a category column."""
+
+    table: str
+    text: str
+    num: str
+    cat: str
+    num_range: tuple[int, int]
+    names: tuple[str, ...]
+    cats: tuple[str, ...]
+
+
+SCHEMAS = (
+    Schema("people", "name", "age", "city", (18, 80),
+           ("ann", "bob", "cy", "dan", "eve", "fay", "gus", "hal", "ivy", "jo"),
+           ("oslo", "rome", "lima", "kyiv", "pune")),
+    Schema("pets", "name", "weight", "kind", (1, 60),
+           ("rex", "tom", "kit", "max", "bo", "lou", "sam", "pip", "dot", "ace"),
+           ("cat", "dog", "fish", "bird", "frog")),
+    Schema("books", "title", "pages", "genre", (50, 900),
+           ("dune", "emma", "it", "ulysses", "odyssey", "beloved", "hamlet", "walden", "rebecca", "heidi"),
+           ("scifi", "poem", "myth", "drama", "novel")),
+    Schema("cars", "model", "price", "color", (5, 95),
+           ("golf", "polo", "mini", "civic", "swift", "yaris", "clio", "corsa", "ibiza", "fiesta"),
+           ("red", "blue", "gray", "gold", "teal")),
+)
+
+
+def _rows(rng: random.Random, s: Schema) -> list[tuple]:
+    k = rng.randint(6, 9)
+    names = rng.sample(s.names, k)
+    nums = rng.sample(range(s.num_range[0], s.num_range[1] + 1), k)  # distinct: ORDER BY has no ties
+    return [(nm, v, rng.choice(s.cats)) for nm, v in zip(names, nums)]
+
+
+def _threshold(rng: random.Random, rows: list[tuple]) -> int:
+    vals = sorted(r[1] for r in rows)
+    return rng.choice(vals[1:-1])  # a threshold that splits the table
+
+
+def _fam(spec: str, query: str, ordered: bool = False) -> Family:
+    def fam(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
+        s = rng.choice(SCHEMAS)
+        rows = _rows(rng, s)
+        present = sorted({r[2] for r in rows})
+        lo, hi = sorted(rng.sample(sorted(r[1] for r in rows), 2))
+        row = rng.choice(rows)
+        fmt = dict(T=s.table, t=s.text, n=s.num, cat=s.cat, c=_threshold(rng, rows), v=rng.choice(present),
+                   k=rng.randint(2, 4), lo=lo, hi=hi, x=row[0])
+        ctx = {"table": s.table, "columns": (s.text, s.num, s.cat), "rows": rows, "ordered": ordered}
+        return spec.format(**fmt), query.format(**fmt), ctx
+
+    return fam
+
+
+FAMILIES: dict[str, Family] = {
+    "gt": _fam("{t} of {T} with {n} over {c}", "SELECT {t} FROM {T} WHERE {n} > {c};"),
+    "lt": _fam("{t} of {T} with {n} under {c}", "SELECT {t} FROM {T} WHERE {n} < {c};"),
+    "eq": _fam("{t} of {T} whose {cat} is {v}", "SELECT {t} FROM {T} WHERE {cat} = '{v}';"),
+    "count": _fam("how many {T}", "SELECT COUNT(*) FROM {T};"),
+    "counteq": _fam("how many {T} have {cat} {v}", "SELECT COUNT(*) FROM {T} WHERE {cat} = '{v}';"),
+    "max": _fam("largest {n} of {T}", "SELECT MAX({n}) FROM {T};"),
+    "min": _fam("smallest {n} of {T}", "SELECT MIN({n}) FROM {T};"),
+    "avg": _fam("average {n} of {T}", "SELECT AVG({n}) FROM {T};"),
+    "sum": _fam("total {n} of {T} whose {cat} is {v}", "SELECT SUM({n}) FROM {T} WHERE {cat} = '{v}';"),
+    "top": _fam("top {k} {t} of {T} by {n}", "SELECT {t} FROM {T} ORDER BY {n} DESC LIMIT {k};", True),
+    "bottom": _fam("lowest {k} {t} of {T} by {n}", "SELECT {t} FROM {T} ORDER BY {n} LIMIT {k};", True),
+    "distinct": _fam("distinct {cat} of {T}", "SELECT DISTINCT {cat} FROM {T};"),
+    "group": _fam("count of {T} per {cat}", "SELECT {cat}, COUNT(*) FROM {T} GROUP BY {cat};"),
+    "between": _fam("{t} of {T} with {n} from {lo} to {hi}", "SELECT {t} FROM {T} WHERE {n} BETWEEN {lo} AND {hi};"),
+    "lookup": _fam("{n} of the {T} named {x}", "SELECT {n} FROM {T} WHERE {t} = '{x}';"),
+    "sorted": _fam("{t} of {T} sorted by {n}", "SELECT {t} FROM {T} ORDER BY {n};", True),
+}
+
+
+class QueryError(Exception):
+    """A candidate query failed to run."""
+
+
+def run_query(context: dict[str, Any], query: str, *, max_steps: int = 200_000) -> list[tuple]:
+    """Run ``query`` on a fresh in-memory copy of the item's table.
+
+    Raises:
+        QueryError: the query is invalid, writes, or runs too long.
+    """
+    con = sqlite3.connect(":memory:")
+    try:
+        t, (c1, c2, c3) = context["table"], context["columns"]
+        con.execute(f"CREATE TABLE {t} ({c1} TEXT, {c2} INTEGER, {c3} TEXT)")
+        con.executemany(f"INSERT INTO {t} VALUES (?, ?, ?)", [tuple(r) for r in context["rows"]])
+        con.commit()
+        steps = [0]
+
+        def _tick() -> int:
+            steps[0] += 1
+            return 1 if steps[0] > max_steps // 1000 else 0
+
+        # A candidate may write an endless recursive CTE: abort after a bounded amount of work.
+        con.set_progress_handler(_tick, 1000)
+        con.execute("PRAGMA query_only = ON")
+        try:
+            return [tuple(r) for r in con.execute(query).fetchmany(10_000)]
+        except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as e:
+            raise QueryError(f"{type(e).__name__}: {e}") from None
+    finally:
+        con.close()
+
+
+def same_result(got: list[tuple], want: list[tuple], ordered: bool) -> bool:
+    """Rows equal (in order if ``ordered``, else as multisets); floats compared to 1e-6."""
+
+    def norm(rows: list[tuple]) -> list[tuple]:
+        return [tuple(round(v, 6) if isinstance(v, float) else v for v in r) for r in rows]
+
+    g, w = norm(got), norm(want)
+    if not ordered:
+        g, w = sorted(g, key=repr), sorted(w, key=repr)
+    return g == w

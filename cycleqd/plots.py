@@ -1,0 +1,288 @@
+"""Archive heatmaps and run-history plots, drawn from a run folder's files.
+
+The heatmap is the paper's figure: one panel per archive, the archive's task
+quality as colour, the other tasks' bins as axes (in score units, so each bin is
+labelled by its score range) and the seed experts' cells outlined. Archives of a
+K = 2 run are 1-D (a one-row heatmap); K = 3 gives 2-D grids; for K >= 4 each
+archive is shown as one 2-D panel per pair of its axes, the best quality over
+the remaining axes in each cell.
+
+Everything reads only the documented run-folder files (archives.json,
+children.jsonl, stats.jsonl, config.yaml), draws on matplotlib's Agg canvas
+without pyplot (no global state, safe inside the evolve loop) and is quick
+enough to refresh every few generations.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cycleqd.archive import Archive, bin_index
+from cycleqd.config import Bins, ConfigError
+from cycleqd.store import RunNotFound, RunStore
+
+__all__ = [
+    "ArchiveSnapshot",
+    "load_snapshot",
+    "open_run",
+    "refresh_plots",
+    "write_heatmaps",
+    "write_history",
+]
+
+SEED_PREFIX = "seed_"  # seed experts' genome ids
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the run folder
+
+
+def open_run(run_dir: str | Path) -> RunStore:
+    """The run's store. Raises ConfigError (RunNotFound) if ``run_dir`` is not a run folder."""
+    store = RunStore(run_dir)
+    if not (store.path / RunStore.ARCHIVES).is_file():
+        raise RunNotFound(f"run folder {str(run_dir)!r} has no archives yet (the run has not evaluated its seeds)")
+    return store
+
+
+@dataclass(frozen=True)
+class ArchiveSnapshot:
+    """The K archives at one generation, in the archives.json schema.
+
+    ``archives[task]["elites"]`` are dicts with cell, quality, scores, genome, generation.
+    ``seeds`` maps a seed expert's genome id to its scores.
+    """
+
+    generation: int
+    tasks: list[str]
+    bins: dict[str, Bins]
+    archives: dict[str, dict[str, Any]]
+    seeds: dict[str, dict[str, float]]
+
+    def other_tasks(self, task: str) -> list[str]:
+        """The tasks that are the axes of ``task``'s archive, in task order."""
+        return [t for t in self.tasks if t != task]
+
+    def grid(self, task: str) -> np.ndarray:
+        """Quality grid of one archive, NaN where empty; shape = bin counts of the other tasks."""
+        g = np.full(tuple(self.bins[o].count for o in self.other_tasks(task)), np.nan)
+        for e in self.archives[task]["elites"]:
+            g[tuple(e["cell"])] = e["quality"]
+        return g
+
+
+def load_snapshot(run_dir: str | Path, generation: int | None = None) -> ArchiveSnapshot:
+    """The archives of a run, now (``generation=None``) or as they were after ``generation`` children.
+
+    A generation is one finished child, as in stats.jsonl. An earlier one is
+    rebuilt by replaying the insertion rule (:meth:`cycleqd.archive.Archive.replay`)
+    over the seed experts and the first ``generation`` lines of children.jsonl, in
+    the order the run offered them. Raises ConfigError for a folder that is not a
+    run or a generation out of range.
+    """
+    store = open_run(run_dir)
+    data = store.archives()
+    seeds = {s["genome"]: dict(s["scores"]) for s in store.seeds().values()}
+    tasks = list(data["tasks"])
+    if data.get("bins"):
+        bins = {t: Bins(**data["bins"][t]) for t in tasks}
+    else:
+        bins = {t.name: t.bins for t in store.config().tasks}
+    if generation is None:
+        return ArchiveSnapshot(int(data["generation"]), tasks, bins, data["archives"], seeds)
+    children = store.children()
+    if not 0 <= generation <= len(children):
+        raise ConfigError(f"--generation must be between 0 and {len(children)}, got {generation}")
+    history = [(g, sc, 0) for g, sc in seeds.items()]
+    history += [(c["id"], c["scores"], c["generation"]) for c in children[:generation] if c.get("error") is None]
+    replayed = Archive.replay(tasks, bins, history).to_json(generation)
+    return ArchiveSnapshot(generation, tasks, bins, replayed["archives"], seeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # Agg canvas on save; never pyplot
+
+    # A fixed layout: constrained/tight layout would double the drawing time.
+    return Figure(figsize=(width, height))
+
+
+def _edges(b: Bins) -> np.ndarray:
+    return np.linspace(b.lo, b.hi, b.count + 1)
+
+
+def _panels(snap: ArchiveSnapshot, task: str) -> list[tuple[str | None, str | None, np.ndarray]]:
+    """(x task, y task, 2-D array [y, x]) per panel of one archive."""
+    others = snap.other_tasks(task)
+    g = snap.grid(task)
+    if len(others) == 1:
+        return [(others[0], None, g[None, :])]
+    panels = []
+    for i, j in itertools.combinations(range(len(others)), 2):
+        rest = tuple(k for k in range(len(others)) if k not in (i, j))
+        with np.errstate(all="ignore"):
+            proj = g if not rest else _nanmax(g, rest)
+        panels.append((others[i], others[j], proj.T))  # rows = y = others[j]
+    return panels
+
+
+def _nanmax(g: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    filled = np.where(np.isnan(g), -np.inf, g).max(axis=axes)
+    return np.where(np.isneginf(filled), np.nan, filled)
+
+
+def _draw_panel(ax, snap: ArchiveSnapshot, task: str, xt: str, yt: str | None, z: np.ndarray, vmax: float):
+    import matplotlib as mpl
+    from matplotlib.patches import Rectangle
+
+    xe = _edges(snap.bins[xt])
+    ye = _edges(snap.bins[yt]) if yt else np.array([0.0, 1.0])
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="#f0f0f0")
+    mesh = ax.pcolormesh(xe, ye, np.ma.masked_invalid(z), cmap=cmap, vmin=0.0, vmax=vmax, edgecolors="white",
+                         linewidth=0.3)
+    ax.set_xlim(xe[0], xe[-1])
+    ax.set_ylim(ye[0], ye[-1])
+    ax.set_xlabel(f"{xt} score")
+    if yt:
+        ax.set_ylabel(f"{yt} score")
+        ax.set_aspect((xe[-1] - xe[0]) / (ye[-1] - ye[0]))
+    else:
+        ax.set_yticks([])
+    # Seed experts: outline the cell each one lands in, so one sees where the search started.
+    for sid, scores in sorted(snap.seeds.items()):
+        if xt not in scores or (yt and yt not in scores):
+            continue
+        ix = bin_index(scores[xt], snap.bins[xt])
+        iy = bin_index(scores[yt], snap.bins[yt]) if yt else 0
+        ax.add_patch(Rectangle((xe[ix], ye[iy]), xe[ix + 1] - xe[ix], ye[iy + 1] - ye[iy], fill=False,
+                               edgecolor="#d62728", linewidth=1.8, zorder=3))
+        ax.annotate(sid.removeprefix(SEED_PREFIX), ((xe[ix] + xe[ix + 1]) / 2, ye[iy + 1]), ha="center",
+                    va="bottom", fontsize=7, color="#d62728", zorder=4, annotation_clip=False)
+    return mesh
+
+
+def _draw_archive(fig, axes, snap: ArchiveSnapshot, task: str) -> None:
+    arch = snap.archives[task]
+    vmax = max(arch.get("best") or 0.0, max((e["quality"] for e in arch["elites"]), default=0.0), 1e-6)
+    panels = _panels(snap, task)
+    for i, (ax, (xt, yt, z)) in enumerate(zip(axes, panels)):
+        mesh = _draw_panel(ax, snap, task, xt, yt, z, vmax)
+        ax.set_title(f"{task} archive  (coverage {arch['coverage']:.0%}, best {arch['best']:.3f})", fontsize=9)
+        if i == len(panels) - 1:  # one colour bar per archive: its panels share the scale
+            fig.colorbar(mesh, ax=ax, label=f"{task} quality", fraction=0.046, pad=0.03)
+
+
+def _layout(fig, rows: int, one_d: bool) -> None:
+    # Margins in inches, so labels fit whatever the number of rows.
+    w, h = fig.get_size_inches()
+    bottom, top = (0.75 if one_d else 0.55), 0.5 if rows == 1 else 0.75
+    row_h = (h - bottom - top) / rows
+    fig.subplots_adjust(left=0.6 / w, right=1 - 0.75 / w, bottom=bottom / h, top=1 - top / h, wspace=0.55,
+                        hspace=min(0.9 / max(row_h - 0.9, 0.1), 1.0))
+
+
+def _n_panels(k: int) -> int:
+    return max(1, math.comb(k - 1, 2)) if k - 1 >= 2 else 1
+
+
+def _save(fig, path_stem: Path, formats: tuple[str, ...]) -> list[Path]:
+    out = []
+    for fmt in formats:
+        p = path_stem.with_suffix(f".{fmt}")
+        tmp = p.with_name(f".{p.name}.tmp")
+        fig.savefig(tmp, format=fmt, dpi=110)
+        tmp.replace(p)  # readers (the report, a browser) never see half a file
+        out.append(p)
+    return out
+
+
+def write_heatmaps(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    generation: int | None = None,
+    *,
+    formats: tuple[str, ...] = ("png", "svg"),
+    per_archive: bool = True,
+) -> list[Path]:
+    """Draw the archives of a run (at ``generation``, default the latest) as heatmaps.
+
+    Writes ``heatmaps.<fmt>`` (all archives side by side) and, with ``per_archive``,
+    ``heatmap_<task>.<fmt>`` per archive into ``out_dir`` (default RUN/plots).
+    Returns the written paths. Raises ConfigError for a bad run folder or generation.
+    """
+    snap = load_snapshot(run_dir, generation)
+    out = Path(out_dir) if out_dir is not None else RunStore(run_dir).plots_dir
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if generation is None else f"_gen{generation}"
+    k, n = len(snap.tasks), _n_panels(len(snap.tasks))
+    one_d = k == 2
+    pw, ph = (5.2, 2.3) if one_d else (4.6, 3.8)
+    written: list[Path] = []
+
+    # K <= 3: the archives side by side; K >= 4: one row of pair panels per archive.
+    rows, cols = (k, n) if n > 1 else (1, k)
+    fig = _figure(pw * cols, ph * rows + 0.4)
+    grid = fig.subplots(rows, cols, squeeze=False)
+    _layout(fig, rows, one_d)
+    for task_i, task in enumerate(snap.tasks):
+        _draw_archive(fig, grid[task_i] if n > 1 else [grid[0][task_i]], snap, task)
+    fig.suptitle(f"CycleQD archives at generation {snap.generation}", fontsize=10)
+    written += _save(fig, out / f"heatmaps{suffix}", formats)
+
+    if per_archive:
+        for task in snap.tasks:
+            fig = _figure(pw * n, ph + 0.2)
+            axes = fig.subplots(1, n, squeeze=False)[0]
+            _layout(fig, 1, one_d)
+            _draw_archive(fig, axes, snap, task)
+            written += _save(fig, out / f"heatmap_{task}{suffix}", formats)
+    return written
+
+
+def write_history(run_dir: str | Path, out_dir: str | Path | None = None, *,
+                  formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Plot coverage, QD score and best quality per task against generation (from stats.jsonl).
+
+    Writes ``history.<fmt>`` into ``out_dir`` (default RUN/plots); returns the paths,
+    empty when the run has no stats yet. Raises ConfigError for a bad run folder.
+    """
+    store = open_run(run_dir)
+    stats = store.stats()
+    out = Path(out_dir) if out_dir is not None else store.plots_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if not stats:
+        return []
+    tasks = list(stats[-1]["archives"])
+    gens = np.array([s["generation"] for s in stats])
+    fig = _figure(12.0, 3.3)
+    axes = fig.subplots(1, 3)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.16, top=0.9, wspace=0.25)
+    for ax, key, label in zip(axes, ("coverage", "qd_score", "best"), ("coverage", "QD score", "best quality")):
+        for t in tasks:
+            ys = np.array([s["archives"].get(t, {}).get(key, np.nan) for s in stats], dtype=float)
+            ax.plot(gens, ys, label=t, marker="." if len(gens) < 40 else None)
+        ax.set_xlabel("generation")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title="archive", title_fontsize=8)
+    return _save(fig, out / "history", formats)
+
+
+def refresh_plots(run_dir: str | Path) -> list[Path]:
+    """Redraw RUN/plots/heatmaps.png and history.png (quick; called by the evolve loop).
+
+    Never raises for a run that has not written its files yet; returns what it wrote.
+    """
+    run = Path(run_dir)
+    if not (run / RunStore.ARCHIVES).is_file():
+        return []
+    out = run / "plots"
+    return write_heatmaps(run, out, formats=("png",), per_archive=False) + write_history(run, out, formats=("png",))

@@ -1,0 +1,198 @@
+"""The paper's table in miniature: `make table` -> experiments/results/mini_table.json.
+
+Rows, all scored on the test split (never used for any choice):
+base, expert_<task>, task_arithmetic and ties (mergekit, merge weight chosen on
+the validation split), cycleqd_best (the archive model with the best validation
+mean), cycleqd_merged (the final merge), and the ablations fixed_axes,
+gaussian_mutation and uniform_sampling, each CycleQD variant over several seeds.
+Runs are ordinary run folders under archives/table/ and are resumed, not
+redone, when the table is made again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from cycleqd.config import Config, load_config, parse_config, resolve_paths
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "cycleqd": {},
+    "fixed_axes": {"fixed_quality_task": "__first__"},
+    "gaussian_mutation": {"mutation": {"name": "gaussian"}},
+    "uniform_sampling": {"sampling": {"name": "uniform"}},
+}
+MERGE_WEIGHTS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+
+
+def split_config(cfg: Config, split: str, n: int | None = None) -> Config:
+    """``cfg`` with every task reading ``split`` (and ``n`` items if given)."""
+    data = cfg.model_dump()
+    for t in data["tasks"]:
+        t["options"] = {**t["options"], "split": split, **({"n": n} if n else {})}
+    return parse_config(data)
+
+
+def variant_config(cfg: Config, variant: str, seed: int, generations: int | None) -> Config:
+    data = cfg.model_dump()
+    data["seed"] = seed
+    data["name"] = f"{cfg.name}-{variant}"
+    evo = data["evolution"]
+    for key, value in VARIANTS[variant].items():
+        if value == "__first__":
+            value = cfg.task_names[0]
+        evo[key] = {**evo[key], **value} if isinstance(value, dict) else value
+    if generations is not None:
+        evo["generations"] = generations
+    return parse_config(data)
+
+
+class Scorer:
+    """One resident model and the tasks of a split; scores genomes or plain state dicts."""
+
+    def __init__(self, cfg: Config):
+        from cycleqd.worker import ChildWorker
+
+        self.worker = ChildWorker(cfg, threads=torch.get_num_threads())
+        self.factors = self.worker.factors
+
+    def genome(self, genome) -> dict[str, float]:
+        return self.worker.evaluate(genome)[0]
+
+    def state(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        self.worker.engine.load_weights(state)
+        return {n: float(t.evaluate(self.worker.engine).quality) for n, t in self.worker.tasks.items()}
+
+
+def _mean(scores: Mapping[str, float]) -> float:
+    return float(sum(scores.values()) / len(scores))
+
+
+def mergekit_merge(factors, method: str, weight: float) -> dict[str, torch.Tensor]:
+    """task_arithmetic / ties over the experts with mergekit's in-memory API."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    from cycleqd.genome import Genome, materialize
+
+    models = {"base": materialize(Genome.base(factors), factors)}
+    for k, t in enumerate(factors.task_names):
+        models[t] = materialize(Genome.seed(k, factors), factors)
+    params: dict[str, Any] = {"weight": weight}
+    if method == "ties":
+        params["density"] = 0.5
+    return merge_state_dicts(models, method, parameters=params, base="base")
+
+
+def _row(model: str, per_seed: list[dict[str, float]]) -> dict:
+    tasks = list(per_seed[0])
+    means = [_mean(s) for s in per_seed]
+    return {
+        "model": model,
+        "scores": {t: statistics.fmean(s[t] for s in per_seed) for t in tasks},
+        "mean": statistics.fmean(means),
+        "std": statistics.stdev(means) if len(means) > 1 else 0.0,
+        "seeds": len(per_seed),
+    }
+
+
+def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | None = None,
+               runs_root: Path = Path("archives/table"), test_n: int | None = None,
+               variants: list[str] | None = None) -> dict:
+    from cycleqd.genome import Genome
+    from cycleqd.run import evolve, resume
+    from cycleqd.store import RunStore
+
+    cfg = resolve_paths(cfg)
+    if cfg.models.mini is not None:
+        from cycleqd.mini.build import ensure_mini_world
+
+        ensure_mini_world(cfg)
+    rows = []
+    val, test = Scorer(split_config(cfg, "val")), Scorer(split_config(cfg, "test", test_n))
+    f = test.factors
+    rows.append(_row("base", [test.genome(Genome.base(f))]))
+    for k, t in enumerate(cfg.task_names):
+        rows.append(_row(f"expert_{t}", [test.genome(Genome.seed(k, f))]))
+        print(f"{rows[-1]['model']}: {rows[-1]['scores']}", flush=True)
+    for method in ("task_arithmetic", "ties"):
+        # the merge weight is chosen on the validation split
+        best_w = max(MERGE_WEIGHTS, key=lambda w: _mean(val.state(mergekit_merge(f, method, w))))
+        row = _row(method, [test.state(mergekit_merge(f, method, best_w))])
+        row["weight"] = best_w
+        rows.append(row)
+        print(f"{method} (weight {best_w}): {row['scores']}", flush=True)
+
+    for variant in variants or list(VARIANTS):
+        best, merged = [], []
+        for seed in range(seeds):
+            vcfg = variant_config(cfg, variant, seed, generations)
+            run = runs_root / f"{variant}-s{seed}"
+            if (run / "config.yaml").exists():
+                resume(run, generations=vcfg.evolution.generations, progress=True)
+            else:
+                evolve(vcfg, run, progress=True)
+            store = RunStore(run)
+            # the archive model with the best validation mean (the run's own scores)
+            snap = store.archives()
+            elites = [e for a in snap["archives"].values() for e in a["elites"]]
+            top = max(elites, key=lambda e: _mean(e["scores"]))
+            best.append(test.genome(store.load_genome(top["genome"])))
+            fm = store.final_merge()
+            if fm and fm.get("error") is None:
+                merged.append(test.genome(store.load_genome(fm["genome"])))
+            print(f"{variant} seed {seed}: best {best[-1]}", flush=True)
+        name = "cycleqd_best" if variant == "cycleqd" else variant
+        rows.append(_row(name, best))
+        if variant == "cycleqd" and merged:
+            rows.append(_row("cycleqd_merged", merged))
+    table = {"split": "test", "generations": generations or cfg.evolution.generations, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=2))
+    return table
+
+
+def plot_table(table: dict, path: Path) -> None:
+    """Bar chart of the 3-task mean (error bars: std over seeds) per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table["rows"]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    colors = ["#999" if not r["model"].startswith(("cycleqd", "fixed", "gauss", "uniform")) else "#2a7"
+              for r in rows]
+    ax.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["std"] for r in rows], color=colors, capsize=3)
+    ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=35, ha="right")
+    ax.set_ylabel("mean over tasks (test)")
+    ax.set_title("mini world: CycleQD vs experts and merges")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="experiments/mini.yaml")
+    ap.add_argument("--out", default="experiments/results/mini_table.json")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--generations", type=int)
+    ap.add_argument("--test-n", type=int)
+    ap.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS))
+    a = ap.parse_args(argv)
+    table = make_table(load_config(a.config), Path(a.out), seeds=a.seeds, generations=a.generations,
+                       test_n=a.test_n, variants=a.variants.split(",") if a.variants else None)
+    plot_table(table, Path(a.out).with_suffix(".png"))
+    for r in table["rows"]:
+        print(f"{r['model']:20s} mean {r['mean']:.3f} ± {r['std']:.3f}  " +
+              "  ".join(f"{t} {v:.3f}" for t, v in r["scores"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""What the three mini tasks share: items from a split, one greedy line per item, a checker."""
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Sequence
+
+from cycleqd.config import SandboxConfig
+from cycleqd.engine.base import Engine, GenRequest
+from cycleqd.mini.items import MiniItem
+from cycleqd.mini.skills import skill_items
+from cycleqd.tasks.base import SampleResult, TaskResult
+
+
+class MiniTask:
+    """A procedurally generated mini task (see :mod:`cycleqd.mini`).
+
+    Args:
+        name: the task's name in the experiment.
+        data: unused (items are generated); accepted for the common task signature.
+        sandbox: sandbox settings for running model-written code.
+        split: "val" (used during evolution), "test" (final tables) or "train".
+        n: number of items.
+        seed: which items are drawn (splits stay disjoint for every seed).
+    """
+
+    skill: ClassVar[str]
+    needs_code_execution: ClassVar[bool] = True
+    max_new_tokens: ClassVar[int] = 64
+
+    def __init__(
+        self,
+        name: str,
+        data: str | None = None,
+        sandbox: SandboxConfig | None = None,
+        *,
+        split: str = "val",
+        n: int = 200,
+        seed: int = 0,
+    ):
+        self.name = name
+        self.sandbox = sandbox or SandboxConfig()
+        self.split = split
+        self.items: list[MiniItem] = skill_items(self.skill, split, int(n), int(seed))
+        self._by_id = {it.id: it for it in self.items}
+
+    def sample_ids(self) -> list[str]:
+        return [it.id for it in self.items]
+
+    def requests(self, items: Sequence[MiniItem]) -> list[GenRequest]:
+        """One raw-prompt request per item; the answer is the first generated line."""
+        return [
+            GenRequest(sample_id=it.id, prompt=it.prompt, max_new_tokens=self.max_new_tokens, stop=("\n",))
+            for it in items
+        ]
+
+    def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
+        """Generate an answer per item and check it. Quality = fraction of items solved.
+
+        Raises:
+            CodeExecutionNotAllowed: the task runs model-written code and the sandbox config does not allow it.
+            KeyError: an unknown sample id.
+        """
+        if self.needs_code_execution:
+            from cycleqd.sandbox import require_code_execution
+
+            require_code_execution(self.sandbox, self.name)
+        start = time.perf_counter()
+        items = self.items if ids is None else [self._by_id[str(i)] for i in ids]
+        outputs = engine.generate(self.requests(items))
+        samples = self.score_outputs(items, outputs)
+        quality = sum(s.score for s in samples) / len(samples) if samples else 0.0
+        return TaskResult(self.name, quality, len(samples), tuple(samples), time.perf_counter() - start)
+
+    def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
+        """Check each output; a sample whose check fails to run scores 0 with an error."""
+        raise NotImplementedError
+
+    @property
+    def _timeout(self) -> float:
+        # Mini answers are one-liners on tiny inputs; a long run means a bad answer.
+        return min(self.sandbox.timeout, 5.0)
+
+    @staticmethod
+    def _result(item: MiniItem, ok: bool, output: str, error: str | None = None, **detail: Any) -> SampleResult:
+        return SampleResult(item.id, 1.0 if ok else 0.0, error, {"output": output, **detail})

@@ -1,0 +1,35 @@
+"""mini_sql: one SQLite query from a question, checked by comparing result rows (SQLite in process)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from cycleqd.mini.items import MiniItem
+from cycleqd.mini.sql import QueryError, run_query, same_result
+from cycleqd.registry import register_task
+from cycleqd.tasks.base import SampleResult
+from cycleqd.tasks.mini.base import MiniTask
+
+
+@register_task("mini_sql")
+class MiniSQL(MiniTask):
+    """Write one query; solved if it returns the gold query's rows on the item's table.
+
+    Queries run read-only on a private in-memory database with a bound on work,
+    like the DB task's SQL, so no sandbox opt-in is needed.
+    """
+
+    skill = "sql"
+    needs_code_execution = False
+
+    def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
+        results = []
+        for it, out in zip(items, outputs):
+            ctx = dict(it.context)
+            want = run_query(ctx, it.answer)
+            try:
+                got = run_query(ctx, out)
+            except QueryError as e:
+                results.append(self._result(it, False, out, str(e)))
+                continue
+            results.append(self._result(it, same_result(got, want, bool(ctx["ordered"])), out))
+        return results
