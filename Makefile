@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
 EVOLVE_ARGS := --config $(EXP) $(if $(TASKS),--tasks $(TASKS)) $(if $(GENERATIONS),--generations $(GENERATIONS)) \
-	$(if $(WORKERS),--workers $(WORKERS)) $(if $(RUN_DIR),--run-dir $(RUN_DIR)) $(if $(ADDRESS),--address $(ADDRESS))
+	$(if $(WORKERS),--workers $(WORKERS)) $(if $(RUN_DIR),--run-dir $(RUN_DIR))
 
 .PHONY: help install test test-all evolve table bench submit clean system-deps
 
@@ -47,7 +47,7 @@ test: install  ## run the test suite (CPU, tiny models)
 	$(BIN)/pytest -q -x --timeout=900
 
 evolve: install  ## run CycleQD (default: the mini world): make evolve [EXP=.. TASKS=a,b GENERATIONS=n WORKERS=n]
-	$(BIN)/cycleqd evolve $(EVOLVE_ARGS)
+	$(BIN)/cycleqd evolve $(EVOLVE_ARGS) $(if $(ADDRESS),--address $(ADDRESS))
 
 table: install  ## write experiments/results/mini_table.json (mini world, 3 seeds, test split)
 	$(BIN)/python -m cycleqd.table --config experiments/mini.yaml --out experiments/results/mini_table.json

@@ -28,6 +28,7 @@ from cycleqd.store import RunNotFound, RunStore
 
 __all__ = [
     "ArchiveSnapshot",
+    "heatmap_figure",
     "load_snapshot",
     "open_run",
     "refresh_plots",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 SEED_PREFIX = "seed_"  # seed experts' genome ids
+SEED_COLOR = "#d62728"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,15 +141,16 @@ def _nanmax(g: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return np.where(np.isneginf(filled), np.nan, filled)
 
 
-def _draw_panel(ax, snap: ArchiveSnapshot, task: str, xt: str, yt: str | None, z: np.ndarray, vmax: float):
+def _draw_panel(ax, snap: ArchiveSnapshot, task: str, xt: str, yt: str | None, z: np.ndarray):
     import matplotlib as mpl
     from matplotlib.patches import Rectangle
 
     xe = _edges(snap.bins[xt])
     ye = _edges(snap.bins[yt]) if yt else np.array([0.0, 1.0])
     cmap = mpl.colormaps["viridis"].with_extremes(bad="#f0f0f0")
-    mesh = ax.pcolormesh(xe, ye, np.ma.masked_invalid(z), cmap=cmap, vmin=0.0, vmax=vmax, edgecolors="white",
-                         linewidth=0.3)
+    # Colour spans the archive task's own bin range, the range the experiment cares about.
+    mesh = ax.pcolormesh(xe, ye, np.ma.masked_invalid(z), cmap=cmap, vmin=snap.bins[task].lo,
+                         vmax=snap.bins[task].hi, edgecolors="white", linewidth=0.3)
     ax.set_xlim(xe[0], xe[-1])
     ax.set_ylim(ye[0], ye[-1])
     ax.set_xlabel(f"{xt} score")
@@ -157,26 +160,26 @@ def _draw_panel(ax, snap: ArchiveSnapshot, task: str, xt: str, yt: str | None, z
     else:
         ax.set_yticks([])
     # Seed experts: outline the cell each one lands in, so one sees where the search started.
+    at: dict[tuple[int, int], list[str]] = {}
     for sid, scores in sorted(snap.seeds.items()):
-        if xt not in scores or (yt and yt not in scores):
-            continue
-        ix = bin_index(scores[xt], snap.bins[xt])
-        iy = bin_index(scores[yt], snap.bins[yt]) if yt else 0
+        if xt in scores and (yt is None or yt in scores):
+            iy = bin_index(scores[yt], snap.bins[yt]) if yt else 0
+            at.setdefault((bin_index(scores[xt], snap.bins[xt]), iy), []).append(sid.removeprefix(SEED_PREFIX))
+    for (ix, iy), names in at.items():
         ax.add_patch(Rectangle((xe[ix], ye[iy]), xe[ix + 1] - xe[ix], ye[iy + 1] - ye[iy], fill=False,
-                               edgecolor="#d62728", linewidth=1.8, zorder=3))
-        ax.annotate(sid.removeprefix(SEED_PREFIX), ((xe[ix] + xe[ix + 1]) / 2, ye[iy + 1]), ha="center",
-                    va="bottom", fontsize=7, color="#d62728", zorder=4, annotation_clip=False)
+                               edgecolor=SEED_COLOR, linewidth=1.8, zorder=3, label="seed " + ",".join(names)))
+        ax.annotate(",".join(names), ((xe[ix] + xe[ix + 1]) / 2, ye[iy + 1]), ha="center", va="bottom",
+                    fontsize=7, color=SEED_COLOR, zorder=4, annotation_clip=False)
     return mesh
 
 
 def _draw_archive(fig, axes, snap: ArchiveSnapshot, task: str) -> None:
     arch = snap.archives[task]
-    vmax = max(arch.get("best") or 0.0, max((e["quality"] for e in arch["elites"]), default=0.0), 1e-6)
     panels = _panels(snap, task)
     for i, (ax, (xt, yt, z)) in enumerate(zip(axes, panels)):
-        mesh = _draw_panel(ax, snap, task, xt, yt, z, vmax)
+        mesh = _draw_panel(ax, snap, task, xt, yt, z)
         ax.set_title(f"{task} archive  (coverage {arch['coverage']:.0%}, best {arch['best']:.3f})", fontsize=9)
-        if i == len(panels) - 1:  # one colour bar per archive: its panels share the scale
+        if i == len(panels) - 1:  # one colour bar per archive: the task's bin range, shared by its panels
             fig.colorbar(mesh, ax=ax, label=f"{task} quality", fraction=0.046, pad=0.03)
 
 
@@ -204,6 +207,27 @@ def _save(fig, path_stem: Path, formats: tuple[str, ...]) -> list[Path]:
     return out
 
 
+def heatmap_figure(snap: ArchiveSnapshot, tasks: list[str] | None = None):
+    """A matplotlib Figure of the archives ``tasks`` (default all) of ``snap``.
+
+    K <= 3: the archives side by side; K >= 4: one row of pair panels per archive.
+    Each seed expert's cell is a red Rectangle patch labelled "seed <task>".
+    """
+    tasks = list(snap.tasks if tasks is None else tasks)
+    k, n = len(snap.tasks), _n_panels(len(snap.tasks))
+    one_d = k == 2
+    pw, ph = (5.2, 2.3) if one_d else (4.6, 3.8)
+    rows, cols = (len(tasks), n) if n > 1 else (1, len(tasks))
+    fig = _figure(pw * cols, ph * rows + (0.4 if len(tasks) > 1 else 0.2))
+    grid = fig.subplots(rows, cols, squeeze=False)
+    _layout(fig, rows, one_d)
+    for i, task in enumerate(tasks):
+        _draw_archive(fig, grid[i] if n > 1 else [grid[0][i]], snap, task)
+    if len(tasks) > 1:
+        fig.suptitle(f"CycleQD archives after {snap.generation} children", fontsize=10)
+    return fig
+
+
 def write_heatmaps(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -212,38 +236,20 @@ def write_heatmaps(
     formats: tuple[str, ...] = ("png", "svg"),
     per_archive: bool = True,
 ) -> list[Path]:
-    """Draw the archives of a run (at ``generation``, default the latest) as heatmaps.
+    """Draw the archives of a run (after ``generation`` children, default all) as heatmaps.
 
-    Writes ``heatmaps.<fmt>`` (all archives side by side) and, with ``per_archive``,
-    ``heatmap_<task>.<fmt>`` per archive into ``out_dir`` (default RUN/plots).
+    Writes ``heatmaps[_gen<N>].<fmt>`` (all archives) and, with ``per_archive``,
+    ``heatmap_<task>[_gen<N>].<fmt>`` per archive into ``out_dir`` (default RUN/plots).
     Returns the written paths. Raises ConfigError for a bad run folder or generation.
     """
     snap = load_snapshot(run_dir, generation)
     out = Path(out_dir) if out_dir is not None else RunStore(run_dir).plots_dir
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if generation is None else f"_gen{generation}"
-    k, n = len(snap.tasks), _n_panels(len(snap.tasks))
-    one_d = k == 2
-    pw, ph = (5.2, 2.3) if one_d else (4.6, 3.8)
-    written: list[Path] = []
-
-    # K <= 3: the archives side by side; K >= 4: one row of pair panels per archive.
-    rows, cols = (k, n) if n > 1 else (1, k)
-    fig = _figure(pw * cols, ph * rows + 0.4)
-    grid = fig.subplots(rows, cols, squeeze=False)
-    _layout(fig, rows, one_d)
-    for task_i, task in enumerate(snap.tasks):
-        _draw_archive(fig, grid[task_i] if n > 1 else [grid[0][task_i]], snap, task)
-    fig.suptitle(f"CycleQD archives at generation {snap.generation}", fontsize=10)
-    written += _save(fig, out / f"heatmaps{suffix}", formats)
-
+    written = _save(heatmap_figure(snap), out / f"heatmaps{suffix}", formats)
     if per_archive:
         for task in snap.tasks:
-            fig = _figure(pw * n, ph + 0.2)
-            axes = fig.subplots(1, n, squeeze=False)[0]
-            _layout(fig, 1, one_d)
-            _draw_archive(fig, axes, snap, task)
-            written += _save(fig, out / f"heatmap_{task}{suffix}", formats)
+            written += _save(heatmap_figure(snap, [task]), out / f"heatmap_{task}{suffix}", formats)
     return written
 
 
@@ -264,7 +270,7 @@ def write_history(run_dir: str | Path, out_dir: str | Path | None = None, *,
     gens = np.array([s["generation"] for s in stats])
     fig = _figure(12.0, 3.3)
     axes = fig.subplots(1, 3)
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.16, top=0.9, wspace=0.25)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.9, wspace=0.32)
     for ax, key, label in zip(axes, ("coverage", "qd_score", "best"), ("coverage", "QD score", "best quality")):
         for t in tasks:
             ys = np.array([s["archives"].get(t, {}).get(key, np.nan) for s in stats], dtype=float)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -152,13 +153,20 @@ def score_models(
 
 
 def build_mini_world(
-    dir: str | Path, seed: int = 0, size: str = "default", force: bool = False, progress: bool = True
+    dir: str | Path,
+    seed: int = 0,
+    size: str = "default",
+    force: bool = False,
+    progress: bool = True,
+    threads: int = 2,
 ) -> Path:
     """Train (or reuse) the mini world in ``dir``; returns the folder.
 
     Writes ``dir/base``, ``dir/expert_{code,sql,shell}`` (plain Hugging Face folders)
     and ``dir/manifest.json`` (seed, size, recipe hash, scores, seconds). Skipped
-    when the manifest already matches, unless ``force``.
+    when the manifest already matches, unless ``force``. Training uses a fixed
+    number of CPU threads (``threads``, at most the machine's), so a seed gives the
+    same models on the same machine.
 
     Raises:
         ValueError: unknown ``size``.
@@ -173,8 +181,9 @@ def build_mini_world(
     recipe = SIZES[size]
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # an interrupted build is never mistaken for a finished one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))  # fixed thread count: same floats, same models
+    threads_before = torch.get_num_threads()
+    n_threads = max(1, min(threads, os.cpu_count() or 1))
+    torch.set_num_threads(n_threads)  # fixed thread count: same float reductions, same models
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     try:
@@ -199,7 +208,7 @@ def build_mini_world(
         t_train = time.perf_counter() - t_start
         scores, eval_seconds = score_models({m: out / m for m in MODEL_NAMES}, recipe, progress=progress)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads_before)
     manifest = {
         "seed": seed,
         "size": size,
@@ -210,6 +219,7 @@ def build_mini_world(
         "build_seconds": round(time.perf_counter() - t_start, 1),
         "train_build_seconds": round(t_train, 1),
         "final_losses": {k: round(sum(v) / len(v), 4) for k, v in losses.items()},
+        "threads": n_threads,
         "params": sum(p.numel() for p in model.parameters()),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -153,8 +153,12 @@ def _differential_tests(row: dict) -> str:
 
 
 def build_test_program(problem: Problem, solution: str) -> str:
-    """The program that passes iff ``solution`` passes the problem's base tests."""
-    return f"{problem.setup}\n{solution}\n\n{problem.tests}\n"
+    """The program that passes iff ``solution`` passes the problem's base tests.
+
+    The set-up code runs after the solution: in MBPP it builds test inputs from the
+    solution's own classes (e.g. tree ``Node`` objects).
+    """
+    return f"{solution}\n\n{problem.setup}\n{problem.tests}\n"
 
 
 @register_task("mbpp")

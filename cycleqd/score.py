@@ -1,0 +1,57 @@
+"""Score one model, or one file of recorded answers, on one task (``cycleqd score``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cycleqd.config import ConfigError, EngineConfig, SandboxConfig
+from cycleqd.registry import ENGINES, TASKS, UnknownNameError
+from cycleqd.sandbox import CodeExecutionNotAllowed
+from cycleqd.tasks.base import TaskResult
+
+
+def score(task_kind: str, data: str, *, model: str | None = None, answers: str | None = None,
+          ids: list[str] | None = None, options: dict[str, Any] | None = None,
+          engine_cfg: EngineConfig | None = None, sandbox: SandboxConfig | None = None) -> TaskResult:
+    """Evaluate ``model`` (a local folder or Hub id) or replay ``answers`` (JSONL) on a task.
+
+    Replaying answers is an explicit request to score them, so it runs their code in the
+    sandbox (``allow_code_execution=True``); scoring a model does the same, as the user
+    asked for it on the command line. ``options`` are the task's options (as in a config).
+
+    Raises:
+        ConfigError: unknown task, missing data / answers / model, bad JSONL, bad options,
+            or not exactly one of ``model`` and ``answers``.
+    """
+    if (model is None) == (answers is None):
+        raise ConfigError("give exactly one of --model and --answers")
+    try:
+        cls = TASKS.get(task_kind)
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+    if not data:
+        raise ConfigError("--data is required")
+    if not data.startswith("hf://") and not Path(data).exists():
+        raise ConfigError(f"data file {data!r} not found")
+    box = sandbox or SandboxConfig(allow_code_execution=True)
+    try:
+        task = cls(name=task_kind, data=data, sandbox=box, **dict(options or {}))
+    except TypeError as e:  # an option the task does not take
+        raise ConfigError(f"task {task_kind}: {e}") from None
+    if answers is not None:
+        engine = ENGINES.get("replay")(answers)
+    else:
+        from cycleqd.engine.hf import HFEngine  # heavy: only when a model is scored
+
+        if not Path(model).exists() and "/" not in str(model):
+            raise ConfigError(f"model {model!r} is neither a folder nor a Hub id")
+        engine = HFEngine.from_path(model, engine_cfg or EngineConfig())
+    try:
+        return task.evaluate(engine, ids=[str(i) for i in ids] if ids is not None else None)
+    except CodeExecutionNotAllowed as e:
+        raise ConfigError(str(e)) from None
+
+
+def summary(result: TaskResult) -> dict[str, Any]:
+    """The ``--json`` object: {"task", "quality", "n", "failed_ids"}."""
+    return {"task": result.task, "quality": result.quality, "n": result.n, "failed_ids": result.failed_ids}

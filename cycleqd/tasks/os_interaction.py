@@ -1,0 +1,344 @@
+"""AgentBench OS interaction: solve a task in a Linux shell over up to 5 rounds.
+
+Follows AgentBench (``src/server/tasks/os_interaction/task.py``): the same
+instruction prompt and one-shot example, ``Act: bash`` (```bash blocks, run in the
+episode's shell), ``Act: finish`` and ``Act: answer(...)`` parsed the same way
+(the last ``Act:`` line wins), OS output cut to 780 characters plus a notice when
+longer than 800, and the same judging: ``match`` (exact after strip, or regex) or
+a chain of ``check`` scripts where ``null`` runs the ``example`` script and each
+script receives the answer and the previous scripts' outputs as arguments.
+
+Each episode runs in a fresh :class:`cycleqd.sandbox.os_env.OSSession` (bubblewrap,
+Ubuntu-like writable layer): ``create.init`` scripts run as separate processes,
+``start`` runs inside the agent's shell, as in AgentBench's containers. The whole
+evaluation is repeated ``runs`` times (the paper: 5) and averaged.
+"""
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from cycleqd.config import ConfigError, SandboxConfig
+from cycleqd.engine.base import Engine
+from cycleqd.registry import register_task
+from cycleqd.sandbox import require_code_execution
+from cycleqd.sandbox.os_env import OSSession
+from cycleqd.tasks._agent import error_text, read_rows, run_episodes, select_ids, task_result
+from cycleqd.tasks.base import SampleResult, TaskResult
+
+PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
+
+1. If you think you should execute some bash code, take bash action, and you should print like this:
+
+Think: put your thought here.
+
+Act: bash
+
+```bash
+# put your bash code here
+```
+
+2. If you think you have finished the task, take finish action, and you should print like this:
+
+Think: put your thought here.
+
+Act: finish
+
+3. If you think you have got the answer to the question, take answer action, and you should print like this:
+
+Think: put your thought here.
+
+Act: answer(Your answer to the question should be put in this pair of parentheses)
+
+If the output is too long, I will truncate it. The truncated output is not complete. You have to deal with the truncating problem by yourself. Attention, your bash code should not contain any input operation. Once again, you should take only exact one of the three actions in each turn.\n\n"""  # noqa: W291
+
+ONE_SHOT = [
+    {"role": "user", "content": 'tell me how many files are in the directory "/etc"?'},
+    {"role": "assistant", "content": "Think: To count the files in /etc, I need to print all the files in it.\n\n"
+                                     "Act: bash\n\n```bash\nls /etc\n```"},
+    {"role": "user", "content": "The output of the OS:\ncpi cron.hourly fuse.conf iproute2 lvm networkd-dispatcher "
+                                "protocols selinux tmpfiles.d [truncated because the output is too long]"},
+    {"role": "assistant", "content": "Think: The output has been truncated because it is too long, so I need to "
+                                     "count files by script directly.\n\nAct: bash\n\n```bash\nls -1 /etc | wc -l\n```"},
+    {"role": "user", "content": "The output of the OS:\n220"},
+    {"role": "assistant", "content": "Think: Now I get the answer, it is 220.\n\nAct: answer(220)"},
+]
+
+Script = tuple[str, str]  # (language, source)
+
+
+@dataclass(frozen=True)
+class OSProblem:
+    """One task: description, set-up scripts and how it is judged."""
+
+    id: str
+    description: str
+    init: tuple[Script, ...] = ()
+    start: Script | None = None
+    match: dict | None = None
+    check: tuple[Script | None, ...] | None = None
+    example: Script | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _load_script(obj: Any, root: Path) -> Script | None:
+    if obj is None:
+        return None
+    if isinstance(obj, str):
+        return "bash", obj
+    if not isinstance(obj, dict):
+        raise ConfigError(f"bad script object {obj!r}")
+    lang = obj.get("language", "bash")
+    if "file" in obj:
+        path = root / obj["file"]
+        if not path.is_file():
+            raise ConfigError(f"script file {str(path)!r} not found")
+        return lang, path.read_text(encoding="utf-8")
+    if "code" in obj:
+        return lang, obj["code"]
+    raise ConfigError(f"script object without file or code: {obj!r}")
+
+
+def load_problems(rows: Sequence[dict], scripts: Path) -> list[OSProblem]:
+    """AgentBench OS configs -> problems (``file`` scripts are read relative to ``scripts``).
+
+    Raises:
+        ConfigError: a record without ``description`` / ``evaluation``, or a missing script.
+    """
+    out = []
+    for i, item in enumerate(rows):
+        if "description" not in item or "evaluation" not in item:
+            raise ConfigError(f"OS record {i} needs description and evaluation")
+        init: list[Script] = []
+        create = item.get("create")
+        if isinstance(create, dict) and "init" in create:
+            objs = create["init"] if isinstance(create["init"], list) else [create["init"]]
+            init = [s for s in (_load_script(o, scripts) for o in objs) if s is not None]
+        ev = item["evaluation"]
+        match = check = example = None
+        if "match" in ev:
+            match = {"answer": ev["match"], "strip": True} if isinstance(ev["match"], str) else dict(ev["match"])
+        elif "check" in ev:
+            objs = ev["check"] if isinstance(ev["check"], list) else [ev["check"]]
+            check = tuple(_load_script(o, scripts) for o in objs)
+            if "example" in ev:
+                example = _load_script(ev["example"], scripts)
+        else:
+            raise ConfigError(f"OS record {i}: evaluation needs match or check")
+        out.append(OSProblem(id=str(i), description=item["description"], init=tuple(init),
+                             start=_load_script(item.get("start"), scripts), match=match, check=check,
+                             example=example))
+    return out
+
+
+def extract_action(raw: str) -> dict[str, Any]:
+    """AgentBench's parser: the last ``Act:`` line decides; bash code = all ```bash blocks."""
+    ret: dict[str, Any] = {"thought": "\n".join(re.findall(r"Think:\s*(.+)", raw)), "action": None, "content": None}
+    for action in re.findall(r"Act:\s*(.+)", raw)[::-1]:
+        low = action.lower()
+        if low.startswith("bash"):
+            ret["action"] = "bash"
+            break
+        if low.startswith("finish"):
+            ret["action"] = "commit"
+            break
+        if low.startswith("answer"):
+            content = action[6:].strip()
+            left, right = content.find("("), content.rfind(")")
+            if left == -1 or right == -1:
+                continue
+            ret["action"], ret["content"] = "commit", content[left + 1:right]
+            break
+    if ret["action"] == "bash":
+        ret["content"] = "\n\n".join(re.findall(r"```bash\n(.*?)\n```", raw, re.DOTALL))
+    return ret
+
+
+def os_feedback(output: str) -> str:
+    """The user turn after a bash action (AgentBench's truncation at 800 characters)."""
+    if len(output) > 800:
+        output = output[:780] + "\n[truncated because the output is too long]"
+    return "The output of the OS:\n\n" + output if output else "The output of the OS is empty."
+
+
+class OSEpisode:
+    """One OS problem played round by round in its own session."""
+
+    def __init__(self, problem: OSProblem, session: OSSession, max_rounds: int, command_timeout: float):
+        self.sample_id = problem.id
+        self.problem, self.session = problem, session
+        self.max_rounds, self.command_timeout = max_rounds, command_timeout
+        first = dict(ONE_SHOT[0])
+        first["content"] = PROMPT + "Now, my problem is:\n\n" + first["content"]
+        self.messages = [first, *[dict(m) for m in ONE_SHOT[1:]],
+                         {"role": "user", "content": "Now, I will start a new problem in a new OS. "
+                                                     "My problem is:\n\n" + problem.description}]
+        self.turn = 0
+        self.done = False
+        self.committed = False
+        self.answer: str | None = None
+        self.status = "running"
+
+    def step(self, reply: str) -> None:
+        reply = reply or ""
+        self.messages.append({"role": "assistant", "content": reply})
+        self.turn += 1
+        act = extract_action(reply)
+        if act["action"] == "commit":
+            self.committed, self.answer, self.status, self.done = True, act["content"], "committed", True
+            return
+        if act["action"] != "bash":
+            self.status, self.done = "invalid action", True
+            return
+        result = self.session.run(act["content"], timeout=self.command_timeout)
+        self.messages.append({"role": "user", "content": os_feedback(result.output)})
+        if self.turn >= self.max_rounds:
+            self.status, self.done = "round limit", True
+
+
+def judge(problem: OSProblem, answer: str | None, session: OSSession, timeout: float = 30.0) -> bool:
+    """AgentBench's verdict for a committed answer (``None`` for ``Act: finish``)."""
+    if problem.match is not None:
+        if isinstance(answer, str) and problem.match.get("strip", False):
+            answer = answer.strip()
+        if "answer" in problem.match:
+            return answer == problem.match["answer"]
+        if "regex" in problem.match:
+            return isinstance(answer, str) and re.search(problem.match["regex"], answer) is not None
+        return False
+    params = [str(answer)]
+    for script in problem.check or ():
+        if script is None:
+            script = problem.example
+        if script is None:
+            return False
+        r = session.run_script(script[0], script[1], params, timeout=timeout)
+        if r.exit_code != 0:
+            return False
+        params.append(r.output)
+    return True
+
+
+@register_task("os_interaction")
+class OSInteractionTask:
+    """AgentBench OS interaction in the bubblewrap sandbox (see module docstring).
+
+    Args:
+        name: task name in the experiment.
+        data: AgentBench OS JSON/JSONL (a list of configs).
+        sandbox: the experiment's SandboxConfig (``allow_code_execution`` must be true).
+        scripts: folder the ``file`` scripts are relative to (default: ``scripts/<data stem>``
+            beside the data file, as in AgentBench's layout).
+        runs: how many times the whole evaluation is repeated and averaged (paper: 5).
+        max_rounds: model turns per episode (CycleQD: 5).
+        command_timeout: seconds per bash action.
+        ids / limit: evaluate a subset.
+        max_new_tokens: per reply.
+        workers: episodes acting at the same time.
+    """
+
+    def __init__(self, name: str = "os_interaction", data: str | None = None, sandbox: SandboxConfig | None = None,
+                 *, scripts: str | None = None, runs: int = 1, max_rounds: int = 5, command_timeout: float = 10.0,
+                 ids: Sequence[Any] | None = None, limit: int | None = None, max_new_tokens: int = 512,
+                 workers: int = 4, memory_mb: int | None = None):
+        self.name = name
+        self.sandbox = sandbox or SandboxConfig()
+        rows = read_rows(data)
+        if scripts is None and data and not data.startswith("hf://"):
+            scripts = str(Path(data).parent / "scripts" / Path(data).stem)
+        self.problems = load_problems(rows, Path(scripts or "."))
+        self._ids = select_ids([p.id for p in self.problems], ids, limit)
+        if runs < 1 or max_rounds < 1:
+            raise ConfigError("os_interaction needs runs >= 1 and max_rounds >= 1")
+        self.runs, self.max_rounds = int(runs), int(max_rounds)
+        self.command_timeout, self.max_new_tokens, self.workers = float(command_timeout), int(max_new_tokens), int(workers)
+        self.memory_mb = int(memory_mb if memory_mb is not None else max(self.sandbox.memory_mb, 2048))
+
+    def sample_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def _start(self, problem: OSProblem, session: OSSession | None = None) -> OSSession:
+        """Session with the problem's init scripts run and its ``start`` command running."""
+        session = session or OSSession(memory_mb=self.memory_mb)
+        try:
+            for lang, code in problem.init:
+                session.run_script(lang, code, [], timeout=60)
+            if problem.start is not None:
+                session.run(problem.start[1], timeout=self.command_timeout)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def _one_run(self, engine: Engine, chosen: list[str]) -> dict[str, tuple[float, str | None, dict]]:
+        by_id = {p.id: p for p in self.problems}
+        episodes: list[OSEpisode] = []
+        out: dict[str, tuple[float, str | None, dict]] = {}
+
+        sessions: dict[str, OSSession] = {}
+
+        def build(i: str) -> None:
+            try:
+                sessions[i] = OSSession(memory_mb=self.memory_mb, launch=False)
+            except Exception as e:  # a broken set-up is that sample's failure
+                out[i] = (0.0, f"set-up failed: {error_text(e)}", {})
+
+        def start(i: str) -> None:
+            try:
+                episodes.append(OSEpisode(by_id[i], self._start(by_id[i], sessions[i]), self.max_rounds,
+                                          self.command_timeout))
+            except Exception as e:
+                out[i] = (0.0, f"set-up failed: {error_text(e)}", {})
+
+        # Layers are built in threads; shells start in this thread, which outlives them
+        # (bubblewrap is killed when the thread that started it ends).
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            list(pool.map(build, chosen))
+        for i in chosen:
+            if i in sessions:
+                try:
+                    sessions[i].launch()
+                except Exception as e:
+                    out[i] = (0.0, f"set-up failed: {error_text(e)}", {})
+                    sessions.pop(i).close()
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            list(pool.map(start, [i for i in chosen if i in sessions]))
+        try:
+            errors = run_episodes(engine, episodes, max_new_tokens=self.max_new_tokens, workers=self.workers)
+
+            def finish(ep: OSEpisode) -> None:
+                detail = {"status": ep.status, "answer": ep.answer, "turns": ep.turn}
+                try:
+                    ok = ep.committed and judge(ep.problem, ep.answer, ep.session)
+                    out[ep.sample_id] = (1.0 if ok else 0.0, errors.get(ep.sample_id), detail)
+                except Exception as e:  # a judge that cannot run is a failed sample
+                    out[ep.sample_id] = (0.0, f"judging failed: {error_text(e)}", detail)
+
+            with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+                list(pool.map(finish, episodes))
+        finally:
+            for ep in episodes:
+                ep.session.close()
+        return out
+
+    def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
+        """Play every chosen problem ``runs`` times; a sample's score is its pass rate over the runs.
+
+        Raises:
+            CodeExecutionNotAllowed: ``sandbox.allow_code_execution`` is false.
+        """
+        require_code_execution(self.sandbox, self.name)
+        start = time.monotonic()
+        chosen = select_ids(self._ids, ids, None) if ids is not None else list(self._ids)
+        runs = [self._one_run(engine, chosen) for _ in range(self.runs)]
+        samples = []
+        for i in chosen:
+            scores = [r[i][0] for r in runs]
+            errs = [r[i][1] for r in runs if r[i][1]]
+            samples.append(SampleResult(i, sum(scores) / len(scores), errs[0] if errs else None,
+                                        {"runs": [r[i][2] for r in runs], "scores": scores}))
+        return task_result(self.name, samples, start)

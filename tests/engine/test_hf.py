@@ -1,0 +1,121 @@
+"""The transformers engine: batching, stop strings, chat templates, in-place weights."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_family
+from cycleqd.config import EngineConfig
+from cycleqd.engine.base import GenRequest
+from cycleqd.engine.hf import HFEngine, cut_at_stop
+from cycleqd.registry import ENGINES
+
+PROMPTS = ["ab", "hello world", "x", "def f(n): return", "select * from t;", "q" * 30, "1+1=", "the cat"]
+
+
+@pytest.fixture
+def engine(tiny_family) -> HFEngine:
+    return HFEngine.from_path(str(tiny_family["base"]), EngineConfig(device="cpu", batch_size=3))
+
+
+def _reqs(limits=(8,), stop=()) -> list[GenRequest]:
+    return [
+        GenRequest(str(i), prompt=p, max_new_tokens=limits[i % len(limits)], stop=tuple(stop))
+        for i, p in enumerate(PROMPTS)
+    ]
+
+
+def test_registered():
+    assert ENGINES.get("transformers") is HFEngine
+
+
+def test_batched_equals_one_by_one(engine):
+    reqs = _reqs(limits=(4, 9, 13))
+    batched = engine.generate(reqs)
+    single = [engine.generate([r])[0] for r in reqs]
+    assert batched == single
+    assert any(len(t) > 0 for t in batched)
+
+
+def test_per_request_token_limit(engine):
+    reqs = _reqs(limits=(2, 11))
+    outs = engine.generate(reqs)
+    for r, o in zip(reqs, outs):
+        n_tokens = len(engine.tokenizer(o, add_special_tokens=False)["input_ids"])
+        assert n_tokens <= r.max_new_tokens
+    # The short request is a prefix of what it would say with more room.
+    long = engine.generate([GenRequest("0", prompt=PROMPTS[0], max_new_tokens=11)])[0]
+    assert long.startswith(outs[0])
+
+
+def test_stop_strings_cut_output(engine):
+    free = engine.generate(_reqs(limits=(16,)))
+    i, text = next((i, t) for i, t in enumerate(free) if len(t.strip()) >= 6)
+    stop = text.strip()[3:5]
+    req = GenRequest(str(i), prompt=PROMPTS[i], max_new_tokens=16, stop=(stop, "never-there"))
+    got = engine.generate([req])[0]
+    assert got == text[: text.index(stop)]
+    assert stop not in got
+
+
+def test_cut_at_stop_earliest():
+    assert cut_at_stop("abc\ndef;ghi", ["\n", ";"]) == "abc"
+    assert cut_at_stop("abc", ["x"]) == "abc"
+    assert cut_at_stop("abc", [""]) == "abc"
+
+
+def test_chat_template_path(engine):
+    engine.tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    msgs = ({"role": "user", "content": "hello"},)
+    via_chat = engine.generate([GenRequest("c", messages=msgs, max_new_tokens=8)])[0]
+    via_prompt = engine.generate([GenRequest("p", prompt="[hello]", max_new_tokens=8)])[0]
+    assert via_chat == via_prompt
+    with pytest.raises(ValueError):
+        engine.generate([GenRequest("bad", prompt="x", messages=msgs)])
+
+
+def test_load_weights_in_place(engine, tiny_family):
+    reqs = _reqs(limits=(10,))
+    before = engine.generate(reqs)
+    ptrs = {n: p.data_ptr() for n, p in engine.model.named_parameters()}
+    expert = load_file(str(tiny_family["a"] / "model.safetensors"))
+    engine.load_weights(expert)
+    assert {n: p.data_ptr() for n, p in engine.model.named_parameters()} == ptrs
+    for n, p in engine.model.named_parameters():
+        assert torch.equal(p.data, expert[n])
+    after = engine.generate(reqs)
+    fresh = HFEngine.from_path(str(tiny_family["a"]), EngineConfig(device="cpu", batch_size=3)).generate(reqs)
+    assert after == fresh
+    assert after != before
+
+
+def test_load_weights_tied_embeddings(tmp_path):
+    fam = make_tiny_family(tmp_path, tasks=("a",), tie_embeddings=True)
+    eng = HFEngine.from_path(str(fam["base"]), EngineConfig(device="cpu"))
+    state = load_file(str(fam["a"] / "model.safetensors"))
+    state.pop("lm_head.weight", None)  # saved checkpoints leave the tied copy out
+    eng.load_weights(state)
+    assert torch.equal(eng.model.lm_head.weight, state["model.embed_tokens.weight"])
+
+
+def test_load_weights_rejects_bad_state(engine):
+    state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    with pytest.raises(KeyError):
+        engine.load_weights({**state, "not.a.weight": torch.zeros(1)})
+    name = "model.embed_tokens.weight"
+    with pytest.raises(ValueError):
+        engine.load_weights({**state, name: torch.zeros(3, 3)})
+    with pytest.raises(ValueError):
+        engine.load_weights({k: v for k, v in state.items() if k != "model.norm.weight"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_missing_is_a_clear_error(tiny_family):
+    from cycleqd.engine.vllm import VLLMEngine, VLLMNotInstalled
+
+    assert ENGINES.get("vllm") is VLLMEngine
+    with pytest.raises(VLLMNotInstalled, match="pip install"):
+        VLLMEngine.from_path(str(tiny_family["base"]), EngineConfig(name="vllm"))

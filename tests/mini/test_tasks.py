@@ -1,0 +1,91 @@
+"""The mini tasks through their real checkers: gold answers solve, wrong answers fail."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import pytest
+
+from cycleqd.config import SandboxConfig
+from cycleqd.engine.base import GenRequest
+from cycleqd.registry import TASKS
+from cycleqd.sandbox import CodeExecutionNotAllowed
+
+KINDS = ["mini_code", "mini_sql", "mini_shell"]
+ALLOW = SandboxConfig(allow_code_execution=True)
+
+
+class ScriptedEngine:
+    """Answers each request with a function of its item (no model needed to test the checker)."""
+
+    def __init__(self, task, answer):
+        self.by_id = {it.id: it for it in task.items}
+        self.answer = answer
+        self.requests: list[GenRequest] = []
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        self.requests.extend(requests)
+        return [self.answer(self.by_id[r.sample_id]) for r in requests]
+
+    def load_weights(self, state) -> None:  # pragma: no cover - never called
+        raise NotImplementedError
+
+
+def _task(kind, n=40, split="test", sandbox=ALLOW):
+    return TASKS.get(kind)(name=kind.removeprefix("mini_"), data=None, sandbox=sandbox, split=split, n=n, seed=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gold_answers_score_one(kind):
+    task = _task(kind)
+    engine = ScriptedEngine(task, lambda it: it.answer)
+    res = task.evaluate(engine)
+    assert res.quality == 1.0 and res.n == 40 and res.failed_ids == []
+    assert all(r.prompt is not None and r.stop == ("\n",) for r in engine.requests)
+
+
+WRONG = {
+    "mini_code": lambda it: "def f(*args): return object()",
+    "mini_sql": lambda it: f"SELECT 12345 FROM {it.context['table']};",
+    "mini_shell": lambda it: "echo nothing-like-it",
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wrong_answers_score_zero(kind):
+    task = _task(kind, n=20)
+    res = task.evaluate(ScriptedEngine(task, WRONG[kind]))
+    assert res.quality == 0.0 and len(res.failed_ids) == 20
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_broken_answers_are_failed_samples_not_errors(kind):
+    task = _task(kind, n=6)
+    res = task.evaluate(ScriptedEngine(task, lambda it: "((( not valid in any language"))
+    assert res.quality == 0.0
+    assert all(s.error for s in res.samples if kind != "mini_shell") or kind == "mini_shell"
+
+
+def test_subset_of_ids():
+    task = _task("mini_sql", n=10)
+    res = task.evaluate(ScriptedEngine(task, lambda it: it.answer), ids=["3", "7"])
+    assert [s.id for s in res.samples] == ["3", "7"] and res.quality == 1.0
+
+
+def test_partial_credit_is_the_mean():
+    task = _task("mini_sql", n=10)
+    res = task.evaluate(ScriptedEngine(task, lambda it: it.answer if int(it.id) % 2 else "nope"))
+    assert res.quality == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kind", ["mini_code", "mini_shell"])
+def test_code_execution_needs_opt_in(kind):
+    task = _task(kind, n=3, sandbox=SandboxConfig(allow_code_execution=False))
+    with pytest.raises(CodeExecutionNotAllowed):
+        task.evaluate(ScriptedEngine(task, lambda it: it.answer))
+
+
+def test_endless_sql_is_stopped():
+    task = _task("mini_sql", n=2)
+    loop = "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM r) SELECT COUNT(*) FROM r;"
+    res = task.evaluate(ScriptedEngine(task, lambda it: loop))
+    assert res.quality == 0.0 and all("interrupt" in (s.error or "").lower() for s in res.samples)
