@@ -38,6 +38,15 @@ def _tasks(text: str | None) -> list[str] | None:
     return tasks
 
 
+def _print_summary(run: Path) -> None:
+    import json as _json
+
+    from cycleqd.run import format_summary
+
+    print(format_summary(_json.loads((Path(run) / "summary.json").read_text())))
+    print(f"\nrun folder: {run}  (plots in {Path(run) / 'plots'}; `cycleqd report {run}` for the HTML page)")
+
+
 def cmd_evolve(a: argparse.Namespace) -> int:
     from cycleqd.config import load_config, with_overrides
 
@@ -49,7 +58,7 @@ def cmd_evolve(a: argparse.Namespace) -> int:
     from cycleqd.run import evolve
 
     run = evolve(cfg, a.run_dir, address=a.address, progress=not a.quiet)
-    print(f"run finished: {run}")
+    _print_summary(run)
     return 0
 
 
@@ -60,7 +69,7 @@ def cmd_resume(a: argparse.Namespace) -> int:
     from cycleqd.run import resume
 
     run = resume(a.run_dir, generations=a.generations, address=a.address, progress=not a.quiet)
-    print(f"run finished: {run}")
+    _print_summary(run)
     return 0
 
 

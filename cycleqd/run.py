@@ -6,6 +6,7 @@ archive -> a worker does crossover, mutation, materialize, evaluation on K tasks
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ def start_ray(address: str | None) -> Any:
             include_dashboard=False,
             num_cpus=max(2, os.cpu_count() or 1),
             log_to_driver=False,
+            logging_level=logging.WARNING,
         )
     return ray
 
@@ -276,6 +278,7 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True)
     if cfg.evolution.final_merge and (store.final_merge() or {}).get("generation") != finished:
         final_merge(store, archive, pool, finished)
     _refresh_plots(store)
+    summarize(store)
     return store.path
 
 
@@ -303,3 +306,47 @@ def final_merge(store: RunStore, archive: Archive, pool: _Pool, generation: int)
         store.save_genome("final_merge", r.genome)
     store.write_final_merge(record)
     return record
+
+
+def summarize(store: RunStore) -> dict:
+    """The run at a glance: per-archive stats, the best-mean elite, the seed experts, the final merge.
+
+    Written to RUN/summary.json at the end of every evolve / resume.
+    """
+    snap = store.archives()
+    tasks = snap["tasks"]
+    elites = [e for a in snap["archives"].values() for e in a["elites"]]
+    mean = lambda s: float(np.mean([s[t] for t in tasks]))  # noqa: E731
+    best = max(elites, key=lambda e: mean(e["scores"]), default=None)
+    out = {
+        "generation": snap["generation"],
+        "archives": {t: {k: snap["archives"][t][k] for k in ("coverage", "qd_score", "best")} for t in tasks},
+        "experts": {t: {**s["scores"], "mean": mean(s["scores"])} for t, s in store.seeds().items()},
+        "best_mean": None if best is None else {"genome": best["genome"], **best["scores"],
+                                                "mean": mean(best["scores"])},
+        "final_merge": store.final_merge(),
+    }
+    write_atomic(store.path / "summary.json", json.dumps(out, indent=1))
+    return out
+
+
+def format_summary(s: dict) -> str:
+    """A plain-text table of :func:`summarize`'s result."""
+    tasks = list(s["archives"])
+    head = f"{'model':24s}" + "".join(f"{t:>10s}" for t in tasks) + f"{'mean':>10s}"
+    lines = [f"generation {s['generation']}", head, "-" * len(head)]
+
+    def row(name: str, scores: dict) -> str:
+        return f"{name:24s}" + "".join(f"{scores[t]:10.3f}" for t in tasks) + f"{scores['mean']:10.3f}"
+
+    for t, sc in s["experts"].items():
+        lines.append(row(f"expert {t}", sc))
+    if s["best_mean"]:
+        lines.append(row(f"best elite {s['best_mean']['genome']}", s["best_mean"]))
+    fm = s["final_merge"]
+    if fm and fm.get("scores"):
+        lines.append(row("final merge", {**fm["scores"], "mean": fm["mean"]}))
+    lines.append("")
+    lines.append("archive  " + "  ".join(
+        f"{t}: coverage {a['coverage']:.2f} best {a['best']:.3f}" for t, a in s["archives"].items()))
+    return "\n".join(lines)

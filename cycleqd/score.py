@@ -43,9 +43,14 @@ def score(task_kind: str, data: str, *, model: str | None = None, answers: str |
     else:
         from cycleqd.engine.hf import HFEngine  # heavy: only when a model is scored
 
-        if not Path(model).exists() and "/" not in str(model):
-            raise ConfigError(f"model {model!r} is neither a folder nor a Hub id")
-        engine = HFEngine.from_path(model, engine_cfg or EngineConfig())
+        m = str(model)
+        hub_like = m.count("/") == 1 and not m.startswith((".", "/", "~"))
+        if not Path(m).exists() and not hub_like:
+            raise ConfigError(f"model {m!r} is neither a folder nor a Hub id")
+        try:
+            engine = HFEngine.from_path(m, engine_cfg or EngineConfig())
+        except OSError as e:  # not a model folder, or a Hub id that cannot be fetched
+            raise ConfigError(f"could not load model {m!r}: {str(e).splitlines()[0]}") from None
     try:
         return task.evaluate(engine, ids=[str(i) for i in ids] if ids is not None else None)
     except CodeExecutionNotAllowed as e:

@@ -54,10 +54,10 @@ SIZES: dict[str, WorldRecipe] = {
     # For tests: real training and scoring, just very little of it.
     "tiny": WorldRecipe(
         shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=86),
-        base=TrainSpec(steps=30, lr=3e-3, batch_size=16),
-        expert=TrainSpec(steps=10, lr=1e-3, batch_size=16),
-        eval_test_n=20,
-        eval_val_n=20,
+        base=TrainSpec(steps=20, lr=3e-3, batch_size=8),
+        expert=TrainSpec(steps=5, lr=1e-3, batch_size=8),
+        eval_test_n=8,
+        eval_val_n=0,
     ),
 }
 
@@ -137,8 +137,9 @@ def score_models(
     tasks = {
         split: [TASKS.get(f"mini_{s}")(name=s, sandbox=sandbox, split=split, n=n, seed=0) for s in SKILLS]
         for split, n in (("test", recipe.eval_test_n), ("val", recipe.eval_val_n))
+        if n > 0
     }
-    scores: dict[str, dict[str, dict[str, float]]] = {"test": {}, "val": {}}
+    scores: dict[str, dict[str, dict[str, float]]] = {split: {} for split in tasks}
     seconds: dict[str, float] = {}
     cfg = EngineConfig(device="cpu", batch_size=batch_size)
     for name, path in models.items():
@@ -148,7 +149,8 @@ def score_models(
             scores[split][name] = {t.name: round(t.evaluate(engine).quality, 4) for t in ts}
         seconds[name] = round(time.perf_counter() - t0, 2)
         if progress:
-            print(f"  {name}: test {scores['test'][name]} val {scores['val'][name]} ({seconds[name]}s)", flush=True)
+            shown = ", ".join(f"{split} {scores[split][name]}" for split in tasks)
+            print(f"  {name}: {shown} ({seconds[name]}s)", flush=True)
     return scores, seconds
 
 
