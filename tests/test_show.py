@@ -31,13 +31,19 @@ def test_every_elite_is_listed_with_scores_generation_and_parents(run):
     for line in (run / "children.jsonl").read_text().splitlines():
         c = json.loads(line)
         parents[c["id"]] = c["parents"]
-    rows = {line.split("│")[1].strip() + "|" + line.split("│")[7].strip(): line
-            for line in text.splitlines() if line.count("│") >= 9}
+    sections = {}  # archive -> {(cell, genome): [cells of its row]}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("archive "):
+            current = sections.setdefault(line.split(":")[0].removeprefix("archive "), {})
+        elif current is not None and line.count("│") >= 9:
+            cells = [c.strip() for c in line.split("│")[1:-1]]
+            current[(cells[0], cells[7])] = cells
     n = 0
     for t in snap["tasks"]:
         assert f"archive {t}: {len(snap['archives'][t]['elites'])} elites" in text
         for e in snap["archives"][t]["elites"]:
-            cells = [c.strip() for c in rows[",".join(map(str, e["cell"])) + "|" + e["genome"]].split("│")[1:-1]]
+            cells = sections[t][(",".join(map(str, e["cell"])), e["genome"])]
             assert cells[1] == f"{e['quality']:.4f}"
             assert cells[2:5] == [f"{e['scores'][u]:.4f}" for u in snap["tasks"]]
             assert cells[6] == str(e["generation"])

@@ -16,6 +16,7 @@ import ast
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -63,9 +64,15 @@ def extract_code(completion: str) -> str:
     return completion
 
 
+def _parse(code: str) -> ast.Module:
+    with warnings.catch_warnings():  # model code is full of invalid escape sequences
+        warnings.simplefilter("ignore")
+        return ast.parse(code)
+
+
 def _parses(code: str) -> bool:
     try:
-        ast.parse(code)
+        _parse(code)
         return True
     except (SyntaxError, ValueError):
         return False
@@ -87,7 +94,7 @@ def sanitize(completion: str) -> str:
     tree = None
     for end in range(len(lines), 0, -1):
         try:
-            tree = ast.parse("\n".join(lines[:end]))
+            tree = _parse("\n".join(lines[:end]))
             lines = lines[:end]
             break
         except (SyntaxError, ValueError):
