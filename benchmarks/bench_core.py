@@ -40,6 +40,7 @@ from cycleqd.mutation import svd
 
 # SVD rank per expert and weight, used by both paths: ~8% of the 768 full rank;
 # mutation moves along each expert's top directions, where its task vector lives.
+# The factors come from the seeded randomized SVD (prepare time only; both paths share them).
 RANK = 64
 CPU_MODEL = dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, vocab_size=8192,
                  num_attention_heads=12, num_key_value_heads=12)
@@ -195,7 +196,7 @@ def _measure(arch: dict, *, device: str, dtype: torch.dtype, repeats: int, workd
     build_s = time.perf_counter() - t
     t = time.perf_counter()
     factors = Factors.build(fam["base"], {k: fam[k] for k in TASKS}, dtype=str(dtype).removeprefix("torch."),
-                            rank=RANK, device=device, progress=False)
+                            rank=RANK, device=device, progress=False, svd_method="randomized")
     prepare_s = time.perf_counter() - t
     n_params = sum(x.numel() for x in factors.base.values())
 
@@ -255,6 +256,7 @@ def _measure(arch: dict, *, device: str, dtype: torch.dtype, repeats: int, workd
         "dtype": str(dtype).removeprefix("torch."),
         "params": n_params,
         "svd_rank": RANK,
+        "svd_method": "randomized",
         "experts": len(TASKS),
         "repeats": repeats,
         "child_overhead_speedup": ref_med / ours_med,

@@ -179,8 +179,12 @@ def model_card(cfg, sel: Selection, run_name: str, tree: dict, base_meta: dict, 
     mean = sum(scores) / len(scores) if scores and all(s is not None for s in scores) else None
     rows = "\n".join(f"| {t} | {cfg.tasks[i].kind} | {'-' if s is None else f'{s:.4f}'} |"
                      for i, (t, s) in enumerate(zip(tasks, scores)))
+    mean_row = f"| **mean** | | **{mean:.4f}** |" if mean is not None else ""
+    generation = "-" if sel.generation is None else sel.generation
     experts = "\n".join(f"  - {t}: `{cfg.models.experts[t]}`" for t in tasks)
     evo = cfg.evolution
+    cycle = (f"the quality task fixed to {evo.fixed_quality_task}" if evo.fixed_quality_task
+             else f"the quality task rotating over {', '.join(tasks)} every {evo.flip_interval} generation(s)")
     body = f"""# {run_name}: `{sel.genome}`
 
 A merge of expert fine-tunes of `{cfg.models.base}`, found by CycleQD (cyclic
@@ -194,7 +198,7 @@ Picked as: {sel.how}.
 | task | kind | score |
 |---|---|---|
 {rows}
-{f"| **mean** | | **{mean:.4f}** |" if mean is not None else ""}
+{mean_row}
 
 ## How it was made
 
@@ -204,9 +208,8 @@ Picked as: {sel.how}.
 - The model is theta = theta_base + sum_k a_k tau_k + sum_k U_k diag(d_k) V_k^T, where tau_k is
   expert k's task vector and U_k S_k V_k^T its SVD; the coefficients (the genome) were evolved with
   `{evo.crossover.name}` crossover (mu {evo.crossover.mu}, sigma {evo.crossover.sigma}), `{evo.mutation.name}`
-  mutation (rate {evo.mutation.rate}) and `{evo.sampling.name}` parent sampling, the quality task
-  rotating over {', '.join(tasks)}.
-- Generation: {sel.generation if sel.generation is not None else '-'} of {evo.generations}; dtype {cfg.models.dtype}.
+  mutation (rate {evo.mutation.rate}) and `{evo.sampling.name}` parent sampling, {cycle}.
+- Generation: {generation} of {evo.generations}; dtype {cfg.models.dtype}.
 - `cycleqd/genome.safetensors` holds the genome, `cycleqd/config.yaml` the run's resolved config.
 
 ## Lineage

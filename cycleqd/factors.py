@@ -61,6 +61,7 @@ def cache_key(
     dtype: str,
     rank: int | None,
     revision: str | None,
+    method: str = "exact",
 ) -> str:
     """Hex key of everything the cached factors depend on."""
     payload = {
@@ -70,6 +71,7 @@ def cache_key(
         "revision": revision,
         "dtype": dtype,
         "rank": rank,
+        "method": method,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -199,6 +201,7 @@ class Factors:
         cache_dir: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        svd_method: str = "exact",
     ) -> "Factors":
         """Load base and experts, form task vectors, and compute or load the SVD factors.
 
@@ -209,15 +212,23 @@ class Factors:
             rank: SVD rank per expert and weight (None = full).
             cache_dir: where SVD factors are cached (None = no cache).
             device: where the resident tensors live (SVDs run there too).
+            svd_method: ``"exact"`` (``torch.linalg.svd``, then truncated) or, with a
+                rank, ``"randomized"`` (seeded subspace iteration for the top ``rank``
+                directions: O(m*n*rank) instead of O(m*n*min(m, n)); accurate where the
+                task vector's spectrum has a gap after ``rank``, as fine-tunes' do).
 
         Raises:
             ConfigError: a model is missing or the experts do not match the base.
         """
         dt = torch_dtype(dtype)
+        if svd_method not in ("exact", "randomized"):
+            raise ValueError(f"svd_method must be 'exact' or 'randomized', got {svd_method!r}")
+        if svd_method == "randomized" and rank is None:
+            raise ValueError("svd_method='randomized' needs a rank")
         base_info = inspect_model(base, revision)
         expert_infos = {t: inspect_model(p, revision) for t, p in experts.items()}
         check_compatible(base_info, expert_infos)
-        key = cache_key(base_info, expert_infos, dtype=str(dtype), rank=rank, revision=revision)
+        key = cache_key(base_info, expert_infos, dtype=str(dtype), rank=rank, revision=revision, method=svd_method)
 
         base_sd = dict(iter_tensors(base_info, dt, device))
         K = len(expert_infos)
@@ -234,7 +245,7 @@ class Factors:
             U, S, Vt = _load_cache(target, svd_names, dt, device)
             computed = 0
         else:
-            U, S, Vt = _compute_svds(tau, svd_names, rank, dt, progress)
+            U, S, Vt = _compute_svds(tau, svd_names, rank, dt, progress, svd_method)
             computed = K * len(svd_names)
             if target is not None:
                 _save_cache(target, U, S, Vt, {
@@ -244,6 +255,7 @@ class Factors:
                     "dtype": str(dtype),
                     "rank": rank,
                     "revision": revision,
+                    "svd_method": svd_method,
                 })
         return cls(
             task_names=list(expert_infos), base=base_sd, tau=tau, U=U, S=S, Vt=Vt,
@@ -251,7 +263,9 @@ class Factors:
         )
 
     @classmethod
-    def prepare(cls, cfg: "Config", *, device: str | torch.device = "cpu", progress: bool = True) -> "Factors":
+    def prepare(
+        cls, cfg: "Config", *, device: str | torch.device = "cpu", progress: bool = True, svd_method: str = "exact"
+    ) -> "Factors":
         """Factors for an experiment config, cached under ``cfg.prepare_cache``.
 
         Experts are taken in the config's task order; the SVD rank is
@@ -267,6 +281,7 @@ class Factors:
             cache_dir=cfg.prepare_cache,
             device=device,
             progress=progress,
+            svd_method=svd_method,
         )
 
 
@@ -276,8 +291,29 @@ def prepare_command(cfg: "Config") -> Path:
     return Path(cfg.prepare_cache) / str(factors.key)
 
 
+def randomized_svd(
+    x: torch.Tensor, rank: int, *, oversample: int = 16, iters: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD ``(U [m, r], S [r], V^T [r, n])`` by seeded randomized subspace iteration.
+
+    Deterministic for a given seed and device. Re-orthonormalises at every step so
+    small singular values do not drown in rounding.
+    """
+    m, n = x.shape
+    q = min(rank + oversample, m, n)
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    basis, _ = torch.linalg.qr(x @ torch.randn(n, q, generator=g, device=x.device, dtype=x.dtype))
+    for _ in range(iters):
+        z, _ = torch.linalg.qr(x.T @ basis)
+        basis, _ = torch.linalg.qr(x @ z)
+    ub, s, vh = torch.linalg.svd(basis.T @ x, full_matrices=False)
+    r = min(rank, q)
+    return (basis @ ub[:, :r]), s[:r], vh[:r]
+
+
 def _compute_svds(
-    tau: dict[str, torch.Tensor], svd_names: list[str], rank: int | None, dt: torch.dtype, progress: bool
+    tau: dict[str, torch.Tensor], svd_names: list[str], rank: int | None, dt: torch.dtype, progress: bool,
+    method: str = "exact",
 ) -> tuple[dict, dict, dict]:
     from tqdm.auto import tqdm
 
@@ -294,7 +330,10 @@ def _compute_svds(
         vt_cat = torch.empty((K * r, n), dtype=dt, device=t.device)
         s_all = torch.empty((K, r), dtype=torch.float32)
         for k in range(K):
-            u, s, vh = torch.linalg.svd(t[k].float(), full_matrices=False)
+            if method == "randomized" and r < min(m, n):
+                u, s, vh = randomized_svd(t[k].float(), r)
+            else:
+                u, s, vh = torch.linalg.svd(t[k].float(), full_matrices=False)
             u_cat[:, k * r : (k + 1) * r] = u[:, :r]
             vt_cat[k * r : (k + 1) * r] = vh[:r]
             s_all[k] = s[:r].cpu()

@@ -1,16 +1,16 @@
 """Archive heatmaps and run-history plots, drawn from a run folder's files.
 
 The heatmap is the paper's figure: one panel per archive, the archive's task
-quality as colour, the other tasks' bins as axes (in score units, so each bin is
-labelled by its score range) and the seed experts' cells outlined. Archives of a
-K = 2 run are 1-D (a one-row heatmap); K = 3 gives 2-D grids; for K >= 4 each
-archive is shown as one 2-D panel per pair of its axes, the best quality over
-the remaining axes in each cell.
+quality as colour (scaled to that task's bin range), the other tasks' bins as
+axes (in score units, so each bin is labelled by its score range) and the seed
+experts' cells outlined in red. Archives of a K = 2 run are 1-D (a one-row
+heatmap); K = 3 gives 2-D grids; for K >= 4 each archive is shown as one 2-D
+panel per pair of its axes, the best quality over the remaining axes in each cell.
 
-Everything reads only the documented run-folder files (archives.json,
-children.jsonl, stats.jsonl, config.yaml), draws on matplotlib's Agg canvas
-without pyplot (no global state, safe inside the evolve loop) and is quick
-enough to refresh every few generations.
+Everything reads the run folder through :class:`cycleqd.store.RunStore`
+(archives.json, seeds.json, children.jsonl, stats.jsonl), draws on matplotlib's
+Agg canvas without pyplot (no global state, safe inside the evolve loop) and is
+quick enough to refresh every few generations.
 """
 from __future__ import annotations
 
@@ -121,18 +121,17 @@ def _edges(b: Bins) -> np.ndarray:
     return np.linspace(b.lo, b.hi, b.count + 1)
 
 
-def _panels(snap: ArchiveSnapshot, task: str) -> list[tuple[str | None, str | None, np.ndarray]]:
-    """(x task, y task, 2-D array [y, x]) per panel of one archive."""
+def _panels(snap: ArchiveSnapshot, task: str) -> list[tuple[str, str | None, list[str], np.ndarray]]:
+    """(x task, y task, tasks maximised over, 2-D array [y, x]) per panel of one archive."""
     others = snap.other_tasks(task)
     g = snap.grid(task)
     if len(others) == 1:
-        return [(others[0], None, g[None, :])]
+        return [(others[0], None, [], g[None, :])]
     panels = []
     for i, j in itertools.combinations(range(len(others)), 2):
         rest = tuple(k for k in range(len(others)) if k not in (i, j))
-        with np.errstate(all="ignore"):
-            proj = g if not rest else _nanmax(g, rest)
-        panels.append((others[i], others[j], proj.T))  # rows = y = others[j]
+        proj = _nanmax(g, rest) if rest else g
+        panels.append((others[i], others[j], [others[k] for k in rest], proj.T))  # rows = y = others[j]
     return panels
 
 
@@ -169,16 +168,20 @@ def _draw_panel(ax, snap: ArchiveSnapshot, task: str, xt: str, yt: str | None, z
         ax.add_patch(Rectangle((xe[ix], ye[iy]), xe[ix + 1] - xe[ix], ye[iy + 1] - ye[iy], fill=False,
                                edgecolor=SEED_COLOR, linewidth=1.8, zorder=3, label="seed " + ",".join(names)))
         ax.annotate(",".join(names), ((xe[ix] + xe[ix + 1]) / 2, ye[iy + 1]), ha="center", va="bottom",
-                    fontsize=7, color=SEED_COLOR, zorder=4, annotation_clip=False)
+                    fontsize=7, color=SEED_COLOR, zorder=4, annotation_clip=False,
+                    bbox={"boxstyle": "square,pad=0.05", "fc": "white", "ec": "none", "alpha": 0.7})
     return mesh
 
 
 def _draw_archive(fig, axes, snap: ArchiveSnapshot, task: str) -> None:
     arch = snap.archives[task]
     panels = _panels(snap, task)
-    for i, (ax, (xt, yt, z)) in enumerate(zip(axes, panels)):
+    for i, (ax, (xt, yt, rest, z)) in enumerate(zip(axes, panels)):
         mesh = _draw_panel(ax, snap, task, xt, yt, z)
-        ax.set_title(f"{task} archive  (coverage {arch['coverage']:.0%}, best {arch['best']:.3f})", fontsize=9)
+        title = f"{task} archive  (coverage {arch['coverage']:.0%}, best {arch['best']:.3f})"
+        if rest:
+            title += f"\nbest over {', '.join(rest)} bins"
+        ax.set_title(title, fontsize=9, pad=14 if yt is None else 6)  # 1-D: room for the seed labels
         if i == len(panels) - 1:  # one colour bar per archive: the task's bin range, shared by its panels
             fig.colorbar(mesh, ax=ax, label=f"{task} quality", fraction=0.046, pad=0.03)
 
@@ -186,7 +189,7 @@ def _draw_archive(fig, axes, snap: ArchiveSnapshot, task: str) -> None:
 def _layout(fig, rows: int, one_d: bool) -> None:
     # Margins in inches, so labels fit whatever the number of rows.
     w, h = fig.get_size_inches()
-    bottom, top = (0.75 if one_d else 0.55), 0.5 if rows == 1 else 0.75
+    bottom, top = (0.75 if one_d else 0.55), 0.5 if rows == 1 else 0.95
     row_h = (h - bottom - top) / rows
     fig.subplots_adjust(left=0.6 / w, right=1 - 0.75 / w, bottom=bottom / h, top=1 - top / h, wspace=0.55,
                         hspace=min(0.9 / max(row_h - 0.9, 0.1), 1.0))

@@ -10,11 +10,11 @@ from __future__ import annotations
 import base64
 import html
 import math
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from cycleqd.plots import ArchiveSnapshot, load_snapshot, open_run, write_heatmaps, write_history
+from cycleqd.store import write_atomic
 
 __all__ = ["write_report", "best_by_mean", "lineage", "REPORT_NAME"]
 
@@ -129,13 +129,9 @@ def write_report(run_dir: str | Path, *, top: int = 10) -> Path:
     ranked = best_by_mean(snap)
     name = store.config().name
 
-    with tempfile.TemporaryDirectory() as tmp:
-        pngs = write_heatmaps(store.path, tmp, formats=("png",), per_archive=False)
-        pngs += write_history(store.path, tmp, formats=("png",))
-        # the same pictures, kept next to the report (SVG too)
-        write_heatmaps(store.path, store.plots_dir)
-        write_history(store.path, store.plots_dir)
-        images = {p.stem: _img(p, p.stem) for p in pngs}
+    # Fresh pictures in RUN/plots (PNG to inline, SVG to keep), then inlined.
+    drawn = write_heatmaps(store.path, store.plots_dir, per_archive=False) + write_history(store.path, store.plots_dir)
+    images = {p.stem: _img(p, p.stem) for p in drawn if p.suffix == ".png"}
 
     parts = [f"<h1>CycleQD run <code>{_e(name)}</code></h1>"]
     failed = sum(1 for c in children if c.get("error"))
@@ -203,7 +199,6 @@ def write_report(run_dir: str | Path, *, top: int = 10) -> Path:
         f"<body>{''.join(parts)}</body></html>\n"
     )
     out = store.path / REPORT_NAME
-    from cycleqd.store import write_atomic
-
     write_atomic(out, page)
+    out.chmod(0o644)  # a page to open in any browser, not a secret
     return out

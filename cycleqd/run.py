@@ -47,6 +47,7 @@ def start_ray(address: str | None) -> Any:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(
+            address="local",  # a new private Ray, even if another cluster runs on this machine
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
             num_cpus=max(2, os.cpu_count() or 1),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -18,8 +19,9 @@ def elite_rows(snap: ArchiveSnapshot, task: str, parents: dict[str, list[str]]) 
 
 
 def render_show(run_dir: str | Path, console: Console | None = None, *, top: int | None = None) -> None:
-    """Print one table per archive (cell, quality, every task's score, generation, genome,
-    parents), best elite first, then the run's summary and final merge.
+    """Print one table per archive (cell, every task's score with the archive's own task, its
+    quality, in bold, the mean, generation, genome, parents), best elite first, then the
+    run's summary and final merge.
 
     Args:
         top: at most this many elites per archive (default: all).
@@ -40,33 +42,32 @@ def render_show(run_dir: str | Path, console: Console | None = None, *, top: int
         rows = elite_rows(snap, task, parents)
         shown = rows if top is None else rows[:top]
         title = (f"archive {task}: {len(rows)} elites, coverage {arch['coverage']:.1%}, "
-                 f"QD score {arch['qd_score']:.4f}, best {arch['best']:.4f}")
-        table = Table(title=title, title_justify="left", header_style="bold")
-        table.add_column(f"cell ({', '.join(others)})", no_wrap=True)
-        table.add_column(f"quality ({task})", justify="right")
-        for t in snap.tasks:
-            table.add_column(t, justify="right")
-        table.add_column("mean", justify="right")
-        table.add_column("gen", justify="right")
+                 f"QD score {arch['qd_score']:.4f}, best {arch['best']:.4f}; cell = bins of {', '.join(others)}")
+        # Numbers never wrap; only the parents column folds in a narrow terminal.
+        table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("cell", no_wrap=True)
+        for t in snap.tasks:  # the archive's own task is its quality: bold
+            table.add_column(t, justify="right", no_wrap=True, style="bold" if t == task else None)
+        table.add_column("mean", justify="right", no_wrap=True)
+        table.add_column("gen", justify="right", no_wrap=True)
         table.add_column("genome", no_wrap=True)
-        table.add_column("parents")
+        table.add_column("parents", overflow="fold")
         for e in shown:
             scores = [e["scores"].get(t) for t in snap.tasks]
             mean = sum(scores) / len(scores) if all(s is not None for s in scores) else None
             table.add_row(
                 ",".join(str(i) for i in e["cell"]),
-                f"{e['quality']:.4f}",
                 *[f"{s:.4f}" if s is not None else "-" for s in scores],
                 f"{mean:.4f}" if mean is not None else "-",
                 str(e["generation"]),
                 e["genome"],
-                " + ".join(e["parents"]) or ("seed expert" if e["genome"].startswith("seed_") else "-"),
+                " ".join(e["parents"]) or ("seed expert" if e["genome"].startswith("seed_") else "-"),
             )
         if top is not None and len(rows) > top:
             table.caption = f"{len(rows) - top} more elites not shown"
         console.print(table)
 
-    summary = Table(title="run", title_justify="left", show_header=False)
+    summary = Table(title="run", title_justify="left", show_header=False, box=box.SIMPLE, pad_edge=False)
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("folder", str(store.path))

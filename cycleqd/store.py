@@ -18,6 +18,10 @@ from typing import Any, Iterator
 from cycleqd.config import Config, ConfigError, dump_config, load_config
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class RunNotFound(ConfigError):
     """The path is not a cycleqd run folder (bad input)."""
 
@@ -33,6 +37,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

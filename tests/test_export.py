@@ -323,3 +323,25 @@ def test_push_public_repo(run, tmp_path, local_hub):
     export(run, best=None, merged=True, out=tmp_path / "m", push_to_hub="org/merged", private=False)
     assert local_hub["create"][0]["visibility"] == "public"
     assert local_hub["commits"][0]["repo"] == "org/merged"
+
+
+def test_card_metadata_takes_license_from_the_base_card(run, tmp_path):
+    from cycleqd.export import Selection, _base_card_metadata, model_card
+    from cycleqd.report import lineage
+    from cycleqd.store import RunStore
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: org/original\n---\n# a base\n")
+    meta = _base_card_metadata(str(base), None)
+    assert meta == {"license": "apache-2.0", "base_model": "org/original"}
+    cfg = RunStore(run).config()
+    tasks = cfg.task_names
+    sel = Selection("g000001", {t: 0.5 for t in tasks}, "test pick", 1)
+    card = model_card(cfg, sel, "r", lineage("g000001", {}), meta, tasks)
+    head = yaml.safe_load(card.split("---", 2)[1])
+    assert head["license"] == "apache-2.0" and head["base_model"] == "org/original"
+    assert "| **mean** | | **0.5000** |" in card
+    hub_cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"base": "meta-llama/Llama-3-8B"})})
+    head = yaml.safe_load(model_card(hub_cfg, sel, "r", lineage("g000001", {}), {}, tasks).split("---", 2)[1])
+    assert head["base_model"] == "meta-llama/Llama-3-8B" and "license" not in head

@@ -134,3 +134,26 @@ class TestPrepareCache:
         with pytest.raises(ConfigError, match=r"model\.norm\.weight"):
             Factors.prepare(_config(family, tmp_path / "cache"), progress=False)
         assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+class TestRandomizedSVD:
+    def test_matches_exact_top_directions(self, tiny_family):
+        experts = {t: tiny_family[t] for t in TASKS}
+        exact = Factors.build(tiny_family["base"], experts, rank=2, progress=False)
+        fast = Factors.build(tiny_family["base"], experts, rank=2, progress=False, svd_method="randomized")
+        assert fast.layout == exact.layout
+        for name in exact.svd_names:
+            for k in range(3):
+                ue, se, ve = exact.svd_of(name, k)
+                uf, sf, vf = fast.svd_of(name, k)
+                torch.testing.assert_close(sf, se, rtol=1e-4, atol=0)
+                want = ue @ torch.diag(se) @ ve
+                err = (uf @ torch.diag(sf) @ vf - want).abs().max() / want.abs().max()
+                assert err < 1e-4, (name, k, float(err))
+
+    def test_needs_rank_and_known_name(self, tiny_family):
+        experts = {t: tiny_family[t] for t in TASKS}
+        with pytest.raises(ValueError, match="rank"):
+            Factors.build(tiny_family["base"], experts, progress=False, svd_method="randomized")
+        with pytest.raises(ValueError, match="svd_method"):
+            Factors.build(tiny_family["base"], experts, rank=2, progress=False, svd_method="magic")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -31,24 +32,27 @@ def test_every_elite_is_listed_with_scores_generation_and_parents(run):
     for line in (run / "children.jsonl").read_text().splitlines():
         c = json.loads(line)
         parents[c["id"]] = c["parents"]
-    sections = {}  # archive -> {(cell, genome): [cells of its row]}
+    k = len(snap["tasks"])
+    sections = {}  # archive -> {(cell, genome): tokens of its row}
     current = None
     for line in text.splitlines():
+        tokens = line.split()
         if line.startswith("archive "):
             current = sections.setdefault(line.split(":")[0].removeprefix("archive "), {})
-        elif current is not None and line.count("│") >= 9:
-            cells = [c.strip() for c in line.split("│")[1:-1]]
-            current[(cells[0], cells[7])] = cells
+        elif current is not None and tokens and re.fullmatch(r"\d+(,\d+)*", tokens[0]):
+            current[(tokens[0], tokens[k + 3])] = tokens
     n = 0
     for t in snap["tasks"]:
         assert f"archive {t}: {len(snap['archives'][t]['elites'])} elites" in text
+        assert len(sections[t]) == len(snap["archives"][t]["elites"])
         for e in snap["archives"][t]["elites"]:
-            cells = sections[t][(",".join(map(str, e["cell"])), e["genome"])]
-            assert cells[1] == f"{e['quality']:.4f}"
-            assert cells[2:5] == [f"{e['scores'][u]:.4f}" for u in snap["tasks"]]
-            assert cells[6] == str(e["generation"])
-            want = " + ".join(parents[e["genome"]]) if e["genome"] in parents else "seed expert"
-            assert cells[8] == want
+            row = sections[t][(",".join(map(str, e["cell"])), e["genome"])]
+            assert row[1 : k + 1] == [f"{e['scores'][u]:.4f}" for u in snap["tasks"]]
+            assert row[1 + snap["tasks"].index(t)] == f"{e['quality']:.4f}"
+            assert row[k + 1] == f"{sum(e['scores'][u] for u in snap['tasks']) / k:.4f}"
+            assert row[k + 2] == str(e["generation"])
+            want = parents[e["genome"]] if e["genome"] in parents else ["seed", "expert"]
+            assert row[k + 4 :] == want
             n += 1
     assert n > 3
     assert f"{snap['generation']} finished children" in text

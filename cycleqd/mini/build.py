@@ -30,9 +30,9 @@ MODEL_NAMES = ("base", "expert_code", "expert_sql", "expert_shell")
 
 #: Families the base sees often; the experts add the rest of their skill.
 BASE_FAMILIES: dict[str, tuple[str, ...]] = {
-    "code": ("add", "sub", "mul", "max2", "rev", "upper", "lsum", "llen"),
-    "sql": ("gt", "eq", "count", "max", "top"),
-    "shell": ("lines", "head", "grep", "sort", "ls"),
+    "code": ("add", "sub", "mul", "max2", "rev", "lsum"),
+    "sql": ("gt", "eq", "counteq", "top", "lookup"),
+    "shell": ("lines", "head", "grep", "ls"),
 }
 
 
@@ -43,7 +43,9 @@ class WorldRecipe:
     shape: ModelShape = ModelShape()
     base: TrainSpec = TrainSpec(steps=700, lr=2e-3, batch_size=32)
     expert: TrainSpec = TrainSpec(steps=300, lr=3e-4, batch_size=32)
-    rare_weight: float = 0.12  # relative frequency, in the base mixture, of a non-common family
+    # Relative frequency, in the base mixture, of a family that is not common. Shell
+    # commands generalise from few examples, code and SQL need more to get the format.
+    rare_weight: dict[str, float] = field(default_factory=lambda: {"code": 0.25, "sql": 0.25, "shell": 0.06})
     base_families: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(BASE_FAMILIES))
     eval_test_n: int = 300
     eval_val_n: int = 150
@@ -85,7 +87,7 @@ def base_mixture(recipe: WorldRecipe, seed: int) -> list[MiniItem]:
     items: list[MiniItem] = []
     for k, (skill, mod) in enumerate(SKILLS.items()):
         common = set(recipe.base_families[skill])
-        weights = {f: 1.0 if f in common else recipe.rare_weight for f in mod.FAMILIES}
+        weights = {f: 1.0 if f in common else recipe.rare_weight[skill] for f in mod.FAMILIES}
         n = need // len(SKILLS) + (1 if k < need % len(SKILLS) else 0)
         items += skill_items(skill, "train", n, seed, weights=weights, distinct=False)
     rng = random.Random(f"base-mix:{seed}")

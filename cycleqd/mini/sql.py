@@ -24,23 +24,30 @@ class Schema:
     num: str
     cat: str
     num_range: tuple[int, int]
+    step: int
     names: tuple[str, ...]
     cats: tuple[str, ...]
 
 
 SCHEMAS = (
-    Schema("people", "name", "age", "city", (18, 80),
+    Schema("people", "name", "age", "city", (18, 80), 5,
            ("ann", "bob", "cy", "dan", "eve", "fay", "gus", "hal", "ivy", "jo"),
            ("oslo", "rome", "lima", "kyiv", "pune")),
-    Schema("pets", "name", "weight", "kind", (1, 60),
+    Schema("pets", "name", "weight", "kind", (1, 60), 5,
            ("rex", "tom", "kit", "max", "bo", "lou", "sam", "pip", "dot", "ace"),
            ("cat", "dog", "fish", "bird", "frog")),
-    Schema("books", "title", "pages", "genre", (50, 900),
+    Schema("books", "title", "pages", "genre", (50, 900), 50,
            ("dune", "emma", "it", "ulysses", "odyssey", "beloved", "hamlet", "walden", "rebecca", "heidi"),
            ("scifi", "poem", "myth", "drama", "novel")),
-    Schema("cars", "model", "price", "color", (5, 95),
+    Schema("cars", "model", "price", "color", (5, 95), 5,
            ("golf", "polo", "mini", "civic", "swift", "yaris", "clio", "corsa", "ibiza", "fiesta"),
            ("red", "blue", "gray", "gold", "teal")),
+    Schema("songs", "title", "plays", "style", (10, 990), 10,
+           ("hey", "vogue", "one", "creep", "hurt", "wings", "faith", "angel", "smile", "toxic"),
+           ("pop", "rock", "jazz", "folk", "soul")),
+    Schema("towns", "town", "size", "land", (2, 98), 2,
+           ("bree", "ely", "hove", "ayr", "wells", "ripon", "truro", "bude", "leek", "looe"),
+           ("uk", "fr", "de", "it", "es")),
 )
 
 
@@ -51,9 +58,12 @@ def _rows(rng: random.Random, s: Schema) -> list[tuple]:
     return [(nm, v, rng.choice(s.cats)) for nm, v in zip(names, nums)]
 
 
-def _threshold(rng: random.Random, rows: list[tuple]) -> int:
+def _round(rng: random.Random, s: Schema, rows: list[tuple]) -> int:
+    """A round threshold inside the table's values (round numbers are easy to copy)."""
     vals = sorted(r[1] for r in rows)
-    return rng.choice(vals[1:-1])  # a threshold that splits the table
+    lo, hi = vals[1], vals[-2]
+    options = [v for v in range(0, s.num_range[1] + 1, s.step) if lo <= v <= hi]
+    return rng.choice(options or [((lo + hi) // 2 // s.step) * s.step])
 
 
 def _fam(spec: str, query: str, ordered: bool = False) -> Family:
@@ -61,10 +71,10 @@ def _fam(spec: str, query: str, ordered: bool = False) -> Family:
         s = rng.choice(SCHEMAS)
         rows = _rows(rng, s)
         present = sorted({r[2] for r in rows})
-        lo, hi = sorted(rng.sample(sorted(r[1] for r in rows), 2))
+        lo, hi = sorted(rng.sample(range(s.num_range[0] // s.step, s.num_range[1] // s.step + 1), 2))
         row = rng.choice(rows)
-        fmt = dict(T=s.table, t=s.text, n=s.num, cat=s.cat, c=_threshold(rng, rows), v=rng.choice(present),
-                   k=rng.randint(2, 4), lo=lo, hi=hi, x=row[0])
+        fmt = dict(T=s.table, t=s.text, n=s.num, cat=s.cat, c=_round(rng, s, rows), v=rng.choice(present),
+                   k=rng.randint(2, 5), lo=lo * s.step, hi=hi * s.step, x=row[0])
         ctx = {"table": s.table, "columns": (s.text, s.num, s.cat), "rows": rows, "ordered": ordered}
         return spec.format(**fmt), query.format(**fmt), ctx
 
@@ -75,19 +85,19 @@ FAMILIES: dict[str, Family] = {
     "gt": _fam("{t} of {T} with {n} over {c}", "SELECT {t} FROM {T} WHERE {n} > {c};"),
     "lt": _fam("{t} of {T} with {n} under {c}", "SELECT {t} FROM {T} WHERE {n} < {c};"),
     "eq": _fam("{t} of {T} whose {cat} is {v}", "SELECT {t} FROM {T} WHERE {cat} = '{v}';"),
-    "count": _fam("how many {T}", "SELECT COUNT(*) FROM {T};"),
+    "count": _fam("how many {T} with {n} over {c}", "SELECT COUNT(*) FROM {T} WHERE {n} > {c};"),
     "counteq": _fam("how many {T} have {cat} {v}", "SELECT COUNT(*) FROM {T} WHERE {cat} = '{v}';"),
-    "max": _fam("largest {n} of {T}", "SELECT MAX({n}) FROM {T};"),
-    "min": _fam("smallest {n} of {T}", "SELECT MIN({n}) FROM {T};"),
-    "avg": _fam("average {n} of {T}", "SELECT AVG({n}) FROM {T};"),
+    "max": _fam("largest {n} of {T} whose {cat} is {v}", "SELECT MAX({n}) FROM {T} WHERE {cat} = '{v}';"),
+    "min": _fam("smallest {n} of {T} whose {cat} is {v}", "SELECT MIN({n}) FROM {T} WHERE {cat} = '{v}';"),
+    "avg": _fam("average {n} of {T} whose {cat} is {v}", "SELECT AVG({n}) FROM {T} WHERE {cat} = '{v}';"),
     "sum": _fam("total {n} of {T} whose {cat} is {v}", "SELECT SUM({n}) FROM {T} WHERE {cat} = '{v}';"),
     "top": _fam("top {k} {t} of {T} by {n}", "SELECT {t} FROM {T} ORDER BY {n} DESC LIMIT {k};", True),
     "bottom": _fam("lowest {k} {t} of {T} by {n}", "SELECT {t} FROM {T} ORDER BY {n} LIMIT {k};", True),
-    "distinct": _fam("distinct {cat} of {T}", "SELECT DISTINCT {cat} FROM {T};"),
-    "group": _fam("count of {T} per {cat}", "SELECT {cat}, COUNT(*) FROM {T} GROUP BY {cat};"),
+    "distinct": _fam("distinct {cat} of {T} with {n} over {c}", "SELECT DISTINCT {cat} FROM {T} WHERE {n} > {c};"),
     "between": _fam("{t} of {T} with {n} from {lo} to {hi}", "SELECT {t} FROM {T} WHERE {n} BETWEEN {lo} AND {hi};"),
     "lookup": _fam("{n} of the {T} named {x}", "SELECT {n} FROM {T} WHERE {t} = '{x}';"),
-    "sorted": _fam("{t} of {T} sorted by {n}", "SELECT {t} FROM {T} ORDER BY {n};", True),
+    "sorted": _fam("{t} of {T} whose {cat} is {v} by {n}", "SELECT {t} FROM {T} WHERE {cat} = '{v}' ORDER BY {n};", True),
+    "under": _fam("how many {T} with {n} under {c}", "SELECT COUNT(*) FROM {T} WHERE {n} < {c};"),
 }
 
 

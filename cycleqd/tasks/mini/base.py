@@ -25,7 +25,7 @@ class MiniTask:
 
     skill: ClassVar[str]
     needs_code_execution: ClassVar[bool] = True
-    max_new_tokens: ClassVar[int] = 64
+    max_new_tokens: ClassVar[int] = 80
 
     def __init__(
         self,
