@@ -161,8 +161,9 @@ def reference_child(
     dev = next(engine.parameters()).device
     for k in factors.svd_names:  # the official mutator, on the engine's device like the official code
         u, s, vt = factors.svd_of(k, q)
-        sc = scales[k].to(dev)
-        child[k] += (u.to(dev) @ torch.diag_embed(sc * s.to(dev)) @ vt.to(dev)).to(child[k])
+        u, vt = u.to(dev), vt.to(dev)
+        diag = torch.diag_embed(scales[k].to(dev) * s.to(dev)).to(u.dtype)
+        child[k] += (u @ diag @ vt).to(child[k])
     t3 = time.perf_counter()
     engine.load_state_dict(child, strict=False)
     if dev.type == "cuda":
@@ -189,6 +190,7 @@ def genome_child(
 
 
 def _measure(arch: dict, *, device: str, dtype: torch.dtype, repeats: int, workdir: Path) -> dict:
+    """Build the models under ``workdir`` and time both child paths ``repeats`` times (after one warm-up)."""
     from transformers import AutoModelForCausalLM
 
     t = time.perf_counter()

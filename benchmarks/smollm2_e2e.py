@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mbpp", type=int, default=20, help="MBPP test problems (task ids 11..)")
     p.add_argument("--db", type=int, default=10, help="DBBench dev samples")
     p.add_argument("--os", type=int, default=5, help="OS-interaction dev tasks")
-    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is usually shared)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "smollm2_e2e.json"))
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         "convert_or_cache_seconds": round(convert_seconds, 2),
         "tasks": {},
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for kind, path, ids, options in plan:
         if not ids:
             continue
@@ -236,10 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
         report["tasks"][kind] = res
         print(f"{kind:15s} quality {res['quality']:.3f} on n={res['n']}  {res['wall_seconds']:.1f} s  "
               f"{res['tokens_per_second']} tok/s  {res['outcomes']}", flush=True)
-    report["total_seconds"] = round(time.perf_counter() - t0, 2)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+        # Written after every task: a long run that is stopped keeps what it measured.
+        report["total_seconds"] = round(time.perf_counter() - t0, 2)
+        out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: {"quality": v["quality"], "n": v["n"], "seconds": v["wall_seconds"],
                           "tokens_per_second": v["tokens_per_second"]} for k, v in report["tasks"].items()}))
     return report

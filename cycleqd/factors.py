@@ -21,6 +21,7 @@ served stale. Base and task vectors are rebuilt from the model files (one read).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -322,6 +323,34 @@ def _compute_svds(
     Vt: dict[str, torch.Tensor] = {}
     K = next(iter(tau.values())).shape[0] if tau else 0
     bar = tqdm(total=K * len(svd_names), desc="SVD of task vectors", unit="svd", disable=not progress)
+    with _lapack_threads(tau):
+        _svd_loop(tau, svd_names, rank, dt, method, bar, U, S, Vt)
+    bar.close()
+    return U, S, Vt
+
+
+@contextlib.contextmanager
+def _lapack_threads(tau: dict[str, torch.Tensor]):
+    """One CPU thread per decomposition.
+
+    Threaded LAPACK gains little at these sizes and collapses (10-20x slower, from
+    spinning OpenMP workers) when the cores are shared with other processes.
+    """
+    on_cpu = bool(tau) and next(iter(tau.values())).device.type == "cpu"
+    before = torch.get_num_threads()
+    if on_cpu:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if on_cpu:
+            torch.set_num_threads(before)
+
+
+def _svd_loop(
+    tau: dict, svd_names: list[str], rank: int | None, dt: torch.dtype, method: str, bar, U: dict, S: dict, Vt: dict
+) -> None:
+    K = next(iter(tau.values())).shape[0] if tau else 0
     for name in svd_names:
         t = tau[name]
         m, n = t.shape[1:]
@@ -340,8 +369,6 @@ def _compute_svds(
             del u, s, vh
             bar.update(1)
         U[name], S[name], Vt[name] = u_cat, s_all, vt_cat
-    bar.close()
-    return U, S, Vt
 
 
 def _save_cache(target: Path, U: dict, S: dict, Vt: dict, meta: dict) -> None:

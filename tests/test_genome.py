@@ -237,3 +237,52 @@ class TestStorage:
         g = gaussian(g, 0, MutationConfig(), gen, factors)
         assert g.nbytes == (factors.num_tensors * 3 + factors.d_size + factors.num_tensors) * 4
         assert len(g.to_bytes()) < g.nbytes + 2048
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_core.py"
+    spec = importlib.util.spec_from_file_location("bench_core_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TINY_ARCH = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, vocab_size=64,
+                 num_attention_heads=4, num_key_value_heads=2)
+
+
+class TestAgainstCheckpointPath:
+    """The genome path of the core benchmark makes the same child as the official checkpoint path."""
+
+    def test_cpu(self, tmp_path):
+        res = _bench_module()._measure(TINY_ARCH, device="cpu", dtype=torch.float32, repeats=1, workdir=tmp_path)
+        assert res["max_weight_diff_vs_reference"] <= 1e-5
+        assert res["checkpoint_bytes_read_per_child"]["ours"] == 0
+        assert res["checkpoint_bytes_read_per_child"]["reference"] == 2 * res["checkpoint_bytes"] > 0
+        assert res["genome_storage_ratio"] > 1
+
+    @pytest.mark.gpu
+    def test_gpu(self, tmp_path):
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        res = _bench_module()._measure(TINY_ARCH, device="cuda", dtype=torch.bfloat16, repeats=1, workdir=tmp_path)
+        assert res["max_weight_diff_vs_reference"] <= 2e-2  # bfloat16 rounding
+        assert res["checkpoint_bytes_read_per_child"]["ours"] == 0
+
+
+@pytest.mark.gpu
+def test_materialize_on_cuda_matches_cpu(tiny_family):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    experts = {t: tiny_family[t] for t in TASKS}
+    cpu = Factors.build(tiny_family["base"], experts, rank=4, progress=False)
+    gpu = Factors.build(tiny_family["base"], experts, rank=4, progress=False, device="cuda")
+    gen = torch.Generator().manual_seed(0)
+    g = svd(linear([Genome.seed(0, cpu), Genome.seed(1, cpu)], CrossoverConfig(sigma=0.1), gen, cpu), 2,
+            MutationConfig(), gen, cpu)
+    on_gpu = materialize(g, gpu)
+    assert all(v.device.type == "cuda" for v in on_gpu.values())
+    assert _rel_err({k: v.cpu() for k, v in on_gpu.items()}, materialize(g, cpu)) <= 1e-5

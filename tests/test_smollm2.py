@@ -83,26 +83,40 @@ _PERTURBED = ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down
               "model.layers.29.self_attn.o_proj.weight", "model.norm.weight")
 
 
-def _make_expert(folder: Path, base: dict[str, torch.Tensor], target: Path, seed: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import save_file
-
+def _perturbed(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    sd = dict(base)
+    out = {}
     for name in _PERTURBED:
         w = base[name]
         if w.ndim == 2:
             delta = torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(2, w.shape[1], generator=gen)
         else:
             delta = torch.randn(w.shape, generator=gen)
-        sd[name] = w + 0.05 * w.norm() * delta / delta.norm()
-    target.mkdir()
-    save_file(sd, str(target / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(folder / "config.json", target / "config.json")
-    return {n: sd[n] for n in _PERTURBED}
+        out[name] = w + 0.05 * w.norm() * delta / delta.norm()
+    return out
 
 
-def test_genomes_on_real_llama_names(folder, engine, tmp_path):
-    """Factors over SmolLM2 experts: seeds are the experts, a bred child loads and generates."""
+def _expert_folder(folder: Path, base: dict[str, torch.Tensor], target: Path, seed: int) -> Path:
+    """Save SmolLM2 with the seeded perturbation at ``target`` (kept: experts are deterministic)."""
+    from safetensors.torch import save_file
+
+    if (target / "model.safetensors").is_file():
+        return target
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({**base, **_perturbed(base, seed)}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(folder / "config.json", tmp / "config.json")
+    tmp.rename(target)
+    return target
+
+
+def test_genomes_on_real_llama_names(folder, engine):
+    """Factors over SmolLM2 experts: seeds are the experts, a bred child loads and generates.
+
+    Experts and their SVD factors are cached next to the converted model (under a
+    key of its source), so only the first run pays for 2 x 211 SVDs.
+    """
     from safetensors.torch import load_file
 
     from cycleqd.config import CrossoverConfig, MutationConfig
@@ -113,12 +127,14 @@ def test_genomes_on_real_llama_names(folder, engine, tmp_path):
     from cycleqd.mutation import svd
 
     base = load_file(str(folder / "model.safetensors"))
-    experts = {}
-    changed = {}
+    # Keyed by the converted weights' file, so a re-conversion never meets stale experts.
+    key = (folder / "model.safetensors").stat().st_mtime_ns
+    work = folder.parent / f"{folder.name}_genome_test" / str(key)
+    experts, changed = {}, {}
     for k, task in enumerate(("code", "db")):
-        changed[task] = _make_expert(folder, base, tmp_path / task, seed=100 + k)
-        experts[task] = tmp_path / task
-    factors = Factors.build(folder, experts, rank=4, progress=False)
+        experts[task] = _expert_folder(folder, base, work / task, seed=100 + k)
+        changed[task] = _perturbed(base, seed=100 + k)
+    factors = Factors.build(folder, experts, rank=4, progress=False, cache_dir=work / "factors")
     assert factors.task_names == ["code", "db"]
     assert "model.layers.29.mlp.gate_proj.weight" in factors.svd_names
     assert "lm_head.weight" not in factors.names  # tied to the embeddings
