@@ -164,9 +164,23 @@ def run_task(kind: str, data: Path, model: Path, ids: list[str], options: dict, 
         result = score(kind, str(data), model=str(model), ids=ids, options=options, engine_cfg=engine_cfg,
                        sandbox=SandboxConfig(allow_code_execution=True))
     wall = time.perf_counter() - t0
+    return _summary(kind, result, wall, counts)
+
+
+def _outcome(sample) -> str:
+    """A short label of how a sample ended: passed, its error, or the episode's status."""
+    if sample.score > 0:
+        return "passed"
+    if sample.error:
+        return sample.error.splitlines()[0][:80]
+    status = (sample.detail or {}).get("status")
+    return f"wrong ({status})" if status else "wrong"
+
+
+def _summary(kind: str, result, wall: float, counts: dict) -> dict:
     errors: dict[str, int] = {}
     for s in result.samples:
-        key = (s.error or "ok").splitlines()[0][:80] if s.score == 0 else "passed"
+        key = _outcome(s)
         errors[key] = errors.get(key, 0) + 1
     return {
         "task": kind,
@@ -182,7 +196,47 @@ def run_task(kind: str, data: Path, model: Path, ids: list[str], options: dict, 
         "requests": counts["requests"],
         "output_tokens": counts["tokens"],
         "tokens_per_second": round(counts["tokens"] / counts["generate_seconds"], 2) if counts["generate_seconds"] else None,
+        # What the model did on the first samples (solution, or the episode's status and answer).
+        "examples": [{"id": s.id, "score": s.score, **{k: (v[:300] if isinstance(v, str) else v)
+                                                        for k, v in (s.detail or {}).items()}}
+                     for s in result.samples[:3]],
     }
+
+
+class _ChatPrompts:
+    """Sends every raw prompt as one user message through the model's own chat template.
+
+    A diagnostic, not the paper protocol: the CycleQD MBPP prompt is a raw
+    ``@@ Instruction`` text, which a small chat model may not follow without its
+    template; scoring both shows how much of a low score is the prompt format.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def generate(self, requests):
+        from dataclasses import replace
+
+        return self.engine.generate([replace(r, prompt=None, messages=({"role": "user", "content": r.prompt},))
+                                     if r.prompt is not None else r for r in requests])
+
+    def load_weights(self, state):
+        self.engine.load_weights(state)
+
+
+def run_mbpp_chat(data: Path, model: Path, ids: list[str], *, batch_size: int, max_new_tokens: int) -> dict:
+    """MBPP with the prompt in the model's chat template (same task, sandbox and scoring)."""
+    from cycleqd.config import EngineConfig, SandboxConfig
+    from cycleqd.engine.hf import HFEngine
+    from cycleqd.tasks.mbpp import MBPPTask
+
+    counts = {"generate_seconds": 0.0, "calls": 0, "requests": 0, "tokens": 0}
+    engine_cfg = EngineConfig(device="cpu", dtype="float32", batch_size=batch_size, max_new_tokens=max_new_tokens)
+    t0 = time.perf_counter()
+    with _count_tokens(counts):
+        task = MBPPTask(name="mbpp", data=str(data), sandbox=SandboxConfig(allow_code_execution=True))
+        result = task.evaluate(_ChatPrompts(HFEngine.from_path(str(model), engine_cfg)), ids=ids)
+    return _summary("mbpp (chat template)", result, time.perf_counter() - t0, counts)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -193,6 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mbpp", type=int, default=20, help="MBPP test problems (task ids 11..)")
     p.add_argument("--db", type=int, default=10, help="DBBench dev samples")
     p.add_argument("--os", type=int, default=5, help="OS-interaction dev tasks")
+    p.add_argument("--mbpp-chat", action="store_true",
+                   help="also score MBPP with the prompt in the model's chat template (diagnostic)")
+    p.add_argument("--only", default=None, help="comma-separated subset of mbpp,dbbench,os_interaction,mbpp_chat")
+    p.add_argument("--merge", action="store_true", help="keep other tasks' entries already in --out")
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is usually shared)")
@@ -230,8 +288,21 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.is_file():
+        report["tasks"] = json.loads(out.read_text()).get("tasks", {})
+    only = set(args.only.split(",")) if args.only else None
+    if args.mbpp_chat or (only and "mbpp_chat" in only):
+        plan.append(("mbpp_chat", plan[0][1], plan[0][2], {}))
     for kind, path, ids, options in plan:
-        if not ids:
+        if not ids or (only is not None and kind not in only):
+            continue
+        if kind == "mbpp_chat":
+            res = run_mbpp_chat(path, model, ids, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+            report["tasks"][kind] = res
+            print(f"{kind:15s} quality {res['quality']:.3f} on n={res['n']}  {res['wall_seconds']:.1f} s  "
+                  f"{res['tokens_per_second']} tok/s  {res['outcomes']}", flush=True)
+            report["total_seconds"] = round(time.perf_counter() - t0, 2)
+            out.write_text(json.dumps(report, indent=1) + "\n")
             continue
         res = run_task(kind, path, model, ids, options, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens)
