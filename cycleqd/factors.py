@@ -359,6 +359,12 @@ def _svd_loop(
         vt_cat = torch.empty((K * r, n), dtype=dt, device=t.device)
         s_all = torch.empty((K, r), dtype=torch.float32)
         for k in range(K):
+            if not bool(t[k].any()):  # an untouched weight: no directions to mutate along
+                u_cat[:, k * r : (k + 1) * r] = 0
+                vt_cat[k * r : (k + 1) * r] = 0
+                s_all[k] = 0
+                bar.update(1)
+                continue
             if method == "randomized" and r < min(m, n):
                 u, s, vh = randomized_svd(t[k].float(), r)
             else:

@@ -118,6 +118,13 @@ class HFEngine:
         n = req.max_new_tokens
         return min(n, self.max_new_tokens) if self.max_new_tokens else n
 
+    def _eos_ids(self) -> list[int]:
+        """End-of-reply tokens: the tokenizer's and the generation config's (Llama-3 lists two)."""
+        ids = [self.tokenizer.eos_token_id]
+        cfg_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids += cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], limits: list[int], stops: tuple[str, ...]) -> list[str]:
         width = max(len(p) for p in prompts)
@@ -127,13 +134,13 @@ class HFEngine:
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
-        eos = self.tokenizer.eos_token_id
+        eos_ids = self._eos_ids()
         gen_cfg = GenerationConfig(
             max_new_tokens=max(limits),
             do_sample=False,
             num_beams=1,
             pad_token_id=pad,
-            eos_token_id=eos,
+            eos_token_id=eos_ids or None,
             bos_token_id=self.tokenizer.bos_token_id,
         )
         out = self.model.generate(
@@ -146,8 +153,9 @@ class HFEngine:
         texts = []
         for row, limit in zip(new, limits):
             row = row[:limit]
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
+            cut = [row.index(e) for e in eos_ids if e in row]
+            if cut:
+                row = row[: min(cut)]
             texts.append(cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stops))
         return texts
 

@@ -42,7 +42,7 @@ class WorldRecipe:
 
     shape: ModelShape = ModelShape()
     base: TrainSpec = TrainSpec(steps=700, lr=2e-3, batch_size=32)
-    expert: TrainSpec = TrainSpec(steps=300, lr=3e-4, batch_size=32)
+    expert: TrainSpec = TrainSpec(steps=400, lr=3e-4, batch_size=32)
     # Relative frequency, in the base mixture, of a family that is not common. Shell
     # commands generalise from few examples, code and SQL need more to get the format.
     rare_weight: dict[str, float] = field(default_factory=lambda: {"code": 0.25, "sql": 0.25, "shell": 0.06})
@@ -162,7 +162,7 @@ def build_mini_world(
     size: str = "default",
     force: bool = False,
     progress: bool = True,
-    threads: int = 2,
+    threads: int = 1,
 ) -> Path:
     """Train (or reuse) the mini world in ``dir``; returns the folder.
 

@@ -91,12 +91,8 @@ FAMILIES: dict[str, Family] = {
     "min": _fam("smallest {n} of {T} whose {cat} is {v}", "SELECT MIN({n}) FROM {T} WHERE {cat} = '{v}';"),
     "avg": _fam("average {n} of {T} whose {cat} is {v}", "SELECT AVG({n}) FROM {T} WHERE {cat} = '{v}';"),
     "sum": _fam("total {n} of {T} whose {cat} is {v}", "SELECT SUM({n}) FROM {T} WHERE {cat} = '{v}';"),
-    "top": _fam("top {k} {t} of {T} by {n}", "SELECT {t} FROM {T} ORDER BY {n} DESC LIMIT {k};", True),
-    "bottom": _fam("lowest {k} {t} of {T} by {n}", "SELECT {t} FROM {T} ORDER BY {n} LIMIT {k};", True),
     "distinct": _fam("distinct {cat} of {T} with {n} over {c}", "SELECT DISTINCT {cat} FROM {T} WHERE {n} > {c};"),
     "between": _fam("{t} of {T} with {n} from {lo} to {hi}", "SELECT {t} FROM {T} WHERE {n} BETWEEN {lo} AND {hi};"),
-    "lookup": _fam("{n} of the {T} named {x}", "SELECT {n} FROM {T} WHERE {t} = '{x}';"),
-    "sorted": _fam("{t} of {T} whose {cat} is {v} by {n}", "SELECT {t} FROM {T} WHERE {cat} = '{v}' ORDER BY {n};", True),
     "under": _fam("how many {T} with {n} under {c}", "SELECT COUNT(*) FROM {T} WHERE {n} < {c};"),
 }
 

@@ -1,0 +1,52 @@
+"""Run store: atomic writes, a torn log tail is dropped, resolved config round-trips."""
+import json
+import os
+
+import pytest
+
+from cycleqd.config import ConfigError, parse_config
+from cycleqd.store import RunNotFound, RunStore, write_atomic
+
+
+@pytest.fixture
+def cfg(tiny_family, tmp_path):
+    return parse_config({
+        "models": {"base": str(tiny_family["base"]), "experts": {t: str(tiny_family[t]) for t in "ab"}},
+        "tasks": [{"name": t, "kind": "likelihood", "data": str(tmp_path / "x.txt")} for t in "ab"],
+    })
+
+
+def test_write_atomic_replaces_whole_files_with_normal_permissions(tmp_path):
+    f = tmp_path / "a.json"
+    write_atomic(f, "one")
+    write_atomic(f, b"two")
+    assert f.read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp files left
+    assert f.stat().st_mode & 0o044  # readable by others, like a normal file
+
+
+def test_torn_last_line_is_ignored_and_repaired(cfg, tmp_path):
+    store = RunStore.create(tmp_path / "run", cfg)
+    store.append_child({"generation": 1, "id": "g1"})
+    with open(store.path / RunStore.CHILDREN, "a") as f:
+        f.write('{"generation": 2, "id": "g2", "sco')  # a writer killed mid-line
+    assert [c["id"] for c in store.children()] == ["g1"]
+    store.append_child({"generation": 3, "id": "g3"})
+    assert [c["id"] for c in store.children()] == ["g1", "g3"]
+    lines = (store.path / RunStore.CHILDREN).read_text().splitlines()
+    assert all(json.loads(line) for line in lines)
+
+
+def test_create_refuses_an_existing_run_and_open_refuses_a_non_run(cfg, tmp_path):
+    RunStore.create(tmp_path / "run", cfg)
+    with pytest.raises(ConfigError, match="resume"):
+        RunStore.create(tmp_path / "run", cfg)
+    with pytest.raises(RunNotFound):
+        RunStore(tmp_path / "elsewhere")
+
+
+def test_resolved_config_round_trips(cfg, tmp_path):
+    store = RunStore.create(tmp_path / "run", cfg)
+    again = store.config()
+    assert again == cfg
+    assert os.path.isabs(again.models.base)
