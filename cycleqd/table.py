@@ -27,7 +27,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gaussian_mutation": {"mutation": {"name": "gaussian"}},
     "uniform_sampling": {"sampling": {"name": "uniform"}},
 }
-MERGE_WEIGHTS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+MERGE_WEIGHTS = [0.3, 0.4, 0.5, 0.6, 0.8]
 
 
 def split_config(cfg: Config, split: str, n: int | None = None) -> Config:
