@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="experiments/results/mini_table.json")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--generations", type=int)
-    ap.add_argument("--test-n", type=int)
+    ap.add_argument("--test-n", type=int, default=300, help="test items per task (default 300)")
     ap.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS))
     a = ap.parse_args(argv)
     table = make_table(load_config(a.config), Path(a.out), seeds=a.seeds, generations=a.generations,

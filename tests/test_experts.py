@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from cycleqd.config import ConfigError
 from cycleqd.experts import check_compatible, inspect_model, load_state_dict, weight_files
-from conftest import make_tiny_family
+from tiny_models import make_tiny_family
 
 
 def _hf_state_dict(path: Path) -> dict[str, torch.Tensor]:

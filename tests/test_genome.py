@@ -143,7 +143,7 @@ class TestMaterialize:
             materialize(Genome.seed(0, factors), factors, into=state)
 
     def test_tied_embeddings_follow(self, tmp_path):
-        from conftest import make_tiny_family
+        from tiny_models import make_tiny_family
         from transformers import AutoModelForCausalLM
 
         fam = make_tiny_family(tmp_path, tasks=("x", "y"), tie_embeddings=True)

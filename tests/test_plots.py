@@ -34,7 +34,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, tasks: str = "abc", gener
     key = (tasks, generations, workers)
     if key in _RUNS:
         return _RUNS[key]
-    from conftest import make_tiny_family
+    from tiny_models import make_tiny_family
 
     from cycleqd.config import parse_config
     from cycleqd.run import evolve

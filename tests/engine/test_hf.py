@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_family
+from tiny_models import make_tiny_family
 from cycleqd.config import EngineConfig
 from cycleqd.engine.base import GenRequest
 from cycleqd.engine.hf import HFEngine, cut_at_stop
