@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 RUNNER = Path(__file__).with_name("_runner.py")
+SANDBOX_RUNNER = "/tmp/.cycleqd_runner.py"  # where bwrap shows it
 _ENV_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -207,6 +208,9 @@ class BwrapBackend:
             "--proc", "/proc",
             "--tmpfs", "/root", "--tmpfs", "/home", *binds,
             "--size", str(self.tmp_size_mb << 20), "--tmpfs", "/tmp",
+            # the runner is mounted into the private /tmp: the project itself may live under
+            # /tmp, /root or /home, which the sandbox hides
+            "--ro-bind", str(RUNNER), SANDBOX_RUNNER,
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session",
             "--chdir", "/tmp",
@@ -220,7 +224,7 @@ class BwrapBackend:
         parallel = os.cpu_count() or 1
         spec = {"jobs": list(jobs), "timeout": timeout, "memory_mb": memory_mb, "root": "/tmp/sb",
                 "parallel": parallel, "max_output": max_output, "unshare_net": False}
-        cmd = self.command() + [_python(), "-I", str(RUNNER)]
+        cmd = self.command() + [_python(), "-I", SANDBOX_RUNNER]
         return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel))
 
 

@@ -122,3 +122,25 @@ def test_docker_backend_is_selectable_with_a_clear_error() -> None:
         assert backend.run_batch([{"kind": "python", "code": "print(7)"}], timeout=60, memory_mb=256)[0].stdout == "7\n"
     with pytest.raises(ValueError, match="unknown sandbox backend"):
         get_backend("podman")
+
+
+def test_sandbox_works_when_the_project_lives_under_tmp(tmp_path):
+    """The sandbox hides the host's /tmp, /root and /home: a checkout there must still run jobs."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cycleqd
+
+    shutil.copytree(Path(cycleqd.__file__).parent, tmp_path / "cycleqd",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "import cycleqd.sandbox as s; assert s.__file__.startswith(sys.argv[1]), s.__file__;"
+        "r = s.run_python_batch(['print(6 * 7)'], timeout=5);"
+        "print(r[0].stdout.strip(), r[0].returncode)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-800:]
+    assert out.stdout.split() == ["42", "0"]
