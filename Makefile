@@ -54,7 +54,8 @@ evolve: install  ## run CycleQD (default: the mini world): make evolve [EXP=.. T
 	$(BIN)/cycleqd evolve $(EVOLVE_ARGS) $(if $(ADDRESS),--address $(ADDRESS))
 
 table: install  ## write experiments/results/mini_table.json (mini world, 3 seeds, test split)
-	$(BIN)/python -m cycleqd.table --config experiments/mini.yaml --out experiments/results/mini_table.json
+	$(BIN)/python -m cycleqd.table --config experiments/mini.yaml --out experiments/results/mini_table.json \
+	  --seeds 3 --generations 60 --evolve-n 100 --test-n 300 --select-n 300
 
 bench: install  ## write bench.json (ratios against baselines measured in the same run)
 	$(BIN)/python benchmarks/bench.py --out bench.json

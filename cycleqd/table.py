@@ -30,16 +30,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 MERGE_WEIGHTS = [0.3, 0.4, 0.5, 0.6, 0.8]
 
 
-def split_config(cfg: Config, split: str, n: int | None = None) -> Config:
-    """``cfg`` with every task reading ``split`` (and ``n`` items if given)."""
+def split_config(cfg: Config, split: str, n: int | None = None, seed: int | None = None) -> Config:
+    """``cfg`` with every task reading ``split`` (and ``n`` items / sample ``seed`` if given)."""
     data = cfg.model_dump()
     for t in data["tasks"]:
-        t["options"] = {**t["options"], "split": split, **({"n": n} if n else {})}
+        t["options"] = {**t["options"], "split": split, **({"n": n} if n else {}),
+                        **({"seed": seed} if seed is not None else {})}
     return parse_config(data)
 
 
-def variant_config(cfg: Config, variant: str, seed: int, generations: int | None) -> Config:
-    data = cfg.model_dump()
+def variant_config(cfg: Config, variant: str, seed: int, generations: int | None,
+                   evolve_n: int | None = None) -> Config:
+    data = split_config(cfg, "val", evolve_n).model_dump()
     data["seed"] = seed
     data["name"] = f"{cfg.name}-{variant}"
     evo = data["evolution"]
@@ -102,7 +104,8 @@ def _row(model: str, per_seed: list[dict[str, float]]) -> dict:
 
 def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | None = None,
                runs_root: Path = Path("archives/table"), test_n: int | None = None,
-               variants: list[str] | None = None) -> dict:
+               variants: list[str] | None = None, evolve_n: int | None = None, select_n: int = 300,
+               shortlist_k: int = 5) -> dict:
     from cycleqd.genome import Genome
     from cycleqd.run import evolve, resume
     from cycleqd.store import RunStore
@@ -113,7 +116,11 @@ def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | Non
 
         ensure_mini_world(cfg)
     rows = []
-    val, test = Scorer(split_config(cfg, "val")), Scorer(split_config(cfg, "test", test_n))
+    # Model choices (merge weights, which elite) are made on a second, larger validation
+    # sample, not the one evolution optimised: picking the best of many elites on the
+    # evolution's own noisy scores would favour lucky ones.
+    val = Scorer(split_config(cfg, "val", select_n, seed=1))
+    test = Scorer(split_config(cfg, "test", test_n))
     f = test.factors
     rows.append(_row("base", [test.genome(Genome.base(f))]))
     for k, t in enumerate(cfg.task_names):
@@ -130,17 +137,18 @@ def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | Non
     for variant in variants or list(VARIANTS):
         best, merged = [], []
         for seed in range(seeds):
-            vcfg = variant_config(cfg, variant, seed, generations)
+            vcfg = variant_config(cfg, variant, seed, generations, evolve_n)
             run = runs_root / f"{variant}-s{seed}"
             if (run / "config.yaml").exists():
                 resume(run, generations=vcfg.evolution.generations, progress=True)
             else:
                 evolve(vcfg, run, progress=True)
             store = RunStore(run)
-            # the archive model with the best validation mean (the run's own scores)
+            # the run's top elites by its own mean, re-scored on the selection sample
             snap = store.archives()
-            elites = [e for a in snap["archives"].values() for e in a["elites"]]
-            top = max(elites, key=lambda e: _mean(e["scores"]))
+            elites = {e["genome"]: e for a in snap["archives"].values() for e in a["elites"]}
+            shortlist = sorted(elites.values(), key=lambda e: -_mean(e["scores"]))[:shortlist_k]
+            top = max(shortlist, key=lambda e: _mean(val.genome(store.load_genome(e["genome"]))))
             best.append(test.genome(store.load_genome(top["genome"])))
             fm = store.final_merge()
             if fm and fm.get("error") is None:
@@ -150,7 +158,9 @@ def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | Non
         rows.append(_row(name, best))
         if variant == "cycleqd" and merged:
             rows.append(_row("cycleqd_merged", merged))
-    table = {"split": "test", "generations": generations or cfg.evolution.generations, "rows": rows}
+    table = {"split": "test", "test_n": test_n, "generations": generations or cfg.evolution.generations,
+             "evolve_n": evolve_n, "select": {"split": "val", "n": select_n, "seed": 1, "shortlist": shortlist_k},
+             "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=2))
     return table
@@ -183,10 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--generations", type=int)
     ap.add_argument("--test-n", type=int, default=300, help="test items per task (default 300)")
+    ap.add_argument("--evolve-n", type=int, help="val items per task scored during evolution (default: config)")
+    ap.add_argument("--select-n", type=int, default=300, help="items per task of the selection sample")
     ap.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS))
     a = ap.parse_args(argv)
     table = make_table(load_config(a.config), Path(a.out), seeds=a.seeds, generations=a.generations,
-                       test_n=a.test_n, variants=a.variants.split(",") if a.variants else None)
+                       test_n=a.test_n, variants=a.variants.split(",") if a.variants else None,
+                       evolve_n=a.evolve_n, select_n=a.select_n)
     plot_table(table, Path(a.out).with_suffix(".png"))
     for r in table["rows"]:
         print(f"{r['model']:20s} mean {r['mean']:.3f} ± {r['std']:.3f}  " +
