@@ -38,9 +38,19 @@ def main() -> int:
     out["seconds"] = round(time.time() - t0, 1)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"\nwrote {args.out}")
-    for key in ("child_overhead_speedup", "genome_storage_ratio", "batched_generation_speedup"):
+    baselines = {
+        "child_overhead_speedup": lambda o: f"reference {o['reference_child_seconds']:.3f} s/child "
+                                            f"vs ours {o['ours_child_seconds']:.3f} s/child",
+        "genome_storage_ratio": lambda o: f"checkpoint {o['checkpoint_bytes']:,} B vs genome {o['genome_bytes']:,} B",
+        "batched_generation_speedup": lambda o: f"one at a time {o['single_tokens_per_s']:.1f} tok/s "
+                                                f"vs batched {o['batched_tokens_per_s']:.1f} tok/s",
+    }
+    for key, describe in baselines.items():
         if key in out:
-            print(f"  {key:32s} {out[key]:10.2f}x")
+            print(f"  {key:28s} {out[key]:9.2f}x   ({describe(out)})")
+    if "checkpoint_bytes_read_per_child" in out:
+        r = out["checkpoint_bytes_read_per_child"]
+        print(f"  checkpoint bytes read/child  reference {r['reference']:,} B, ours {r['ours']:,} B")
     return 0
 
 
