@@ -27,6 +27,10 @@ def _free_port() -> int:
 def ray_head(tmp_path_factory):
     """`ray start --head --block` on loopback in its own process group, stopped by its PID."""
     gcs, dash = _free_port(), _free_port()
+    # every listener on its own free port: another Ray on this machine (a user's run) holds the defaults
+    extra = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
@@ -34,12 +38,12 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
-         "--disable-usage-stats", f"--temp-dir={tmp}"],
+         "--disable-usage-stats", f"--temp-dir={tmp}", *extra],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     import urllib.request
 
-    deadline = time.time() + 90
+    deadline = time.time() + 240  # a loaded machine starts Ray slowly
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=1)
