@@ -78,30 +78,27 @@ def _host_python() -> str:
     return exe
 
 
-@functools.lru_cache(maxsize=None)
-def bwrap_available() -> bool:
-    """True when ``bwrap`` exists and can start a sandbox here."""
-    exe = shutil.which("bwrap")
+def _exits_zero(program: str, *args: str) -> bool:
+    """True when ``program`` is installed and ``program args`` exits 0 within 20 s."""
+    exe = shutil.which(program)
     if not exe:
         return False
     try:
-        r = subprocess.run([exe, "--ro-bind", "/", "/", "--unshare-net", "--die-with-parent", "true"],
-                           capture_output=True, timeout=20)
+        return subprocess.run([exe, *args], capture_output=True, timeout=20).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return r.returncode == 0
+
+
+@functools.lru_cache(maxsize=None)
+def bwrap_available() -> bool:
+    """True when ``bwrap`` exists and can start a sandbox here."""
+    return _exits_zero("bwrap", "--ro-bind", "/", "/", "--unshare-net", "--die-with-parent", "true")
 
 
 @functools.lru_cache(maxsize=None)
 def docker_available() -> bool:
     """True when a Docker engine answers."""
-    exe = shutil.which("docker")
-    if not exe:
-        return False
-    try:
-        return subprocess.run([exe, "info"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    return _exits_zero("docker", "info")
 
 
 def _failed(n: int, why: str) -> list[RunResult]:
