@@ -218,11 +218,16 @@ class BwrapBackend:
                   max_output: int = 65536) -> list[RunResult]:
         if not jobs:
             return []
-        parallel = os.cpu_count() or 1
-        spec = {"jobs": list(jobs), "timeout": timeout, "memory_mb": memory_mb, "root": "/tmp/sb",
-                "parallel": parallel, "max_output": max_output, "unshare_net": False}
+        spec = _contained_spec(jobs, timeout, memory_mb, max_output)
+        parallel = spec["parallel"]
         cmd = self.command() + [_python(), "-I", SANDBOX_RUNNER]
         return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel))
+
+
+def _contained_spec(jobs: Sequence[dict], timeout: float, memory_mb: int, max_output: int) -> dict:
+    """The runner's input when the container (bwrap, Docker) already cuts the network and hides /tmp."""
+    return {"jobs": list(jobs), "timeout": timeout, "memory_mb": memory_mb, "root": "/tmp/sb",
+            "parallel": os.cpu_count() or 1, "max_output": max_output, "unshare_net": False}
 
 
 class DockerBackend:
@@ -241,9 +246,8 @@ class DockerBackend:
                   max_output: int = 65536) -> list[RunResult]:
         if not jobs:
             return []
-        parallel = os.cpu_count() or 1
-        spec = {"jobs": list(jobs), "timeout": timeout, "memory_mb": memory_mb, "root": "/tmp/sb",
-                "parallel": parallel, "max_output": max_output, "unshare_net": False}
+        spec = _contained_spec(jobs, timeout, memory_mb, max_output)
+        parallel = spec["parallel"]
         cmd = ["docker", "run", "--rm", "-i", "--network", "none", "--pids-limit", "1024",
                "--memory", f"{memory_mb * parallel + 256}m",
                "-v", f"{RUNNER}:/cycleqd_runner.py:ro", self.image, "python", "-I", "/cycleqd_runner.py"]
