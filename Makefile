@@ -55,7 +55,7 @@ evolve: install  ## run CycleQD (default: the mini world): make evolve [EXP=.. T
 
 table: install  ## write experiments/results/mini_table.json (mini world, 3 seeds, test split)
 	$(BIN)/python -m cycleqd.table --config experiments/mini.yaml --out experiments/results/mini_table.json \
-	  --seeds 3 --generations 60 --evolve-n 100 --test-n 300 --select-n 300
+	  --seeds 3 --generations 60 --evolve-n 100 --test-n 300 --select-n 200
 
 bench: install  ## write bench.json (ratios against baselines measured in the same run)
 	$(BIN)/python benchmarks/bench.py --out bench.json

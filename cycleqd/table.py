@@ -39,6 +39,22 @@ def split_config(cfg: Config, split: str, n: int | None = None, seed: int | None
     return parse_config(data)
 
 
+def selection_config(evolve_cfg: Config, n: int) -> Config:
+    """``n`` val items per task that the evolution never saw: the same draw, past its items.
+
+    Choosing which elite is "best" on the items evolution optimised would favour the
+    elites that were lucky on them, so choices are made on the next ``n`` items of the
+    evolution's own draw (``skip`` = the evolution's ``n``).
+    """
+    data = evolve_cfg.model_dump()
+    for t in data["tasks"]:
+        opts = t["options"]
+        if "n" not in opts:
+            raise ValueError(f"task {t['name']}: the table needs options.n (items scored during evolution)")
+        t["options"] = {**opts, "skip": int(opts.get("skip", 0)) + int(opts["n"]), "n": n}
+    return parse_config(data)
+
+
 def variant_config(cfg: Config, variant: str, seed: int, generations: int | None,
                    evolve_n: int | None = None) -> Config:
     data = split_config(cfg, "val", evolve_n).model_dump()
@@ -104,7 +120,7 @@ def _row(model: str, per_seed: list[dict[str, float]]) -> dict:
 
 def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | None = None,
                runs_root: Path = Path("archives/table"), test_n: int | None = None,
-               variants: list[str] | None = None, evolve_n: int | None = None, select_n: int = 300,
+               variants: list[str] | None = None, evolve_n: int | None = None, select_n: int = 200,
                shortlist_k: int = 5) -> dict:
     from cycleqd.genome import Genome
     from cycleqd.run import evolve, resume
@@ -116,10 +132,10 @@ def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | Non
 
         ensure_mini_world(cfg)
     rows = []
-    # Model choices (merge weights, which elite) are made on a second, larger validation
-    # sample, not the one evolution optimised: picking the best of many elites on the
-    # evolution's own noisy scores would favour lucky ones.
-    val = Scorer(split_config(cfg, "val", select_n, seed=1))
+    # Model choices (merge weights, which elite) are made on val items that evolution never
+    # scored: picking the best of many elites on the evolution's own noisy scores would
+    # favour lucky ones.
+    val = Scorer(selection_config(variant_config(cfg, "cycleqd", 0, generations, evolve_n), select_n))
     test = Scorer(split_config(cfg, "test", test_n))
     f = test.factors
     rows.append(_row("base", [test.genome(Genome.base(f))]))
@@ -159,7 +175,8 @@ def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | Non
         if variant == "cycleqd" and merged:
             rows.append(_row("cycleqd_merged", merged))
     table = {"split": "test", "test_n": test_n, "generations": generations or cfg.evolution.generations,
-             "evolve_n": evolve_n, "select": {"split": "val", "n": select_n, "seed": 1, "shortlist": shortlist_k},
+             "evolve_n": evolve_n, "select": {"split": "val", "n": select_n, "disjoint_from_evolution": True,
+                        "shortlist": shortlist_k},
              "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=2))
@@ -194,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generations", type=int)
     ap.add_argument("--test-n", type=int, default=300, help="test items per task (default 300)")
     ap.add_argument("--evolve-n", type=int, help="val items per task scored during evolution (default: config)")
-    ap.add_argument("--select-n", type=int, default=300, help="items per task of the selection sample")
+    ap.add_argument("--select-n", type=int, default=200,
+                    help="val items per task, unseen by evolution, for choosing models (default 200)")
     ap.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS))
     a = ap.parse_args(argv)
     table = make_table(load_config(a.config), Path(a.out), seeds=a.seeds, generations=a.generations,

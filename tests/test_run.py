@@ -67,9 +67,10 @@ def _show(run: Path) -> dict:
     return json.loads(out.stdout)
 
 
-@pytest.mark.slow
-def test_sigkill_mid_run_then_resume_loses_nothing(run_config, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed_and_resumed(run_config, tmp_path_factory) -> tuple[Path, dict, dict]:
+    """A 30-generation run SIGKILLed after >= 8 children, then resumed: (run, show before, show after)."""
+    run = tmp_path_factory.mktemp("killed") / "run"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cycleqd.cli", "-q", "evolve", "--config", str(run_config), "--run-dir", str(run),
@@ -86,12 +87,15 @@ def test_sigkill_mid_run_then_resume_loses_nothing(run_config, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = _show(run)
-    n_before = len(RunStore(run).children())
-    assert n_before >= 8 and before["generation"] >= 7
-
     res = _cycleqd("resume", str(run))
     assert res.returncode == 0, res.stderr[-2000:]
-    after = _show(run)
+    return run, before, _show(run)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_loses_nothing(killed_and_resumed):
+    run, before, after = killed_and_resumed
+    assert before["generation"] >= 7
     children = RunStore(run).children()
     assert after["generation"] >= 30 and len(children) >= 30
     assert len({c["id"] for c in children}) == len(children)  # no child logged twice
@@ -106,14 +110,11 @@ def test_sigkill_mid_run_then_resume_loses_nothing(run_config, tmp_path):
     assert all(len(after["archives"][t]["elites"]) >= 2 for t in "abc")
     assert all(set(c["scores"]) == set("abc") for c in children if c["error"] is None)
     assert RunStore(run).final_merge()["scores"].keys() == set("abc")
-    pytest.shared_run = run  # reused below
 
 
 @pytest.mark.slow
-def test_one_worker_and_one_seed_replay_a_child_exactly(run_config):
-    run = getattr(pytest, "shared_run", None)
-    if run is None:
-        pytest.skip("needs the run of the previous test")
+def test_one_worker_and_one_seed_replay_a_child_exactly(killed_and_resumed):
+    run = killed_and_resumed[0]
     store = RunStore(run)
     cfg = store.config()
     child = next(c for c in store.children() if c["error"] is None and c["generation"] > 5)

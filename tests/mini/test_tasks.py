@@ -71,6 +71,17 @@ def test_subset_of_ids():
     assert [s.id for s in res.samples] == ["3", "7"] and res.quality == 1.0
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_skip_gives_a_disjoint_second_sample(kind):
+    make = TASKS.get(kind)
+    first = make(name="t", split="val", n=30, seed=0)
+    second = make(name="t", split="val", n=50, seed=0, skip=30)
+    both = make(name="t", split="val", n=80, seed=0)
+    assert not {it.prompt for it in first.items} & {it.prompt for it in second.items}
+    assert [it.prompt for it in second.items] == [it.prompt for it in both.items[30:]]
+    assert len({it.id for it in second.items}) == 50
+
+
 def test_partial_credit_is_the_mean():
     task = _task("mini_sql", n=10)
     res = task.evaluate(ScriptedEngine(task, lambda it: it.answer if int(it.id) % 2 else "nope"))

@@ -21,6 +21,9 @@ class MiniTask:
         split: "val" (used during evolution), "test" (final tables) or "train".
         n: number of items.
         seed: which items are drawn (splits stay disjoint for every seed).
+        skip: leave out the first ``skip`` items of this seed's draw, so that a second
+            sample (e.g. for choosing models after evolution) shares no item with a
+            first one of ``skip`` items.
     """
 
     skill: ClassVar[str]
@@ -36,11 +39,14 @@ class MiniTask:
         split: str = "val",
         n: int = 200,
         seed: int = 0,
+        skip: int = 0,
     ):
         self.name = name
         self.sandbox = sandbox or SandboxConfig()
         self.split = split
-        self.items: list[MiniItem] = skill_items(self.skill, split, int(n), int(seed))
+        if int(skip) < 0:
+            raise ValueError(f"skip must be >= 0, got {skip}")
+        self.items: list[MiniItem] = skill_items(self.skill, split, int(skip) + int(n), int(seed))[int(skip):]
         self._by_id = {it.id: it for it in self.items}
 
     def sample_ids(self) -> list[str]:

@@ -1,0 +1,60 @@
+"""The table's protocol: what evolution sees, what chooses models, and what scores them never overlap."""
+from __future__ import annotations
+
+import pytest
+
+from cycleqd.config import load_config
+from cycleqd.registry import TASKS
+from cycleqd.table import _row, selection_config, split_config, variant_config
+
+MINI = "experiments/mini.yaml"
+
+
+def _prompts(cfg) -> dict[str, set[str]]:
+    out = {}
+    for t in cfg.tasks:
+        task = TASKS.get(t.kind)(name=t.name, data=None, **t.options)
+        out[t.name] = [it.prompt for it in task.items]
+    return out
+
+
+def test_selection_items_are_unseen_by_evolution_and_test_is_apart():
+    cfg = load_config(MINI)
+    evolve = _prompts(variant_config(cfg, "cycleqd", 0, None, evolve_n=40))
+    select = _prompts(selection_config(variant_config(cfg, "cycleqd", 0, None, evolve_n=40), 60))
+    test = _prompts(split_config(cfg, "test", 50))
+    for name in cfg.task_names:
+        assert len(evolve[name]) == 40 and len(select[name]) == 60 and len(test[name]) == 50
+        assert not set(evolve[name]) & set(select[name]), name
+        assert not (set(evolve[name]) | set(select[name])) & set(test[name]), name
+
+
+def test_variants_change_only_their_operator():
+    cfg = load_config(MINI)
+    base = variant_config(cfg, "cycleqd", 2, 7, evolve_n=40)
+    assert base.seed == 2 and base.evolution.generations == 7
+    assert all(t.options["split"] == "val" and t.options["n"] == 40 for t in base.tasks)
+    fixed = variant_config(cfg, "fixed_axes", 2, 7, evolve_n=40)
+    assert fixed.evolution.fixed_quality_task == cfg.task_names[0]
+    gauss = variant_config(cfg, "gaussian_mutation", 2, 7, evolve_n=40)
+    assert gauss.evolution.mutation.name == "gaussian" and base.evolution.mutation.name == "svd"
+    uni = variant_config(cfg, "uniform_sampling", 2, 7, evolve_n=40)
+    assert uni.evolution.sampling.name == "uniform" and base.evolution.sampling.name == "elite"
+    for v in (fixed, gauss, uni):
+        assert v.evolution.crossover == base.evolution.crossover and v.tasks == base.tasks
+
+
+def test_row_mean_and_std_over_seeds():
+    row = _row("x", [{"a": 0.2, "b": 0.4}, {"a": 0.4, "b": 0.6}])
+    assert row["mean"] == pytest.approx(0.4) and row["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert row["scores"] == pytest.approx({"a": 0.3, "b": 0.5}) and row["seeds"] == 2
+
+
+def test_selection_needs_the_evolution_sample_size():
+    cfg = load_config(MINI)
+    data = variant_config(cfg, "cycleqd", 0, None).model_dump()
+    del data["tasks"][0]["options"]["n"]
+    from cycleqd.config import parse_config
+
+    with pytest.raises(ValueError, match="options.n"):
+        selection_config(parse_config(data), 10)
