@@ -70,6 +70,32 @@ def variant_config(cfg: Config, variant: str, seed: int, generations: int | None
     return parse_config(data)
 
 
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """'path: old -> new' for every leaf where two config dumps differ."""
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        a, b = dict(enumerate(a)), dict(enumerate(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{path}.{k}".lstrip("."))]
+    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
+
+
+def check_same_experiment(stored: Config, wanted: Config, run: Path) -> None:
+    """A table run folder is resumed only if it holds the same experiment (generations aside).
+
+    Raises:
+        ConfigError: the folder was made with other settings (e.g. the YAML changed since).
+    """
+    from cycleqd.config import ConfigError
+
+    a, b = resolve_paths(stored).model_dump(mode="json"), resolve_paths(wanted).model_dump(mode="json")
+    a["evolution"]["generations"] = b["evolution"]["generations"]
+    diff = _differences(a, b)
+    if diff:
+        raise ConfigError(f"{run} was made with other settings ({'; '.join(diff[:3])}); "
+                          "remove it or pass --runs-root to make the table in a new folder")
+
+
 class Scorer:
     """One resident model and the tasks of a split; scores genomes or plain state dicts."""
 
@@ -156,6 +182,7 @@ def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | Non
             vcfg = variant_config(cfg, variant, seed, generations, evolve_n)
             run = runs_root / f"{variant}-s{seed}"
             if (run / "config.yaml").exists():
+                check_same_experiment(RunStore(run).config(), vcfg, run)
                 resume(run, generations=vcfg.evolution.generations, progress=True)
             else:
                 evolve(vcfg, run, progress=True)
@@ -213,11 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evolve-n", type=int, help="val items per task scored during evolution (default: config)")
     ap.add_argument("--select-n", type=int, default=200,
                     help="val items per task, unseen by evolution, for choosing models (default 200)")
+    ap.add_argument("--runs-root", default="archives/table", help="folder of the table's runs")
     ap.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS))
     a = ap.parse_args(argv)
-    table = make_table(load_config(a.config), Path(a.out), seeds=a.seeds, generations=a.generations,
-                       test_n=a.test_n, variants=a.variants.split(",") if a.variants else None,
-                       evolve_n=a.evolve_n, select_n=a.select_n)
+    from cycleqd.config import ConfigError
+
+    try:
+        table = make_table(load_config(a.config), Path(a.out), seeds=a.seeds, generations=a.generations,
+                           test_n=a.test_n, variants=a.variants.split(",") if a.variants else None,
+                           evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     plot_table(table, Path(a.out).with_suffix(".png"))
     for r in table["rows"]:
         print(f"{r['model']:20s} mean {r['mean']:.3f} ± {r['std']:.3f}  " +

@@ -58,3 +58,16 @@ def test_selection_needs_the_evolution_sample_size():
 
     with pytest.raises(ValueError, match="options.n"):
         selection_config(parse_config(data), 10)
+
+
+def test_a_run_made_with_other_settings_is_not_resumed(tmp_path):
+    from cycleqd.config import ConfigError
+    from cycleqd.table import check_same_experiment
+
+    cfg = load_config(MINI)
+    wanted = variant_config(cfg, "cycleqd", 0, 60, evolve_n=100)
+    check_same_experiment(variant_config(cfg, "cycleqd", 0, 30, evolve_n=100), wanted, tmp_path)  # generations aside
+    with pytest.raises(ConfigError, match="n: 50 -> 100"):
+        check_same_experiment(variant_config(cfg, "cycleqd", 0, 60, evolve_n=50), wanted, tmp_path)
+    with pytest.raises(ConfigError, match="sampling"):
+        check_same_experiment(variant_config(cfg, "uniform_sampling", 0, 60, evolve_n=100), wanted, tmp_path)
