@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from cycleqd.config import Config, load_config, parse_config, resolve_paths
+from cycleqd.config import Config, ConfigError, load_config, parse_config, resolve_paths
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "cycleqd": {},
@@ -30,12 +30,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 MERGE_WEIGHTS = [0.3, 0.4, 0.5, 0.6, 0.8]
 
 
-def split_config(cfg: Config, split: str, n: int | None = None, seed: int | None = None) -> Config:
-    """``cfg`` with every task reading ``split`` (and ``n`` items / sample ``seed`` if given)."""
+def split_config(cfg: Config, split: str, n: int | None = None) -> Config:
+    """``cfg`` with every task reading ``split`` (and ``n`` items if given)."""
     data = cfg.model_dump()
     for t in data["tasks"]:
-        t["options"] = {**t["options"], "split": split, **({"n": n} if n else {}),
-                        **({"seed": seed} if seed is not None else {})}
+        t["options"] = {**t["options"], "split": split, **({"n": n} if n else {})}
     return parse_config(data)
 
 
@@ -50,7 +49,7 @@ def selection_config(evolve_cfg: Config, n: int) -> Config:
     for t in data["tasks"]:
         opts = t["options"]
         if "n" not in opts:
-            raise ValueError(f"task {t['name']}: the table needs options.n (items scored during evolution)")
+            raise ConfigError(f"task {t['name']}: the table needs options.n (items scored during evolution)")
         t["options"] = {**opts, "skip": int(opts.get("skip", 0)) + int(opts["n"]), "n": n}
     return parse_config(data)
 
@@ -86,8 +85,6 @@ def check_same_experiment(stored: Config, wanted: Config, run: Path) -> None:
     Raises:
         ConfigError: the folder was made with other settings (e.g. the YAML changed since).
     """
-    from cycleqd.config import ConfigError
-
     a, b = resolve_paths(stored).model_dump(mode="json"), resolve_paths(wanted).model_dump(mode="json")
     a["evolution"]["generations"] = b["evolution"]["generations"]
     diff = _differences(a, b)
@@ -243,8 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-root", default="archives/table", help="folder of the table's runs")
     ap.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS))
     a = ap.parse_args(argv)
-    from cycleqd.config import ConfigError
-
     try:
         table = make_table(load_config(a.config), Path(a.out), seeds=a.seeds, generations=a.generations,
                            test_n=a.test_n, variants=a.variants.split(",") if a.variants else None,

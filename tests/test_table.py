@@ -10,7 +10,7 @@ from cycleqd.table import _row, selection_config, split_config, variant_config
 MINI = "experiments/mini.yaml"
 
 
-def _prompts(cfg) -> dict[str, set[str]]:
+def _prompts(cfg) -> dict[str, list[str]]:
     out = {}
     for t in cfg.tasks:
         task = TASKS.get(t.kind)(name=t.name, data=None, **t.options)
