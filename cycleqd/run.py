@@ -19,7 +19,7 @@ import numpy as np
 from cycleqd.archive import Archive
 from cycleqd.config import Config, ConfigError, dump_config, parse_config, resolve_paths
 from cycleqd.registry import SAMPLERS
-from cycleqd.store import RunStore, default_run_dir, write_atomic
+from cycleqd.store import RunStore, check_models, default_run_dir, write_atomic
 from cycleqd.worker import ChildResult, ChildSpec, ChildWorker
 
 log = logging.getLogger("cycleqd")
@@ -181,6 +181,7 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True)
         from cycleqd.mini.build import ensure_mini_world
 
         ensure_mini_world(cfg)
+    check_models(store, cfg)
 
     # Task vectors and SVD factors once, on the driver, into the shared cache;
     # the workers then load them instead of racing to compute them.

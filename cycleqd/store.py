@@ -69,6 +69,7 @@ class RunStore:
     STATS = "stats.jsonl"
     SEEDS = "seeds.json"
     FINAL = "final_merge.json"
+    MODELS = "models.json"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -116,6 +117,11 @@ class RunStore:
         f = self.path / self.FINAL
         return json.loads(f.read_text()) if f.exists() else None
 
+    def models(self) -> dict[str, str] | None:
+        """Fingerprints of the base and experts the run was started on (None before the first drive)."""
+        f = self.path / self.MODELS
+        return json.loads(f.read_text()) if f.exists() else None
+
     def genome_path(self, genome_id: str) -> Path:
         return self.path / "genomes" / f"{genome_id}.safetensors"
 
@@ -137,6 +143,9 @@ class RunStore:
 
     def save_seeds(self, seeds: dict[str, dict]) -> None:
         write_atomic(self.path / self.SEEDS, json.dumps(seeds, indent=1))
+
+    def save_models(self, fingerprints: dict[str, str]) -> None:
+        write_atomic(self.path / self.MODELS, json.dumps(fingerprints, indent=1))
 
     def _append(self, name: str, record: dict) -> None:
         f = self.path / name
@@ -163,6 +172,55 @@ class RunStore:
 
     def write_final_merge(self, record: dict) -> None:
         write_atomic(self.path / self.FINAL, json.dumps(record, indent=1))
+
+
+def model_fingerprint(model: str, revision: str | None = None) -> str:
+    """A cheap identity of a model: what its weights are, without reading all of them.
+
+    A local folder gives a hash of its weight files' names, sizes, safetensors headers
+    and 64 KiB at five evenly spaced offsets (a retrained model with the same shapes
+    differs there); a Hub id gives ``id@revision``.
+    """
+    import hashlib
+
+    p = Path(model)
+    if not p.is_dir():
+        return f"{model}@{revision or 'main'}"
+    h = hashlib.sha256()
+    files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for k in range(6):
+                fh.seek(0 if k == 0 else size * k // 6)
+                h.update(fh.read(65536))
+    return h.hexdigest()[:16]
+
+
+def check_models(store: RunStore, cfg: Config) -> None:
+    """Record the run's model fingerprints on its first drive; refuse to go on if they changed.
+
+    A run's genomes are coefficients over the task vectors of these exact models, so
+    continuing it on other weights (a rebuilt mini world, a re-uploaded expert) would mix
+    two experiments.
+
+    Raises:
+        ConfigError: the models differ from the ones the run started on.
+    """
+    m = cfg.models
+    now = {"base": model_fingerprint(m.base, m.revision)}
+    now.update({f"expert_{t}": model_fingerprint(path, m.revision) for t, path in m.experts.items()})
+    before = store.models()
+    if before is None:
+        store.save_models(now)
+        return
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(
+            f"{store.path}: the weights of {', '.join(changed)} changed since this run started "
+            f"(see {RunStore.MODELS}); start a new run instead of resuming this one"
+        )
 
 
 def default_run_dir(cfg: Config, root: str | os.PathLike = "archives") -> Path:

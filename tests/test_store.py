@@ -50,3 +50,33 @@ def test_resolved_config_round_trips(cfg, tmp_path):
     again = store.config()
     assert again == cfg
     assert os.path.isabs(again.models.base)
+
+
+def test_a_run_refuses_to_go_on_over_changed_models(tiny_family, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cycleqd.store import check_models
+
+    family = {k: shutil.copytree(tiny_family[k], tmp_path / k) for k in ("base", "a", "b")}
+    cfg = parse_config({
+        "models": {"base": str(family["base"]), "experts": {t: str(family[t]) for t in "ab"}},
+        "tasks": [{"name": t, "kind": "likelihood", "data": str(tmp_path / "x.txt")} for t in "ab"],
+    })
+    store = RunStore.create(tmp_path / "run", cfg)
+    check_models(store, cfg)  # first drive: records the fingerprints
+    recorded = store.models()
+    assert set(recorded) == {"base", "expert_a", "expert_b"} and len(set(recorded.values())) == 3
+    check_models(store, cfg)  # same weights: goes on
+
+    # the same expert retrained: same shapes and file size, other values
+    model = AutoModelForCausalLM.from_pretrained(family["b"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(family["b"])
+    with pytest.raises(ConfigError, match="expert_b changed"):
+        check_models(store, cfg)
+    assert store.models() == recorded  # the record is not overwritten
