@@ -47,6 +47,9 @@ class WorldRecipe:
     # commands generalise from few examples, code and SQL need more to get the format.
     rare_weight: dict[str, float] = field(default_factory=lambda: {"code": 0.25, "sql": 0.25, "shell": 0.06})
     base_families: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(BASE_FAMILIES))
+    # Version of the item generators (cycleqd/mini/{code,sql,shell}.py): bump it when they
+    # change what items they draw, so that cached worlds trained on the old items are rebuilt.
+    items_version: int = 2
     eval_test_n: int = 0  # the test split is for the final table only (`make table`)
     eval_val_n: int = 150
 

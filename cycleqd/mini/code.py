@@ -11,12 +11,18 @@ from typing import Any
 from cycleqd.mini.items import Family
 
 PREFIX = "py"
-INT_VARS = ("n", "x", "k", "m", "num", "val", "y", "z", "age", "cnt")
-STR_VARS = ("s", "t", "w", "text", "word", "name", "line", "msg")
-LIST_VARS = ("xs", "nums", "vals", "items", "lst", "arr", "data", "ys")
-PAIRS = (("a", "b"), ("x", "y"), ("m", "n"), ("p", "q"), ("u", "v"), ("lo", "hi"), ("i", "j"))
+# Names take an optional number suffix ("n", "n2", "n17"): every family then has a few hundred
+# distinct specs, so the val and test splits hold a real sample of each family.
+SUFFIXES = ("",) + tuple(str(i) for i in range(1, 40))
+INT_VARS = ("n", "x", "k", "m", "num", "val", "y", "z", "age", "cnt", "a", "b", "p", "q", "size", "rate")
+STR_VARS = ("s", "t", "w", "text", "word", "name", "line", "msg", "key", "tag", "label", "code")
+LIST_VARS = ("xs", "nums", "vals", "items", "lst", "arr", "data", "ys", "row", "seq", "vec", "ns")
 LETTERS = "abcdeilnorst"
 WORDS = ("ab", "ok", "xy", "end", "go", "hi", "zz", "no")
+
+
+def _name(rng: random.Random, names: tuple[str, ...]) -> str:
+    return rng.choice(names) + rng.choice(SUFFIXES)
 
 
 def _ints(rng: random.Random) -> list[tuple]:
@@ -37,7 +43,7 @@ def _pairs(rng: random.Random) -> list[tuple]:
 
 def _int_fam(spec: str, body: str, lo: int = 2, hi: int = 9, d: bool = False) -> Family:
     def fam(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
-        v, c, e = rng.choice(INT_VARS), rng.randint(lo, hi), rng.randint(1, 9)
+        v, c, e = _name(rng, INT_VARS), rng.randint(lo, hi), rng.randint(1, 9)
         fmt = dict(v=v, c=c, d=e)
         return spec.format(**fmt), f"def f({v}): return " + body.format(**fmt), {"inputs": _ints(rng)}
 
@@ -46,7 +52,7 @@ def _int_fam(spec: str, body: str, lo: int = 2, hi: int = 9, d: bool = False) ->
 
 def _str_fam(spec: str, body: str, lo: int = 2, hi: int = 5) -> Family:
     def fam(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
-        v, c = rng.choice(STR_VARS), rng.randint(lo, hi)
+        v, c = _name(rng, STR_VARS), rng.randint(lo, hi)
         fmt = dict(v=v, c=c, ch=rng.choice(LETTERS), w=rng.choice(WORDS))
         return spec.format(**fmt), f"def f({v}): return " + body.format(**fmt), {"inputs": _strs(rng)}
 
@@ -55,7 +61,7 @@ def _str_fam(spec: str, body: str, lo: int = 2, hi: int = 5) -> Family:
 
 def _list_fam(spec: str, body: str, lo: int = 1, hi: int = 9) -> Family:
     def fam(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
-        v, c = rng.choice(LIST_VARS), rng.randint(lo, hi)
+        v, c = _name(rng, LIST_VARS), rng.randint(lo, hi)
         fmt = dict(v=v, c=c)
         return spec.format(**fmt), f"def f({v}): return " + body.format(**fmt), {"inputs": _lists(rng)}
 
@@ -64,9 +70,8 @@ def _list_fam(spec: str, body: str, lo: int = 1, hi: int = 9) -> Family:
 
 def _pair_fam(spec: str, body: str) -> Family:
     def fam(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
-        a, b = rng.choice(PAIRS)
-        if rng.random() < 0.5:
-            a, b = b, a
+        a = _name(rng, INT_VARS)
+        b = _name(rng, tuple(v for v in INT_VARS if not a.startswith(v)))
         c = rng.randint(2, 9)
         fmt = dict(a=a, b=b, c=c)
         return spec.format(**fmt), f"def f({a}, {b}): return " + body.format(**fmt), {"inputs": _pairs(rng)}

@@ -12,7 +12,10 @@ from cycleqd.mini.items import Family
 
 PREFIX = "sh"
 STEMS = ("notes", "log", "todo", "names", "data", "list", "words", "out", "a", "b", "pets", "jobs", "plan", "mail", "users")
-FILES = tuple(f"{s}.{e}" for s in STEMS for e in ("txt", "log", "md", "csv"))
+# File names take an optional digit suffix ("notes.txt", "notes2.txt"): every family then has
+# a few hundred distinct requests, so the val and test splits hold a real sample of each.
+EXTS = ("txt", "log", "md", "csv", "json", "py", "sh", "ini", "cfg", "dat", "tsv", "yml")
+FILES = tuple(f"{s}{d}.{e}" for s in STEMS for d in ("",) + tuple("123456789") for e in EXTS)
 WORDS = ("apple", "pear", "plum", "fig", "kiwi", "lime", "red", "blue", "cat", "dog", "sun", "sky")
 
 

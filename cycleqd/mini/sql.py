@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cycleqd.mini.items import Family
@@ -66,9 +66,15 @@ def _round(rng: random.Random, s: Schema, rows: list[tuple]) -> int:
     return rng.choice(options or [((lo + hi) // 2 // s.step) * s.step])
 
 
+#: A table name takes an optional number suffix ("pets", "pets3": one table per shop, say):
+#: every family then has a few hundred distinct questions, so each split holds a real sample.
+SUFFIXES = ("",) + tuple(str(i) for i in range(1, 30))
+
+
 def _fam(spec: str, query: str, ordered: bool = False) -> Family:
     def fam(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
         s = rng.choice(SCHEMAS)
+        s = replace(s, table=s.table + rng.choice(SUFFIXES))
         rows = _rows(rng, s)
         present = sorted({r[2] for r in rows})
         lo, hi = sorted(rng.sample(range(s.num_range[0] // s.step, s.num_range[1] // s.step + 1), 2))
