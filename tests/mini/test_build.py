@@ -89,3 +89,20 @@ def test_training_is_deterministic_in_seed():
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
     assert base_mixture(recipe, seed=0) == items and base_mixture(recipe, seed=1) != items
+
+
+def test_base_mixture_favours_the_common_families_and_refuses_unknown_ones():
+    from collections import Counter
+    from dataclasses import replace
+
+    from cycleqd.mini.build import SIZES, base_mixture
+
+    recipe = SIZES["default"]
+    fams = Counter((it.prompt.split(":")[0], it.family) for it in base_mixture(recipe, seed=0))
+    for prefix, skill in (("py", "code"), ("sql", "sql"), ("sh", "shell")):
+        common = set(recipe.base_families[skill])
+        mine = {f: c for (p, f), c in fams.items() if p == prefix}
+        assert min(mine[f] for f in common) > 2 * max(c for f, c in mine.items() if f not in common)
+    bad = replace(recipe, base_families={**recipe.base_families, "sql": ("gt", "lookup")})
+    with pytest.raises(ValueError, match="lookup"):
+        base_mixture(bad, seed=0)
