@@ -174,30 +174,6 @@ class RunStore:
         write_atomic(self.path / self.FINAL, json.dumps(record, indent=1))
 
 
-def model_fingerprint(model: str, revision: str | None = None) -> str:
-    """A cheap identity of a model: what its weights are, without reading all of them.
-
-    A local folder gives a hash of its weight files' names, sizes, safetensors headers
-    and 64 KiB at five evenly spaced offsets (a retrained model with the same shapes
-    differs there); a Hub id gives ``id@revision``.
-    """
-    import hashlib
-
-    p = Path(model)
-    if not p.is_dir():
-        return f"{model}@{revision or 'main'}"
-    h = hashlib.sha256()
-    files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for k in range(6):
-                fh.seek(0 if k == 0 else size * k // 6)
-                h.update(fh.read(65536))
-    return h.hexdigest()[:16]
-
-
 def check_models(store: RunStore, cfg: Config) -> None:
     """Record the run's model fingerprints on its first drive; refuse to go on if they changed.
 
@@ -208,6 +184,8 @@ def check_models(store: RunStore, cfg: Config) -> None:
     Raises:
         ConfigError: the models differ from the ones the run started on.
     """
+    from cycleqd.experts import model_fingerprint
+
     m = cfg.models
     now = {"base": model_fingerprint(m.base, m.revision)}
     now.update({f"expert_{t}": model_fingerprint(path, m.revision) for t, path in m.experts.items()})

@@ -91,12 +91,14 @@ def _bucketed(items: list[MiniItem], batch: int, rng: random.Random) -> list[Min
 
 def base_mixture(recipe: WorldRecipe, seed: int) -> list[MiniItem]:
     """Training items of the base: all three skills, common families frequent, others rare."""
+    for skill, mod in SKILLS.items():
+        unknown = set(recipe.base_families[skill]) - set(mod.FAMILIES)
+        if unknown:
+            raise ValueError(f"base families {sorted(unknown)} are not {skill} families")
     need = recipe.base.steps * recipe.base.batch_size
     items: list[MiniItem] = []
     for k, (skill, mod) in enumerate(SKILLS.items()):
         common = set(recipe.base_families[skill])
-        if common - set(mod.FAMILIES):
-            raise ValueError(f"base families {sorted(common - set(mod.FAMILIES))} are not {skill} families")
         weights = {f: 1.0 if f in common else recipe.rare_weight[skill] for f in mod.FAMILIES}
         n = need // len(SKILLS) + (1 if k < need % len(SKILLS) else 0)
         items += skill_items(skill, "train", n, seed, weights=weights, distinct=False)

@@ -71,6 +71,7 @@ def _list_fam(spec: str, body: str, lo: int = 1, hi: int = 9) -> Family:
 def _pair_fam(spec: str, body: str) -> Family:
     def fam(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
         a = _name(rng, INT_VARS)
+        # b from the names a does not start with, so the two parameters never share a name
         b = _name(rng, tuple(v for v in INT_VARS if not a.startswith(v)))
         c = rng.randint(2, 9)
         fmt = dict(a=a, b=b, c=c)
