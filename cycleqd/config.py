@@ -88,9 +88,14 @@ class MutationConfig(_Frozen):
 
 
 class SamplingConfig(_Frozen):
+    """Parent sampling. ``mapping`` is how elite sampling maps each min-max-normalised factor:
+    ``paper`` into [low, high]; ``official`` as the official CycleQD code, low + x * high, i.e.
+    [low, low + high] = [0.5, 1.3] with the defaults."""
+
     name: str = "elite"
     low: float = 0.5
     high: float = 0.8
+    mapping: Literal["paper", "official"] = "paper"
 
     @model_validator(mode="after")
     def _range(self) -> "SamplingConfig":
