@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
+from pydantic import BaseModel, ValidationError
+
 from cycleqd.config import ConfigError
 from cycleqd.engine.base import Engine, GenRequest
 from cycleqd.tasks.base import SampleResult, TaskResult
@@ -48,6 +50,20 @@ def read_rows(data: str | None, *, hf_split: str = "test") -> list[dict]:
     if not all(isinstance(r, dict) for r in rows):
         raise ConfigError(f"{data}: every record must be a JSON object")
     return rows
+
+
+def task_options(model: type[BaseModel], kind: str, **values: Any) -> Any:
+    """``model(**values)``: a task's typed options, validated.
+
+    Raises:
+        ConfigError: a value of the wrong type or out of range (one line naming the option).
+    """
+    try:
+        return model(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "options"
+        raise ConfigError(f"task {kind}: option {where}: {err.get('msg', 'invalid')}") from None
 
 
 def select_ids(all_ids: Sequence[str], ids: Iterable[Any] | None, limit: int | None) -> list[str]:

@@ -2,54 +2,222 @@
 
 Reads either the original MBPP JSONL (``task_id, text, code, test_list,
 test_setup_code``) or EvalPlus MBPP+ (``task_id`` like ``"Mbpp/2"``, ``prompt``,
-``canonical_solution``, ``entry_point``, ``assertion`` or ``base_input``), or a Hub
+``canonical_solution``, ``entry_point``, and ``base_input`` or ``assertion``), or a Hub
 id ``hf://evalplus/mbppplus`` (needs ``datasets`` and a network).
 
-The prompt is the CycleQD one: a system line, then ``@@ Instruction:`` with the
-EvalPlus-style problem (text plus one test), then ``@@ Response:``. The completion is
-sanitized (code block extracted, only imports / definitions / constants kept) and
-run with the base tests in the sandbox, all samples in one sandbox batch.
+``protocol`` says how a problem is asked and a reply judged:
+
+- ``official`` (the official CycleQD code: fishfarm's EvalPlus task). The prompt is a
+  system line and an ``@@ Instruction:`` turn holding the problem text (the MBPP+
+  docstring before its ``assert``, or MBPP's ``text``) + " Your code should satisfy the
+  following assertion:" + that assertion in a python block, then ``@@ Response:`` with the
+  reply opened as a python code block; stops "Instruction:", "Instruction", "Response:",
+  "Response". The reply is cut at its first code fence and put through the EvalPlus
+  sanitiser of that time (:func:`official_sanitize`), which keeps the entry point only
+  where its body holds ``"    return "``. MBPP+ rows with ``base_input`` are judged like
+  EvalPlus's base tests: the function runs on every input and must give the canonical
+  solution's output (floats within 1e-6), each input within max(0.2 s, 4 x the canonical
+  solution's time); other rows run their asserts.
+- ``evalplus`` (today's EvalPlus harness): the "Please provide a self-contained Python
+  script ..." instruction with the docstring prompt as a chat message, the AST sanitiser
+  :func:`sanitize`, the same base tests.
+- ``plain``: the official prompt, the AST sanitiser, and the row's own asserts
+  (``test_list`` / ``assertion``): scores the code a reply holds whatever its layout.
+
+The default is ``official`` for MBPP+ data (what the official code scores) and ``plain``
+for the original MBPP file, which the official code never scored.
+All of a call's test programs run in one sandbox batch.
 """
 from __future__ import annotations
 
 import ast
 import json
 import re
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine, GenRequest
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution, run_python_batch
-from cycleqd.tasks._agent import read_rows, select_ids, task_result
+from cycleqd.tasks._agent import read_rows, select_ids, task_options, task_result
 from cycleqd.tasks.base import SampleResult, TaskResult
 
 SYSTEM = ("You are an exceptionally intelligent coding assistant that consistently delivers accurate "
           "and reliable responses to user instructions.")
-INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
+ASSERTION_INTRO = " Your code should satisfy the following assertion:"
+PREFILL = "```python"
 STOP = ("Instruction:", "Instruction", "Response:", "Response")
+EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem "
+                        "in a markdown code block:")
+MIN_TIME_LIMIT = 0.2      # EvalPlus: seconds per base input at least ...
+TIME_LIMIT_FACTOR = 4.0   # ... and this many times the canonical solution's time
+FLOAT_ATOL = 1e-6         # EvalPlus's tolerance when the expected output is a float
+
+Protocol = Literal["official", "evalplus", "plain"]
+
+
+class MBPPOptions(BaseModel):
+    """Options of the ``mbpp`` task (see :class:`MBPPTask`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: Protocol | None = None
+    ids: list[str] | None = None
+    limit: int | None = Field(None, ge=0)
+    max_new_tokens: int = Field(512, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    memory_mb: int | None = Field(None, ge=64)
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One MBPP problem: the prompt body and the program that tests a solution."""
+    """One MBPP problem: what the model is shown and how a solution is tested."""
 
     id: str
-    prompt: str          # EvalPlus-style: docstring with the text and one test
-    tests: str           # assertions (base tests), run after the solution
-    setup: str = ""      # test_setup_code, run before the solution
-    reference: str = ""  # a known-correct solution, when the data has one
+    text: str                  # the problem text (official instruction, before the assertion)
+    assertion: str             # the one test shown to the model
+    docstring: str             # EvalPlus-style prompt: docstring with the text and one test
+    entry_point: str           # the function the tests call
+    tests: str = ""            # assertions run after the solution ("" when judged by base inputs)
+    setup: str = ""            # test_setup_code, run after the solution, before the tests
+    reference: str = ""        # a known-correct solution, when the data has one
+    base_inputs: tuple | None = None  # EvalPlus base inputs (argument lists), judged against reference
+    atol: float = 0.0
+    plus: bool = False         # the row came from MBPP+
 
 
-def chat_prompt(problem_prompt: str) -> str:
-    """The full CycleQD code prompt (system line, ``@@ Instruction:``, ``@@ Response:``)."""
-    body = f"{INSTRUCTION}\n```\n{problem_prompt.strip()}\n```"
-    return f"{SYSTEM}\n\n@@ Instruction:\n{body}\n\n@@ Response:"
+# -- prompts ----------------------------------------------------------------------------------
+def official_instruction(text: str, assertion: str) -> str:
+    """The official user turn: text ending in a period, the assertion sentence, a python block."""
+    text = text.strip()
+    if not text.endswith("."):
+        text += "."
+    return f"{text}{ASSERTION_INTRO}\n```python\n{assertion.strip()}\n```"
 
 
+def split_docstring(prompt: str) -> tuple[str, str]:
+    """(text, assertion) of an MBPP+ prompt as the official code splits it.
+
+    The docstring body is what lies between the first and the last triple quote; the
+    text is what comes before its first ``assert``, the assertion the rest.
+
+    Raises:
+        ConfigError: the prompt has no docstring or no ``assert`` in it.
+    """
+    first, last = prompt.find('"""'), prompt.rfind('"""')
+    if first == -1 or last <= first:
+        raise ConfigError(f"MBPP+ prompt without a docstring: {prompt[:60]!r}")
+    body = prompt[first + 3:last]
+    at = body.find("assert")
+    if at == -1:
+        raise ConfigError(f"MBPP+ prompt without an assertion: {prompt[:60]!r}")
+    return body[:at].strip(), body[at:].strip()
+
+
+def official_prompt(problem: Problem) -> str:
+    """The full official prompt: system line, ``@@ Instruction:`` turn, ``@@ Response:`` + open python fence."""
+    return (f"{SYSTEM}\n\n@@ Instruction:\n{official_instruction(problem.text, problem.assertion)}"
+            f"\n\n@@ Response:\n{PREFILL}")
+
+
+def evalplus_message(problem: Problem) -> str:
+    """Today's EvalPlus instruction for a chat model, with the docstring prompt in a code block."""
+    return f"{EVALPLUS_INSTRUCTION}\n```\n{problem.docstring.strip()}\n```"
+
+
+# -- the official sanitiser ---------------------------------------------------------------------
+def strip_prefill(reply: str) -> str:
+    """The reply without a leading opened python fence.
+
+    A model answering the official prompt continues after the prefilled fence; a recorded
+    reply that repeats it (a whole assistant turn) is the same reply.
+    """
+    head = reply.lstrip()
+    if head.startswith(PREFILL):
+        return head[len(PREFILL):]
+    return reply
+
+
+def cut_at_fence(reply: str) -> str:
+    """The reply up to its first code fence (the official code's end of the prefilled block)."""
+    at = reply.find("```")
+    return reply if at == -1 else reply[:at]
+
+
+def _syntax_ok(code: str) -> bool:
+    try:
+        _parse(code)
+        return True
+    except (SyntaxError, MemoryError, ValueError):
+        return False
+
+
+def _drop_unindented(code: str, protect: str) -> str:
+    """Drop top-level lines after the entry point except defs and imports; stop at the first
+    unindented docstring quote, ``if`` or ``print`` (they start example code)."""
+    lines = code.splitlines()
+    cut: set[int] = set()
+    armed = False
+    for i, line in enumerate(lines):
+        if not armed and line.startswith(protect):
+            armed = True
+            continue
+        if not line.strip() or line.startswith(("def ", "import ", "from ")):
+            continue
+        if not line[:1].isspace():
+            cut.add(i)
+        if line.rstrip().startswith(('"""', "if", "print")):
+            cut.update(range(i, len(lines)))
+            break
+    return "\n".join(line for i, line in enumerate(lines) if i not in cut)
+
+
+def _three_to_four(code: str) -> str:
+    """A line indented by exactly three spaces gets a fourth (the one repair the sanitiser makes)."""
+    return "".join((" " if len(line) - len(line.lstrip()) == 3 else "") + line + "\n" for line in code.splitlines())
+
+
+def evalplus_v0_sanitize(code: str, entry_point: str) -> str:
+    """EvalPlus's sanitiser as the official code ran it, on the code of one reply.
+
+    Keeps what precedes the first ``def <entry_point>(`` as it is; of the entry point's
+    definitions only those whose body holds ``"    return "`` (four spaces: a 2-space or
+    tab-indented, one-line or return-less function is dropped); after it, top-level lines
+    other than defs and imports go, and an unindented ``if`` / ``print`` / docstring quote
+    ends the code; helper functions that do not parse go.
+    """
+    new = "\n" + code
+    head = "def " + entry_point
+    new = new.replace("\n```python\n", "\n```\n")
+    for chunk in new.split("\n```\n"):
+        if head in chunk:
+            new = chunk
+            break
+    chunks = re.split(rf"{re.escape(head)}\s*\(", new)
+    bodies = [c for c in chunks[1:] if "    return " in c.split("\ndef")[0]]
+    opener = head + "("
+    new = opener + opener.join(bodies) if bodies else ""
+    new = _three_to_four(new)
+    new = _drop_unindented(new, opener)
+    new = chunks[0] + new
+    parts = new.split("\ndef ")
+    kept = [parts[0]] + [fn for fn in parts[1:]
+                         if fn.strip().startswith((entry_point + " ", entry_point + "(")) or _syntax_ok("\ndef " + fn)]
+    return "\ndef ".join(kept).strip()
+
+
+def official_sanitize(reply: str, entry_point: str) -> str:
+    """The code the official code tests for a reply: cut at the first fence, then :func:`evalplus_v0_sanitize`."""
+    return evalplus_v0_sanitize(cut_at_fence(strip_prefill(reply)).strip(), entry_point)
+
+
+# -- the AST sanitiser (evalplus / plain protocols) --------------------------------------------
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python|python3)?[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
@@ -115,6 +283,24 @@ def _calls_only_tests(node: ast.Assign) -> bool:
         node.value.func.id in {"input", "print"}
 
 
+# -- data --------------------------------------------------------------------------------------
+_CALLED = re.compile(r"([A-Za-z_]\w*)\s*\(")
+_NOT_ENTRY = {"assert", "set", "sorted", "list", "tuple", "abs", "round", "math", "isclose", "not", "str",
+              "int", "float", "len", "frozenset", "dict", "all", "any", "type", "bool"}
+
+
+def entry_point_of(test: str, code: str = "") -> str:
+    """The function an MBPP assert calls: the first called name that is not a builtin wrapper
+    (``set(...)``, ``math.isclose(...)``); one ``code`` defines, when given, is preferred."""
+    names = [n for n in _CALLED.findall(test) if n not in _NOT_ENTRY]
+    defined = [n for n in names if re.search(rf"def\s+{re.escape(n)}\s*\(", code)]
+    if defined:
+        return defined[0]
+    if not names:
+        raise ConfigError(f"cannot tell which function the test {test[:60]!r} calls")
+    return names[0]
+
+
 def _docstring_prompt(text: str, test: str) -> str:
     return f'"""\n{text.strip()}\n{test.strip()}\n"""\n'
 
@@ -123,80 +309,193 @@ def _from_row(row: dict) -> Problem:
     tid = row.get("task_id")
     if tid is None:
         raise ConfigError("MBPP record without task_id")
-    if "test_list" in row and "text" in row:  # original MBPP
-        tests = "\n".join(row["test_list"])
-        return Problem(id=str(tid), prompt=_docstring_prompt(row["text"], row["test_list"][0] if row["test_list"] else ""),
-                       tests=tests, setup=row.get("test_setup_code") or "", reference=row.get("code") or "")
+    if "test_list" in row and "text" in row and "prompt" not in row:  # original MBPP
+        tests = list(row["test_list"] or [])
+        if not tests:
+            raise ConfigError(f"MBPP record {tid}: empty test_list")
+        code = row.get("code") or ""
+        return Problem(id=str(tid), text=row["text"], assertion=tests[0],
+                       docstring=_docstring_prompt(row["text"], tests[0]),
+                       entry_point=entry_point_of(tests[0], code), tests="\n".join(tests),
+                       setup=row.get("test_setup_code") or "", reference=code)
     if "prompt" in row:  # EvalPlus MBPP+
-        if row.get("assertion"):
-            tests = row["assertion"]
-        elif row.get("test_list"):
-            tests = "\n".join(row["test_list"])
-        elif "base_input" in row and row.get("entry_point") and row.get("canonical_solution"):
-            tests = _differential_tests(row)
-        else:
-            raise ConfigError(f"MBPP+ record {tid}: no assertion, test_list or base_input")
-        return Problem(id=str(tid), prompt=row["prompt"], tests=tests, reference=row.get("canonical_solution") or "")
+        text, assertion = split_docstring(row["prompt"])
+        entry = row.get("entry_point") or entry_point_of(assertion, row.get("canonical_solution") or "")
+        inputs = row.get("base_input")
+        if isinstance(inputs, str):
+            inputs = json.loads(inputs)
+        asserts = row.get("assertion") or "\n".join(row.get("test_list") or [])
+        if inputs is None and not asserts:
+            raise ConfigError(f"MBPP+ record {tid}: no base_input, assertion or test_list")
+        if inputs is not None and not row.get("canonical_solution"):
+            raise ConfigError(f"MBPP+ record {tid}: base_input needs the canonical_solution")
+        return Problem(id=str(tid), text=text, assertion=assertion, docstring=row["prompt"], entry_point=entry,
+                       tests=asserts or "", reference=row.get("canonical_solution") or row.get("code") or "",
+                       base_inputs=tuple(inputs) if inputs is not None else None,
+                       atol=float(row.get("atol") or 0.0), plus=True)
     raise ConfigError(f"record {tid}: neither MBPP (text, test_list) nor MBPP+ (prompt) fields")
 
 
-def _differential_tests(row: dict) -> str:
-    """Base tests from ``base_input``: compare with the canonical solution's outputs."""
-    inputs = row["base_input"]
-    if isinstance(inputs, str):
-        inputs = json.loads(inputs)
-    atol = float(row.get("atol") or 0)
-    return (
-        "import math as _m\n"
-        f"_ref_ns = {{}}\nexec({row['canonical_solution']!r}, _ref_ns)\n"
-        f"for _args in {inputs!r}:\n"
-        f"    _want = _ref_ns[{row['entry_point']!r}](*_args)\n"
-        f"    _got = {row['entry_point']}(*_args)\n"
-        f"    if {atol} and isinstance(_want, float):\n"
-        f"        assert _m.isclose(_got, _want, abs_tol={atol}), (_args, _got, _want)\n"
-        "    else:\n"
-        "        assert _got == _want, (_args, _got, _want)\n"
-    )
+# -- test programs -----------------------------------------------------------------------------
+_BASE_TESTS = r'''
+import copy as _copy, math as _math, os as _os, signal as _signal, sys as _sys, time as _time
+
+class _Late(BaseException):
+    pass
+
+def _alarm(signum, frame):
+    raise _Late()
+
+def _floats(x):
+    return isinstance(x, float) or (isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(v, float) for v in x))
+
+def _flat(x):
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _flat(v)
+    else:
+        yield x
+
+def _close(out, exp, atol):
+    if type(out) is not type(exp):
+        return False
+    if isinstance(exp, (list, tuple)) and len(out) != len(exp):
+        return False
+    a, b = list(_flat(out)), list(_flat(exp))
+    if len(a) != len(b):
+        return False
+    try:
+        return all(abs(x - y) <= atol + 1e-07 * abs(y) for x, y in zip(a, b))
+    except TypeError:
+        return False
+
+def _same(out, exp, entry, atol):
+    exact = out == exp
+    if entry == "are_equivalent":
+        return True
+    if entry == "sum_div":
+        return bool(exact or out == 0)
+    if entry in ("similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly"):
+        try:
+            return set(out) == set(exp)
+        except TypeError:
+            return False
+    if entry in ("check_str", "text_match_three", "text_starta_endz"):
+        return out == exp if isinstance(out, bool) else exp == (out is not None)
+    if atol == 0 and _floats(exp):
+        atol = FLOAT_ATOL
+    if not exact and atol != 0:
+        return _close(out, exp, atol)
+    return bool(exact)
+
+_ref = {"__name__": "reference"}
+exec(REFERENCE, _ref)
+_want, _limits = [], []
+for _args in INPUTS:
+    _t0 = _time.perf_counter()
+    _want.append(_ref[ENTRY](*_copy.deepcopy(_args)))
+    _limits.append(max(MIN_TIME, FACTOR * (_time.perf_counter() - _t0)))
+_signal.signal(_signal.SIGALRM, _alarm)
+_ns = {"__name__": "solution"}
+try:
+    exec(SOLUTION, _ns)
+    _fn = _ns[ENTRY]
+    for _i, _args in enumerate(INPUTS):
+        _signal.setitimer(_signal.ITIMER_REAL, _limits[_i])
+        try:
+            _out = _fn(*_copy.deepcopy(_args))
+        finally:
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
+        if not _same(_out, _want[_i], ENTRY, ATOL):
+            print(f"AssertionError: base input {_i}: got {_out!r:.200}, expected {_want[_i]!r:.200}", file=_sys.stderr)
+            _os._exit(1)
+except _Late:
+    print(f"timed out on base input {_i} (limit {_limits[_i]:.3f}s)", file=_sys.stderr)
+    _os._exit(1)
+except BaseException as _e:
+    print(f"{type(_e).__name__}: {_e}"[:300], file=_sys.stderr)
+    _os._exit(1)
+print(PASSED, flush=True)
+_os._exit(0)
+'''
 
 
-def build_test_program(problem: Problem, solution: str) -> str:
-    """The program that passes iff ``solution`` passes the problem's base tests.
+def base_test_program(problem: Problem, solution: str, passed: str) -> str:
+    """A program that prints ``passed`` iff ``solution`` passes the EvalPlus base tests of ``problem``."""
+    values = {"REFERENCE": repr(problem.reference), "SOLUTION": repr(solution), "ENTRY": repr(problem.entry_point),
+              "INPUTS": repr(list(problem.base_inputs or ())), "ATOL": repr(problem.atol), "PASSED": repr(passed),
+              "MIN_TIME": repr(MIN_TIME_LIMIT), "FACTOR": repr(TIME_LIMIT_FACTOR), "FLOAT_ATOL": repr(FLOAT_ATOL)}
+    return re.sub(r"\b(" + "|".join(values) + r")\b", lambda m: values[m.group(1)], _BASE_TESTS)
+
+
+def build_test_program(problem: Problem, solution: str, passed: str = "") -> str:
+    """A program that passes iff ``solution`` passes the problem's asserts (and then prints ``passed``).
 
     The set-up code runs after the solution: in MBPP it builds test inputs from the
     solution's own classes (e.g. tree ``Node`` objects).
     """
-    return f"{solution}\n\n{problem.setup}\n{problem.tests}\n"
+    tail = f"\nprint({passed!r}, flush=True)\n" if passed else "\n"
+    return f"{solution}\n\n{problem.setup}\n{problem.tests}\n{tail}"
 
 
 @register_task("mbpp")
 class MBPPTask:
-    """MBPP(+) pass@1 on the base tests (see module docstring).
+    """MBPP(+) pass@1 on the base tests (see module docstring for the protocols).
 
     Args:
         name: task name in the experiment.
         data: MBPP / MBPP+ JSONL, or ``hf://evalplus/mbppplus``.
         sandbox: the experiment's SandboxConfig (``allow_code_execution`` must be true).
+        protocol: ``official`` | ``evalplus`` | ``plain`` (default: official for MBPP+ data,
+            plain for the original MBPP file).
         ids: only these sample ids (MBPP ``task_id`` as strings).
         limit: only the first ``limit`` samples.
         max_new_tokens: generation budget per completion (512 as in the paper).
         timeout: seconds per test program (default: sandbox.timeout).
+        memory_mb: memory per test program (default: sandbox.memory_mb).
     """
 
+    Options: ClassVar[type[BaseModel]] = MBPPOptions
+    executes_code: ClassVar[bool] = True
+
     def __init__(self, name: str = "mbpp", data: str | None = None, sandbox: SandboxConfig | None = None, *,
-                 ids: Sequence[Any] | None = None, limit: int | None = None, max_new_tokens: int = 512,
-                 timeout: float | None = None, memory_mb: int | None = None):
+                 protocol: Protocol | None = None, ids: Sequence[Any] | None = None, limit: int | None = None,
+                 max_new_tokens: int = 512, timeout: float | None = None, memory_mb: int | None = None):
+        opts = task_options(MBPPOptions, "mbpp", protocol=protocol, ids=None if ids is None else [str(i) for i in ids],
+                            limit=limit, max_new_tokens=max_new_tokens, timeout=timeout, memory_mb=memory_mb)
         self.name = name
         self.sandbox = sandbox or SandboxConfig()
-        rows = read_rows(data)
-        problems = [_from_row(r) for r in rows]
+        problems = [_from_row(r) for r in read_rows(data)]
         self.problems = {p.id: p for p in problems}
-        self._ids = select_ids([p.id for p in problems], ids, limit)
-        self.max_new_tokens = int(max_new_tokens)
-        self.timeout = float(timeout if timeout is not None else self.sandbox.timeout)
-        self.memory_mb = int(memory_mb if memory_mb is not None else self.sandbox.memory_mb)
+        self._ids = select_ids([p.id for p in problems], opts.ids, opts.limit)
+        plus = bool(problems) and all(p.plus for p in problems)
+        self.protocol: Protocol = opts.protocol or ("official" if plus else "plain")
+        self.max_new_tokens = opts.max_new_tokens
+        self.timeout = float(opts.timeout if opts.timeout is not None else self.sandbox.timeout)
+        self.memory_mb = int(opts.memory_mb if opts.memory_mb is not None else self.sandbox.memory_mb)
 
     def sample_ids(self) -> list[str]:
         return list(self._ids)
+
+    def request(self, problem: Problem) -> GenRequest:
+        """The generation request for one problem under the task's protocol."""
+        if self.protocol == "evalplus":
+            return GenRequest(sample_id=problem.id, turn=0, max_new_tokens=self.max_new_tokens,
+                              messages=({"role": "user", "content": evalplus_message(problem)},))
+        return GenRequest(sample_id=problem.id, turn=0, prompt=official_prompt(problem),
+                          max_new_tokens=self.max_new_tokens, stop=STOP)
+
+    def solution(self, problem: Problem, reply: str) -> str:
+        """The code that is tested for ``reply`` under the task's protocol."""
+        if self.protocol == "official":
+            return official_sanitize(reply, problem.entry_point)
+        return sanitize(strip_prefill(reply) if self.protocol == "plain" else reply)
+
+    def program(self, problem: Problem, solution: str, passed: str) -> str:
+        """The test program: EvalPlus base tests where the row has base inputs (not under ``plain``)."""
+        if problem.base_inputs is not None and (self.protocol != "plain" or not problem.tests):
+            return base_test_program(problem, solution, passed)
+        return build_test_program(problem, solution, passed)
 
     def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
         """Generate one completion per problem (one batch), then run all tests in one sandbox batch.
@@ -207,24 +506,25 @@ class MBPPTask:
         require_code_execution(self.sandbox, self.name)
         start = time.monotonic()
         chosen = select_ids(self._ids, ids, None) if ids is not None else list(self._ids)
-        requests = [GenRequest(sample_id=i, turn=0, prompt=chat_prompt(self.problems[i].prompt),
-                               max_new_tokens=self.max_new_tokens, stop=STOP) for i in chosen]
         try:
-            completions = engine.generate(requests)
+            completions = engine.generate([self.request(self.problems[i]) for i in chosen])
         except Exception as e:  # the model failing is every sample failing, not a crash
             err = f"generation failed: {type(e).__name__}: {e}"
             return task_result(self.name, [SampleResult(i, 0.0, err) for i in chosen], start)
-        solutions = [sanitize(c) for c in completions]
-        programs = [build_test_program(self.problems[i], s) for i, s in zip(chosen, solutions)]
+        # The verdict is a line only the finished test program prints: model code that exits
+        # early (sys.exit(0), os._exit(0)) cannot pass.
+        passed = "cycleqd-passed-" + secrets.token_hex(8)
+        solutions = [self.solution(self.problems[i], c) for i, c in zip(chosen, completions)]
+        programs = [self.program(self.problems[i], s, passed) for i, s in zip(chosen, solutions)]
         runs = run_python_batch(programs, timeout=self.timeout, memory_mb=self.memory_mb,
                                 backend=self.sandbox.backend) if programs else []
         samples = []
         for i, sol, run in zip(chosen, solutions, runs):
-            passed = run.returncode == 0 and not run.timed_out and run.error is None
+            ok = run.returncode == 0 and not run.timed_out and run.error is None and passed in run.stdout
             error = None
-            if not passed:
+            if not ok:
                 tail = (run.stderr.strip().splitlines() or [""])[-1]
-                error = run.error or tail or f"exit code {run.returncode}"
-            samples.append(SampleResult(i, 1.0 if passed else 0.0, error,
+                error = run.error or tail or ("empty solution" if not sol.strip() else f"exit code {run.returncode}")
+            samples.append(SampleResult(i, 1.0 if ok else 0.0, error,
                                         {"solution": sol, "seconds": round(run.seconds, 4)}))
         return task_result(self.name, samples, start)

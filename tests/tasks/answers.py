@@ -1,7 +1,9 @@
 """Replay answer files built from the data's own solutions, as the external oracle check builds them."""
 from __future__ import annotations
 
+import ast
 import json
+import warnings
 from pathlib import Path
 
 
@@ -16,6 +18,26 @@ def mbpp_answers(data: Path, out: Path) -> tuple[Path, Path]:
     good = [{"id": r["task_id"], "turns": ["```python\n" + r["code"] + "\n```"]} for r in rows]
     bad = [{"id": r["task_id"], "turns": ["```python\ndef f():\n    pass\n```"]} for r in rows]
     return write_jsonl(out / "mbpp_good.jsonl", good), write_jsonl(out / "mbpp_bad.jsonl", bad)
+
+
+def mbpp_official_answers(data: Path, out: Path) -> tuple[Path, Path]:
+    """(good, bad) replies as a model writes them after the official prefilled python fence.
+
+    Good: the reference solution in the 4-space layout models write (``ast.unparse``), the
+    closing fence and a line of prose. Bad: a well-formed entry point that returns ``None``.
+    """
+    from cycleqd.tasks.mbpp import entry_point_of
+
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    good, bad = [], []
+    for r in rows:
+        with warnings.catch_warnings():  # reference code has invalid escape sequences
+            warnings.simplefilter("ignore")
+            code = ast.unparse(ast.parse(r["code"]))
+        entry = entry_point_of(r["test_list"][0], r["code"])
+        good.append({"id": r["task_id"], "turns": ["\n" + code + "\n```\n\nThis solves the problem."]})
+        bad.append({"id": r["task_id"], "turns": [f"\ndef {entry}(*args, **kwargs):\n    return None\n```"]})
+    return write_jsonl(out / "mbpp_official_good.jsonl", good), write_jsonl(out / "mbpp_official_bad.jsonl", bad)
 
 
 def dbbench_answers(data: Path, out: Path) -> tuple[Path, Path]:
