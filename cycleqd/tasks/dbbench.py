@@ -15,6 +15,20 @@ Follows the AgentBench protocol (``src/server/tasks/dbbench``):
   ``md5(group_concat(rowhash ORDER BY rowhash))`` over ``rowhash =
   left(md5(concat_ws(',', columns)), 5)``.
 
+``protocol`` picks where the official CycleQD code (fishfarm) and AgentBench differ:
+
+- ``official`` (default): up to ``max_round`` operations, then one more reply that must
+  answer; an ``Operation`` reply without a ```sql block still has its ``Final Answer``
+  read; row ``standard:4`` carries the official copy's label.
+- ``agentbench``: ``max_round`` replies in all (an operation in the last one ends the
+  episode unanswered); an ``Operation`` reply without a ```sql block fails the sample.
+
+Answers are read like ``list(eval(answer))`` in both harnesses, but safely
+(:func:`parse_answer`: literals and arithmetic only). ``data`` may be a JSONL file or
+AgentBench's ``data/dbbench`` folder (``standard.jsonl`` then ``dev.jsonl``; sample ids
+are 0-based indexes into that concatenation); ``select: official`` keeps the rows the
+official code scores (shipped in :mod:`cycleqd.tasks.official`).
+
 Backends: ``sqlite`` (in process, the default; emulates the MySQL behaviour the
 scoring depends on: the table hash with MySQL's 1024-byte ``group_concat``
 limit, case-insensitive text comparison, MySQL-style result rows) and ``mysql``
@@ -24,17 +38,23 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import operator
 import re
 import sqlite3
 import time
 import uuid
-from typing import Any, Protocol, Sequence
+import warnings
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Protocol, Sequence
 from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine
 from cycleqd.registry import register_task
-from cycleqd.tasks._agent import read_rows, run_episodes, select_ids, task_result
+from cycleqd.tasks._agent import read_rows, run_episodes, select_ids, task_options, task_result
+from cycleqd.tasks.official import official_samples
 from cycleqd.tasks.base import SampleResult, TaskResult
 
 PROMPT = """
@@ -59,6 +79,9 @@ Your input will be raw MySQL response, you have to deal with it by yourself.
 """
 
 MUTATING = ("INSERT", "DELETE", "UPDATE")
+SPLITS = ("standard", "dev")  # AgentBench data/dbbench, in the order the official ids count them
+# Labels the official copy of the data carries where AgentBench's file differs: (split, index) -> (AgentBench, official)
+OFFICIAL_LABELS = {("standard", 4): (["Vienna"], ["Vienna International Airport"])}
 MAX_RESULT_CHARS = 800
 GROUP_CONCAT_MAX_LEN = 1024  # MySQL's default; the recorded hashes depend on it
 NO_RESULT = "No result set to fetch from."  # what AgentBench's MySQL client reports for INSERT/UPDATE/DELETE
@@ -253,8 +276,9 @@ class MySQLDatabase:
 class DBEpisode:
     """One DBBench sample played out round by round (see module docstring)."""
 
-    def __init__(self, sample_id: str, row: dict, db: Database, max_round: int):
+    def __init__(self, sample_id: str, row: dict, db: Database, max_round: int, protocol: str = "official"):
         self.sample_id, self.row, self.db, self.max_round = sample_id, row, db, max_round
+        self.protocol = protocol
         self.messages = [
             {"role": "user", "content": PROMPT},
             {"role": "assistant", "content": "Ok."},
@@ -273,35 +297,157 @@ class DBEpisode:
         action = _ACTION.search(reply)
         if action and action.group(1) == "Operation" and self.rounds < self.max_round:
             m = _SQL.search(reply)
-            if not m:
+            if m:
+                result = self.db.execute(m.group(1).strip().replace("\n", " "))
+                self.messages.append({"role": "user", "content": result or ""})
+                self.rounds += 1
+                if self.protocol == "agentbench" and self.turn >= self.max_round:
+                    self.status, self.done = "round limit", True
+                return
+            if self.protocol == "agentbench":
                 self.status, self.done = "invalid action: no ```sql block", True
                 return
-            result = self.db.execute(m.group(1).strip().replace("\n", " "))
-            self.messages.append({"role": "user", "content": result or ""})
-            self.rounds += 1
-            return
+            # the official code falls through and reads the reply's final answer
         m = _ANSWER.search(reply)
         self.answer = m.group(1) if m else ""
         self.status = "answered" if m else ("round limit" if self.rounds >= self.max_round else "no answer")
         self.done = True
 
 
-def answer_is_correct(answer: str, label: Sequence[Any]) -> bool:
-    """AgentBench's SELECT check: one value compares as floats when both parse, several as sets."""
+def _pow(a: Any, b: Any) -> Any:
+    if isinstance(b, (int, float)) and abs(b) > 1000:  # eval would compute it; an answer never needs it
+        raise ValueError("power too large")
+    return operator.pow(a, b)
+
+
+def _mul(a: Any, b: Any) -> Any:
+    for seq, n in ((a, b), (b, a)):
+        if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int) and len(seq) * n > 100_000:
+            raise ValueError("repetition too large")
+    return operator.mul(a, b)
+
+
+_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: _mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: _pow}
+_UNOPS: dict[type, Callable[[Any], Any]] = {
+    ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_, ast.Invert: operator.invert}
+
+
+def _value(node: ast.AST) -> Any:
+    """The value of a literal expression with arithmetic, as ``eval`` gives it; anything else raises."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        items = [_value(e) for e in node.elts]
+        return {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)](items)
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise ValueError("dict unpacking")
+        return {_value(k): _value(v) for k, v in zip(node.keys, node.values)}  # type: ignore[arg-type]
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
+        return _UNOPS[type(node.op)](_value(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_value(node.left), _value(node.right))
+    raise ValueError(f"not a literal: {type(node).__name__}")
+
+
+def parse_answer(answer: str) -> list:
+    """``list(eval(answer))`` as the official code and AgentBench compute it, without running code.
+
+    Literals (strings, numbers, lists, tuples, sets, dicts, True / False / None) and
+    arithmetic on them are evaluated as ``eval`` would; any other expression (a name, a
+    call) is what makes ``eval`` fail in practice, and gives ``[answer]`` as there. A
+    string becomes its characters and a dict its keys, as ``list`` makes them.
+    """
     try:
-        ans = list(ast.literal_eval(answer.strip()))
-    except Exception:  # any non-list answer is a one-element answer, as in AgentBench
-        ans = [answer]
+        with warnings.catch_warnings():  # answers hold invalid escape sequences
+            warnings.simplefilter("ignore")
+            tree = ast.parse(answer.lstrip(" \t"), mode="eval")
+        return list(_value(tree.body))
+    except (SyntaxError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError):
+        return [answer]
+
+
+def answer_is_correct(answer: str, label: Sequence[Any]) -> bool:
+    """The SELECT check of both harnesses: one value compares as floats when both parse, several as sets."""
+    ans = parse_answer(answer)
     cor = list(label)
     if len(ans) == 1 and len(cor) == 1:
         try:
             return float(ans[0]) == float(cor[0])
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             return ans[0] == cor[0]
     try:
         return set(ans) == set(cor)
     except TypeError:
         return False
+
+
+class DBBenchOptions(BaseModel):
+    """Options of the ``dbbench`` task (see :class:`DBBenchTask`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: Literal["official", "agentbench"] = "official"
+    select: Literal["all", "official"] = "all"
+    backend: str = "sqlite"
+    url: str | None = None
+    max_round: int = Field(5, ge=1)
+    ids: list[str] | None = None
+    limit: int | None = Field(None, ge=0)
+    max_new_tokens: int = Field(512, ge=1)
+    workers: int = Field(8, ge=1)
+
+
+def load_dbbench(data: str | None) -> list[tuple[str, int, dict]]:
+    """(split, index in its file, row) for a DBBench JSONL file or AgentBench's ``data/dbbench`` folder.
+
+    A folder gives ``standard.jsonl`` then ``dev.jsonl`` (those present); a file's split is its stem.
+
+    Raises:
+        ConfigError: no data, a folder without either file, or rows that are not DBBench samples.
+    """
+    if data and not data.startswith("hf://") and Path(data).is_dir():
+        files = [Path(data) / f"{split}.jsonl" for split in SPLITS]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise ConfigError(f"{data}: an AgentBench data/dbbench folder holds standard.jsonl and dev.jsonl")
+        parts = [(f.stem, str(f)) for f in files]
+    else:
+        parts = [(Path(data).stem if data and not data.startswith("hf://") else "rows", data)]
+    out: list[tuple[str, int, dict]] = []
+    for split, path in parts:
+        for i, r in enumerate(read_rows(path)):
+            if not isinstance(r.get("table"), dict) or "type" not in r:
+                raise ConfigError(f"{path}: record {i} is not a DBBench sample (needs table and type)")
+            out.append((split, i, r))
+    return out
+
+
+def official_ids(rows: Sequence[tuple[str, int, dict]], data: str | None) -> list[str]:
+    """Sample ids of the official selection among ``rows`` (those of the splits present).
+
+    Raises:
+        ConfigError: none of the official rows is in the data, or an index lies beyond its file.
+    """
+    where = {(split, i): n for n, (split, i, _) in enumerate(rows)}
+    sizes: dict[str, int] = {}
+    for split, i, _ in rows:
+        sizes[split] = max(sizes.get(split, 0), i + 1)
+    chosen = []
+    for item in official_samples("dbbench")["rows"]:
+        key = (item["split"], int(item["index"]))
+        if key[0] not in sizes:
+            continue
+        if key not in where:
+            raise ConfigError(f"{data}: the official row {key[0]}:{key[1]} is beyond the {sizes[key[0]]} rows of "
+                              f"{key[0]}.jsonl (not AgentBench's file?)")
+        chosen.append(str(where[key]))
+    if not chosen:
+        raise ConfigError(f"{data}: select official needs AgentBench's standard.jsonl or dev.jsonl "
+                          "(a file of that name, or the data/dbbench folder)")
+    return chosen
 
 
 @register_task("dbbench")
@@ -310,34 +456,51 @@ class DBBenchTask:
 
     Args:
         name: task name in the experiment.
-        data: DBBench JSONL (``description, add_description, table, label, type, answer_md5``).
+        data: DBBench JSONL (``description, add_description, table, label, type, answer_md5``), or
+            AgentBench's ``data/dbbench`` folder (``standard.jsonl`` then ``dev.jsonl``).
         sandbox: the experiment's SandboxConfig (SQL runs in a database, not the sandbox).
+        protocol: ``official`` (the official CycleQD code) or ``agentbench`` (see module docstring).
+        select: ``all`` rows, or the ``official`` selection (341 of AgentBench's 360).
         backend: ``sqlite`` or ``mysql``.
         url: ``mysql://user:password@127.0.0.1:3306/`` for the mysql backend.
         max_round: SQL operations allowed per sample (AgentBench: 5).
-        ids / limit: evaluate a subset.
+        ids / limit: evaluate a subset (of the selection).
         max_new_tokens: per reply.
         workers: samples whose SQL runs at the same time.
     """
 
+    Options: ClassVar[type[BaseModel]] = DBBenchOptions
+    executes_code: ClassVar[bool] = False
+
     def __init__(self, name: str = "dbbench", data: str | None = None, sandbox: SandboxConfig | None = None, *,
-                 backend: str = "sqlite", url: str | None = None, max_round: int = 5,
-                 ids: Sequence[Any] | None = None, limit: int | None = None, max_new_tokens: int = 512,
-                 workers: int = 8):
-        if backend not in ("sqlite", "mysql"):
-            raise ConfigError(f"dbbench backend must be 'sqlite' or 'mysql', got {backend!r}")
-        if backend == "mysql":
-            if not url:
+                 protocol: str = "official", select: str = "all", backend: str = "sqlite", url: str | None = None,
+                 max_round: int = 5, ids: Sequence[Any] | None = None, limit: int | None = None,
+                 max_new_tokens: int = 512, workers: int = 8):
+        opts = task_options(DBBenchOptions, "dbbench", protocol=protocol, select=select, backend=backend, url=url,
+                            max_round=max_round, ids=None if ids is None else [str(i) for i in ids], limit=limit,
+                            max_new_tokens=max_new_tokens, workers=workers)
+        if opts.backend not in ("sqlite", "mysql"):
+            raise ConfigError(f"dbbench backend must be 'sqlite' or 'mysql', got {opts.backend!r}")
+        if opts.backend == "mysql":
+            if not opts.url:
                 raise ConfigError("dbbench backend 'mysql' needs url: mysql://user:password@host:port/")
-            parse_mysql_url(url)
-        self.name, self.backend, self.url = name, backend, url
+            parse_mysql_url(opts.url)
+        self.name, self.backend, self.url = name, opts.backend, opts.url
+        self.protocol, self.select = opts.protocol, opts.select
         self.sandbox = sandbox or SandboxConfig()
-        self.rows = read_rows(data)
-        for i, r in enumerate(self.rows):
-            if not isinstance(r.get("table"), dict) or "type" not in r:
-                raise ConfigError(f"{data}: record {i} is not a DBBench sample (needs table and type)")
-        self._ids = select_ids([str(i) for i in range(len(self.rows))], ids, limit)
-        self.max_round, self.max_new_tokens, self.workers = int(max_round), int(max_new_tokens), int(workers)
+        loaded = load_dbbench(data)
+        self.rows = [self._official_label(split, i, r) for split, i, r in loaded]
+        self.sources = [(split, i) for split, i, _ in loaded]
+        pool = official_ids(loaded, data) if self.select == "official" else [str(i) for i in range(len(self.rows))]
+        self._ids = select_ids(pool, opts.ids, opts.limit)
+        self.max_round, self.max_new_tokens, self.workers = opts.max_round, opts.max_new_tokens, opts.workers
+
+    def _official_label(self, split: str, index: int, row: dict) -> dict:
+        """The row with the official copy's label where that differs from AgentBench's (official protocol)."""
+        fix = OFFICIAL_LABELS.get((split, index))
+        if self.protocol == "official" and fix and row.get("label") == fix[0]:
+            return dict(row, label=list(fix[1]))
+        return row
 
     def sample_ids(self) -> list[str]:
         return list(self._ids)
@@ -351,14 +514,18 @@ class DBBenchTask:
         return SQLiteDatabase(t["table_name"], columns, rows)
 
     def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
-        """Play every chosen sample (all live samples share one generate call per round)."""
+        """Play every chosen sample (all live samples share one generate call per round).
+
+        Quality is the share of correct rows among the chosen ones (a micro-average, as officially).
+        """
         start = time.monotonic()
         chosen = select_ids(self._ids, ids, None) if ids is not None else list(self._ids)
         episodes: list[DBEpisode] = []
         failed: dict[str, str] = {}
         for i in chosen:
             try:
-                episodes.append(DBEpisode(i, self.rows[int(i)], self._open(self.rows[int(i)]), self.max_round))
+                episodes.append(DBEpisode(i, self.rows[int(i)], self._open(self.rows[int(i)]), self.max_round,
+                                          self.protocol))
             except Exception as e:  # a table that cannot be built is that sample's failure
                 failed[i] = f"could not create the table: {type(e).__name__}: {e}"
         errors = run_episodes(engine, episodes, max_new_tokens=self.max_new_tokens, workers=self.workers)
@@ -383,7 +550,9 @@ class DBBenchTask:
     def _score(self, ep: DBEpisode, error: str | None) -> SampleResult:
         row = ep.row
         kind = row["type"][0]
-        detail: dict[str, Any] = {"type": kind, "rounds": ep.rounds, "status": ep.status, "answer": ep.answer}
+        split, index = self.sources[int(ep.sample_id)]
+        detail: dict[str, Any] = {"type": kind, "rounds": ep.rounds, "status": ep.status, "answer": ep.answer,
+                                  "source": f"{split}:{index}"}
         if kind in MUTATING:
             got = ep.db.table_hash()
             detail["hash"] = got

@@ -9,7 +9,8 @@ from answers import dbbench_answers, write_jsonl
 from cycleqd.config import ConfigError
 from cycleqd.engine.replay import ReplayEngine
 from cycleqd.score import score
-from cycleqd.tasks.dbbench import DBBenchTask, SQLiteDatabase, answer_is_correct, table_hash
+from cycleqd.tasks.dbbench import DBBenchTask, SQLiteDatabase, answer_is_correct, parse_answer, table_hash
+from cycleqd.tasks.official import official_samples
 
 
 def test_answer_check_matches_agentbench() -> None:
@@ -112,3 +113,119 @@ def test_gold_answers_on_mariadb(shared_data, tmp_path, mariadb_url) -> None:
                       options={"backend": "mysql", "url": mariadb_url})
     on_sqlite = score("dbbench", str(data), answers=str(good), ids=[str(i) for i in mod])
     assert [s.detail["hash"] for s in on_server.samples] == [s.detail["hash"] for s in on_sqlite.samples]
+
+
+class TestAnswers:
+    """Answers are read like the official ``list(eval(answer))``, without running code."""
+
+    def test_every_label_in_dev_parses_as_eval_reads_it(self, shared_data) -> None:
+        rows = [json.loads(line) for line in (shared_data / "agentbench/dbbench/dev.jsonl").read_text().splitlines()]
+        for r in rows:
+            for text in (" " + json.dumps(r["label"]), " " + repr(r["label"]), json.dumps(r["label"], ensure_ascii=False)):
+                assert parse_answer(text) == list(eval(text)), text  # eval of the data's own labels
+            if r["type"][0] not in ("INSERT", "UPDATE", "DELETE"):
+                assert answer_is_correct(" " + json.dumps(r["label"]), r["label"])
+
+    def test_eval_semantics_kept(self) -> None:
+        assert parse_answer(" [1 + 2, -4.5]") == [3, -4.5]        # arithmetic is evaluated, as by eval
+        assert parse_answer(' "ab"') == ["a", "b"]                 # list() of a string: its characters
+        assert parse_answer(' {"k": 1}') == ["k"]
+        assert parse_answer(" 7") == [" 7"] and answer_is_correct(" 7", ["7.0"])  # list(7) fails: raw text
+        assert parse_answer(" (1, 2)") == [1, 2] and parse_answer("1, 2") == [1, 2]
+
+    def test_no_code_runs(self) -> None:
+        for text in (" __import__('os').system('touch /tmp/pwned-db')", " [open('/etc/passwd').read()]",
+                     " [x for x in range(3)]", " [2 ** 100000]", " ['a'] * 10 ** 9", " [lambda: 1]", " [null]"):
+            assert parse_answer(text) == [text]
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _agentbench_dbbench(tmp_path, shared_data, with_standard: bool):
+    """An AgentBench-shaped data/dbbench folder: dev.jsonl, and a 300-row standard.jsonl made of dev rows."""
+    folder = tmp_path / "AgentBench" / "data" / "dbbench"
+    folder.mkdir(parents=True)
+    dev = _rows(shared_data / "agentbench/dbbench/dev.jsonl")
+    write_jsonl(folder / "dev.jsonl", dev)
+    if with_standard:
+        std = [dict(dev[i % len(dev)]) for i in range(300)]
+        std[4] = dict(dev[6], label=["Vienna"])  # a one-value row, labelled as AgentBench's standard:4
+        write_jsonl(folder / "standard.jsonl", std)
+    return folder, dev
+
+
+class TestOfficialSelection:
+    def test_folder_with_dev_only(self, shared_data, tmp_path) -> None:
+        folder, dev = _agentbench_dbbench(tmp_path, shared_data, with_standard=False)
+        task = DBBenchTask(data=str(folder), select="official")
+        want = [str(r["index"]) for r in official_samples("dbbench")["rows"] if r["split"] == "dev"]
+        assert task.sample_ids() == want and len(want) == 54
+        assert DBBenchTask(data=str(folder)).sample_ids() == [str(i) for i in range(60)]
+        # one file named like AgentBench's selects the same rows
+        assert DBBenchTask(data=str(folder / "dev.jsonl"), select="official").sample_ids() == want
+
+    def test_standard_then_dev_as_the_official_ids_count(self, shared_data, tmp_path) -> None:
+        folder, dev = _agentbench_dbbench(tmp_path, shared_data, with_standard=True)
+        task = DBBenchTask(data=str(folder), select="official")
+        official = official_samples("dbbench")["rows"]
+        assert len(task.sample_ids()) == len(official) == 341
+        assert task.sample_ids() == [str(r["index"] + (300 if r["split"] == "dev" else 0)) for r in official]
+        assert task.sources[300] == ("dev", 0) and task.rows[300] == dev[0]
+        # the official copy's label of standard:4; AgentBench's own under the agentbench protocol
+        assert task.rows[4]["label"] == ["Vienna International Airport"]
+        assert DBBenchTask(data=str(folder), protocol="agentbench").rows[4]["label"] == ["Vienna"]
+
+    def test_not_agentbench_data(self, tmp_path) -> None:
+        with pytest.raises(ConfigError, match="standard.jsonl"):
+            DBBenchTask(data=str(tmp_path), select="official")
+        row = {"type": ["counting"], "label": ["1"], "table": {"table_name": "t", "table_info": {"columns": [], "rows": []}}}
+        with pytest.raises(ConfigError, match="select official"):
+            DBBenchTask(data=str(write_jsonl(tmp_path / "mine.jsonl", [row])), select="official")
+        with pytest.raises(ConfigError, match="select"):
+            DBBenchTask(data=str(tmp_path / "mine.jsonl"), select="some")
+
+
+def test_official_oracle_on_dev_through_the_folder(shared_data, tmp_path) -> None:
+    folder, _ = _agentbench_dbbench(tmp_path, shared_data, with_standard=False)
+    good, bad = dbbench_answers(folder / "dev.jsonl", tmp_path)
+    res_good, res_bad = _replay(folder, good, bad, select="official", protocol="official")
+    print(f"DBBench dev, official selection: good {res_good.quality:.4f} of {res_good.n}, bad {res_bad.quality:.4f}")
+    assert res_good.n == 54 and res_good.quality >= 0.99
+    assert res_bad.quality <= 0.01
+
+
+class TestProtocols:
+    def _row(self):
+        return {"description": "How many?", "add_description": "Table t.", "type": ["counting"], "label": ["2"],
+                "table": {"table_name": "t", "table_info": {"columns": [{"name": "a", "type": "TEXT"}],
+                                                            "rows": [["1"], ["2"]]}}}
+
+    def test_operation_without_sql_reads_the_final_answer_officially(self, tmp_path) -> None:
+        data = write_jsonl(tmp_path / "d.jsonl", [self._row()])
+        reply = "I know it.\nAction: Operation\nFinal Answer: [\"2\"]"
+        answers = write_jsonl(tmp_path / "a.jsonl", [{"id": 0, "turns": [reply]}])
+        assert DBBenchTask(data=str(data)).evaluate(ReplayEngine(answers)).quality == 1.0
+        res = DBBenchTask(data=str(data), protocol="agentbench").evaluate(ReplayEngine(answers))
+        assert res.quality == 0.0 and "invalid action" in res.samples[0].detail["status"]
+
+    def test_rounds(self, tmp_path) -> None:
+        # five operations, then the answer: a sixth reply officially, past AgentBench's five
+        data = write_jsonl(tmp_path / "d.jsonl", [self._row()])
+        turns = ["Action: Operation\n```sql\nSELECT COUNT(*) FROM t\n```"] * 5 + ["Action: Answer\nFinal Answer: [\"2\"]"]
+        answers = write_jsonl(tmp_path / "a.jsonl", [{"id": 0, "turns": turns}])
+        assert DBBenchTask(data=str(data)).evaluate(ReplayEngine(answers)).quality == 1.0
+        res = DBBenchTask(data=str(data), protocol="agentbench").evaluate(ReplayEngine(answers))
+        assert res.quality == 0.0 and res.samples[0].detail["status"] == "round limit"
+
+    def test_options_are_typed(self, tmp_path) -> None:
+        import inspect
+
+        kw = [p.name for p in inspect.signature(DBBenchTask.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        assert sorted(kw) == sorted(DBBenchTask.Options.model_fields) and DBBenchTask.executes_code is False
+        data = str(write_jsonl(tmp_path / "d.jsonl", [self._row()]))
+        with pytest.raises(ConfigError, match="protocol"):
+            DBBenchTask(data=data, protocol="evalplus")
+        with pytest.raises(ConfigError, match="max_round"):
+            DBBenchTask(data=data, max_round=0)
