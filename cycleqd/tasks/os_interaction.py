@@ -8,6 +8,19 @@ longer than 800, and the same judging: ``match`` (exact after strip, or regex) o
 a chain of ``check`` scripts where ``null`` runs the ``example`` script and each
 script receives the answer and the previous scripts' outputs as arguments.
 
+``protocol`` picks where the official CycleQD code (fishfarm) and AgentBench differ:
+``official`` (default) uses fishfarm's wording of the prompt and judges *every* episode,
+one that ends without an answer (an invalid action, the round limit, a failed step)
+with the answer ``""``, so a check that looks only at the machine can still pass;
+``agentbench`` fails such episodes unjudged.
+
+``data`` may be a problem file (JSON list / JSONL) or AgentBench's ``data/os_interaction``
+folder: every problem file ``data/<n>.json`` and ``data/<n>/*.json``, numbered ones in
+number order then the rest (``dev.json``) by name, each file's scripts in
+``scripts/<n>/``; sample ids are 0-based indexes into that concatenation.
+``select: official`` keeps the problems the official code scores (shipped in
+:mod:`cycleqd.tasks.official`), ``runs: 5`` averages five plays as it does.
+
 Each episode runs in a fresh :class:`cycleqd.sandbox.os_env.OSSession` (bubblewrap,
 Ubuntu-like writable layer): ``create.init`` scripts run as separate processes,
 ``start`` runs inside the agent's shell, as in AgentBench's containers. The whole
@@ -17,17 +30,21 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution
 from cycleqd.sandbox.os_env import OSSession
-from cycleqd.tasks._agent import error_text, read_rows, run_episodes, select_ids, task_result
+from cycleqd.tasks._agent import error_text, read_rows, run_episodes, select_ids, task_options, task_result
+from cycleqd.tasks.official import official_samples
 from cycleqd.tasks.base import SampleResult, TaskResult
 
 PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
@@ -55,6 +72,9 @@ Think: put your thought here.
 Act: answer(Your answer to the question should be put in this pair of parentheses)
 
 If the output is too long, I will truncate it. The truncated output is not complete. You have to deal with the truncating problem by yourself. Attention, your bash code should not contain any input operation. Once again, you should take only exact one of the three actions in each turn.\n\n"""  # noqa: W291
+
+# fishfarm's wording of the same prompt (its one difference: "I'will play the role")
+OFFICIAL_PROMPT = PROMPT.replace("I will play the role", "I'will play the role", 1)
 
 ONE_SHOT = [
     {"role": "user", "content": 'tell me how many files are in the directory "/etc"?'},
@@ -103,8 +123,10 @@ def _load_script(obj: Any, root: Path) -> Script | None:
     raise ConfigError(f"script object without file or code: {obj!r}")
 
 
-def load_problems(rows: Sequence[dict], scripts: Path) -> list[OSProblem]:
+def load_problems(rows: Sequence[dict], scripts: Path, *, source: str = "", first_id: int = 0) -> list[OSProblem]:
     """AgentBench OS configs -> problems (``file`` scripts are read relative to ``scripts``).
+
+    Problem ``k`` of ``rows`` gets the id ``first_id + k`` and ``extra`` ``{"file": source, "index": k}``.
 
     Raises:
         ConfigError: a record without ``description`` / ``evaluation``, or a missing script.
@@ -129,10 +151,86 @@ def load_problems(rows: Sequence[dict], scripts: Path) -> list[OSProblem]:
                 example = _load_script(ev["example"], scripts)
         else:
             raise ConfigError(f"OS record {i}: evaluation needs match or check")
-        out.append(OSProblem(id=str(i), description=item["description"], init=tuple(init),
+        out.append(OSProblem(id=str(first_id + i), description=item["description"], init=tuple(init),
                              start=_load_script(item.get("start"), scripts), match=match, check=check,
-                             example=example))
+                             example=example, extra={"file": source, "index": i}))
     return out
+
+
+def _number_first(p: Path) -> tuple:
+    stem = p.stem if p.is_file() else p.name
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, p.name)
+
+
+def problem_files(data: str, scripts: str | None = None) -> list[tuple[str, Path, Path]]:
+    """(name relative to AgentBench's ``data/os_interaction/data``, problem file, its scripts folder).
+
+    ``data`` is AgentBench's ``data/os_interaction`` folder (or its ``data`` folder), or one
+    problem file: inside such a checkout its scripts are ``scripts/<n>/`` for ``data/<n>/x.json``
+    or ``data/<n>.json``; elsewhere ``scripts/<file stem>/`` beside the file. ``scripts``
+    overrides the folder of a single file.
+
+    Raises:
+        ConfigError: a folder that is not laid out like AgentBench's.
+    """
+    path = Path(data)
+    if path.is_dir():
+        root = path if (path / "data").is_dir() else path.parent
+        if not (root / "data").is_dir() or not (root / "scripts").is_dir():
+            raise ConfigError(f"{data}: expected AgentBench's data/os_interaction folder (with data/ and scripts/)")
+        out = []
+        for entry in sorted((root / "data").iterdir(), key=_number_first):
+            if entry.is_dir():
+                files = sorted(f for f in entry.iterdir() if f.suffix in (".json", ".jsonl"))
+                out += [(f"{entry.name}/{f.name}", f, root / "scripts" / entry.name) for f in files]
+            elif entry.suffix in (".json", ".jsonl"):
+                out.append((entry.name, entry, root / "scripts" / entry.stem))
+        if not out:
+            raise ConfigError(f"{data}: no problem files in {root / 'data'}")
+        return out
+    parent = path.parent
+    if parent.name == "data" and (parent.parent / "scripts").is_dir():
+        name, folder = path.name, parent.parent / "scripts" / path.stem
+    elif parent.parent.name == "data" and (parent.parent.parent / "scripts").is_dir():
+        name, folder = f"{parent.name}/{path.name}", parent.parent.parent / "scripts" / parent.name
+    else:
+        name, folder = path.name, parent / "scripts" / path.stem
+    return [(name, path, Path(scripts) if scripts else folder)]
+
+
+def official_selection(problems: Sequence[OSProblem], data: str) -> list[str]:
+    """Ids of the official problems among ``problems`` (those of the problem files present).
+
+    The official list names AgentBench's files; a file renamed since (``renamed`` in the
+    list) is found under its new name. Files of the list that are absent are skipped with a
+    warning, so one problem file (e.g. ``dev.json``) selects its own official problems.
+
+    Raises:
+        ConfigError: an official index beyond its file, or no official problem in the data.
+    """
+    spec = official_samples("os_interaction")
+    renamed = {old: new.split(" ", 1)[0] for old, new in spec.get("renamed", {}).items()}
+    where = {(p.extra["file"], p.extra["index"]): p.id for p in problems}
+    sizes: dict[str, int] = {}
+    for p in problems:
+        sizes[p.extra["file"]] = sizes.get(p.extra["file"], 0) + 1
+    chosen, missing = [], set()
+    for item in spec["problems"]:
+        name = item["file"] if item["file"] in sizes else renamed.get(item["file"], item["file"])
+        if name not in sizes:
+            missing.add(item["file"])
+            continue
+        if (name, int(item["index"])) not in where:
+            raise ConfigError(f"{data}: official problem {item['index']} of {name} is beyond its "
+                              f"{sizes[name]} problems (not AgentBench's file?)")
+        chosen.append(where[(name, int(item["index"]))])
+    if not chosen:
+        raise ConfigError(f"{data}: none of the official OS problem files is here (AgentBench's "
+                          "data/os_interaction folder, or one of its problem files such as dev.json)")
+    if missing and Path(data).is_dir():
+        warnings.warn(f"{data}: official problem files not found, their problems are left out: {sorted(missing)}",
+                      stacklevel=3)
+    return chosen
 
 
 def extract_action(raw: str) -> dict[str, Any]:
@@ -168,12 +266,13 @@ def os_feedback(output: str) -> str:
 class OSEpisode:
     """One OS problem played round by round in its own session."""
 
-    def __init__(self, problem: OSProblem, session: OSSession, max_rounds: int, command_timeout: float):
+    def __init__(self, problem: OSProblem, session: OSSession, max_rounds: int, command_timeout: float,
+                 prompt: str = PROMPT):
         self.sample_id = problem.id
         self.problem, self.session = problem, session
         self.max_rounds, self.command_timeout = max_rounds, command_timeout
         first = dict(ONE_SHOT[0])
-        first["content"] = PROMPT + "Now, my problem is:\n\n" + first["content"]
+        first["content"] = prompt + "Now, my problem is:\n\n" + first["content"]
         self.messages = [first, *[dict(m) for m in ONE_SHOT[1:]],
                          {"role": "user", "content": "Now, I will start a new problem in a new OS. "
                                                      "My problem is:\n\n" + problem.description}]
@@ -223,40 +322,76 @@ def judge(problem: OSProblem, answer: str | None, session: OSSession, timeout: f
     return True
 
 
+class OSInteractionOptions(BaseModel):
+    """Options of the ``os_interaction`` task (see :class:`OSInteractionTask`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: Literal["official", "agentbench"] = "official"
+    select: Literal["all", "official"] = "all"
+    scripts: str | None = None
+    runs: int = Field(1, ge=1)
+    max_rounds: int = Field(5, ge=1)
+    command_timeout: float = Field(10.0, gt=0)
+    ids: list[str] | None = None
+    limit: int | None = Field(None, ge=0)
+    max_new_tokens: int = Field(512, ge=1)
+    workers: int = Field(4, ge=1)
+    memory_mb: int | None = Field(None, ge=64)
+
+
 @register_task("os_interaction")
 class OSInteractionTask:
     """AgentBench OS interaction in the bubblewrap sandbox (see module docstring).
 
     Args:
         name: task name in the experiment.
-        data: AgentBench OS JSON/JSONL (a list of configs).
+        data: an AgentBench OS problem file (JSON list / JSONL), or AgentBench's
+            ``data/os_interaction`` folder (every problem file, each with its scripts folder).
         sandbox: the experiment's SandboxConfig (``allow_code_execution`` must be true).
-        scripts: folder the ``file`` scripts are relative to (default: ``scripts/<data stem>``
-            beside the data file, as in AgentBench's layout).
-        runs: how many times the whole evaluation is repeated and averaged (paper: 5).
+        protocol: ``official`` (the official CycleQD code) or ``agentbench`` (see module docstring).
+        select: ``all`` problems, or the ``official`` selection (110 of AgentBench's 170).
+        scripts: folder a single problem file's ``file`` scripts are relative to (default:
+            AgentBench's ``scripts/<n>/``, or ``scripts/<data stem>`` beside the file).
+        runs: how many times the whole evaluation is repeated and averaged (officially 5).
         max_rounds: model turns per episode (CycleQD: 5).
         command_timeout: seconds per bash action.
-        ids / limit: evaluate a subset.
+        ids / limit: evaluate a subset (of the selection).
         max_new_tokens: per reply.
         workers: episodes acting at the same time.
+        memory_mb: memory of an episode's machine (default: max(sandbox.memory_mb, 2048)).
     """
 
+    Options: ClassVar[type[BaseModel]] = OSInteractionOptions
+    executes_code: ClassVar[bool] = True
+
     def __init__(self, name: str = "os_interaction", data: str | None = None, sandbox: SandboxConfig | None = None,
-                 *, scripts: str | None = None, runs: int = 1, max_rounds: int = 5, command_timeout: float = 10.0,
-                 ids: Sequence[Any] | None = None, limit: int | None = None, max_new_tokens: int = 512,
-                 workers: int = 4, memory_mb: int | None = None):
+                 *, protocol: str = "official", select: str = "all", scripts: str | None = None, runs: int = 1,
+                 max_rounds: int = 5, command_timeout: float = 10.0, ids: Sequence[Any] | None = None,
+                 limit: int | None = None, max_new_tokens: int = 512, workers: int = 4, memory_mb: int | None = None):
+        opts = task_options(OSInteractionOptions, "os_interaction", protocol=protocol, select=select, scripts=scripts,
+                            runs=runs, max_rounds=max_rounds, command_timeout=command_timeout,
+                            ids=None if ids is None else [str(i) for i in ids], limit=limit,
+                            max_new_tokens=max_new_tokens, workers=workers, memory_mb=memory_mb)
         self.name = name
         self.sandbox = sandbox or SandboxConfig()
-        rows = read_rows(data)
-        if scripts is None and data and not data.startswith("hf://"):
-            scripts = str(Path(data).parent / "scripts" / Path(data).stem)
-        self.problems = load_problems(rows, Path(scripts or "."))
-        self._ids = select_ids([p.id for p in self.problems], ids, limit)
-        if runs < 1 or max_rounds < 1:
-            raise ConfigError("os_interaction needs runs >= 1 and max_rounds >= 1")
-        self.runs, self.max_rounds = int(runs), int(max_rounds)
-        self.command_timeout, self.max_new_tokens, self.workers = float(command_timeout), int(max_new_tokens), int(workers)
-        self.memory_mb = int(memory_mb if memory_mb is not None else max(self.sandbox.memory_mb, 2048))
+        self.protocol, self.select = opts.protocol, opts.select
+        if not data:
+            raise ConfigError("task needs `data` (an AgentBench OS problem file or data/os_interaction folder)")
+        if data.startswith("hf://"):
+            self.problems = load_problems(read_rows(data), Path(opts.scripts or "."), source=data)
+        else:
+            if not Path(data).exists():
+                raise ConfigError(f"data {data!r} not found")
+            self.problems = []
+            for source, path, folder in problem_files(data, opts.scripts):
+                self.problems += load_problems(read_rows(str(path)), folder, source=source,
+                                               first_id=len(self.problems))
+        pool = official_selection(self.problems, data) if self.select == "official" else [p.id for p in self.problems]
+        self._ids = select_ids(pool, opts.ids, opts.limit)
+        self.runs, self.max_rounds = opts.runs, opts.max_rounds
+        self.command_timeout, self.max_new_tokens, self.workers = opts.command_timeout, opts.max_new_tokens, opts.workers
+        self.memory_mb = int(opts.memory_mb if opts.memory_mb is not None else max(self.sandbox.memory_mb, 2048))
 
     def sample_ids(self) -> list[str]:
         return list(self._ids)
@@ -274,6 +409,15 @@ class OSInteractionTask:
             raise
         return session
 
+    def _prompt(self) -> str:
+        return OFFICIAL_PROMPT if self.protocol == "official" else PROMPT
+
+    def _verdict(self, ep: OSEpisode) -> bool:
+        """Officially every episode is judged, one that never answered with ``""``; AgentBench fails it."""
+        if ep.committed:
+            return judge(ep.problem, ep.answer, ep.session)
+        return self.protocol == "official" and judge(ep.problem, "", ep.session)
+
     def _one_run(self, engine: Engine, chosen: list[str]) -> dict[str, tuple[float, str | None, dict]]:
         by_id = {p.id: p for p in self.problems}
         episodes: list[OSEpisode] = []
@@ -290,7 +434,7 @@ class OSInteractionTask:
         def start(i: str) -> None:
             try:
                 episodes.append(OSEpisode(by_id[i], self._start(by_id[i], sessions[i]), self.max_rounds,
-                                          self.command_timeout))
+                                          self.command_timeout, self._prompt()))
             except Exception as e:
                 out[i] = (0.0, f"set-up failed: {error_text(e)}", {})
 
@@ -313,7 +457,7 @@ class OSInteractionTask:
             def finish(ep: OSEpisode) -> None:
                 detail = {"status": ep.status, "answer": ep.answer, "turns": ep.turn}
                 try:
-                    ok = ep.committed and judge(ep.problem, ep.answer, ep.session)
+                    ok = self._verdict(ep)
                     out[ep.sample_id] = (1.0 if ok else 0.0, errors.get(ep.sample_id), detail)
                 except Exception as e:  # a judge that cannot run is a failed sample
                     out[ep.sample_id] = (0.0, f"judging failed: {error_text(e)}", detail)

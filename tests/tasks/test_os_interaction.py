@@ -96,3 +96,132 @@ def test_runs_are_averaged(shared_data) -> None:
                              ids=["6", "13"], runs=2)
     res = task.evaluate(OSOracleEngine(task.problems))
     assert res.quality == 1.0 and all(s.detail["scores"] == [1.0, 1.0] for s in res.samples)
+
+
+# Dev problems whose own check cannot pass a correct answer, with the reason.
+BROKEN_DEV = {"8": "check/size-match.py calls int() on du's '4.0K' (int('4.0') raises), so no answer passes"}
+
+
+def _agentbench_os(tmp_path, shared_data, full: bool = False):
+    """An AgentBench-shaped data/os_interaction folder holding dev.json and scripts/dev/ (copies).
+
+    With ``full``, every other problem file of the official list exists too (under today's
+    names), each filled with copies of a dev ``match`` problem, so the official positions
+    can be checked across all files.
+    """
+    import json
+    import shutil
+
+    root = tmp_path / "AgentBench" / "data" / "os_interaction"
+    (root / "data").mkdir(parents=True)
+    src = shared_data / "agentbench/os_interaction"
+    shutil.copy(src / "dev.json", root / "data" / "dev.json")
+    shutil.copytree(src / "scripts" / "dev", root / "scripts" / "dev")
+    if full:
+        from cycleqd.tasks.official import official_samples
+
+        spec = official_samples("os_interaction")
+        dev = json.loads((src / "dev.json").read_text())
+        sizes: dict[str, int] = {}
+        for p in spec["problems"]:
+            name = {"7/2023-06-07-00-13-14.json": "7/bootstrap.json"}.get(p["file"], p["file"])
+            sizes[name] = max(sizes.get(name, 0), p["index"] + 2)
+        for name, n in sizes.items():
+            if name == "dev.json":
+                continue
+            f = root / "data" / name
+            f.parent.mkdir(parents=True, exist_ok=True)
+            (root / "scripts" / f.parent.name).mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps([dict(dev[0], description=f"{name} #{k}") for k in range(n)]))
+    return root
+
+
+class TestAgentBenchFolder:
+    def test_layout_ids_and_scripts(self, shared_data, tmp_path) -> None:
+        root = _agentbench_os(tmp_path, shared_data)
+        by_folder = OSInteractionTask(data=str(root))
+        one_file = OSInteractionTask(data=str(root / "data" / "dev.json"))
+        shared = OSInteractionTask(data=str(shared_data / "agentbench/os_interaction/dev.json"))
+        assert len(by_folder.problems) == 26
+        assert [p.check for p in by_folder.problems] == [p.check for p in one_file.problems] == \
+            [p.check for p in shared.problems]
+        assert by_folder.problems[3].extra == {"file": "dev.json", "index": 3}
+
+    def test_official_selection_on_the_dev_problems(self, shared_data, tmp_path) -> None:
+        from cycleqd.tasks.official import official_samples
+
+        root = _agentbench_os(tmp_path, shared_data)
+        want = [str(p["index"]) for p in official_samples("os_interaction")["problems"] if p["file"] == "dev.json"]
+        with pytest.warns(UserWarning, match="not found"):
+            task = OSInteractionTask(data=str(root), select="official")
+        assert task.sample_ids() == want and sorted(want, key=int) == [str(i) for i in range(26)]
+        assert OSInteractionTask(data=str(root / "data" / "dev.json"), select="official").sample_ids() == want
+
+    def test_official_positions_across_all_files(self, shared_data, tmp_path) -> None:
+        from cycleqd.tasks.official import official_samples
+
+        root = _agentbench_os(tmp_path, shared_data, full=True)
+        task = OSInteractionTask(data=str(root), select="official")
+        spec = official_samples("os_interaction")["problems"]
+        assert len(task.sample_ids()) == len(spec) == 110
+        by_id = {p.id: p for p in task.problems}
+        renamed = {"7/2023-06-07-00-13-14.json": "7/bootstrap.json"}
+        assert [(by_id[i].extra["file"], by_id[i].extra["index"]) for i in task.sample_ids()] == \
+            [(renamed.get(p["file"], p["file"]), p["index"]) for p in spec]
+        # numbered folders in number order, dev.json last (the order the official ids count in)
+        files = list(dict.fromkeys(p.extra["file"] for p in task.problems))
+        assert files[0].startswith("1/") and files[-1] == "dev.json"
+        assert [int(f.split("/")[0]) for f in files[:-1]] == sorted(int(f.split("/")[0]) for f in files[:-1])
+
+    def test_bad_folders(self, tmp_path) -> None:
+        with pytest.raises(ConfigError, match="data/os_interaction"):
+            OSInteractionTask(data=str(tmp_path))
+        with pytest.raises(ConfigError, match="select"):
+            OSInteractionTask(data=str(tmp_path), select="best")
+
+
+def test_prompt_wording_per_protocol() -> None:
+    from cycleqd.tasks.os_interaction import OFFICIAL_PROMPT, PROMPT
+
+    assert OFFICIAL_PROMPT.startswith("You are an assistant that will act like a person, I'will play the role of "
+                                      "linux(ubuntu) operating system.")
+    assert PROMPT == OFFICIAL_PROMPT.replace("I'will", "I will") and OFFICIAL_PROMPT.endswith("in each turn.\n\n")
+
+
+def test_options_are_typed(tmp_path) -> None:
+    import inspect
+
+    kw = [p.name for p in inspect.signature(OSInteractionTask.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert sorted(kw) == sorted(OSInteractionTask.Options.model_fields) and OSInteractionTask.executes_code is True
+    data = write_jsonl(tmp_path / "os.jsonl", [{"description": "d", "evaluation": {"match": "ok"}}])
+    with pytest.raises(ConfigError, match="protocol"):
+        OSInteractionTask(data=str(data), protocol="docker")
+
+
+@needs_bwrap
+def test_unanswered_episodes_are_judged_officially(tmp_path) -> None:
+    """fishfarm judges an episode that never answers with "": a check on the machine alone can pass."""
+    rows = [{"description": "Create the file /root/done.",
+             "evaluation": {"check": [{"code": "test -f /root/done"}]}}]
+    data = write_jsonl(tmp_path / "os.jsonl", rows)
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"id": 0, "turns": ["Act: bash\n\n```bash\ntouch /root/done\n```",
+                                                                     "I am not sure what to do now."]}])
+    official = OSInteractionTask(data=str(data), sandbox=ALLOW).evaluate(ReplayEngine(answers))
+    agentbench = OSInteractionTask(data=str(data), sandbox=ALLOW, protocol="agentbench").evaluate(ReplayEngine(answers))
+    assert official.quality == 1.0 and agentbench.quality == 0.0
+
+
+@needs_bwrap
+def test_official_oracle_on_dev_through_the_folder(shared_data, tmp_path) -> None:
+    root = _agentbench_os(tmp_path, shared_data)
+    with pytest.warns(UserWarning, match="not found"):  # only dev.json of the official files is here
+        task = OSInteractionTask(data=str(root), sandbox=ALLOW, select="official")
+    good = task.evaluate(OSOracleEngine(task.problems))
+    judged = [s for s in good.samples if s.id not in BROKEN_DEV]
+    passed = sum(s.score for s in judged) / len(judged)
+    print(f"OS dev, official protocol: good {passed:.4f} of {len(judged)} not broken (failed {good.failed_ids})")
+    assert good.n == 26 and passed >= 0.99
+    wrong = task.evaluate(OSOracleEngine(task.problems, wrong=True))
+    assert wrong.quality <= 0.01
+    silent = write_jsonl(tmp_path / "silent.jsonl", [{"id": i, "turns": ["I cannot help."]} for i in task.sample_ids()])
+    assert task.evaluate(ReplayEngine(silent)).quality <= 0.01  # judged with "", officially
