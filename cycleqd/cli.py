@@ -149,7 +149,7 @@ def cmd_score(a: argparse.Namespace) -> int:
         raise ConfigError("give exactly one of --model DIR or --answers FILE")
     from cycleqd.score import score
 
-    res = score(a.task, a.data, model=a.model, answers=a.answers, ids=a.ids)
+    res = score(a.task, a.data, model=a.model, answers=a.answers, ids=a.ids, select=a.select, protocol=a.protocol)
     if a.json:
         print(json.dumps({"task": res.task, "quality": res.quality, "n": res.n, "failed_ids": res.failed_ids}))
     else:
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--model")
     sc.add_argument("--answers", help='JSONL of {"id": ..., "turns": [...]}')
     sc.add_argument("--ids", nargs="+")
+    sc.add_argument("--select", help="all | official (dbbench, os_interaction: the official CycleQD sample set)")
+    sc.add_argument("--protocol", help="official (default) | agentbench (dbbench, os_interaction); "
+                                       "official | evalplus | plain (mbpp)")
     sc.add_argument("--json", action="store_true")
     sc.set_defaults(func=cmd_score)
 

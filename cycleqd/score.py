@@ -12,12 +12,14 @@ from cycleqd.tasks.base import TaskResult
 
 def score(task_kind: str, data: str, *, model: str | None = None, answers: str | None = None,
           ids: list[str] | None = None, options: dict[str, Any] | None = None,
-          engine_cfg: EngineConfig | None = None, sandbox: SandboxConfig | None = None) -> TaskResult:
+          engine_cfg: EngineConfig | None = None, sandbox: SandboxConfig | None = None,
+          select: str | None = None, protocol: str | None = None) -> TaskResult:
     """Evaluate ``model`` (a local folder or Hub id) or replay ``answers`` (JSONL) on a task.
 
     Replaying answers is an explicit request to score them, so it runs their code in the
     sandbox (``allow_code_execution=True``); scoring a model does the same, as the user
-    asked for it on the command line. ``options`` are the task's options (as in a config).
+    asked for it on the command line. ``options`` are the task's options (as in a config);
+    ``select`` and ``protocol``, when given, are two of them (``--select`` / ``--protocol``).
 
     Raises:
         ConfigError: unknown task, missing data / answers / model, bad JSONL, bad options,
@@ -34,8 +36,10 @@ def score(task_kind: str, data: str, *, model: str | None = None, answers: str |
     if not data.startswith("hf://") and not Path(data).exists():
         raise ConfigError(f"data file {data!r} not found")
     box = sandbox or SandboxConfig(allow_code_execution=True)
+    opts = dict(options or {})
+    opts.update({k: v for k, v in (("select", select), ("protocol", protocol)) if v is not None})
     try:
-        task = cls(name=task_kind, data=data, sandbox=box, **dict(options or {}))
+        task = cls(name=task_kind, data=data, sandbox=box, **opts)
     except TypeError as e:  # an option the task does not take
         raise ConfigError(f"task {task_kind}: {e}") from None
     if answers is not None:

@@ -84,3 +84,34 @@ def test_score_a_model_folder(tmp_path, tiny_family) -> None:
     assert res.n == 2 and res.quality == 0.0 and len(res.samples) == 2
     with pytest.raises(ConfigError):
         score("mbpp", str(data), model=str(tmp_path / "no_model_here"), answers=None, ids=None)
+
+
+def test_select_and_protocol_from_the_command_line(tmp_path) -> None:
+    """``cycleqd score --select official --protocol ...`` replays the same answers under both protocols."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not (DATA / "agentbench/dbbench/dev.jsonl").is_file():
+        pytest.skip("benchmark data folder is absent")
+    folder = tmp_path / "data" / "dbbench"
+    folder.mkdir(parents=True)
+    shutil.copy(DATA / "agentbench/dbbench/dev.jsonl", folder / "dev.jsonl")
+    rows = [json.loads(line) for line in (folder / "dev.jsonl").read_text().splitlines()]
+    i = next(k for k, r in enumerate(rows) if r["type"][0] == "counting")
+    # an Operation reply without an SQL block: officially its final answer still counts
+    reply = "Action: Operation\nFinal Answer: " + json.dumps(rows[i]["label"])
+    answers = _jsonl(tmp_path / "a.jsonl", [{"id": i, "turns": [reply]}])
+    cmd = [sys.executable, "-m", "cycleqd.cli", "score", "dbbench", "--data", str(folder), "--answers", str(answers),
+           "--ids", str(i), "--select", "official", "--json"]
+    got = {p: json.loads(subprocess.run(cmd + ["--protocol", p], capture_output=True, text=True, check=True).stdout)
+           for p in ("official", "agentbench")}
+    assert got["official"]["quality"] == 1.0 and got["agentbench"]["quality"] == 0.0
+    assert score("dbbench", str(folder), answers=str(answers), ids=[str(i)], select="official").quality == 1.0
+    bad = subprocess.run(cmd + ["--protocol", "nonsense"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "protocol" in bad.stderr
+    left_out = next(str(k) for k in range(60) if str(k) not in
+                    {str(r["index"]) for r in __import__("cycleqd.tasks.official", fromlist=["x"])
+                     .official_samples("dbbench")["rows"] if r["split"] == "dev"})
+    with pytest.raises(ConfigError, match="unknown sample id"):  # not in the official selection
+        score("dbbench", str(folder), answers=str(answers), ids=[left_out], select="official")

@@ -213,8 +213,10 @@ def evalplus_v0_sanitize(code: str, entry_point: str) -> str:
 
 
 def official_sanitize(reply: str, entry_point: str) -> str:
-    """The code the official code tests for a reply: cut at the first fence, then :func:`evalplus_v0_sanitize`."""
-    return evalplus_v0_sanitize(cut_at_fence(strip_prefill(reply)).strip(), entry_point)
+    """The code the official code tests for a reply: cut at the first fence, then :func:`evalplus_v0_sanitize`
+    (which needs the entry point; without one the cut code is tested as it is)."""
+    code = cut_at_fence(strip_prefill(reply)).strip()
+    return evalplus_v0_sanitize(code, entry_point) if entry_point else code
 
 
 # -- the AST sanitiser (evalplus / plain protocols) --------------------------------------------
@@ -291,14 +293,11 @@ _NOT_ENTRY = {"assert", "set", "sorted", "list", "tuple", "abs", "round", "math"
 
 def entry_point_of(test: str, code: str = "") -> str:
     """The function an MBPP assert calls: the first called name that is not a builtin wrapper
-    (``set(...)``, ``math.isclose(...)``); one ``code`` defines, when given, is preferred."""
+    (``set(...)``, ``math.isclose(...)``); one ``code`` defines, when given, is preferred;
+    ``""`` for a test that calls no function."""
     names = [n for n in _CALLED.findall(test) if n not in _NOT_ENTRY]
     defined = [n for n in names if re.search(rf"def\s+{re.escape(n)}\s*\(", code)]
-    if defined:
-        return defined[0]
-    if not names:
-        raise ConfigError(f"cannot tell which function the test {test[:60]!r} calls")
-    return names[0]
+    return (defined or names or [""])[0]
 
 
 def _docstring_prompt(text: str, test: str) -> str:
