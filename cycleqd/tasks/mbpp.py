@@ -308,15 +308,18 @@ def _from_row(row: dict) -> Problem:
     tid = row.get("task_id")
     if tid is None:
         raise ConfigError("MBPP record without task_id")
-    if "test_list" in row and "text" in row and "prompt" not in row:  # original MBPP
+    # original MBPP, or the Hub's MBPP+ rows, whose prompt is MBPP's plain text with its test_list
+    hub_like = "prompt" in row and '"""' not in str(row["prompt"]) and row.get("test_list")
+    if "test_list" in row and ("text" in row and "prompt" not in row or hub_like):
         tests = list(row["test_list"] or [])
         if not tests:
             raise ConfigError(f"MBPP record {tid}: empty test_list")
         code = row.get("code") or ""
-        return Problem(id=str(tid), text=row["text"], assertion=tests[0],
-                       docstring=_docstring_prompt(row["text"], tests[0]),
+        text = row["text"] if "text" in row else str(row["prompt"])
+        return Problem(id=str(tid), text=text, assertion=tests[0],
+                       docstring=_docstring_prompt(text, tests[0]),
                        entry_point=entry_point_of(tests[0], code), tests="\n".join(tests),
-                       setup=row.get("test_setup_code") or "", reference=code)
+                       setup=row.get("test_setup_code") or "\n".join(row.get("test_imports") or []), reference=code)
     if "prompt" in row:  # EvalPlus MBPP+
         text, assertion = split_docstring(row["prompt"])
         entry = row.get("entry_point") or entry_point_of(assertion, row.get("canonical_solution") or "")

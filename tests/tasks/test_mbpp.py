@@ -172,6 +172,16 @@ def test_mbpp_plus_rows_with_assertions(tmp_path) -> None:
     assert res.quality == 0.0 and "AssertionError" in res.samples[0].error
 
 
+def test_hub_mbpp_plus_rows_read_like_mbpp(tmp_path) -> None:
+    """``hf://evalplus/mbppplus`` rows hold MBPP's plain text as ``prompt`` and its test_list."""
+    row = {"task_id": 2, "prompt": "Write a function to add one", "code": "import math\ndef add1(x):\n  return x + 1",
+           "test_imports": ["import math"], "test_list": ["assert add1(1) == 2", "assert math.isclose(add1(0.5), 1.5)"]}
+    p = _from_row(row)
+    assert (p.text, p.assertion, p.entry_point, p.setup, p.plus) == (
+        "Write a function to add one", "assert add1(1) == 2", "add1", "import math", False)
+    assert "Write a function to add one. Your code should satisfy" in official_prompt(p)
+
+
 def test_options_are_typed(tmp_path) -> None:
     kw = [p.name for p in inspect.signature(MBPPTask.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
     assert sorted(kw) == sorted(MBPPTask.Options.model_fields) and MBPPTask.executes_code is True
