@@ -31,7 +31,9 @@ All of a call's test programs run in one sandbox batch.
 from __future__ import annotations
 
 import ast
+import base64
 import json
+import pickle
 import re
 import secrets
 import time
@@ -300,6 +302,48 @@ def entry_point_of(test: str, code: str = "") -> str:
     return (defined or names or [""])[0]
 
 
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _each_tuple(args: list) -> list:
+    return [tuple(a) for a in args]
+
+
+def _inner_tuples(args: list) -> list:
+    return [[tuple(v) for v in a] for a in args]
+
+
+# MBPP+ v0.1.0 stores tuple / set / complex arguments as JSON lists; EvalPlus turns them back per
+# problem before running anything (its mbpp_deserialize_inputs). Problem number -> conversion.
+_ARG_CONVERSIONS: dict[int, Any] = {
+    **dict.fromkeys([2, 116, 132, 143, 222, 261, 273, 394, 399, 421, 424, 429, 470, 560, 579, 596, 616, 630, 726,
+                     740, 744, 809], _each_tuple),
+    **dict.fromkeys([63, 64, 70, 94, 120, 237, 272, 299, 400, 409, 417, 438, 473, 614, 780], _inner_tuples),
+    **dict.fromkeys([75, 413, 444, 753], lambda a: [[tuple(v) for v in a[0]], a[1]]),
+    **dict.fromkeys([106, 750], lambda a: [a[0], tuple(a[1])]),
+    115: lambda a: [[set(v) if isinstance(v, list) and v else {} for v in a[0]]],
+    124: lambda a: (float(a[0]), complex(a[1])),
+    **dict.fromkeys([250, 405, 446, 617, 720, 763, 808], lambda a: [tuple(a[0]), a[1]]),
+    **dict.fromkeys([259, 401, 445], lambda a: [tuple(tuple(v) for v in x) for x in a]),
+    278: lambda a: [tuple(tuple(v) if isinstance(v, list) else v for v in a[0])],
+    307: lambda a: [tuple(a[0]), a[1], a[2]],
+    722: lambda a: [{k: tuple(v) for k, v in a[0].items()}, *a[1:]],
+    252: lambda a: [complex(a[0])],
+    **dict.fromkeys([580, 615, 791], _tuples),
+}
+
+
+def deserialize_inputs(task_id: str, inputs: Sequence[Any]) -> list:
+    """MBPP+ base inputs with the argument types EvalPlus restores for problem ``task_id`` (``Mbpp/N``)."""
+    try:
+        number = int(str(task_id).rsplit("/", 1)[-1])
+    except ValueError:
+        return list(inputs)
+    convert = _ARG_CONVERSIONS.get(number)
+    return [convert(list(args)) for args in inputs] if convert else list(inputs)
+
+
 def _docstring_prompt(text: str, test: str) -> str:
     return f'"""\n{text.strip()}\n{test.strip()}\n"""\n'
 
@@ -333,14 +377,17 @@ def _from_row(row: dict) -> Problem:
             raise ConfigError(f"MBPP+ record {tid}: base_input needs the canonical_solution")
         return Problem(id=str(tid), text=text, assertion=assertion, docstring=row["prompt"], entry_point=entry,
                        tests=asserts or "", reference=row.get("canonical_solution") or row.get("code") or "",
-                       base_inputs=tuple(inputs) if inputs is not None else None,
+                       base_inputs=tuple(deserialize_inputs(tid, inputs)) if inputs is not None else None,
                        atol=float(row.get("atol") or 0.0), plus=True)
     raise ConfigError(f"record {tid}: neither MBPP (text, test_list) nor MBPP+ (prompt) fields")
 
 
 # -- test programs -----------------------------------------------------------------------------
 _BASE_TESTS = r'''
-import copy as _copy, math as _math, os as _os, signal as _signal, sys as _sys, time as _time
+import base64 as _b64, copy as _copy, math as _math, os as _os, pickle as _pickle, signal as _signal, sys as _sys
+import time as _time
+
+INPUTS = _pickle.loads(_b64.b64decode(PICKLED_INPUTS))
 
 class _Late(BaseException):
     pass
@@ -359,9 +406,7 @@ def _flat(x):
         yield x
 
 def _close(out, exp, atol):
-    if type(out) is not type(exp):
-        return False
-    if isinstance(exp, (list, tuple)) and len(out) != len(exp):
+    if isinstance(exp, (list, tuple)) and (not isinstance(out, (list, tuple)) or len(out) != len(exp)):
         return False
     a, b = list(_flat(out)), list(_flat(exp))
     if len(a) != len(b):
@@ -377,13 +422,8 @@ def _same(out, exp, entry, atol):
         return True
     if entry == "sum_div":
         return bool(exact or out == 0)
-    if entry in ("similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly"):
-        try:
-            return set(out) == set(exp)
-        except TypeError:
-            return False
-    if entry in ("check_str", "text_match_three", "text_starta_endz"):
-        return out == exp if isinstance(out, bool) else exp == (out is not None)
+    if entry in ("check_str", "text_match_three", "text_starta_endb"):
+        return (exp is not None) == (out is not None)  # only "returned something" is compared
     if atol == 0 and _floats(exp):
         atol = FLOAT_ATOL
     if not exact and atol != 0:
@@ -424,8 +464,9 @@ _os._exit(0)
 
 def base_test_program(problem: Problem, solution: str, passed: str) -> str:
     """A program that prints ``passed`` iff ``solution`` passes the EvalPlus base tests of ``problem``."""
+    pickled = base64.b64encode(pickle.dumps(list(problem.base_inputs or ()))).decode()
     values = {"REFERENCE": repr(problem.reference), "SOLUTION": repr(solution), "ENTRY": repr(problem.entry_point),
-              "INPUTS": repr(list(problem.base_inputs or ())), "ATOL": repr(problem.atol), "PASSED": repr(passed),
+              "PICKLED_INPUTS": repr(pickled), "ATOL": repr(problem.atol), "PASSED": repr(passed),
               "MIN_TIME": repr(MIN_TIME_LIMIT), "FACTOR": repr(TIME_LIMIT_FACTOR), "FLOAT_ATOL": repr(FLOAT_ATOL)}
     return re.sub(r"\b(" + "|".join(values) + r")\b", lambda m: values[m.group(1)], _BASE_TESTS)
 

@@ -153,6 +153,27 @@ class TestEvalPlusBaseTests:
         assert res["Mbpp/3"].score == 0.0 and "timed out on base input 0" in res["Mbpp/3"].error
         assert res["Mbpp/4"].score == 0.0
 
+    def test_inputs_get_evalplus_argument_types(self, tmp_path) -> None:
+        from cycleqd.tasks.mbpp import deserialize_inputs
+
+        assert deserialize_inputs("Mbpp/2", [[[3, 4], [4, 5]]]) == [[(3, 4), (4, 5)]]
+        assert deserialize_inputs("Mbpp/63", [[[[1, 2], [3, 4]]]]) == [[[(1, 2), (3, 4)]]]
+        assert deserialize_inputs("Mbpp/124", [[1, "1+2j"]]) == [(1.0, 1 + 2j)]
+        assert deserialize_inputs("Mbpp/580", [[[1, [2, 3]], 4]]) == [((1, (2, 3)), 4)]
+        assert deserialize_inputs("Mbpp/3", [[[1, 2]]]) == [[[1, 2]]]
+        row = {"task_id": "Mbpp/2", "entry_point": "similar_elements",
+               "prompt": '"""\nShared elements.\nassert set(similar_elements((3, 4), (4, 5))) == set((4,))\n"""\n',
+               "canonical_solution": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n",
+               "base_input": [[[3, 4, 5, 6], [5, 7, 4, 10]], [[1, 2], [3]]], "atol": 0}
+        data = write_jsonl(tmp_path / "p2.jsonl", [row])
+        # tuple-only code: passes only when the arguments are tuples, as EvalPlus passes them
+        reply = "\ndef similar_elements(a, b):\n    hash((a, b))\n    return tuple(set(a) & set(b))\n```"
+        answers = write_jsonl(tmp_path / "a2.jsonl", [{"id": "Mbpp/2", "turns": [reply]}])
+        assert MBPPTask(data=str(data), sandbox=ALLOW).evaluate(ReplayEngine(answers)).quality == 1.0
+        bad = write_jsonl(tmp_path / "b2.jsonl", [{"id": "Mbpp/2", "turns": [
+            "\ndef similar_elements(a, b):\n    return a + (0,)\n```"]}])
+        assert MBPPTask(data=str(data), sandbox=ALLOW).evaluate(ReplayEngine(bad)).quality == 0.0
+
     def test_evalplus_protocol_uses_its_sanitiser_on_the_same_tests(self, tmp_path) -> None:
         replies = {"Mbpp/3": "Sure:\n```python\ndef half(x):\n  return x / 2\n```",
                    "Mbpp/4": "```python\ndef total(xs): return sum(xs)\n```"}
