@@ -396,7 +396,9 @@ def _alarm(signum, frame):
     raise _Late()
 
 def _floats(x):
-    return isinstance(x, float) or (isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(v, float) for v in x))
+    if isinstance(x, (list, tuple)):
+        return len(x) > 0 and all(isinstance(v, float) for v in x)
+    return isinstance(x, float)
 
 def _flat(x):
     if isinstance(x, (list, tuple)):

@@ -390,7 +390,8 @@ class OSInteractionTask:
         pool = official_selection(self.problems, data) if self.select == "official" else [p.id for p in self.problems]
         self._ids = select_ids(pool, opts.ids, opts.limit)
         self.runs, self.max_rounds = opts.runs, opts.max_rounds
-        self.command_timeout, self.max_new_tokens, self.workers = opts.command_timeout, opts.max_new_tokens, opts.workers
+        self.command_timeout, self.max_new_tokens = opts.command_timeout, opts.max_new_tokens
+        self.workers = opts.workers
         self.memory_mb = int(opts.memory_mb if opts.memory_mb is not None else max(self.sandbox.memory_mb, 2048))
 
     def sample_ids(self) -> list[str]:

@@ -121,7 +121,8 @@ class TestAnswers:
     def test_every_label_in_dev_parses_as_eval_reads_it(self, shared_data) -> None:
         rows = [json.loads(line) for line in (shared_data / "agentbench/dbbench/dev.jsonl").read_text().splitlines()]
         for r in rows:
-            for text in (" " + json.dumps(r["label"]), " " + repr(r["label"]), json.dumps(r["label"], ensure_ascii=False)):
+            texts = (" " + json.dumps(r["label"]), " " + repr(r["label"]), json.dumps(r["label"], ensure_ascii=False))
+            for text in texts:
                 assert parse_answer(text) == list(eval(text)), text  # eval of the data's own labels
             if r["type"][0] not in ("INSERT", "UPDATE", "DELETE"):
                 assert answer_is_correct(" " + json.dumps(r["label"]), r["label"])
@@ -135,7 +136,8 @@ class TestAnswers:
 
     def test_no_code_runs(self) -> None:
         for text in (" __import__('os').system('touch /tmp/pwned-db')", " [open('/etc/passwd').read()]",
-                     " [x for x in range(3)]", " [2 ** 100000]", " ['a'] * 10 ** 9", " [lambda: 1]", " [null]"):
+                     " [x for x in range(3)]", " [2 ** 100000]", " ['a'] * 10 ** 9", " [lambda: 1]",
+                     " [null]"):
             assert parse_answer(text) == [text]
 
 
@@ -180,7 +182,8 @@ class TestOfficialSelection:
     def test_not_agentbench_data(self, tmp_path) -> None:
         with pytest.raises(ConfigError, match="standard.jsonl"):
             DBBenchTask(data=str(tmp_path), select="official")
-        row = {"type": ["counting"], "label": ["1"], "table": {"table_name": "t", "table_info": {"columns": [], "rows": []}}}
+        row = {"type": ["counting"], "label": ["1"],
+               "table": {"table_name": "t", "table_info": {"columns": [], "rows": []}}}
         with pytest.raises(ConfigError, match="select official"):
             DBBenchTask(data=str(write_jsonl(tmp_path / "mine.jsonl", [row])), select="official")
         with pytest.raises(ConfigError, match="select"):
@@ -213,7 +216,8 @@ class TestProtocols:
     def test_rounds(self, tmp_path) -> None:
         # five operations, then the answer: a sixth reply officially, past AgentBench's five
         data = write_jsonl(tmp_path / "d.jsonl", [self._row()])
-        turns = ["Action: Operation\n```sql\nSELECT COUNT(*) FROM t\n```"] * 5 + ["Action: Answer\nFinal Answer: [\"2\"]"]
+        turns = ["Action: Operation\n```sql\nSELECT COUNT(*) FROM t\n```"] * 5
+        turns.append("Action: Answer\nFinal Answer: [\"2\"]")
         answers = write_jsonl(tmp_path / "a.jsonl", [{"id": 0, "turns": turns}])
         assert DBBenchTask(data=str(data)).evaluate(ReplayEngine(answers)).quality == 1.0
         res = DBBenchTask(data=str(data), protocol="agentbench").evaluate(ReplayEngine(answers))

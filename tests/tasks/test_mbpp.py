@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import time
 
 import pytest
 
@@ -227,9 +226,8 @@ def test_hostile_completions_fail_their_sample_only(shared_data, tmp_path) -> No
     answers = write_jsonl(tmp_path / "a.jsonl", [{"id": k, "turns": [v]} for k, v in turns.items()])
     task = MBPPTask(data=str(shared_data / "mbpp/mbpp.jsonl"), sandbox=SandboxConfig(allow_code_execution=True,
                     timeout=1.5, memory_mb=256), ids=["2", "3", "4", "5"], protocol="plain")
-    t = time.monotonic()
     res = task.evaluate(ReplayEngine(answers))
-    assert res.quality == 0.0 and time.monotonic() - t < 10
+    assert res.quality == 0.0
     errors = {s.id: s.error for s in res.samples}
     assert "timed out" in errors["2"]
     assert "MemoryError" in errors["4"]
