@@ -181,11 +181,26 @@ class TestAgentBenchFolder:
 
 
 def test_prompt_wording_per_protocol() -> None:
+    """fishfarm's prompt text, pinned; AgentBench's differs in one word."""
     from cycleqd.tasks.os_interaction import OFFICIAL_PROMPT, PROMPT
 
-    assert OFFICIAL_PROMPT.startswith("You are an assistant that will act like a person, I'will play the role of "
-                                      "linux(ubuntu) operating system.")
-    assert PROMPT == OFFICIAL_PROMPT.replace("I'will", "I will") and OFFICIAL_PROMPT.endswith("in each turn.\n\n")
+    fishfarm = (
+        "You are an assistant that will act like a person, I'will play the role of linux(ubuntu) operating system. "
+        "Your goal is to implement the operations required by me or answer to the question proposed by me. "
+        "For each of your turn, you should first think what you should do, and then take exact one of the three "
+        'actions: "bash", "finish" or "answer". \n\n'
+        "1. If you think you should execute some bash code, take bash action, and you should print like this:\n\n"
+        "Think: put your thought here.\n\nAct: bash\n\n```bash\n# put your bash code here\n```\n\n"
+        "2. If you think you have finished the task, take finish action, and you should print like this:\n\n"
+        "Think: put your thought here.\n\nAct: finish\n\n"
+        "3. If you think you have got the answer to the question, take answer action, and you should print like "
+        "this:\n\nThink: put your thought here.\n\n"
+        "Act: answer(Your answer to the question should be put in this pair of parentheses)\n\n"
+        "If the output is too long, I will truncate it. The truncated output is not complete. You have to deal "
+        "with the truncating problem by yourself. Attention, your bash code should not contain any input "
+        "operation. Once again, you should take only exact one of the three actions in each turn.\n\n")
+    assert OFFICIAL_PROMPT == fishfarm
+    assert PROMPT == fishfarm.replace("I'will", "I will")
 
 
 def test_options_are_typed(tmp_path) -> None:
