@@ -66,6 +66,16 @@ def task_options(model: type[BaseModel], kind: str, **values: Any) -> Any:
         raise ConfigError(f"task {kind}: option {where}: {err.get('msg', 'invalid')}") from None
 
 
+def ids_as_strings(value: Any) -> Any:
+    """Sample ids as strings (a config may list them as numbers); for ``ids`` option validators."""
+    if value is None or isinstance(value, (str, bytes)):
+        return value
+    try:
+        return [str(v) for v in value]
+    except TypeError:
+        return value
+
+
 def select_ids(all_ids: Sequence[str], ids: Iterable[Any] | None, limit: int | None) -> list[str]:
     """``ids`` (any order, as strings) restricted to known ones, then the first ``limit``.
 

@@ -48,12 +48,12 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Protocol, Sequence
 from urllib.parse import unquote, urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine
 from cycleqd.registry import register_task
-from cycleqd.tasks._agent import read_rows, run_episodes, select_ids, task_options, task_result
+from cycleqd.tasks._agent import ids_as_strings, read_rows, run_episodes, select_ids, task_options, task_result
 from cycleqd.tasks.official import official_samples
 from cycleqd.tasks.base import SampleResult, TaskResult
 
@@ -398,6 +398,8 @@ class DBBenchOptions(BaseModel):
     limit: int | None = Field(None, ge=0)
     max_new_tokens: int = Field(512, ge=1)
     workers: int = Field(8, ge=1)
+
+    _ids = field_validator("ids", mode="before")(ids_as_strings)
 
 
 def load_dbbench(data: str | None) -> list[tuple[str, int, dict]]:

@@ -41,13 +41,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine, GenRequest
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution, run_python_batch
-from cycleqd.tasks._agent import read_rows, select_ids, task_options, task_result
+from cycleqd.tasks._agent import ids_as_strings, read_rows, select_ids, task_options, task_result
 from cycleqd.tasks.base import SampleResult, TaskResult
 
 SYSTEM = ("You are an exceptionally intelligent coding assistant that consistently delivers accurate "
@@ -75,6 +75,8 @@ class MBPPOptions(BaseModel):
     max_new_tokens: int = Field(512, ge=1)
     timeout: float | None = Field(None, gt=0)
     memory_mb: int | None = Field(None, ge=64)
+
+    _ids = field_validator("ids", mode="before")(ids_as_strings)
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution
 from cycleqd.sandbox.os_env import OSSession
-from cycleqd.tasks._agent import error_text, read_rows, run_episodes, select_ids, task_options, task_result
+from cycleqd.tasks._agent import ids_as_strings, error_text, read_rows, run_episodes, select_ids, task_options, task_result
 from cycleqd.tasks.official import official_samples
 from cycleqd.tasks.base import SampleResult, TaskResult
 
@@ -338,6 +338,8 @@ class OSInteractionOptions(BaseModel):
     max_new_tokens: int = Field(512, ge=1)
     workers: int = Field(4, ge=1)
     memory_mb: int | None = Field(None, ge=64)
+
+    _ids = field_validator("ids", mode="before")(ids_as_strings)
 
 
 @register_task("os_interaction")
