@@ -15,6 +15,8 @@ class GenRequest:
     (chat messages ``[{"role": ..., "content": ...}]``, templated by the engine with
     the tokenizer's chat template) is set. ``sample_id`` and ``turn`` (0-based round
     of a multi-turn episode) let the replay engine return recorded outputs.
+    ``prefill`` (chat messages only) is text the assistant turn starts with; the
+    completion is what the model writes after it.
     """
 
     sample_id: str
@@ -23,6 +25,7 @@ class GenRequest:
     messages: tuple[Mapping[str, str], ...] | None = None
     max_new_tokens: int = 512
     stop: tuple[str, ...] = field(default_factory=tuple)
+    prefill: str = ""
 
 
 class Engine(Protocol):

@@ -109,7 +109,7 @@ class HFEngine:
         if req.messages is not None:
             text = self.tokenizer.apply_chat_template(
                 [dict(m) for m in req.messages], tokenize=False, add_generation_prompt=True
-            )
+            ) + req.prefill
             # The chat template writes its own special tokens (BOS included).
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(req.prompt)["input_ids"]

@@ -70,7 +70,7 @@ class VLLMEngine:
             if r.messages is not None:
                 text = self.tokenizer.apply_chat_template(
                     [dict(m) for m in r.messages], tokenize=False, add_generation_prompt=True
-                )
+                ) + r.prefill
                 prompts.append({"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]})
             else:
                 prompts.append({"prompt": r.prompt})

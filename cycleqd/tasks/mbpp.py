@@ -19,7 +19,8 @@ id ``hf://evalplus/mbppplus`` (needs ``datasets`` and a network).
   solution's output (floats within 1e-6), each input within max(0.2 s, 4 x the canonical
   solution's time); other rows run their asserts.
 - ``evalplus`` (today's EvalPlus harness): the "Please provide a self-contained Python
-  script ..." instruction with the docstring prompt as a chat message, the AST sanitiser
+  script ..." instruction with the docstring prompt as a chat message, the reply opened
+  with EvalPlus's "Below is a Python script ..." and a python block, the AST sanitiser
   :func:`sanitize`, the same base tests.
 - ``plain``: the official prompt, the AST sanitiser, and the row's own asserts
   (``test_list`` / ``assertion``): scores the code a reply holds whatever its layout.
@@ -57,6 +58,8 @@ PREFILL = "```python"
 STOP = ("Instruction:", "Instruction", "Response:", "Response")
 EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem "
                         "in a markdown code block:")
+EVALPLUS_PREFILL = ("Below is a Python script with a self-contained function that solves the problem and passes "
+                    "corresponding tests:\n```python\n")
 MIN_TIME_LIMIT = 0.2      # EvalPlus: seconds per base input at least ...
 TIME_LIMIT_FACTOR = 4.0   # ... and this many times the canonical solution's time
 FLOAT_ATOL = 1e-6         # EvalPlus's tolerance when the expected output is a float
@@ -528,7 +531,8 @@ class MBPPTask:
         """The generation request for one problem under the task's protocol."""
         if self.protocol == "evalplus":
             return GenRequest(sample_id=problem.id, turn=0, max_new_tokens=self.max_new_tokens,
-                              messages=({"role": "user", "content": evalplus_message(problem)},))
+                              messages=({"role": "user", "content": evalplus_message(problem)},),
+                              prefill=EVALPLUS_PREFILL)
         return GenRequest(sample_id=problem.id, turn=0, prompt=official_prompt(problem),
                           max_new_tokens=self.max_new_tokens, stop=STOP)
 
@@ -536,7 +540,11 @@ class MBPPTask:
         """The code that is tested for ``reply`` under the task's protocol."""
         if self.protocol == "official":
             return official_sanitize(reply, problem.entry_point)
-        return sanitize(strip_prefill(reply) if self.protocol == "plain" else reply)
+        # The reply continues an opened python block: give the AST sanitiser the whole block.
+        opened = EVALPLUS_PREFILL if self.protocol == "evalplus" else PREFILL + "\n"
+        if reply.lstrip().startswith(("```", EVALPLUS_PREFILL.split("\n")[0])):
+            opened = ""  # a recorded whole assistant turn opens its own block
+        return sanitize(opened + reply)
 
     def program(self, problem: Problem, solution: str, passed: str) -> str:
         """The test program: EvalPlus base tests where the row has base inputs (not under ``plain``)."""

@@ -174,10 +174,34 @@ class TestEvalPlusBaseTests:
         assert MBPPTask(data=str(data), sandbox=ALLOW).evaluate(ReplayEngine(bad)).quality == 0.0
 
     def test_evalplus_protocol_uses_its_sanitiser_on_the_same_tests(self, tmp_path) -> None:
-        replies = {"Mbpp/3": "Sure:\n```python\ndef half(x):\n  return x / 2\n```",
+        # a continuation of EvalPlus's opened block, and a recorded whole turn with its own block
+        replies = {"Mbpp/3": "def half(x):\n  return x / 2\n```\n\nIt halves x.",
                    "Mbpp/4": "```python\ndef total(xs): return sum(xs)\n```"}
         assert [s.score for s in self._run(tmp_path, replies, "evalplus").values()] == [1.0, 1.0]
         assert [s.score for s in self._run(tmp_path, replies, "official").values()] == [0.0, 0.0]
+
+
+def test_plain_protocol_reads_a_continued_block(tmp_path) -> None:
+    """Under ``plain`` a reply that continues the prefilled block is sanitised as that block."""
+    row = {"task_id": 1, "text": "Add one.", "code": "", "test_list": ["assert f(1) == 2"]}
+    data = write_jsonl(tmp_path / "m.jsonl", [row])
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "turns": ["\ndef f(x):\n  return x + 1\n```\n\nDone."]}])
+    assert MBPPTask(data=str(data), sandbox=ALLOW, protocol="plain").evaluate(ReplayEngine(answers)).quality == 1.0
+    assert MBPPTask(data=str(data), sandbox=ALLOW, protocol="official").evaluate(ReplayEngine(answers)).quality == 0.0
+
+
+def test_engine_prefill_opens_the_assistant_turn(tiny_family) -> None:
+    """A chat request's prefill is generated from, as if the model had written it."""
+    from cycleqd.config import EngineConfig
+    from cycleqd.engine.base import GenRequest
+    from cycleqd.engine.hf import HFEngine
+
+    engine = HFEngine.from_path(str(tiny_family["base"]), EngineConfig(device="cpu", batch_size=2))
+    engine.tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    msgs = ({"role": "user", "content": "hello"},)
+    with_prefill = engine.generate([GenRequest("c", messages=msgs, prefill="def", max_new_tokens=6)])[0]
+    as_prompt = engine.generate([GenRequest("p", prompt="[hello]def", max_new_tokens=6)])[0]
+    assert with_prefill == as_prompt
 
 
 def test_mbpp_plus_rows_with_assertions(tmp_path) -> None:
