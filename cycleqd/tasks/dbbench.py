@@ -53,9 +53,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine
 from cycleqd.registry import register_task
-from cycleqd.tasks._agent import ids_as_strings, read_rows, run_episodes, select_ids, task_options, task_result
-from cycleqd.tasks.official import official_samples
+from cycleqd.tasks._agent import (ids_as_strings, read_rows, run_episodes, select_ids, task_options,
+                                  task_result)
 from cycleqd.tasks.base import SampleResult, TaskResult
+from cycleqd.tasks.official import official_samples
 
 PROMPT = """
 I will ask you a question, then you should help me operate a MySQL database with SQL to answer the question.
