@@ -63,6 +63,7 @@ EVALPLUS_PREFILL = ("Below is a Python script with a self-contained function tha
 MIN_TIME_LIMIT = 0.2      # EvalPlus: seconds per base input at least ...
 TIME_LIMIT_FACTOR = 4.0   # ... and this many times the canonical solution's time
 FLOAT_ATOL = 1e-6         # EvalPlus's tolerance when the expected output is a float
+OFFICIAL_COUNT = 399      # problems in EvalPlus MBPP+ v0.1.0, all of which the official code scores
 
 Protocol = Literal["official", "evalplus", "plain"]
 
@@ -73,6 +74,7 @@ class MBPPOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     protocol: Protocol | None = None
+    select: Literal["all", "official"] = "all"
     ids: list[str] | None = None
     limit: int | None = Field(None, ge=0)
     max_new_tokens: int = Field(512, ge=1)
@@ -498,6 +500,7 @@ class MBPPTask:
         sandbox: the experiment's SandboxConfig (``allow_code_execution`` must be true).
         protocol: ``official`` | ``evalplus`` | ``plain`` (default: official for MBPP+ data,
             plain for the original MBPP file).
+        select: ``all``, or ``official``: the same, checked to be MBPP+ v0.1.0's 399 problems.
         ids: only these sample ids (MBPP ``task_id`` as strings).
         limit: only the first ``limit`` samples.
         max_new_tokens: generation budget per completion (512 as in the paper).
@@ -509,9 +512,11 @@ class MBPPTask:
     executes_code: ClassVar[bool] = True
 
     def __init__(self, name: str = "mbpp", data: str | None = None, sandbox: SandboxConfig | None = None, *,
-                 protocol: Protocol | None = None, ids: Sequence[Any] | None = None, limit: int | None = None,
-                 max_new_tokens: int = 512, timeout: float | None = None, memory_mb: int | None = None):
-        opts = task_options(MBPPOptions, "mbpp", protocol=protocol, ids=None if ids is None else [str(i) for i in ids],
+                 protocol: Protocol | None = None, select: str = "all", ids: Sequence[Any] | None = None,
+                 limit: int | None = None, max_new_tokens: int = 512, timeout: float | None = None,
+                 memory_mb: int | None = None):
+        opts = task_options(MBPPOptions, "mbpp", protocol=protocol, select=select,
+                            ids=None if ids is None else [str(i) for i in ids],
                             limit=limit, max_new_tokens=max_new_tokens, timeout=timeout, memory_mb=memory_mb)
         self.name = name
         self.sandbox = sandbox or SandboxConfig()
@@ -519,6 +524,11 @@ class MBPPTask:
         self.problems = {p.id: p for p in problems}
         self._ids = select_ids([p.id for p in problems], opts.ids, opts.limit)
         plus = bool(problems) and all(p.plus for p in problems)
+        if opts.select == "official":
+            if not plus or len(problems) != OFFICIAL_COUNT:
+                raise ConfigError(f"{data}: select official means all {OFFICIAL_COUNT} problems of EvalPlus MBPP+ "
+                                  f"v0.1.0 (MbppPlus-v0.1.0.jsonl); this data has {len(problems)}"
+                                  f"{'' if plus else ' MBPP (not MBPP+)'} problems")
         self.protocol: Protocol = opts.protocol or ("official" if plus else "plain")
         self.max_new_tokens = opts.max_new_tokens
         self.timeout = float(opts.timeout if opts.timeout is not None else self.sandbox.timeout)

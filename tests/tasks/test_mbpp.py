@@ -234,6 +234,11 @@ def test_options_are_typed(tmp_path) -> None:
         MBPPTask(data=data, protocol="agentbench")
     with pytest.raises(ConfigError, match="max_new_tokens"):
         MBPPTask(data=data, max_new_tokens=0)
+    with pytest.raises(ConfigError, match="399"):  # the official set is all of MBPP+ v0.1.0
+        MBPPTask(data=data, select="official")
+    rows = [dict(_plus_rows()[1], task_id=f"Mbpp/{i}") for i in range(399)]
+    full = str(write_jsonl(tmp_path / "plus399.jsonl", rows))
+    assert len(MBPPTask(data=full, select="official").sample_ids()) == 399
 
 
 def test_code_execution_needs_the_opt_in(shared_data) -> None:
