@@ -342,13 +342,23 @@ _ARG_CONVERSIONS: dict[int, Any] = {
 
 
 def deserialize_inputs(task_id: str, inputs: Sequence[Any]) -> list:
-    """MBPP+ base inputs with the argument types EvalPlus restores for problem ``task_id`` (``Mbpp/N``)."""
+    """MBPP+ base inputs with the argument types EvalPlus restores for problem ``task_id`` (``Mbpp/N``).
+
+    Raises:
+        ConfigError: inputs of a converted problem that do not have MBPP+'s shape.
+    """
     try:
         number = int(str(task_id).rsplit("/", 1)[-1])
     except ValueError:
         return list(inputs)
     convert = _ARG_CONVERSIONS.get(number)
-    return [convert(list(args)) for args in inputs] if convert else list(inputs)
+    if convert is None:
+        return list(inputs)
+    try:
+        return [convert(list(args)) for args in inputs]
+    except (TypeError, ValueError, IndexError, AttributeError) as e:
+        why = f"{type(e).__name__}: {e}"
+        raise ConfigError(f"{task_id}: base_input is not shaped like MBPP+ v0.1.0's ({why})") from None
 
 
 def _docstring_prompt(text: str, test: str) -> str:

@@ -160,6 +160,8 @@ class TestEvalPlusBaseTests:
         assert deserialize_inputs("Mbpp/124", [[1, "1+2j"]]) == [(1.0, 1 + 2j)]
         assert deserialize_inputs("Mbpp/580", [[[1, [2, 3]], 4]]) == [((1, (2, 3)), 4)]
         assert deserialize_inputs("Mbpp/3", [[[1, 2]]]) == [[[1, 2]]]
+        with pytest.raises(ConfigError, match="shaped"):
+            deserialize_inputs("Mbpp/63", [[1, 2]])
         row = {"task_id": "Mbpp/2", "entry_point": "similar_elements",
                "prompt": '"""\nShared elements.\nassert set(similar_elements((3, 4), (4, 5))) == set((4,))\n"""\n',
                "canonical_solution": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n",
@@ -236,7 +238,7 @@ def test_options_are_typed(tmp_path) -> None:
         MBPPTask(data=data, max_new_tokens=0)
     with pytest.raises(ConfigError, match="399"):  # the official set is all of MBPP+ v0.1.0
         MBPPTask(data=data, select="official")
-    rows = [dict(_plus_rows()[1], task_id=f"Mbpp/{i}") for i in range(399)]
+    rows = [dict(_plus_rows()[1], task_id=f"Mbpp/{1000 + i}") for i in range(399)]
     full = str(write_jsonl(tmp_path / "plus399.jsonl", rows))
     assert len(MBPPTask(data=full, select="official").sample_ids()) == 399
 
