@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from cycleqd.sandbox.sql import DEFAULT_LIMITS, QueryResult, SQLLimits, value_bytes
+from cycleqd.sandbox.sql import DEFAULT_LIMITS, QueryResult, SQLLimits, refusal, value_bytes
 
 # Everything a DBBench answer needs inside its own database, nothing about the server.
 _RIGHTS = ("SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER, CREATE TEMPORARY TABLES, "
@@ -119,10 +119,9 @@ class MySQLSandbox:
             ConnectionError: the connection to the server is gone.
         """
         lim = limits or self.limits
-        if not isinstance(sql, str):
-            return QueryResult(None, [], False, "statement is not text")
-        if len(sql) > lim.max_sql_chars:
-            return QueryResult(None, [], False, f"statement refused: longer than {lim.max_sql_chars} characters")
+        why = refusal(sql, lim)
+        if why is not None:
+            return QueryResult(None, [], False, why)
         killed = threading.Event()
         lock = threading.Lock()
 
@@ -135,10 +134,15 @@ class MySQLSandbox:
         done = False
         timer = threading.Timer(lim.seconds + 0.5, watchdog)
         cur = self.con.cursor()
+        late = f"interrupted: ran past its {lim.seconds:g}s time limit"
         try:
             self._set_session(cur, lim.seconds)
             timer.start()
+            start = time.monotonic()
             cur.execute(sql)
+            # Some statements (BENCHMARK, SLEEP) end "successfully" when interrupted.
+            if killed.is_set() or time.monotonic() - start > lim.seconds:
+                return QueryResult(None, [], False, late)
             if cur.description is None:
                 return QueryResult(None, [])
             columns = tuple(d[0] for d in cur.description)
@@ -160,7 +164,7 @@ class MySQLSandbox:
                     and not self.con.open:
                 raise ConnectionError(f"lost the sandboxed database connection: {_error_text(e)}") from None
             if killed.is_set():
-                return QueryResult(None, [], False, f"interrupted: ran past its {lim.seconds:g}s time limit")
+                return QueryResult(None, [], False, late)
             return QueryResult(None, [], False, _error_text(e))
         finally:
             with lock:

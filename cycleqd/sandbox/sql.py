@@ -42,6 +42,7 @@ class SQLLimits(BaseModel):
             fetched from one result; the rest is dropped and ``truncated`` is set.
         max_sql_chars: longest statement text accepted.
         max_value_bytes: longest string or blob a statement may build.
+        max_depth: deepest nesting of parentheses accepted (parser stacks are finite).
         max_memory_mb: how much the process may grow while one statement runs (a sort
             or a recursive query builds its state in memory before the first row).
     """
@@ -55,6 +56,7 @@ class SQLLimits(BaseModel):
     max_sql_chars: int = Field(100_000, gt=0)
     max_value_bytes: int = Field(100_000, gt=0)
     max_memory_mb: int = Field(128, gt=0)
+    max_depth: int = Field(100, gt=0)
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,46 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, _db: str | None,
 def value_bytes(row: tuple) -> int:
     """Approximate size of a fetched row (what the byte cap counts)."""
     return 16 + sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
+
+
+def _nesting(sql: str) -> int:
+    """Deepest parenthesis nesting outside quotes and comments."""
+    depth = deepest = 0
+    i, n = 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"`[":
+            close = "]" if c == "[" else c
+            j = sql.find(close, i + 1)
+            i = n if j < 0 else j + 1
+            continue
+        if sql.startswith("--", i) or c == "#":
+            j = sql.find("\n", i)
+            i = n if j < 0 else j + 1
+            continue
+        if sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+            continue
+        if c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def refusal(sql: object, limits: SQLLimits) -> str | None:
+    """Why a statement is refused before it reaches any database (None: it may run)."""
+    if not isinstance(sql, str):
+        return "statement refused: not text"
+    if len(sql) > limits.max_sql_chars:
+        return f"statement refused: longer than {limits.max_sql_chars} characters"
+    # Counting is cheap in C; the scan runs only for statements that could be too deep.
+    if sql.count("(") > limits.max_depth and _nesting(sql) > limits.max_depth:
+        return f"statement refused: nested deeper than {limits.max_depth} parentheses"
+    return None
 
 
 def _give_back_memory() -> None:
@@ -200,10 +242,9 @@ class SQLiteSandbox:
     def run(self, sql: str, params: tuple[Any, ...] = (), *, limits: SQLLimits | None = None) -> QueryResult:
         """Run one statement; never raises for bad SQL (the error is in the result)."""
         lim = limits or self.limits
-        if not isinstance(sql, str):
-            return QueryResult(None, [], False, "statement is not text")
-        if len(sql) > lim.max_sql_chars:
-            return QueryResult(None, [], False, f"statement refused: longer than {lim.max_sql_chars} characters")
+        why = refusal(sql, lim)
+        if why is not None:
+            return QueryResult(None, [], False, why)
         if _VACUUM.match(sql):
             return QueryResult(None, [], False, "statement refused: VACUUM is not allowed")
         saved, self.limits = self.limits, lim
