@@ -1,13 +1,25 @@
 """A throw-away Ubuntu-like machine for the OS-interaction task: one long-lived
-root bash inside bubblewrap.
+root bash inside bubblewrap, plus fresh shells of the same machine.
 
 The host's system folders (``/usr/*``, ``/bin``, ``/lib``, ...) are mounted
-read-only; everything a task may change is a private writable layer kept in a
-temp folder for the episode: ``/`` itself (new top-level folders), ``/etc`` (a
-copy with password hashes removed), ``/root``, ``/home``, ``/tmp``,
-``/usr/local``, new files directly in ``/usr``, and ``/var/{log,tmp,mail,spool}``.
-There is no network and the episode has its own PID namespace, so background
-processes it starts live exactly as long as the episode.
+read-only; everything a task may change is a private writable layer for the
+episode: ``/`` itself (new top-level folders), ``/etc`` (a copy of the host's
+world-readable files, password hashes removed), ``/root`` (Ubuntu's skeleton
+dot-files), ``/home``, ``/tmp``, ``/dev/shm``, ``/usr/local``, new files directly
+in ``/usr``, ``/run`` and ``/var/{log,tmp,mail,spool,cache,local,opt}``.
+
+Sealed from the worker (model commands are hostile input):
+
+- environment: bubblewrap starts from a clean, minimal environment, so no process
+  inside (its PID 1 included, ``/proc/*/environ``) holds anything of the worker's;
+- files: the host's service data and homes are not there: of ``/var/lib`` only the
+  package databases are shown, ``/opt``, ``/srv``, ``/mnt``, ``/media``, ``/boot``
+  are empty, ``/root`` and ``/home`` are the episode's own;
+- space: with root, the whole writable layer (``/dev/shm`` included) is one
+  size-limited tmpfs in a mount namespace of the episode's own, so the quota
+  covers every writable place together, and System V / POSIX IPC memory is capped;
+- no network, an own PID namespace (background processes live exactly as long as
+  the episode), address-space and file-size limits on every process.
 
 State (working folder, variables, background jobs) persists across commands: each
 command is sourced into the same shell and followed by a sentinel line carrying
@@ -15,6 +27,12 @@ its exit status. A command that runs past its timeout has every process it start
 killed; the shell itself survives. Capabilities are Docker's default set minus
 ``CAP_MKNOD`` (no device nodes), so ``useradd``/``chown`` work as in AgentBench's
 containers.
+
+:meth:`OSSession.run_script` is AgentBench's ``docker exec``: a new process in
+the same machine (same files, processes, namespaces and capabilities) with the
+container's environment (``HOME=/root``, Ubuntu's ``PATH``), not the agent's shell,
+so nothing the agent did to its shell (variables, aliases, working folder,
+``umask``, limits) reaches init scripts, examples or checks.
 """
 from __future__ import annotations
 
@@ -22,9 +40,9 @@ import os
 import re
 import resource
 import select
-import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -36,10 +54,24 @@ from cycleqd.sandbox.backends import SandboxUnavailable, bwrap_available
 
 _CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
          "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE", "CAP_SETFCAP"]
-_RO_TOP = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "opt", "srv", "media", "mnt", "boot"}
+_RO_TOP = {"bin", "sbin", "lib", "lib32", "lib64", "libx32"}
+_EMPTY_TOP = ("opt", "srv", "media", "mnt", "boot")  # Ubuntu's image has them empty; hosts keep data there
 _VAR_RW = ("log", "tmp", "mail", "spool", "cache", "local", "opt")
+# Of /var/lib only what package tools read; everything else there is some service's data.
+_VAR_LIB = ("dpkg", "apt", "ucf", "pam", "misc", "shells.state")
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV = {"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash", "TERM": "dumb",
-        "LANG": "C.UTF-8", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        "LANG": "C.UTF-8", "PATH": _PATH}
+# What `docker exec` gives a process in an Ubuntu container: the image's PATH, root's HOME.
+_EXEC_ENV = {"PATH": _PATH, "HOME": "/root", "HOSTNAME": "ubuntu"}
+_CAPS_SETPRIV = ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in _CAPS])
+# Interpreters of scripts run by the harness (absolute: /usr/local is the agent's to change).
+_INTERPRETERS = {"bash": ["/bin/bash", "-c"], "python": ["/usr/bin/python3", "-c"]}
+_IPC_LIMITS = {  # per IPC namespace: shared memory and message queues outside any file system
+    "kernel/shmmax": 64 << 20, "kernel/shmall": (64 << 20) // 4096, "kernel/shmmni": 64,
+    "kernel/msgmax": 8192, "kernel/msgmnb": 65536, "kernel/msgmni": 32,
+    "fs/mqueue/queues_max": 16, "fs/mqueue/msg_max": 10, "fs/mqueue/msgsize_max": 8192,
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +81,30 @@ class ShellOutput:
     output: str
     exit_code: int
     timed_out: bool
+
+
+def _copy_etc(dst: Path) -> None:
+    """The host's /etc as a private copy: world-readable files only (secrets are not),
+    plus the password databases with every hash removed."""
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        out = set()
+        for n in names:
+            p = os.path.join(folder, n)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                out.add(n)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if not st.st_mode & stat.S_IROTH or (stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH):
+                if not (folder == "/etc" and n in ("shadow", "gshadow")):
+                    out.add(n)
+        return out
+
+    shutil.copytree("/etc", dst, symlinks=True, ignore_dangling_symlinks=True, ignore=ignore)
+    _scrub_passwords(dst / "shadow")
+    _scrub_passwords(dst / "gshadow")
 
 
 def _scrub_passwords(path: Path) -> None:
@@ -91,6 +147,7 @@ class OSSession:
 
     Args:
         memory_mb: address-space limit for every process of the episode.
+        disk_mb: quota of the whole writable layer (all writable places together).
         cwd: folder the shell starts in.
         launch: start the shell now; with False only the layer is built (slow part, safe in
             any thread) and :meth:`launch` must be called later, from a thread that outlives
@@ -100,12 +157,18 @@ class OSSession:
         SandboxUnavailable: bubblewrap is missing.
     """
 
-    def __init__(self, *, memory_mb: int = 2048, cwd: str = "/root", launch: bool = True):
+    def __init__(self, *, memory_mb: int = 2048, disk_mb: int = 1024, cwd: str = "/root", launch: bool = True):
         if not bwrap_available():
             raise SandboxUnavailable("the OS task needs bubblewrap (apt-get install bubblewrap)")
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.dir = Path(tempfile.mkdtemp(prefix="cycleqd-os-", dir=shm))
         self.ctl = self.dir / "ctl"
+        self.prep = self.dir / "prep"  # the layer's initial content
+        # Where the layer lives while the shell runs: with root a tmpfs of disk_mb mounted
+        # in the episode's own mount namespace (the host never sees it), else prep itself.
+        self.quota = os.geteuid() == 0 and shutil.which("unshare") is not None
+        self.layer = self.dir / "layer" if self.quota else self.prep
+        self.disk_mb = int(disk_mb)
         self.alive = False
         self.proc: subprocess.Popen | None = None
         self.memory_mb, self.cwd = memory_mb, cwd
@@ -122,9 +185,11 @@ class OSSession:
         """Start the episode's shell (see ``launch`` in the class docstring)."""
         mem = self.memory_mb
         try:
+            # A clean environment from the first process on: bwrap's own (the sandbox's
+            # PID 1) is readable from inside, so the worker's must never reach it.
             self.proc = subprocess.Popen(
                 self._command(self.cwd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=lambda: _limit(mem))
+                start_new_session=True, preexec_fn=lambda: _limit(mem), env=dict(_ENV), cwd="/")
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
@@ -134,30 +199,45 @@ class OSSession:
 
     # -- layer -------------------------------------------------------------------------------
     def _build_layer(self) -> None:
-        d = self.dir
+        d = self.prep
+        d.mkdir()
         (d / "rootfs").mkdir()
-        shutil.copytree("/etc", d / "etc", symlinks=True, ignore_dangling_symlinks=True,
-                        ignore=shutil.ignore_patterns("shadow-", "gshadow-", "ssh", "ssl"))
-        _scrub_passwords(d / "etc" / "shadow")
-        _scrub_passwords(d / "etc" / "gshadow")
-        for sub in ("root", "home", "tmp", "usr_local", "run", *(f"var_{v}" for v in _VAR_RW)):
+        _copy_etc(d / "etc")
+        for sub in ("root", "home", "tmp", "usr_local", "run", "dev_shm", *(f"var_{v}" for v in _VAR_RW)):
             (d / sub).mkdir()
         (d / "root").chmod(0o700)
-        for sub in ("tmp", "var_tmp"):
+        for sub in ("tmp", "var_tmp", "dev_shm"):
             (d / sub).chmod(0o1777)
+        for name in (".bashrc", ".profile"):  # as in Ubuntu's image
+            if os.path.isfile(f"/etc/skel/{name}"):
+                shutil.copy(f"/etc/skel/{name}", d / "root" / name)
         for sub in ("bin", "sbin", "lib", "share", "include", "src", "etc"):
             (d / "usr_local" / sub).mkdir()
+        if self.quota:
+            (self.dir / "layer").mkdir()
         self.ctl.mkdir(mode=0o700)
 
+    def _wrapper(self) -> list[str]:
+        """With root: a private mount and IPC namespace holding the layer's tmpfs, then bwrap."""
+        if not self.quota:
+            return []
+        ipc = " && ".join(f"echo {v} > /proc/sys/{k}" for k, v in _IPC_LIMITS.items())
+        script = (f'mount -t tmpfs -o size={self.disk_mb}m,mode=0755 cycleqd-layer "$1" && cp -a "$2"/. "$1"/ '
+                  f"&& {{ {ipc}; }} 2>/dev/null; shift 2; exec \"$@\"")
+        return [shutil.which("unshare") or "unshare", "--mount", "--ipc", "--propagation", "private",
+                "/bin/sh", "-c", script, "sh", str(self.layer), str(self.prep)]
+
     def _command(self, cwd: str) -> list[str]:
-        d = self.dir
-        a = ["bwrap", "--bind", str(d / "rootfs"), "/"]
+        d = self.layer
+        a = [*self._wrapper(), shutil.which("bwrap") or "bwrap", "--bind", str(d / "rootfs"), "/"]
         for entry in sorted(os.listdir("/")):
             p = Path("/") / entry
             if p.is_symlink():
                 a += ["--symlink", os.readlink(p), f"/{entry}"]
             elif entry in _RO_TOP and p.is_dir():
                 a += ["--ro-bind", str(p), f"/{entry}"]
+        for entry in _EMPTY_TOP:
+            a += ["--dir", f"/{entry}"]
         a += ["--dir", "/usr"]
         for entry in sorted(os.listdir("/usr")):
             if entry == "local":
@@ -170,15 +250,25 @@ class OSSession:
             p = Path("/var") / entry
             if entry in _VAR_RW:
                 continue
-            a += (["--symlink", os.readlink(p), f"/var/{entry}"] if p.is_symlink()
-                  else ["--ro-bind", str(p), f"/var/{entry}"])
+            if p.is_symlink():
+                a += ["--symlink", os.readlink(p), f"/var/{entry}"]
+            elif entry == "lib":
+                a += ["--dir", "/var/lib"]
+                for keep in _VAR_LIB:
+                    if (p / keep).exists():
+                        a += ["--ro-bind", str(p / keep), f"/var/lib/{keep}"]
+            else:
+                a += ["--ro-bind", str(p), f"/var/{entry}"]
         for v in _VAR_RW:
             a += ["--bind", str(d / f"var_{v}"), f"/var/{v}"]
         a += ["--bind", str(d / "etc"), "/etc", "--bind", str(d / "root"), "/root",
               "--bind", str(d / "home"), "/home", "--bind", str(d / "tmp"), "/tmp",
               "--bind", str(d / "run"), "/run", "--ro-bind", str(self.ctl), "/run/cycleqd",
-              "--proc", "/proc", "--dev", "/dev", "--ro-bind", "/sys", "/sys",
-              "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+              "--proc", "/proc", "--dev", "/dev", "--bind", str(d / "dev_shm"), "/dev/shm",
+              # /dev itself is a tmpfs of bwrap's: read-only, so writes go to the quota'd places
+              "--remount-ro", "/dev", "--ro-bind", "/sys", "/sys",
+              "--unshare-net", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
+              *([] if self.quota else ["--unshare-ipc"]),
               "--hostname", "ubuntu", "--die-with-parent", "--new-session", "--chdir", cwd, "--clearenv"]
         for k, v in _ENV.items():
             a += ["--setenv", k, v]
@@ -267,20 +357,65 @@ class OSSession:
             time.sleep(0.02)
 
     def run_script(self, language: str, script: str, params: list[str], timeout: float = 30.0) -> ShellOutput:
-        """Run a script as its own process (AgentBench's ``execute_independent``) with arguments."""
-        name = uuid.uuid4().hex
-        (self.ctl / name).write_text(script)
-        args = " ".join(shlex.quote(p) for p in params)
-        if language == "bash":
-            cmd = f'bash -c "$(cat /run/cycleqd/{name})" -- {args}'
-        elif language == "python":
-            cmd = f'python3 -c "$(cat /run/cycleqd/{name})" {args}'
-        else:
+        """Run a script as a new process of this machine (AgentBench's ``execute_independent``).
+
+        Like ``docker exec``: the same files, processes and namespaces as the agent's
+        shell, the container's environment and root's home as working folder, with the
+        episode's capabilities and limits; ``bash`` scripts get ``params`` after ``--``,
+        ``python`` scripts as arguments. Output is stdout and stderr together.
+
+        Raises:
+            ValueError: a language other than bash or python.
+        """
+        if language not in _INTERPRETERS:
             raise ValueError(f"unsupported script language {language!r}")
+        argv = [*_INTERPRETERS[language], script, *(["--"] if language == "bash" else []), *map(str, params)]
+        target = getattr(self, "_shell_pid", None)
+        if not self.alive or self.proc is None or self.proc.poll() is not None or target is None:
+            return ShellOutput("", -1, False)
+        enter = [shutil.which("nsenter") or "nsenter", "--target", str(target), "--all", "--root"]
+        if os.geteuid() == 0:
+            enter += ["--", shutil.which("setpriv") or "/usr/bin/setpriv", "--no-new-privs",
+                      "--bounding-set", _CAPS_SETPRIV, "--inh-caps", "-all"]
+        enter += ["--", "/usr/bin/env", "--chdir=/root"]
+        mem = self.memory_mb
         try:
-            return self.run(f"( cd /root && {cmd} )", timeout=timeout)
+            proc = subprocess.Popen([*enter, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True, env=dict(_EXEC_ENV),
+                                    cwd="/", preexec_fn=lambda: _limit(mem))
+        except OSError as e:
+            return ShellOutput(f"could not start a process in the machine: {e}", -1, False)
+        out = bytearray()
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    break
+                ready, _, _ = select.select([fd], [], [], min(left, 0.05))
+                if ready:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    if len(out) < 4 << 20:
+                        out += chunk
+                elif proc.poll() is not None:
+                    # Done. Background processes it started live on (as after `docker exec`),
+                    # even while they hold its output open.
+                    break
         finally:
-            (self.ctl / name).unlink(missing_ok=True)
+            if timed_out:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            proc.stdout.close()
+        code = proc.wait()
+        text = bytes(out).decode("utf-8", errors="replace")
+        return ShellOutput(text, -1 if timed_out else code, timed_out)
 
     def close(self) -> None:
         """Kill everything in the episode and delete its layer."""
