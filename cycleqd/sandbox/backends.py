@@ -4,7 +4,9 @@ Every backend runs a whole batch of jobs with one launch of
 ``cycleqd/sandbox/_runner.py``; the runner forks one limited child per job.
 
 - ``bwrap``: read-only view of the host, empty network, own PID/IPC/UTS
-  namespaces, a private ``/tmp`` (tmpfs), killed with its parent.
+  namespaces, a private size-limited ``/tmp`` and ``/dev/shm`` (tmpfs; ``/dev``
+  itself read-only), a clean environment from bwrap itself on (the sandbox's
+  PID 1 holds nothing of the worker's), killed with its parent.
 - ``subprocess``: the runner on the host in its own session and a private temp
   folder; with root it still gives each job an unprivileged uid and an empty
   network namespace, without root only rlimits and process groups apply.
@@ -29,6 +31,7 @@ from typing import Any, Protocol, Sequence
 RUNNER = Path(__file__).with_name("_runner.py")
 SANDBOX_RUNNER = "/tmp/.cycleqd_runner.py"  # where bwrap shows it
 _ENV_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_CLEAN_ENV = {"PATH": _ENV_PATH, "LANG": "C.UTF-8"}  # all a sandbox process ever gets
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def _batch_limit(n: int, timeout: float, parallel: int) -> float:
 def _launch(cmd: list[str], spec: dict, n: int, limit: float, env: dict | None = None) -> list[RunResult]:
     """Start the runner (its own session), feed it ``spec``, kill its group past ``limit``."""
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, env=env)
+                            start_new_session=True, env=env, cwd="/")
     try:
         out, err = proc.communicate(json.dumps(spec).encode(), timeout=limit)
     except subprocess.TimeoutExpired:
@@ -166,9 +169,8 @@ class SubprocessBackend:
             parallel = os.cpu_count() or 1
             spec = {"jobs": list(jobs), "timeout": timeout, "memory_mb": memory_mb, "root": root,
                     "parallel": parallel, "max_output": max_output, "unshare_net": os.geteuid() == 0}
-            env = {"PATH": _ENV_PATH, "LANG": "C.UTF-8"}
             return _launch([_host_python(), "-I", str(RUNNER)], spec, len(jobs),
-                           _batch_limit(len(jobs), timeout, parallel), env)
+                           _batch_limit(len(jobs), timeout, parallel), dict(_CLEAN_ENV))
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -178,11 +180,12 @@ class BwrapBackend:
 
     name = "bwrap"
 
-    def __init__(self, tmp_size_mb: int = 1024):
+    def __init__(self, tmp_size_mb: int = 1024, shm_size_mb: int = 64):
         if not bwrap_available():
             raise SandboxUnavailable("backend 'bwrap' selected but bubblewrap is missing or cannot start "
                                      "(Debian/Ubuntu: apt-get install bubblewrap)")
         self.tmp_size_mb = tmp_size_mb
+        self.shm_size_mb = shm_size_mb
 
     def command(self) -> list[str]:
         """The bwrap argument list up to (not including) the program to run."""
@@ -202,8 +205,10 @@ class BwrapBackend:
             shutil.which("bwrap") or "bwrap",
             "--ro-bind", "/", "/",
             "--dev", "/dev",
+            # every writable place has a quota; /dev itself (bwrap's tmpfs) is read-only
+            "--perms", "01777", "--size", str(self.shm_size_mb << 20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
             "--proc", "/proc",
-            "--tmpfs", "/root", "--tmpfs", "/home", *binds,
+            "--size", str(1 << 20), "--tmpfs", "/root", "--size", str(1 << 20), "--tmpfs", "/home", *binds,
             "--size", str(self.tmp_size_mb << 20), "--tmpfs", "/tmp",
             # the runner is mounted into the private /tmp: the project itself may live under
             # /tmp, /root or /home, which the sandbox hides
@@ -221,7 +226,7 @@ class BwrapBackend:
         spec = _contained_spec(jobs, timeout, memory_mb, max_output)
         parallel = spec["parallel"]
         cmd = self.command() + [_python(), "-I", SANDBOX_RUNNER]
-        return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel))
+        return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel), dict(_CLEAN_ENV))
 
 
 def _contained_spec(jobs: Sequence[dict], timeout: float, memory_mb: int, max_output: int) -> dict:
