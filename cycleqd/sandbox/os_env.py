@@ -18,6 +18,9 @@ Sealed from the worker (model commands are hostile input):
 - space: with root, the whole writable layer (``/dev/shm`` included) is one
   size-limited tmpfs in a mount namespace of the episode's own, so the quota
   covers every writable place together, and System V / POSIX IPC memory is capped;
+- memory and processes: where the host allows it, the episode is one cgroup whose
+  memory limit covers its processes, its files and anonymous shared memory
+  (``memfd``) together, with a cap on the number of processes;
 - no network, an own PID namespace (background processes live exactly as long as
   the episode), address-space and file-size limits on every process.
 
@@ -107,6 +110,78 @@ def _copy_etc(dst: Path) -> None:
     _scrub_passwords(dst / "gshadow")
 
 
+def _own_cgroup(controller: str) -> Path | None:
+    """This process's cgroup folder for ``controller`` (v1 hierarchy or the v2 unified one)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, ctrls, path = line.split(":", 2)
+        if controller in ctrls.split(","):
+            return Path("/sys/fs/cgroup") / controller / path.lstrip("/")
+    for line in lines:
+        if line.startswith("0::") and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+    return None
+
+
+def _make_cgroups(name: str, memory_mb: int, pids: int) -> list[Path]:
+    """Best effort: memory and process-count cgroups for one episode (where the host lets us).
+
+    Memory counts everything the episode's processes touch, files in its tmpfs and
+    anonymous shared memory included, so the episode as a whole is capped, not only
+    each process's address space.
+    """
+    made: list[Path] = []
+    for controller, settings in (
+        ("memory", {"memory.limit_in_bytes": memory_mb << 20, "memory.max": memory_mb << 20}),
+        ("pids", {"pids.max": pids}),
+    ):
+        base = _own_cgroup(controller)
+        if base is None or not base.is_dir():
+            continue
+        d = base / name
+        try:
+            d.mkdir(exist_ok=True)
+        except OSError:
+            continue
+        wrote = False
+        for key, value in settings.items():
+            try:
+                (d / key).write_text(str(value))
+                wrote = True
+            except OSError:
+                pass
+        if wrote and d not in made:
+            made.append(d)
+        elif not wrote:
+            _remove_cgroups([d])
+    return made
+
+
+def _join_cgroups(dirs: list[Path]) -> None:
+    """In a child before exec: move this process into ``dirs`` (its descendants follow)."""
+    for d in dirs:
+        try:
+            with open(d / "cgroup.procs", "w") as f:
+                f.write("0")
+        except OSError:
+            pass
+
+
+def _remove_cgroups(dirs: list[Path]) -> None:
+    for d in dirs:
+        for _ in range(50):
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.02)  # the last processes are still exiting
+
+
 def _scrub_passwords(path: Path) -> None:
     if not path.exists():
         return
@@ -169,6 +244,7 @@ class OSSession:
         self.quota = os.geteuid() == 0 and shutil.which("unshare") is not None
         self.layer = self.dir / "layer" if self.quota else self.prep
         self.disk_mb = int(disk_mb)
+        self.cgroups: list[Path] = []
         self.alive = False
         self.proc: subprocess.Popen | None = None
         self.memory_mb, self.cwd = memory_mb, cwd
@@ -184,12 +260,20 @@ class OSSession:
     def launch(self) -> None:
         """Start the episode's shell (see ``launch`` in the class docstring)."""
         mem = self.memory_mb
+        # Processes, their memory and the layer's files together (the layer is charged to it).
+        self.cgroups = _make_cgroups(self.dir.name, self.memory_mb + self.disk_mb + 256, 1024)
+        groups = self.cgroups
+
+        def child() -> None:
+            _limit(mem)
+            _join_cgroups(groups)
+
         try:
             # A clean environment from the first process on: bwrap's own (the sandbox's
             # PID 1) is readable from inside, so the worker's must never reach it.
             self.proc = subprocess.Popen(
                 self._command(self.cwd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=lambda: _limit(mem), env=dict(_ENV), cwd="/")
+                start_new_session=True, preexec_fn=child, env=dict(_ENV), cwd="/")
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
@@ -378,11 +462,16 @@ class OSSession:
             enter += ["--", shutil.which("setpriv") or "/usr/bin/setpriv", "--no-new-privs",
                       "--bounding-set", _CAPS_SETPRIV, "--inh-caps", "-all"]
         enter += ["--", "/usr/bin/env", "--chdir=/root"]
-        mem = self.memory_mb
+        mem, groups = self.memory_mb, self.cgroups
+
+        def child() -> None:
+            _limit(mem)
+            _join_cgroups(groups)
+
         try:
             proc = subprocess.Popen([*enter, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True, env=dict(_EXEC_ENV),
-                                    cwd="/", preexec_fn=lambda: _limit(mem))
+                                    cwd="/", preexec_fn=child)
         except OSError as e:
             return ShellOutput(f"could not start a process in the machine: {e}", -1, False)
         out = bytearray()
@@ -429,6 +518,7 @@ class OSSession:
             except Exception:
                 pass
         self.alive = False
+        _remove_cgroups(self.cgroups)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "OSSession":

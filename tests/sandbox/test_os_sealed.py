@@ -158,3 +158,22 @@ def test_planted_interpreters_do_not_fool_the_checks(session: OSSession) -> None
     problem = OSProblem(id="0", description="d", check=(check,))
     assert judge(problem, "42", session) and not judge(problem, "41", session)
     assert os.path.exists("/usr/bin/python3")
+
+
+def test_episode_memory_and_processes_are_capped_as_a_whole() -> None:
+    """Anonymous shared memory (memfd) is in no file system: only the episode's cgroup bounds it."""
+    session = OSSession(memory_mb=512, disk_mb=256)
+    try:
+        if not session.cgroups:
+            pytest.skip("this host lets no process create cgroups")
+        code = ("import os\nfds = []\nfor i in range(40):\n    fd = os.memfd_create('x')\n"
+                "    os.write(fd, bytes(100 << 20))\n    fds.append(fd)\nprint('survived 4 GB')")
+        t = time.monotonic()
+        r = session.run_script("python", code, [], timeout=60)
+        assert r.exit_code != 0 and "survived" not in r.output and time.monotonic() - t < 30
+        r = session.run_script("bash", "for i in $(seq 3000); do sleep 30 & done 2>&1 | grep -c 'fork'", [], timeout=60)
+        assert int(r.output.split()[-1]) > 0  # forks refused past the cap
+        assert session.run("echo alive", timeout=10).output.strip() == "alive"
+    finally:
+        session.close()
+    assert not any(d.exists() for d in session.cgroups)
