@@ -67,9 +67,13 @@ _ENV = {"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash"
         "LANG": "C.UTF-8", "PATH": _PATH}
 # What `docker exec` gives a process in an Ubuntu container: the image's PATH, root's HOME.
 _EXEC_ENV = {"PATH": _PATH, "HOME": "/root", "HOSTNAME": "ubuntu"}
-_CAPS_SETPRIV = ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in _CAPS])
+# Harness scripts get one capability more than the agent (a harmless one): a process may
+# only trace or read the memory of one whose capabilities are a subset of its own, so the
+# agent's background processes cannot tamper with a running check.
+_CAPS_SETPRIV = ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in _CAPS] + ["+ipc_lock"])
 # Interpreters of scripts run by the harness (absolute: /usr/local is the agent's to change).
-_INTERPRETERS = {"bash": ["/bin/bash", "-c"], "python": ["/usr/bin/python3", "-c"]}
+# (-I: no script folder, user site or PYTHON* variables on Python's path.)
+_INTERPRETERS = {"bash": ["/bin/bash", "-c"], "python": ["/usr/bin/python3", "-I", "-c"]}
 _IPC_LIMITS = {  # per IPC namespace: shared memory and message queues outside any file system
     "kernel/shmmax": 64 << 20, "kernel/shmall": (64 << 20) // 4096, "kernel/shmmni": 64,
     "kernel/msgmax": 8192, "kernel/msgmnb": 65536, "kernel/msgmni": 32,
@@ -280,6 +284,10 @@ class OSSession:
         self.alive = True
         self.run("exec 2>&1; set +m; shopt -s expand_aliases", timeout=20)
         self._shell_pid = self._find_shell()
+        # The machine's own init (bwrap's PID 1 inside): what fresh processes enter. Never the
+        # agent's shell, which could chroot itself and hand checks a root of its making.
+        inits = sorted(_children(self.proc.pid))
+        self._init_pid = inits[0] if inits else None
 
     # -- layer -------------------------------------------------------------------------------
     def _build_layer(self) -> None:
@@ -454,7 +462,7 @@ class OSSession:
         if language not in _INTERPRETERS:
             raise ValueError(f"unsupported script language {language!r}")
         argv = [*_INTERPRETERS[language], script, *(["--"] if language == "bash" else []), *map(str, params)]
-        target = getattr(self, "_shell_pid", None)
+        target = getattr(self, "_init_pid", None)
         if not self.alive or self.proc is None or self.proc.poll() is not None or target is None:
             return ShellOutput("", -1, False)
         enter = [shutil.which("nsenter") or "nsenter", "--target", str(target), "--all", "--root"]

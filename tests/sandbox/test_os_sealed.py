@@ -126,8 +126,9 @@ def test_fresh_shells_share_the_machine_not_the_agents_shell(session: OSSession)
     out = r.output.splitlines()
     assert out[0] == "/root" and out[1] == "X= Y=" and out[2] == "0022" and out[3] != "64"
     assert "not found" in out[4] and out[5] == "made" and out[6] == "bg-visible"
-    agent_caps = session.run("grep CapEff /proc/self/status", timeout=10).output.strip()
-    assert out[7] == agent_caps and out[8] == "one two words"
+    agent_caps = session.run("grep CapEff /proc/self/status", timeout=10).output.split()[-1]
+    # the agent's capabilities plus CAP_IPC_LOCK, which keeps the agent from tracing a check
+    assert int(out[7].split()[-1], 16) == int(agent_caps, 16) | 1 << 14 and out[8] == "one two words"
     env = session.run_script("bash", "env | cut -d= -f1 | sort | tr '\\n' ' '", []).output.split()
     assert set(env) <= {"HOME", "PATH", "HOSTNAME", "PWD", "SHLVL", "_"}
 
@@ -171,9 +172,26 @@ def test_episode_memory_and_processes_are_capped_as_a_whole() -> None:
         t = time.monotonic()
         r = session.run_script("python", code, [], timeout=60)
         assert r.exit_code != 0 and "survived" not in r.output and time.monotonic() - t < 30
-        r = session.run_script("bash", "for i in $(seq 3000); do sleep 30 & done 2>&1 | grep -c 'fork'", [], timeout=60)
+        r = session.run_script("bash", "for i in $(seq 1100); do sleep 30 & done 2>&1 | grep -c 'fork'", [], timeout=60)
         assert int(r.output.split()[-1]) > 0  # forks refused past the cap
         assert session.run("echo alive", timeout=10).output.strip() == "alive"
     finally:
         session.close()
     assert not any(d.exists() for d in session.cgroups)
+
+
+def test_an_agent_in_a_root_of_its_own_does_not_move_the_checks(session: OSSession) -> None:
+    """The agent's shell may chroot itself (as in Docker); checks still run in the machine's root."""
+    from cycleqd.tasks.os_interaction import OSProblem, judge
+
+    build = ("mkdir -p /tmp/fake/bin /tmp/fake/usr/bin && cp /bin/bash /tmp/fake/bin/ && "
+             "for l in $(ldd /bin/bash | grep -o '/[^ ]*'); do mkdir -p /tmp/fake$(dirname $l); cp $l /tmp/fake$l; done && "
+             "printf '#!/bin/bash\\nexit 0\\n' > /tmp/fake/usr/bin/python3 && chmod +x /tmp/fake/usr/bin/python3 && "
+             "ln -s python3 /tmp/fake/usr/bin/python && echo built")
+    assert session.run(build, timeout=30).output.strip().endswith("built")
+    # 0<&10: the shell's saved stdin, so the chrooted shell keeps reading the session's pipe
+    session.run("exec chroot /tmp/fake /bin/bash 0<&10", timeout=10)
+    assert os.readlink(f"/proc/{session._shell_pid}/root").endswith("/tmp/fake")
+    check = ("python", "import sys\nsys.exit(0 if sys.argv[1].strip() == '42' else 1)")
+    problem = OSProblem(id="0", description="d", check=(check,))
+    assert not judge(problem, "41", session) and judge(problem, "42", session)
