@@ -227,6 +227,7 @@ class OSSession:
     Args:
         memory_mb: address-space limit for every process of the episode.
         disk_mb: quota of the whole writable layer (all writable places together).
+        max_processes: processes the episode may have at once (where cgroups can be made).
         cwd: folder the shell starts in.
         launch: start the shell now; with False only the layer is built (slow part, safe in
             any thread) and :meth:`launch` must be called later, from a thread that outlives
@@ -236,7 +237,8 @@ class OSSession:
         SandboxUnavailable: bubblewrap is missing.
     """
 
-    def __init__(self, *, memory_mb: int = 2048, disk_mb: int = 1024, cwd: str = "/root", launch: bool = True):
+    def __init__(self, *, memory_mb: int = 2048, disk_mb: int = 1024, max_processes: int = 1024,
+                 cwd: str = "/root", launch: bool = True):
         if not bwrap_available():
             raise SandboxUnavailable("the OS task needs bubblewrap (apt-get install bubblewrap)")
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -247,7 +249,7 @@ class OSSession:
         # in the episode's own mount namespace (the host never sees it), else prep itself.
         self.quota = os.geteuid() == 0 and shutil.which("unshare") is not None
         self.layer = self.dir / "layer" if self.quota else self.prep
-        self.disk_mb = int(disk_mb)
+        self.disk_mb, self.max_processes = int(disk_mb), int(max_processes)
         self.cgroups: list[Path] = []
         self.alive = False
         self.proc: subprocess.Popen | None = None
@@ -265,7 +267,7 @@ class OSSession:
         """Start the episode's shell (see ``launch`` in the class docstring)."""
         mem = self.memory_mb
         # Processes, their memory and the layer's files together (the layer is charged to it).
-        self.cgroups = _make_cgroups(self.dir.name, self.memory_mb + self.disk_mb + 256, 1024)
+        self.cgroups = _make_cgroups(self.dir.name, self.memory_mb + self.disk_mb + 256, self.max_processes)
         groups = self.cgroups
 
         def child() -> None:
