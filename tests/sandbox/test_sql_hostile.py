@@ -252,3 +252,31 @@ def test_writes_stay_inside_the_sample_database(backend: Backend, tmp_path: Path
     assert first.run("SELECT count(*) FROM t").rows == [(101,)]
     assert second.run("SELECT count(*) FROM t").rows == [(100,)]
     assert second.run("SELECT * FROM mine").error is not None
+
+
+def test_the_db_task_plays_hostile_sql_through_the_sandbox(backend: Backend, tmp_path: Path) -> None:
+    """End to end: a DBBench episode of hostile operations ends in seconds, wrong, with nothing written."""
+    import json
+
+    from cycleqd.engine.replay import ReplayEngine
+    from cycleqd.tasks.dbbench import DBBenchTask
+
+    row = {"description": "How many?", "add_description": "Table t.", "type": ["counting"], "label": ["2"],
+           "table": {"table_name": "t", "table_info": {"columns": [{"name": "a", "type": "TEXT"}],
+                                                       "rows": [["1"], ["2"]]}}}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    target = tmp_path / "out"
+    target.mkdir()
+    ops = ["WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r) SELECT count(*) FROM r t1, r t2",
+           f"ATTACH DATABASE '{target}/x.db' AS x" if backend.kind == "sqlite" else f"SELECT 1 INTO OUTFILE '{target}/x'",
+           "SELECT * FROM t a, t b, t c, t d, t e, t f, t g, t h, t i, t j, t k, t l, t m, t n, t o, t p, t q, t r, t s, t u"]
+    turns = [f"Action: Operation\n```sql\n{op}\n```" for op in ops] + ["Action: Answer\nFinal Answer: [\"3\"]"]
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({"id": 0, "turns": turns}) + "\n")
+    options = {"backend": "mysql", "url": backend.url} if backend.kind == "mariadb" else {}
+    t = time.monotonic()
+    res = DBBenchTask(data=str(data), **options).evaluate(ReplayEngine(str(answers)))
+    assert time.monotonic() - t < 3 * (2.0 + SLACK)
+    assert res.quality == 0.0 and res.samples[0].detail["rounds"] == 3
+    assert list(target.iterdir()) == []
