@@ -42,6 +42,8 @@ class SQLLimits(BaseModel):
             fetched from one result; the rest is dropped and ``truncated`` is set.
         max_sql_chars: longest statement text accepted.
         max_value_bytes: longest string or blob a statement may build.
+        max_database_mb: how large the database (and its temporary tables) may grow
+            over the whole session: memory, statement after statement.
         max_depth: deepest nesting of parentheses accepted (parser stacks are finite).
         max_memory_mb: how much the process may grow while one statement runs (a sort
             or a recursive query builds its state in memory before the first row).
@@ -57,6 +59,7 @@ class SQLLimits(BaseModel):
     max_value_bytes: int = Field(100_000, gt=0)
     max_memory_mb: int = Field(128, gt=0)
     max_depth: int = Field(100, gt=0)
+    max_database_mb: int = Field(64, gt=0)
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,11 @@ class SQLiteSandbox:
                 setup(con)
             if read_only:
                 con.execute("PRAGMA query_only = ON")
+            else:
+                # A database in memory is memory: inserts past the cap fail ("database is full").
+                pages = (limits.max_database_mb << 20) // con.execute("PRAGMA page_size").fetchone()[0]
+                for schema in ("main", "temp"):
+                    con.execute(f"PRAGMA {schema}.max_page_count = {max(pages, 1)}")
             con.set_authorizer(_authorize)
             con.set_progress_handler(self._tick, _TICK)
         except BaseException:

@@ -280,3 +280,24 @@ def test_the_db_task_plays_hostile_sql_through_the_sandbox(backend: Backend, tmp
     assert time.monotonic() - t < 3 * (2.0 + SLACK)
     assert res.quality == 0.0 and res.samples[0].detail["rounds"] == 3
     assert list(target.iterdir()) == []
+
+
+def test_sqlite_database_cannot_grow_without_bound(tmp_path: Path) -> None:
+    """In memory, the database is the worker's memory: statement after statement it stays capped."""
+    limits = SQLLimits(seconds=2.0, max_database_mb=16)
+
+    def setup(con):
+        con.execute("CREATE TABLE t (a TEXT, b INTEGER)")
+        con.executemany("INSERT INTO t VALUES (?, ?)", [(str(i), i) for i in range(100)])
+
+    sb = SQLiteSandbox(limits, setup=setup)
+    try:
+        base = _rss_mb()
+        errors = [sb.run(f"INSERT INTO {table} SELECT printf('%.*c', 1000, 'x'), 1 FROM t a, t b").error
+                  for table in ("t", "t", "t") ] + [
+                  sb.run("CREATE TEMP TABLE big AS SELECT printf('%.*c', 1000, 'x') FROM t a, t b, t c").error]
+        assert errors[-1] is not None and any(e and "full" in e for e in errors), errors
+        assert _rss_mb() - base < 48
+        assert sb.run("SELECT 1").rows == [(1,)]
+    finally:
+        sb.close()
