@@ -39,6 +39,7 @@ so nothing the agent did to its shell (variables, aliases, working folder,
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import resource
@@ -112,6 +113,25 @@ def _copy_etc(dst: Path) -> None:
     shutil.copytree("/etc", dst, symlinks=True, ignore_dangling_symlinks=True, ignore=ignore)
     _scrub_passwords(dst / "shadow")
     _scrub_passwords(dst / "gshadow")
+
+
+@functools.lru_cache(maxsize=None)
+def private_tmpfs_works() -> bool:
+    """True when this process may mount a size-limited tmpfs in a mount namespace of its own
+    (root, and a host that allows it): the condition for the layer's quota."""
+    exe = shutil.which("unshare")
+    if os.geteuid() != 0 or exe is None:
+        return False
+    probe = tempfile.mkdtemp(prefix="cycleqd-probe-")
+    try:
+        r = subprocess.run([exe, "--mount", "--ipc", "--propagation", "private", "/bin/sh", "-c",
+                            'mount -t tmpfs -o size=1m cycleqd-probe "$1"', "sh", probe],
+                           capture_output=True, timeout=20, env=dict(_ENV))
+        return r.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def _own_cgroup(controller: str) -> Path | None:
@@ -247,7 +267,7 @@ class OSSession:
         self.prep = self.dir / "prep"  # the layer's initial content
         # Where the layer lives while the shell runs: with root a tmpfs of disk_mb mounted
         # in the episode's own mount namespace (the host never sees it), else prep itself.
-        self.quota = os.geteuid() == 0 and shutil.which("unshare") is not None
+        self.quota = private_tmpfs_works()
         self.layer = self.dir / "layer" if self.quota else self.prep
         self.disk_mb, self.max_processes = int(disk_mb), int(max_processes)
         self.cgroups: list[Path] = []
