@@ -39,7 +39,6 @@ so nothing the agent did to its shell (variables, aliases, working folder,
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 import resource
@@ -54,7 +53,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cycleqd.sandbox.backends import SandboxUnavailable, bwrap_available
+from cycleqd.sandbox.backends import SandboxUnavailable, bwrap_available, private_tmpfs_works
 
 _CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
          "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE", "CAP_SETFCAP"]
@@ -113,25 +112,6 @@ def _copy_etc(dst: Path) -> None:
     shutil.copytree("/etc", dst, symlinks=True, ignore_dangling_symlinks=True, ignore=ignore)
     _scrub_passwords(dst / "shadow")
     _scrub_passwords(dst / "gshadow")
-
-
-@functools.lru_cache(maxsize=None)
-def private_tmpfs_works() -> bool:
-    """True when this process may mount a size-limited tmpfs in a mount namespace of its own
-    (root, and a host that allows it): the condition for the layer's quota."""
-    exe = shutil.which("unshare")
-    if os.geteuid() != 0 or exe is None:
-        return False
-    probe = tempfile.mkdtemp(prefix="cycleqd-probe-")
-    try:
-        r = subprocess.run([exe, "--mount", "--ipc", "--propagation", "private", "/bin/sh", "-c",
-                            'mount -t tmpfs -o size=1m cycleqd-probe "$1"', "sh", probe],
-                           capture_output=True, timeout=20, env=dict(_ENV))
-        return r.returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
 
 
 def _own_cgroup(controller: str) -> Path | None:
