@@ -5,12 +5,14 @@ table and comparing the result rows (as multisets unless the query orders them).
 """
 from __future__ import annotations
 
+import functools
 import random
 import sqlite3
 from dataclasses import dataclass, replace
 from typing import Any
 
 from cycleqd.mini.items import Family
+from cycleqd.sandbox.sql import SQLiteSandbox, SQLLimits
 
 PREFIX = "sql"
 
@@ -107,33 +109,34 @@ class QueryError(Exception):
     """A candidate query failed to run."""
 
 
+@functools.lru_cache(maxsize=8)
+def _limits(max_steps: int) -> SQLLimits:
+    return SQLLimits(max_steps=max_steps, max_rows=10_000)
+
+
 def run_query(context: dict[str, Any], query: str, *, max_steps: int = 200_000) -> list[tuple]:
-    """Run ``query`` on a fresh in-memory copy of the item's table.
+    """Run ``query`` on a fresh, read-only, in-memory copy of the item's table.
+
+    The query runs in :class:`cycleqd.sandbox.sql.SQLiteSandbox` (no files, no
+    extensions, bounded work and result size).
 
     Raises:
-        QueryError: the query is invalid, writes, or runs too long.
+        QueryError: the query is invalid, writes, reaches outside its database, or runs too long.
     """
-    con = sqlite3.connect(":memory:")
-    try:
-        t, (c1, c2, c3) = context["table"], context["columns"]
+    t, (c1, c2, c3) = context["table"], context["columns"]
+
+    def setup(con: sqlite3.Connection) -> None:
         con.execute(f"CREATE TABLE {t} ({c1} TEXT, {c2} INTEGER, {c3} TEXT)")
         con.executemany(f"INSERT INTO {t} VALUES (?, ?, ?)", [tuple(r) for r in context["rows"]])
-        con.commit()
-        steps = [0]
 
-        def _tick() -> int:
-            steps[0] += 1
-            return 1 if steps[0] > max_steps // 1000 else 0
-
-        # A candidate may write an endless recursive CTE: abort after a bounded amount of work.
-        con.set_progress_handler(_tick, 1000)
-        con.execute("PRAGMA query_only = ON")
-        try:
-            return [tuple(r) for r in con.execute(query).fetchmany(10_000)]
-        except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as e:
-            raise QueryError(f"{type(e).__name__}: {e}") from None
+    sandbox = SQLiteSandbox(_limits(max_steps), setup=setup, read_only=True)
+    try:
+        res = sandbox.run(query)
     finally:
-        con.close()
+        sandbox.close()
+    if res.error is not None:
+        raise QueryError(res.error)
+    return res.rows
 
 
 def same_result(got: list[tuple], want: list[tuple], ordered: bool) -> bool:

@@ -4,10 +4,13 @@ Every backend runs a whole batch of jobs with one launch of
 ``cycleqd/sandbox/_runner.py``; the runner forks one limited child per job.
 
 - ``bwrap``: read-only view of the host, empty network, own PID/IPC/UTS
-  namespaces, a private ``/tmp`` (tmpfs), killed with its parent.
+  namespaces, a private size-limited ``/tmp`` and ``/dev/shm`` (tmpfs; ``/dev``
+  itself read-only), a clean environment from bwrap itself on (the sandbox's
+  PID 1 holds nothing of the worker's), killed with its parent.
 - ``subprocess``: the runner on the host in its own session and a private temp
   folder; with root it still gives each job an unprivileged uid and an empty
-  network namespace, without root only rlimits and process groups apply.
+  network namespace and hides the host's ``/tmp``, ``/dev/shm`` and ``/var/tmp``
+  behind private size-limited ones; without root only rlimits and process groups apply.
 - ``docker``: the runner in a container (``--network none``), for machines with a
   Docker engine (the AgentBench images); selecting it without one is a clear error.
 """
@@ -29,6 +32,7 @@ from typing import Any, Protocol, Sequence
 RUNNER = Path(__file__).with_name("_runner.py")
 SANDBOX_RUNNER = "/tmp/.cycleqd_runner.py"  # where bwrap shows it
 _ENV_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_CLEAN_ENV = {"PATH": _ENV_PATH, "LANG": "C.UTF-8"}  # all a sandbox process ever gets
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,25 @@ def bwrap_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def private_tmpfs_works() -> bool:
+    """True when this process may mount a size-limited tmpfs in a mount namespace of its own
+    (root, and a host that allows it): the condition for quotas outside bubblewrap."""
+    exe = shutil.which("unshare")
+    if os.geteuid() != 0 or exe is None:
+        return False
+    probe = tempfile.mkdtemp(prefix="cycleqd-probe-")
+    try:
+        r = subprocess.run([exe, "--mount", "--ipc", "--propagation", "private", "/bin/sh", "-c",
+                            'mount -t tmpfs -o size=1m cycleqd-probe "$1"', "sh", probe],
+                           capture_output=True, timeout=20, env=dict(_CLEAN_ENV))
+        return r.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
 def docker_available() -> bool:
     """True when a Docker engine answers."""
     return _exits_zero("docker", "info")
@@ -119,7 +142,7 @@ def _batch_limit(n: int, timeout: float, parallel: int) -> float:
 def _launch(cmd: list[str], spec: dict, n: int, limit: float, env: dict | None = None) -> list[RunResult]:
     """Start the runner (its own session), feed it ``spec``, kill its group past ``limit``."""
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, env=env)
+                            start_new_session=True, env=env, cwd="/")
     try:
         out, err = proc.communicate(json.dumps(spec).encode(), timeout=limit)
     except subprocess.TimeoutExpired:
@@ -151,24 +174,42 @@ class Backend(Protocol):
 
 
 class SubprocessBackend:
-    """The runner directly on the host, in a private temp folder and its own session."""
+    """The runner directly on the host, in a private temp folder and its own session.
+
+    With root (where a private tmpfs can be mounted), the runner gets a mount namespace
+    of its own in which ``/tmp``, ``/dev/shm`` and ``/var/tmp`` are fresh size-limited
+    tmpfs mounts: the host's shared scratch folders are out of the jobs' reach, and
+    what they write together has a quota.
+    """
 
     name = "subprocess"
+
+    def __init__(self, tmp_size_mb: int = 1024):
+        self.tmp_size_mb = tmp_size_mb
 
     def run_batch(self, jobs: Sequence[dict], *, timeout: float, memory_mb: int,
                   max_output: int = 65536) -> list[RunResult]:
         if not jobs:
             return []
+        parallel = os.cpu_count() or 1
+        spec = {"jobs": list(jobs), "timeout": timeout, "memory_mb": memory_mb, "root": "/tmp/sb",
+                "parallel": parallel, "max_output": max_output, "unshare_net": os.geteuid() == 0}
+        limit = _batch_limit(len(jobs), timeout, parallel)
+        if private_tmpfs_works():
+            script = ('for d in /tmp /dev/shm /var/tmp; do [ -d "$d" ] || continue; '
+                      f'mount -t tmpfs -o size={self.tmp_size_mb}m,mode=1777 cycleqd-sb "$d" || exit 97; done; '
+                      'exec "$@"')
+            # The runner's source travels on the command line: the project itself may live
+            # under /tmp, which the new mount hides.
+            cmd = [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private",
+                   "/bin/sh", "-c", script, "sh", _host_python(), "-I", "-c", RUNNER.read_text()]
+            return _launch(cmd, spec, len(jobs), limit, dict(_CLEAN_ENV))
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # RAM-backed: job folders are cheap
         root = tempfile.mkdtemp(prefix="cycleqd-sb-", dir=shm)
         try:
             os.chmod(root, 0o711)  # job uids must traverse into their own folders
-            parallel = os.cpu_count() or 1
-            spec = {"jobs": list(jobs), "timeout": timeout, "memory_mb": memory_mb, "root": root,
-                    "parallel": parallel, "max_output": max_output, "unshare_net": os.geteuid() == 0}
-            env = {"PATH": _ENV_PATH, "LANG": "C.UTF-8"}
-            return _launch([_host_python(), "-I", str(RUNNER)], spec, len(jobs),
-                           _batch_limit(len(jobs), timeout, parallel), env)
+            spec["root"] = root
+            return _launch([_host_python(), "-I", str(RUNNER)], spec, len(jobs), limit, dict(_CLEAN_ENV))
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -178,11 +219,12 @@ class BwrapBackend:
 
     name = "bwrap"
 
-    def __init__(self, tmp_size_mb: int = 1024):
+    def __init__(self, tmp_size_mb: int = 1024, shm_size_mb: int = 64):
         if not bwrap_available():
             raise SandboxUnavailable("backend 'bwrap' selected but bubblewrap is missing or cannot start "
                                      "(Debian/Ubuntu: apt-get install bubblewrap)")
         self.tmp_size_mb = tmp_size_mb
+        self.shm_size_mb = shm_size_mb
 
     def command(self) -> list[str]:
         """The bwrap argument list up to (not including) the program to run."""
@@ -202,8 +244,10 @@ class BwrapBackend:
             shutil.which("bwrap") or "bwrap",
             "--ro-bind", "/", "/",
             "--dev", "/dev",
+            # every writable place has a quota; /dev itself (bwrap's tmpfs) is read-only
+            "--perms", "01777", "--size", str(self.shm_size_mb << 20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
             "--proc", "/proc",
-            "--tmpfs", "/root", "--tmpfs", "/home", *binds,
+            "--size", str(1 << 20), "--tmpfs", "/root", "--size", str(1 << 20), "--tmpfs", "/home", *binds,
             "--size", str(self.tmp_size_mb << 20), "--tmpfs", "/tmp",
             # the runner is mounted into the private /tmp: the project itself may live under
             # /tmp, /root or /home, which the sandbox hides
@@ -221,7 +265,7 @@ class BwrapBackend:
         spec = _contained_spec(jobs, timeout, memory_mb, max_output)
         parallel = spec["parallel"]
         cmd = self.command() + [_python(), "-I", SANDBOX_RUNNER]
-        return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel))
+        return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel), dict(_CLEAN_ENV))
 
 
 def _contained_spec(jobs: Sequence[dict], timeout: float, memory_mb: int, max_output: int) -> dict:

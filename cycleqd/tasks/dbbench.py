@@ -32,7 +32,8 @@ official code scores (shipped in :mod:`cycleqd.tasks.official`).
 Backends: ``sqlite`` (in process, the default; emulates the MySQL behaviour the
 scoring depends on: the table hash with MySQL's 1024-byte ``group_concat``
 limit, case-insensitive text comparison, MySQL-style result rows) and ``mysql``
-(a MySQL / MariaDB server at ``url``, one throw-away database per sample).
+(a MySQL / MariaDB server at ``url``, one throw-away database and user per sample).
+Model SQL runs contained on both (:mod:`cycleqd.sandbox.sql`, :mod:`cycleqd.sandbox.mysql`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ import operator
 import re
 import sqlite3
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Protocol, Sequence
@@ -53,6 +53,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine
 from cycleqd.registry import register_task
+from cycleqd.sandbox.mysql import MySQLSandbox
+from cycleqd.sandbox.sql import QueryResult, SQLiteSandbox, SQLLimits
 from cycleqd.tasks._agent import (ids_as_strings, read_rows, run_episodes, select_ids, task_options,
                                   task_result)
 from cycleqd.tasks.base import SampleResult, TaskResult
@@ -86,6 +88,9 @@ OFFICIAL_LABELS = {("standard", 4): (["Vienna"], ["Vienna International Airport"
 MAX_RESULT_CHARS = 800
 GROUP_CONCAT_MAX_LEN = 1024  # MySQL's default; the recorded hashes depend on it
 NO_RESULT = "No result set to fetch from."  # what AgentBench's MySQL client reports for INSERT/UPDATE/DELETE
+
+SQL_LIMITS = SQLLimits()  # per model statement
+HASH_LIMITS = SQLLimits(seconds=30.0, max_rows=200_000, max_bytes=64 << 20)  # the harness's table hash
 
 _ACTION = re.compile(r"Action: (.*?)\n")
 _SQL = re.compile(r"```sql\n([\s\S]*?)\n```")
@@ -162,36 +167,47 @@ def _mysql_like_sqlite(con: sqlite3.Connection) -> None:
 
 
 class SQLiteDatabase:
-    """In-process SQLite table with TEXT columns compared case-insensitively (like MySQL's default collation)."""
+    """In-process SQLite table with TEXT columns compared case-insensitively (like MySQL's default collation).
+
+    Model SQL runs in :class:`cycleqd.sandbox.sql.SQLiteSandbox` (private in-memory
+    database, no files or extensions, time / work / memory limits, capped results).
+    """
 
     def __init__(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]):
         self.table, self.columns = table, list(columns)
-        self.con = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
-        _mysql_like_sqlite(self.con)
-        cols = ", ".join(f"{_q(c)} TEXT COLLATE NOCASE" for c in self.columns)
-        self.con.execute(f"CREATE TABLE {_q(table)} ({cols})")
-        marks = ", ".join("?" * len(self.columns))
-        self.con.executemany(f"INSERT INTO {_q(table)} VALUES ({marks})",
-                             [[_cell(v) for v in r] for r in rows])
+
+        def setup(con: sqlite3.Connection) -> None:
+            _mysql_like_sqlite(con)
+            cols = ", ".join(f"{_q(c)} TEXT COLLATE NOCASE" for c in self.columns)
+            con.execute(f"CREATE TABLE {_q(table)} ({cols})")
+            marks = ", ".join("?" * len(self.columns))
+            con.executemany(f"INSERT INTO {_q(table)} VALUES ({marks})", [[_cell(v) for v in r] for r in rows])
+
+        self.sandbox = SQLiteSandbox(SQL_LIMITS, setup=setup)
 
     def execute(self, sql: str) -> str:
-        try:
-            cur = self.con.execute(sql)
-            if cur.description is None:
-                return NO_RESULT
-            return _cut(str(cur.fetchall()))
-        except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as e:
-            return _cut(str(e))
+        return _render(self.sandbox.run(sql))
 
     def table_hash(self) -> str:
-        try:
-            cols = ", ".join(_q(c) for c in self.columns)
-            return table_hash(self.con.execute(f"SELECT {cols} FROM {_q(self.table)}").fetchall())
-        except sqlite3.Error as e:
-            return str(e)
+        cols = ", ".join(_q(c) for c in self.columns)
+        res = self.sandbox.run(f"SELECT {cols} FROM {_q(self.table)}", limits=HASH_LIMITS)
+        if res.error is not None:
+            return res.error
+        if res.truncated:
+            return "table too large to hash"
+        return table_hash(res.rows)
 
     def close(self) -> None:
-        self.con.close()
+        self.sandbox.close()
+
+
+def _render(res: QueryResult) -> str:
+    """What AgentBench's client shows the model: the error, a notice, or ``str`` of the rows."""
+    if res.error is not None:
+        return _cut(res.error)
+    if res.columns is None:
+        return NO_RESULT
+    return _cut(str(res.rows))
 
 
 def _q(name: str) -> str:
@@ -217,7 +233,12 @@ def parse_mysql_url(url: str) -> dict[str, Any]:
 
 
 class MySQLDatabase:
-    """The sample's table in a fresh database on a MySQL / MariaDB server (dropped on close)."""
+    """The sample's table in a fresh database on a MySQL / MariaDB server (dropped on close).
+
+    Model SQL runs in :class:`cycleqd.sandbox.mysql.MySQLSandbox`: as a throw-away
+    user with rights on this database only, under a statement time limit, with
+    capped results.
+    """
 
     def __init__(self, url: str, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]):
         try:
@@ -226,52 +247,33 @@ class MySQLDatabase:
             raise ConfigError("dbbench backend 'mysql' needs `pip install pymysql`") from None
         self.pymysql = pymysql
         self.table, self.columns = table, list(columns)
-        self.db = f"cq_{uuid.uuid4().hex[:16]}"  # table names repeat across samples; databases must not
-        self.con = pymysql.connect(**parse_mysql_url(url), autocommit=True, charset="utf8mb4",
-                                   connect_timeout=10)
+        self.sandbox = MySQLSandbox(parse_mysql_url(url), SQL_LIMITS,
+                                    session={"group_concat_max_len": GROUP_CONCAT_MAX_LEN})
         self.init_error: str | None = None
-        with self.con.cursor() as cur:
-            cur.execute("SET SESSION group_concat_max_len = %s", (GROUP_CONCAT_MAX_LEN,))
-            cur.execute(f"CREATE DATABASE {_q(self.db)} CHARACTER SET utf8mb4")
-            cur.execute(f"USE {_q(self.db)}")
-            cols = ", ".join(f"{_q(c)} TEXT" for c in self.columns)
-            try:
-                cur.execute(f"CREATE TABLE {_q(table)} ({cols})")
-            except pymysql.MySQLError as e:
-                # AgentBench carries on when its set-up SQL fails (the error is only
-                # printed); the sample is then played against the empty database.
-                self.init_error = str(e)
-                return
-            if rows:
-                marks = "(" + ", ".join(["%s"] * len(self.columns)) + ")"
-                cur.executemany(f"INSERT INTO {_q(table)} ({', '.join(_q(c) for c in self.columns)}) VALUES {marks}",
-                                [[_cell(v) for v in r] for r in rows])
+        cols = ", ".join(f"{_q(c)} TEXT" for c in self.columns)
+        try:
+            self.sandbox.setup([(f"CREATE TABLE {_q(table)} ({cols})", None)])
+        except pymysql.MySQLError as e:
+            # AgentBench carries on when its set-up SQL fails (the error is only
+            # printed); the sample is then played against the empty database.
+            self.init_error = str(e)
+            return
+        if rows:
+            marks = "(" + ", ".join(["%s"] * len(self.columns)) + ")"
+            self.sandbox.setup([(f"INSERT INTO {_q(table)} ({', '.join(_q(c) for c in self.columns)}) VALUES {marks}",
+                                 [[_cell(v) for v in r] for r in rows])])
 
     def execute(self, sql: str) -> str:
-        try:
-            with self.con.cursor() as cur:
-                cur.execute(f"USE {_q(self.db)}")
-                cur.execute(sql)
-                if cur.description is None:
-                    return NO_RESULT
-                return _cut(str(list(cur.fetchall())))
-        except self.pymysql.MySQLError as e:
-            args = getattr(e, "args", ())
-            text = f"{args[0]}: {args[1]}" if len(args) >= 2 else str(e)
-            return _cut(text)
+        return _render(self.sandbox.run(sql))
 
     def table_hash(self) -> str:
         cols = ", ".join(_q(c) for c in self.columns)
         query = (f"SELECT md5(group_concat(rowhash ORDER BY rowhash)) AS hash FROM "
                  f"(SELECT substring(MD5(CONCAT_WS(',', {cols})), 1, 5) AS rowhash FROM {_q(self.table)}) AS sub")
-        return self.execute(query)
+        return _render(self.sandbox.run(query, limits=HASH_LIMITS))
 
     def close(self) -> None:
-        try:
-            with self.con.cursor() as cur:
-                cur.execute(f"DROP DATABASE IF EXISTS {_q(self.db)}")
-        finally:
-            self.con.close()
+        self.sandbox.close()
 
 
 class DBEpisode:

@@ -144,3 +144,16 @@ def test_sandbox_works_when_the_project_lives_under_tmp(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-800:]
     assert out.stdout.split() == ["42", "0"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scratch_folders_are_private_and_have_a_quota(backend: str) -> None:
+    if backend == "subprocess" and os.geteuid() != 0:
+        pytest.skip("without root the subprocess backend cannot give jobs private scratch folders")
+    tag = uuid.uuid4().hex[:12]
+    names = [f"/tmp/cq-{tag}", f"/dev/shm/cq-{tag}", f"/var/tmp/cq-{tag}"]
+    r = run_shell("; ".join(f"echo x > {n} 2>/dev/null" for n in names) + "; "
+                  "for i in $(seq 1 150); do head -c 15M /dev/zero > f$i 2>/dev/null || break; done; "
+                  "du -sm . | cut -f1", timeout=30, backend=backend)
+    assert not any(os.path.exists(n) for n in names), "a job wrote the host's scratch folders"
+    assert int(r.stdout.split()[-1]) <= 1100  # 2.2 GB asked, the 1 GB quota holds

@@ -14,18 +14,26 @@ from cycleqd.tasks.mini.base import MiniTask
 class MiniSQL(MiniTask):
     """Write one query; solved if it returns the gold query's rows on the item's table.
 
-    Queries run read-only on a private in-memory database with a bound on work,
-    like the DB task's SQL, so no sandbox opt-in is needed.
+    Queries run read-only in :class:`cycleqd.sandbox.sql.SQLiteSandbox` (a private
+    in-memory database with bounded work and no way out), like the DB task's SQL,
+    so no sandbox opt-in is needed.
     """
 
     skill = "sql"
     needs_code_execution = False
 
+    def _gold(self, it: MiniItem) -> list[tuple]:
+        # Items never change: the gold rows are computed once per item, not per child.
+        cache: dict[str, list[tuple]] = self.__dict__.setdefault("_gold_rows", {})
+        if it.id not in cache:
+            cache[it.id] = run_query(dict(it.context), it.answer)
+        return cache[it.id]
+
     def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
         results = []
         for it, out in zip(items, outputs):
             ctx = dict(it.context)
-            want = run_query(ctx, it.answer)
+            want = self._gold(it)
             try:
                 got = run_query(ctx, out)
             except QueryError as e:

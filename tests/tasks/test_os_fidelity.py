@@ -1,0 +1,90 @@
+"""The OS machine as AgentBench runs it: a known-correct player passes every dev problem whose
+own check is not broken, and near-miss wrong answers never pass."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cycleqd.config import SandboxConfig
+from cycleqd.engine.base import GenRequest
+from cycleqd.engine.replay import ReplayEngine
+from cycleqd.sandbox import bwrap_available
+from cycleqd.tasks.os_interaction import OSInteractionTask
+from answers import write_jsonl
+from oracles import OSOracleEngine
+
+pytestmark = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here")
+ALLOW = SandboxConfig(allow_code_execution=True)
+
+#: Dev problems whose own check rejects every answer, in AgentBench too (docs/os_environment.md).
+BROKEN = {
+    "8": 'size-match.py parses du\'s "4.0K" with int("4.0"), which raises: no answer can pass',
+}
+
+
+class NearMissEngine(OSOracleEngine):
+    """Plays like the oracle but answers one step off: the number plus one, the text plus a
+    character; problems judged by their check alone are finished without doing anything."""
+
+    def _reply(self, r: GenRequest) -> str:
+        p = self.problems[r.sample_id]
+        if p.match is not None:
+            return f"Think: close.\n\nAct: answer({p.match.get('answer', '')}0)"
+        if None not in (p.check or ()):
+            return "Think: nothing to do.\n\nAct: finish"
+        reply = super()._reply(r)
+        m = re.search(r"Act: answer\((.*)\)\s*$", reply, re.DOTALL)
+        if not m:
+            return reply
+        right = m.group(1).strip()
+        wrong = str(int(right) + 1) if re.fullmatch(r"-?\d+", right) else right + "x"
+        return f"Think: close.\n\nAct: answer({wrong})"
+
+
+@pytest.fixture(scope="module")
+def dev_task(shared_data) -> OSInteractionTask:
+    return OSInteractionTask(data=str(shared_data / "agentbench/os_interaction/dev.json"), sandbox=ALLOW)
+
+
+def test_known_correct_player_passes_every_sound_dev_problem(dev_task) -> None:
+    res = dev_task.evaluate(OSOracleEngine(dev_task.problems))
+    failed = {s.id for s in res.samples if s.score < 1.0}
+    print(f"OS dev oracle: {res.quality:.4f}, failed {sorted(failed)} (broken: {sorted(BROKEN)})")
+    assert failed == set(BROKEN)
+
+
+def test_wrong_and_near_miss_answers_never_pass(dev_task) -> None:
+    for engine in (OSOracleEngine(dev_task.problems, wrong=True), NearMissEngine(dev_task.problems)):
+        res = dev_task.evaluate(engine)
+        assert [s.id for s in res.samples if s.score > 0] == []
+
+
+def test_checks_run_in_a_fresh_shell_not_the_agents(tmp_path) -> None:
+    """What the agent does to its own shell cannot change what an example prints in a check."""
+    rows = [
+        # init appends to ~/.bashrc; the example sources it in a fresh, non-interactive shell,
+        # where Ubuntu's .bashrc returns before the appended line (as under docker exec)
+        {"description": "What does the example print?",
+         "create": {"init": {"code": "echo 'export GREETING=hello' >> ~/.bashrc"}},
+         "evaluation": {"check": [None, {"language": "python",
+                                         "code": "import sys; sys.exit(sys.argv[1].strip() != sys.argv[2].strip())"}],
+                        "example": {"code": "source ~/.bashrc; echo \"[$GREETING]\""}}},
+        # the agent's variables, functions and aliases do not reach the example either
+        {"description": "Count the files in /root.",
+         "create": {"init": {"code": "touch /root/a /root/b"}},
+         "evaluation": {"check": [None, {"language": "python",
+                                         "code": "import sys; sys.exit(sys.argv[1].strip() != sys.argv[2].strip())"}],
+                        "example": {"code": "ls /root | wc -l"}}},
+    ]
+    data = write_jsonl(tmp_path / "os.jsonl", rows)
+    turns0 = ["Act: answer([])"]
+    turns1 = ["Act: bash\n\n```bash\nls() { echo 1; echo 2; echo 3; }; alias wc='echo 99 #'; cd /tmp\n```",
+              "Act: answer(99)"]
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"id": 0, "turns": turns0}, {"id": 1, "turns": turns1}])
+    res = OSInteractionTask(data=str(data), sandbox=ALLOW).evaluate(ReplayEngine(answers))
+    assert [s.score for s in res.samples] == [1.0, 0.0]
+    right = write_jsonl(tmp_path / "b.jsonl", [{"id": 0, "turns": ["Act: answer([hello])"]},
+                                                {"id": 1, "turns": turns1[:1] + ["Act: answer(2)"]}])
+    res = OSInteractionTask(data=str(data), sandbox=ALLOW).evaluate(ReplayEngine(right))
+    assert [s.score for s in res.samples] == [0.0, 1.0]
