@@ -98,17 +98,18 @@ def test_sigkill_mid_run_then_resume_loses_nothing(killed_and_resumed):
     assert before["generation"] >= 7
     children = RunStore(run).children()
     assert after["generation"] >= 30 and len(children) >= 30
-    assert len({c["id"] for c in children}) == len(children)  # no child logged twice
+    assert len({c.id for c in children}) == len(children)  # no child logged twice
+    assert [c.generation for c in children] == list(range(1, len(children) + 1))  # generation = log line
     for task, arch in before["archives"].items():
         kept = {tuple(e["cell"]): e["quality"] for e in after["archives"][task]["elites"]}
         for e in arch["elites"]:
             assert tuple(e["cell"]) in kept, f"{task}: cell {e['cell']} lost"
             assert kept[tuple(e["cell"])] >= e["quality"] - 1e-12
     # the quality task rotates every generation
-    assert [c["quality_task"] for c in sorted(children, key=lambda c: c["generation"])[:6]] == list("abcabc")
+    assert [c.quality_task for c in sorted(children, key=lambda c: c.index)[:6]] == list("abcabc")
     # every archive holds more than the seed experts, and every task was scored on every child
     assert all(len(after["archives"][t]["elites"]) >= 2 for t in "abc")
-    assert all(set(c["scores"]) == set("abc") for c in children if c["error"] is None)
+    assert all(set(c.scores) == set("abc") for c in children if c.ok)
     assert RunStore(run).final_merge()["scores"].keys() == set("abc")
 
 
@@ -117,10 +118,10 @@ def test_one_worker_and_one_seed_replay_a_child_exactly(killed_and_resumed):
     run = killed_and_resumed[0]
     store = RunStore(run)
     cfg = store.config()
-    child = next(c for c in store.children() if c["error"] is None and c["generation"] > 5)
-    spec = ChildSpec(child["generation"] - 1, child["id"], child["quality_task"],
-                     cfg.task_names.index(child["quality_task"]), tuple(child["parents"]), child["seed"])
-    parents = [store.genome_path(p).read_bytes() for p in child["parents"]]
+    child = next(c for c in store.children() if c.ok and c.generation > 5)
+    spec = ChildSpec(child.index, child.id, child.quality_task,
+                     cfg.task_names.index(child.quality_task), child.parents, child.seed)
+    parents = [store.genome_path(p).read_bytes() for p in child.parents]
     res = ChildWorker(cfg, threads=1).run(spec, parents)
     assert res.error is None
     from cycleqd.genome import Genome
@@ -128,4 +129,4 @@ def test_one_worker_and_one_seed_replay_a_child_exactly(killed_and_resumed):
     again, logged = Genome.from_bytes(res.genome), store.load_genome(child["id"])
     assert torch.equal(again.a, logged.a) and torch.equal(again.d, logged.d)
     assert len(again.terms) == len(logged.terms)
-    assert res.scores == pytest.approx(child["scores"], abs=1e-9)
+    assert res.scores == pytest.approx(child.scores, abs=1e-9)

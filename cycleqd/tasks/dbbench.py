@@ -28,8 +28,10 @@ import re
 import sqlite3
 import time
 import uuid
-from typing import Any, Protocol, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel, ConfigDict
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine
@@ -319,6 +321,20 @@ class DBBenchTask:
         max_new_tokens: per reply.
         workers: samples whose SQL runs at the same time.
     """
+
+    class Options(BaseModel):
+        """The keyword options of the constructor, as a config's ``options`` gives them."""
+
+        model_config = ConfigDict(frozen=True, extra="forbid")
+        backend: str = "sqlite"
+        url: str | None = None
+        max_round: int = 5
+        ids: list[Any] | None = None
+        limit: int | None = None
+        max_new_tokens: int = 512
+        workers: int = 8
+
+    executes_code: ClassVar[bool] = False
 
     def __init__(self, name: str = "dbbench", data: str | None = None, sandbox: SandboxConfig | None = None, *,
                  backend: str = "sqlite", url: str | None = None, max_round: int = 5,

@@ -18,7 +18,9 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
+
+from pydantic import BaseModel, ConfigDict
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine, GenRequest
@@ -181,6 +183,18 @@ class MBPPTask:
         max_new_tokens: generation budget per completion (512 as in the paper).
         timeout: seconds per test program (default: sandbox.timeout).
     """
+
+    class Options(BaseModel):
+        """The keyword options of the constructor, as a config's ``options`` gives them."""
+
+        model_config = ConfigDict(frozen=True, extra="forbid")
+        ids: list[Any] | None = None
+        limit: int | None = None
+        max_new_tokens: int = 512
+        timeout: float | None = None
+        memory_mb: int | None = None
+
+    executes_code: ClassVar[bool] = True
 
     def __init__(self, name: str = "mbpp", data: str | None = None, sandbox: SandboxConfig | None = None, *,
                  ids: Sequence[Any] | None = None, limit: int | None = None, max_new_tokens: int = 512,

@@ -20,7 +20,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
+
+from pydantic import BaseModel, ConfigDict
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.base import Engine
@@ -240,6 +242,22 @@ class OSInteractionTask:
         max_new_tokens: per reply.
         workers: episodes acting at the same time.
     """
+
+    class Options(BaseModel):
+        """The keyword options of the constructor, as a config's ``options`` gives them."""
+
+        model_config = ConfigDict(frozen=True, extra="forbid")
+        scripts: str | None = None
+        runs: int = 1
+        max_rounds: int = 5
+        command_timeout: float = 10.0
+        ids: list[Any] | None = None
+        limit: int | None = None
+        max_new_tokens: int = 512
+        workers: int = 4
+        memory_mb: int | None = None
+
+    executes_code: ClassVar[bool] = True
 
     def __init__(self, name: str = "os_interaction", data: str | None = None, sandbox: SandboxConfig | None = None,
                  *, scripts: str | None = None, runs: int = 1, max_rounds: int = 5, command_timeout: float = 10.0,

@@ -19,7 +19,7 @@ class MiniSQL(MiniTask):
     """
 
     skill = "sql"
-    needs_code_execution = False
+    executes_code = False
 
     def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
         results = []

@@ -1,0 +1,273 @@
+"""``cycleqd check RUN [--repair]``: what in a run folder can be trusted, fsck-like.
+
+It reads every file a resume reads (config, seeds, the log line by line, the
+genome of every logged child and seed expert, the archive snapshot, the final
+merge, stats) and reports each problem with the file (and line). ``--repair``
+moves what cannot be trusted into ``RUN/quarantine/<time>/`` (never deleting
+anything) and leaves a folder that resumes:
+
+- bad lines of children.jsonl (not JSON, not a record, a repeated child) are
+  dropped from the log; the original log is kept in quarantine;
+- a logged child whose genome is missing or truncated stays in the log, marked
+  failed, so its lineage is kept and it is no longer offered to the archives;
+- a seed expert whose genome is bad, or an unreadable seeds.json, is dropped so
+  the next resume evaluates the seed experts again;
+- archives.json and stats.jsonl are rebuilt from the seeds and the log;
+- a bad final merge, an unreadable models.json and temp files of killed writers
+  are moved aside.
+
+After dropped lines the remaining records are renumbered, so a record's
+``generation`` is again its line in the log.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from cycleqd.record import ChildRecord
+from cycleqd.runlock import RunLock
+from cycleqd.store import RunDamaged, RunStore, safetensors_problem, write_atomic
+
+__all__ = ["CheckReport", "Finding", "check_run"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: the file (relative to the run), the line if any, what is wrong, what repair does."""
+
+    file: str
+    problem: str
+    repair: str
+    line: int | None = None
+
+    def format(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.problem} (repair: {self.repair})"
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_run` found (and, with ``repaired``, fixed)."""
+
+    run: Path
+    generation: int = 0
+    seeds: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    repaired: bool = False
+    quarantine: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True if nothing is wrong now (nothing found, or everything repaired)."""
+        return not self.findings or self.repaired
+
+    def format(self) -> str:
+        head = (f"{self.run}: generation {self.generation} ({self.generation} children logged), "
+                f"{self.seeds} seed experts")
+        if not self.findings:
+            return head + "; nothing wrong"
+        lines = [head + f"; {len(self.findings)} problem(s)" + (", repaired" if self.repaired else "")]
+        lines += ["  " + f.format() for f in self.findings]
+        if self.quarantine is not None:
+            lines.append(f"  moved aside into {self.quarantine}")
+        elif not self.repaired:
+            lines.append(f"  `cycleqd check {self.run} --repair` moves these into quarantine/ and rebuilds the rest")
+        return "\n".join(lines)
+
+
+def _lines(path: Path) -> list[tuple[int, bytes]]:
+    if not path.exists():
+        return []
+    return list(enumerate(path.read_bytes().splitlines(keepends=True), 1))
+
+
+def check_run(run_dir: str | Path, *, repair: bool = False) -> CheckReport:
+    """Check (and with ``repair`` fix) a run folder. See the module docstring.
+
+    Raises:
+        RunNotFound: not a run folder; RunLocked: a driver holds it (checking only reads,
+        but a repair while a driver writes would race it, so both refuse).
+    """
+    store = RunStore(run_dir)
+    run = store.path
+    store.config()  # an unreadable config is bad input: nothing to check against
+    report = CheckReport(run)
+    with RunLock(run):
+        tasks = store.config().task_names
+
+        # seeds
+        seeds: dict[str, dict] = {}
+        bad_seed_file = False
+        try:
+            seeds = store.seeds()
+        except RunDamaged as e:
+            bad_seed_file = True
+            report.findings.append(Finding(RunStore.SEEDS, str(e).split(": ", 1)[1].split(";")[0],
+                                           "move aside; the seed experts are evaluated again"))
+        bad_seeds = []
+        for t, s in seeds.items():
+            problem = _genome_problem(store, s["genome"])
+            if problem:
+                bad_seeds.append(t)
+                report.findings.append(Finding(f"genomes/{s['genome']}.safetensors", problem,
+                                               "move aside; the seed experts are evaluated again"))
+
+        # the log, line by line
+        log = run / RunStore.CHILDREN
+        kept: list[ChildRecord] = []
+        seen: set[str] = set()
+        dropped_lines = False
+        raw = _lines(log)
+        for n, line in raw:
+            if not line.endswith(b"\n"):
+                report.findings.append(Finding(RunStore.CHILDREN, "torn last line (a writer was killed)",
+                                               "drop the line", n))
+                dropped_lines = True
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec = ChildRecord.model_validate(json.loads(line))
+            except (ValueError, UnicodeDecodeError, ValidationError) as e:
+                msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else type(e).__name__
+                report.findings.append(Finding(RunStore.CHILDREN, f"not a child record ({msg})",
+                                               "drop the line (kept in quarantine)", n))
+                dropped_lines = True
+                continue
+            if rec.id in seen:
+                report.findings.append(Finding(RunStore.CHILDREN, f"child {rec.id} logged again",
+                                               "drop the repeat", n))
+                dropped_lines = True
+                continue
+            seen.add(rec.id)
+            if rec.ok:
+                problem = _genome_problem(store, rec.id)
+                if problem:
+                    report.findings.append(Finding(f"genomes/{rec.id}.safetensors", problem,
+                                                   f"move aside; mark child {rec.id} failed", n))
+                    rec = rec.model_copy(update={"error": f"genome quarantined by cycleqd check: {problem}",
+                                                 "scores": {}, "inserted": ()})
+            kept.append(rec)
+        report.generation = len(kept)
+        report.seeds = len(seeds) - len(bad_seeds)
+        renumber = dropped_lines or any(r.generation != i for i, r in enumerate(kept, 1))
+        marked = any(f.file.startswith("genomes/g") for f in report.findings)
+
+        # the derived files
+        snap = store.archives()
+        archives_file = run / RunStore.ARCHIVES
+        if seeds and not bad_seeds and not bad_seed_file:
+            if snap is None and archives_file.exists():
+                report.findings.append(Finding(RunStore.ARCHIVES, "unreadable", "rebuild from seeds and log"))
+            elif snap is None:
+                report.findings.append(Finding(RunStore.ARCHIVES, "missing", "rebuild from seeds and log"))
+            elif int(snap["generation"]) != len(kept) or renumber or marked:
+                report.findings.append(Finding(RunStore.ARCHIVES, f"at generation {snap['generation']}, "
+                                               f"the log at {len(kept)}", "rebuild from seeds and log"))
+        try:
+            final = store.final_merge()
+        except RunDamaged:
+            final, bad_final = None, "unreadable"
+        else:
+            bad_final = _genome_problem(store, final["genome"]) if final and not final.get("error") else None
+        if bad_final:
+            report.findings.append(Finding(RunStore.FINAL, f"final merge {bad_final}",
+                                           "move aside; the next resume merges again"))
+        try:
+            store.models()
+        except RunDamaged:
+            report.findings.append(Finding(RunStore.MODELS, "unreadable", "move aside; recorded again"))
+        bad_stats = any(True for n, line in _lines(run / RunStore.STATS) if line.endswith(b"\n")
+                        and not _json_ok(line))
+        if bad_stats:
+            report.findings.append(Finding(RunStore.STATS, "unreadable lines", "rebuild from seeds and log"))
+        temps = sorted(p for p in [*run.glob(".*.tmp"), *(run / "genomes").glob(".*.tmp")])
+        for p in temps:
+            report.findings.append(Finding(str(p.relative_to(run)), "temp file of a killed writer", "move aside"))
+
+        if not repair or not report.findings:
+            return report
+
+        # repair: move aside first, then write the trusted rest
+        q = run / "quarantine" / time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while q.exists():
+            n += 1
+            q = q.with_name(f"{q.name.split('.')[0]}.{n}")
+
+        def aside(rel: str, copy: bool = False) -> None:
+            src = run / rel
+            if not src.exists():
+                return
+            dst = q / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copy2 if copy else shutil.move)(str(src), str(dst))
+
+        for p in temps:
+            aside(str(p.relative_to(run)))
+        if bad_seed_file:
+            aside(RunStore.SEEDS)
+        if bad_seeds:
+            for t in bad_seeds:
+                aside(f"genomes/{seeds[t]['genome']}.safetensors")
+            aside(RunStore.SEEDS, copy=True)
+            store.save_seeds({t: s for t, s in seeds.items() if t not in bad_seeds})
+        for f in report.findings:
+            if f.file.startswith("genomes/g"):
+                aside(f.file)
+        if renumber or marked:
+            aside(RunStore.CHILDREN)
+            kept = [r.model_copy(update={"generation": i}) for i, r in enumerate(kept, 1)]
+            write_atomic(log, "".join(r.to_line() + "\n" for r in kept))
+        if bad_final:
+            aside(RunStore.FINAL)
+            aside("genomes/final_merge.safetensors")
+        if any(f.file == RunStore.MODELS for f in report.findings):
+            aside(RunStore.MODELS)
+        if archives_file.exists() and any(f.file == RunStore.ARCHIVES for f in report.findings):
+            aside(RunStore.ARCHIVES)
+        if bad_stats or renumber or marked:
+            aside(RunStore.STATS)
+        good_seeds = not bad_seed_file and not bad_seeds and bool(seeds)
+        if good_seeds:
+            _rebuild(store, kept, rebuild_stats=bad_stats or renumber or marked)
+        elif (run / RunStore.ARCHIVES).exists():
+            aside(RunStore.ARCHIVES)  # archives without all seed experts are rebuilt after they are evaluated
+        report.repaired, report.quarantine = True, q if q.exists() else None
+        return report
+
+
+def _json_ok(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _genome_problem(store: RunStore, gid: str) -> str | None:
+    p = store.genome_path(gid)
+    if not p.is_file():
+        return "missing"
+    return safetensors_problem(p)
+
+
+def _rebuild(store: RunStore, kept: list[ChildRecord], rebuild_stats: bool) -> None:
+    """archives.json (and, if asked, stats.jsonl) from the seeds and the repaired log."""
+    from cycleqd.runfolder import RunFolder
+
+    folder = RunFolder(store.path)
+    archive = folder.archive(0)
+    stats = [{"generation": 0, "archives": {t: archive.stats(t) for t in archive.tasks}}]
+    for rec in kept:
+        if rec.ok:
+            archive.offer(rec.id, rec.scores, rec.generation)
+        if rebuild_stats:
+            stats.append({"generation": rec.generation, "archives": {t: archive.stats(t) for t in archive.tasks}})
+    store.write_archives(archive.to_json(len(kept)))
+    if rebuild_stats:
+        write_atomic(store.path / RunStore.STATS, "".join(json.dumps(s) + "\n" for s in stats))
