@@ -130,3 +130,48 @@ def test_one_worker_and_one_seed_replay_a_child_exactly(killed_and_resumed):
     assert torch.equal(again.a, logged.a) and torch.equal(again.d, logged.d)
     assert len(again.terms) == len(logged.terms)
     assert res.scores == pytest.approx(child.scores, abs=1e-9)
+
+
+def _start(run_config: Path, run: Path, generations: int = 30) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cycleqd.cli", "-q", "evolve", "--config", str(run_config), "--run-dir", str(run),
+         "--workers", "2", "--generations", str(generations)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_children(proc: subprocess.Popen, run: Path, n: int) -> None:
+    log = run / "children.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"run ended or stalled before {n} children: {proc.stderr.read()[-500:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_run_cleanly_and_it_resumes(signum, run_config, tmp_path):
+    """SIGTERM and SIGINT alike: exit 1 with one line, nothing half-written, no second driver meanwhile."""
+    run = tmp_path / "run"
+    proc = _start(run_config, run)
+    _wait_for_children(proc, run, 3)
+    # one driver per run folder: a second one is refused while the first lives
+    second = _cycleqd("resume", str(run))
+    assert second.returncode == 2 and f"PID {proc.pid}" in second.stderr, second.stderr
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1, err[-2000:]
+    assert len(lines) == 1 and f"stopped by {signum.name}" in lines[0] and "cycleqd resume" in lines[0], err[-2000:]
+    store = RunStore(run)
+    children = store.children()  # every line whole
+    assert len(children) >= 3 and [c.generation for c in children] == list(range(1, len(children) + 1))
+    assert all(store.genome_path(c.id).is_file() for c in children if c.ok)
+    check = _cycleqd("check", str(run))
+    assert check.returncode == 0, check.stdout
+    res = _cycleqd("resume", str(run), "--generations", str(len(children) + 2))
+    assert res.returncode == 0, res.stderr[-2000:]
+    after = store.children()
+    assert len(after) == len(children) + 2 and len({c.id for c in after}) == len(after)
