@@ -158,6 +158,10 @@ def check_run(run_dir: str | Path, *, repair: bool = False) -> CheckReport:
         renumber = dropped_lines or any(r.generation != i for i, r in enumerate(kept, 1))
         marked = any(f.file.startswith("genomes/g") for f in report.findings)
 
+        if not seeds and not bad_seed_file and kept:
+            report.findings.append(Finding(RunStore.SEEDS, f"missing while the log holds {len(kept)} children",
+                                           "none needed: a resume evaluates the seed experts again"))
+
         # the derived files
         snap = store.archives()
         archives_file = run / RunStore.ARCHIVES

@@ -191,6 +191,10 @@ class RunFolder:
         generation) the archives are replayed. Raises ConfigError for a generation out
         of range, RunNotFound when the run has not evaluated its seed experts yet.
         """
+        if not self.seeds and self.children:
+            raise RunNotFound(f"{self.path / RunStore.SEEDS}: missing while children.jsonl holds "
+                              f"{self.generation} children; `cycleqd resume {self.path}` evaluates the seed "
+                              "experts again and rebuilds the archives")
         if not self.seeds:
             raise RunNotFound(f"run folder {str(self.path)!r} has no archives yet "
                               "(the run has not evaluated its seed experts)")

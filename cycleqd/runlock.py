@@ -54,6 +54,11 @@ class RunLock:
         self._fd = fd
         return self
 
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock."""
+        return self._fd is not None
+
     def release(self) -> None:
         """Drop the lock (the file stays; an unlocked file means no driver)."""
         if self._fd is not None:

@@ -172,12 +172,12 @@ class RunStore:
             if any(q.name != LOCK_NAME for q in p.iterdir()):
                 raise ConfigError(f"run folder {str(path)!r} exists and is not empty")
         except BaseException:
-            if made and lock is not None and lock._fd is not None:
+            if lock is not None and lock.held:
                 lock.release()
-                (p / LOCK_NAME).unlink(missing_ok=True)
-                p.rmdir()
-            elif made and not any(p.iterdir()):
-                p.rmdir()
+                if made:
+                    (p / LOCK_NAME).unlink(missing_ok=True)
+            if made and not any(p.iterdir()):
+                p.rmdir()  # nothing written: not even the folder stays
             raise
         (p / "genomes").mkdir(exist_ok=True)
         (p / "plots").mkdir(exist_ok=True)

@@ -126,7 +126,7 @@ def test_one_worker_and_one_seed_replay_a_child_exactly(killed_and_resumed):
     assert res.error is None
     from cycleqd.genome import Genome
 
-    again, logged = Genome.from_bytes(res.genome), store.load_genome(child["id"])
+    again, logged = Genome.from_bytes(res.genome), store.load_genome(child.id)
     assert torch.equal(again.a, logged.a) and torch.equal(again.d, logged.d)
     assert len(again.terms) == len(logged.terms)
     assert res.scores == pytest.approx(child.scores, abs=1e-9)

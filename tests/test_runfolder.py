@@ -169,3 +169,11 @@ def test_a_repaired_folder_resumes(run):
     folder = RunFolder(run)
     assert folder.generation == n + 2 and folder.stale() is None, time.time() - t0
     assert len({c.id for c in folder.children}) == n + 2
+
+
+def test_lost_seeds_are_explained_not_shown_as_empty(run):
+    (run / "seeds.json").unlink()
+    code, _, err = cli("show", str(run), "--json")
+    assert code == 2 and "seeds.json: missing while children.jsonl holds" in err and "resume" in err, err
+    code, _, _ = cli("check", str(run))
+    assert code == 1
