@@ -58,6 +58,7 @@ class CheckReport:
     generation: int = 0
     seeds: int = 0
     findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     repaired: bool = False
     quarantine: Path | None = None
 
@@ -70,9 +71,10 @@ class CheckReport:
         head = (f"{self.run}: generation {self.generation} ({self.generation} children logged), "
                 f"{self.seeds} seed experts")
         if not self.findings:
-            return head + "; nothing wrong"
+            return "\n".join([head + "; nothing wrong", *("  note: " + n for n in self.notes)])
         lines = [head + f"; {len(self.findings)} problem(s)" + (", repaired" if self.repaired else "")]
         lines += ["  " + f.format() for f in self.findings]
+        lines += ["  note: " + n for n in self.notes]
         if self.quarantine is not None:
             lines.append(f"  moved aside into {self.quarantine}")
         elif not self.repaired:
@@ -125,9 +127,8 @@ def check_run(run_dir: str | Path, *, repair: bool = False) -> CheckReport:
         raw = _lines(log)
         for n, line in raw:
             if not line.endswith(b"\n"):
-                report.findings.append(Finding(RunStore.CHILDREN, "torn last line (a writer was killed)",
-                                               "drop the line", n))
-                dropped_lines = True
+                # harmless: every reader drops it and the next append cuts it off
+                report.notes.append(f"{RunStore.CHILDREN}:{n}: torn last line of a killed writer (ignored)")
                 continue
             if not line.strip():
                 continue

@@ -177,3 +177,16 @@ def test_lost_seeds_are_explained_not_shown_as_empty(run):
     assert code == 2 and "seeds.json: missing while children.jsonl holds" in err and "resume" in err, err
     code, _, _ = cli("check", str(run))
     assert code == 1
+
+
+def test_check_reports_a_clean_folder_and_a_torn_tail_as_harmless(run):
+    from cycleqd.check import check_run
+
+    clean = check_run(run)
+    assert clean.ok and not clean.findings and clean.generation == RunFolder(run).generation
+    with open(run / "children.jsonl", "a") as f:
+        f.write('{"generation": 99, "id": "g0')  # a writer SIGKILLed mid-line
+    torn = check_run(run)
+    assert torn.ok and "torn last line" in torn.notes[0]
+    with RunLock(run), pytest.raises(RunLocked):
+        check_run(run, repair=True)  # never repairs under a live driver
