@@ -67,9 +67,11 @@ def cmd_evolve(a: argparse.Namespace) -> int:
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
+    from cycleqd.runlock import RunLock
     from cycleqd.store import RunStore
 
     RunStore(a.run_dir)  # bad input before anything starts
+    RunLock.refuse_if_held(a.run_dir)  # before the heavy imports; resume takes the lock itself
     from cycleqd.run import resume
 
     run = resume(a.run_dir, generations=a.generations, address=a.address, progress=not a.quiet)
@@ -262,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from cycleqd.pool import local_ray_env
-    from cycleqd.run import RunInterrupted
 
     local_ray_env()
     try:
@@ -270,13 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"cycleqd: error: {e}", file=sys.stderr)
         return 2
-    except RunInterrupted as e:
-        print(f"cycleqd: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("cycleqd: interrupted; the run can be continued with `cycleqd resume`", file=sys.stderr)
         return 1
     except Exception as e:
+        run = sys.modules.get("cycleqd.run")  # only a loaded driver raises RunInterrupted
+        if run is not None and isinstance(e, run.RunInterrupted):
+            print(f"cycleqd: {e}", file=sys.stderr)
+            return 1
         if args.verbose:
             raise
         print(f"cycleqd: {type(e).__name__}: {e}", file=sys.stderr)

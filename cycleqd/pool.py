@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from cycleqd.config import Config
-from cycleqd.worker import ChildResult, ChildSpec, ChildWorker
+
+if TYPE_CHECKING:  # the worker imports torch; the CLI imports this module before any heavy work
+    from cycleqd.worker import ChildResult, ChildSpec, ChildWorker
 
 log = logging.getLogger("cycleqd")
 
@@ -56,7 +58,7 @@ class LocalPool:
         workers: the in-process workers (one per slot).
     """
 
-    def __init__(self, workers: Sequence[ChildWorker]):
+    def __init__(self, workers: Sequence["ChildWorker"]):
         self.workers = list(workers)
         self._pending: list[tuple[int, ChildSpec, list[bytes]]] = []
 
@@ -96,6 +98,8 @@ class RayPool:
     """
 
     def __init__(self, ray: Any, cfg: Config, n: int):
+        from cycleqd.worker import ChildWorker
+
         self.ray, self.cfg = ray, cfg
         self.remote = ray.remote(num_cpus=cfg.evolution.worker_cpus, num_gpus=cfg.evolution.worker_gpus)(ChildWorker)
         self.actors = [self._new(i) for i in range(n)]
