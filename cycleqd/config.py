@@ -220,11 +220,31 @@ def check_task_options(task: TaskConfig) -> BaseModel | None:
         raise ConfigError(f"task {task.name} ({task.kind}): options.{_one_line(e)}") from None
 
 
-def _one_line(e: ValidationError) -> str:
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the model that holds the last key of ``loc`` (for "did you mean")."""
+    for key in loc[:-1]:
+        if isinstance(key, int):
+            continue
+        field = model.model_fields.get(str(key))
+        if field is None:
+            return []
+        ann = field.annotation
+        for arg in (getattr(ann, "__args__", None) or (ann,)):  # Optional[X], list[X]
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+                break
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _one_line(e: ValidationError, model: type[BaseModel] | None = None) -> str:
     parts = []
     for err in e.errors()[:3]:
         loc = ".".join(str(x) for x in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
+            msg = f"unknown setting{did_you_mean(err['loc'][-1], _fields_at(model, err['loc']))}"
         parts.append(f"{loc}: {msg}")
     more = f" (+{e.error_count() - 3} more)" if e.error_count() > 3 else ""
     return "; ".join(parts) + more
@@ -238,7 +258,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_one_line(e)}") from None
+        raise ConfigError(f"{source}: {_one_line(e, Config)}") from None
     _check_names(cfg)
     return cfg
 

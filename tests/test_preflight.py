@@ -115,3 +115,14 @@ def test_a_good_config_passes_every_check(base_cfg):
     from cycleqd.preflight import preflight
 
     preflight(parse_config(base_cfg))
+
+
+@pytest.mark.parametrize("section,key,want", [("crossover", "sigmaa", "sigma"), ("mutation", "rat", "rate"),
+                                              ("sampling", "hgih", "high")])
+def test_a_typo_in_an_operator_parameter_says_did_you_mean(section, key, want, base_cfg, tmp_path):
+    from cycleqd.config import ConfigError, parse_config
+
+    c = copy.deepcopy(base_cfg)
+    c["evolution"][section] = {key: 0.1}
+    with pytest.raises(ConfigError, match=f"evolution.{section}.{key}: unknown setting; did you mean '{want}'"):
+        parse_config(c)
