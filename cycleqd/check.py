@@ -88,6 +88,20 @@ def _lines(path: Path) -> list[tuple[int, bytes]]:
     return list(enumerate(path.read_bytes().splitlines(keepends=True), 1))
 
 
+@dataclass
+class _Scan:
+    """What the read-only pass found, for the repair pass."""
+
+    seeds: dict[str, dict] = field(default_factory=dict)
+    bad_seed_file: bool = False
+    bad_seeds: list[str] = field(default_factory=list)
+    kept: list[ChildRecord] = field(default_factory=list)
+    rewrite_log: bool = False
+    bad_final: str | None = None
+    bad_stats: bool = False
+    temps: list[Path] = field(default_factory=list)
+
+
 def check_run(run_dir: str | Path, *, repair: bool = False) -> CheckReport:
     """Check (and with ``repair`` fix) a run folder. See the module docstring.
 
@@ -96,155 +110,153 @@ def check_run(run_dir: str | Path, *, repair: bool = False) -> CheckReport:
         but a repair while a driver writes would race it, so both refuse).
     """
     store = RunStore(run_dir)
-    run = store.path
     store.config()  # an unreadable config is bad input: nothing to check against
-    report = CheckReport(run)
-    with RunLock(run):
-        tasks = store.config().task_names
+    report = CheckReport(store.path)
+    with RunLock(store.path):
+        scan = _Scan()
+        _check_seeds(store, report, scan)
+        _check_log(store, report, scan)
+        _check_derived(store, report, scan)
+        report.generation, report.seeds = len(scan.kept), len(scan.seeds) - len(scan.bad_seeds)
+        if repair and report.findings:
+            _repair(store, report, scan)
+    return report
 
-        # seeds
-        seeds: dict[str, dict] = {}
-        bad_seed_file = False
+
+def _check_seeds(store: RunStore, report: CheckReport, scan: _Scan) -> None:
+    again = "move aside; the seed experts are evaluated again"
+    try:
+        scan.seeds = store.seeds()
+    except RunDamaged as e:
+        scan.bad_seed_file = True
+        report.findings.append(Finding(RunStore.SEEDS, str(e).split(": ", 1)[1].split(";")[0], again))
+    for t, s in scan.seeds.items():
+        problem = _genome_problem(store, s["genome"])
+        if problem:
+            scan.bad_seeds.append(t)
+            report.findings.append(Finding(f"genomes/{s['genome']}.safetensors", problem, again))
+
+
+def _check_log(store: RunStore, report: CheckReport, scan: _Scan) -> None:
+    """children.jsonl line by line: bad lines and repeats are dropped, children with bad genomes marked."""
+    seen: set[str] = set()
+    for n, line in _lines(store.path / RunStore.CHILDREN):
+        if not line.endswith(b"\n"):
+            # harmless: every reader drops it and the next append cuts it off
+            report.notes.append(f"{RunStore.CHILDREN}:{n}: torn last line of a killed writer (ignored)")
+            continue
+        if not line.strip():
+            continue
         try:
-            seeds = store.seeds()
-        except RunDamaged as e:
-            bad_seed_file = True
-            report.findings.append(Finding(RunStore.SEEDS, str(e).split(": ", 1)[1].split(";")[0],
-                                           "move aside; the seed experts are evaluated again"))
-        bad_seeds = []
-        for t, s in seeds.items():
-            problem = _genome_problem(store, s["genome"])
-            if problem:
-                bad_seeds.append(t)
-                report.findings.append(Finding(f"genomes/{s['genome']}.safetensors", problem,
-                                               "move aside; the seed experts are evaluated again"))
+            rec = ChildRecord.model_validate(json.loads(line))
+        except (ValueError, UnicodeDecodeError) as e:  # ValidationError is a ValueError
+            msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else type(e).__name__
+            report.findings.append(Finding(RunStore.CHILDREN, f"not a child record ({msg})",
+                                           "drop the line (kept in quarantine)", n))
+            scan.rewrite_log = True
+            continue
+        if rec.id in seen:
+            report.findings.append(Finding(RunStore.CHILDREN, f"child {rec.id} logged again", "drop the repeat", n))
+            scan.rewrite_log = True
+            continue
+        seen.add(rec.id)
+        problem = _genome_problem(store, rec.id) if rec.ok else None
+        if problem:
+            report.findings.append(Finding(f"genomes/{rec.id}.safetensors", problem,
+                                           f"move aside; mark child {rec.id} failed", n))
+            rec = rec.model_copy(update={"error": f"genome quarantined by cycleqd check: {problem}",
+                                         "scores": {}, "inserted": ()})
+            scan.rewrite_log = True
+        scan.kept.append(rec)
+    if any(r.generation != i for i, r in enumerate(scan.kept, 1)):
+        scan.rewrite_log = True  # renumber: a record's generation is its line
 
-        # the log, line by line
-        log = run / RunStore.CHILDREN
-        kept: list[ChildRecord] = []
-        seen: set[str] = set()
-        dropped_lines = False
-        raw = _lines(log)
-        for n, line in raw:
-            if not line.endswith(b"\n"):
-                # harmless: every reader drops it and the next append cuts it off
-                report.notes.append(f"{RunStore.CHILDREN}:{n}: torn last line of a killed writer (ignored)")
-                continue
-            if not line.strip():
-                continue
-            try:
-                rec = ChildRecord.model_validate(json.loads(line))
-            except (ValueError, UnicodeDecodeError, ValidationError) as e:
-                msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else type(e).__name__
-                report.findings.append(Finding(RunStore.CHILDREN, f"not a child record ({msg})",
-                                               "drop the line (kept in quarantine)", n))
-                dropped_lines = True
-                continue
-            if rec.id in seen:
-                report.findings.append(Finding(RunStore.CHILDREN, f"child {rec.id} logged again",
-                                               "drop the repeat", n))
-                dropped_lines = True
-                continue
-            seen.add(rec.id)
-            if rec.ok:
-                problem = _genome_problem(store, rec.id)
-                if problem:
-                    report.findings.append(Finding(f"genomes/{rec.id}.safetensors", problem,
-                                                   f"move aside; mark child {rec.id} failed", n))
-                    rec = rec.model_copy(update={"error": f"genome quarantined by cycleqd check: {problem}",
-                                                 "scores": {}, "inserted": ()})
-            kept.append(rec)
-        report.generation = len(kept)
-        report.seeds = len(seeds) - len(bad_seeds)
-        renumber = dropped_lines or any(r.generation != i for i, r in enumerate(kept, 1))
-        marked = any(f.file.startswith("genomes/g") for f in report.findings)
 
-        if not seeds and not bad_seed_file and kept:
-            report.findings.append(Finding(RunStore.SEEDS, f"missing while the log holds {len(kept)} children",
-                                           "none needed: a resume evaluates the seed experts again"))
+def _check_derived(store: RunStore, report: CheckReport, scan: _Scan) -> None:
+    """The files computed from seeds and log (archives, stats), the final merge, models.json, temp files."""
+    run = store.path
+    if not scan.seeds and not scan.bad_seed_file and scan.kept:
+        report.findings.append(Finding(RunStore.SEEDS, f"missing while the log holds {len(scan.kept)} children",
+                                       "none needed: a resume evaluates the seed experts again"))
+    snap = store.archives()
+    if scan.seeds and not scan.bad_seeds:
+        rebuild = "rebuild from seeds and log"
+        if snap is None:
+            what = "unreadable" if (run / RunStore.ARCHIVES).exists() else "missing"
+            report.findings.append(Finding(RunStore.ARCHIVES, what, rebuild))
+        elif int(snap["generation"]) != len(scan.kept) or scan.rewrite_log:
+            report.findings.append(Finding(RunStore.ARCHIVES, f"at generation {snap['generation']}, "
+                                           f"the log at {len(scan.kept)}", rebuild))
+    try:
+        final = store.final_merge()
+    except RunDamaged:
+        scan.bad_final = "unreadable"
+    else:
+        scan.bad_final = _genome_problem(store, final["genome"]) if final and not final.get("error") else None
+    if scan.bad_final:
+        report.findings.append(Finding(RunStore.FINAL, f"final merge {scan.bad_final}",
+                                       "move aside; the next resume merges again"))
+    try:
+        store.models()
+    except RunDamaged:
+        report.findings.append(Finding(RunStore.MODELS, "unreadable", "move aside; recorded again"))
+    scan.bad_stats = any(line.endswith(b"\n") and not _json_ok(line) for _, line in _lines(run / RunStore.STATS))
+    if scan.bad_stats:
+        report.findings.append(Finding(RunStore.STATS, "unreadable lines", "rebuild from seeds and log"))
+    scan.temps = sorted([*run.glob(".*.tmp"), *(run / "genomes").glob(".*.tmp")])
+    for p in scan.temps:
+        report.findings.append(Finding(str(p.relative_to(run)), "temp file of a killed writer", "move aside"))
 
-        # the derived files
-        snap = store.archives()
-        archives_file = run / RunStore.ARCHIVES
-        if seeds and not bad_seeds and not bad_seed_file:
-            if snap is None and archives_file.exists():
-                report.findings.append(Finding(RunStore.ARCHIVES, "unreadable", "rebuild from seeds and log"))
-            elif snap is None:
-                report.findings.append(Finding(RunStore.ARCHIVES, "missing", "rebuild from seeds and log"))
-            elif int(snap["generation"]) != len(kept) or renumber or marked:
-                report.findings.append(Finding(RunStore.ARCHIVES, f"at generation {snap['generation']}, "
-                                               f"the log at {len(kept)}", "rebuild from seeds and log"))
-        try:
-            final = store.final_merge()
-        except RunDamaged:
-            final, bad_final = None, "unreadable"
-        else:
-            bad_final = _genome_problem(store, final["genome"]) if final and not final.get("error") else None
-        if bad_final:
-            report.findings.append(Finding(RunStore.FINAL, f"final merge {bad_final}",
-                                           "move aside; the next resume merges again"))
-        try:
-            store.models()
-        except RunDamaged:
-            report.findings.append(Finding(RunStore.MODELS, "unreadable", "move aside; recorded again"))
-        bad_stats = any(True for n, line in _lines(run / RunStore.STATS) if line.endswith(b"\n")
-                        and not _json_ok(line))
-        if bad_stats:
-            report.findings.append(Finding(RunStore.STATS, "unreadable lines", "rebuild from seeds and log"))
-        temps = sorted(p for p in [*run.glob(".*.tmp"), *(run / "genomes").glob(".*.tmp")])
-        for p in temps:
-            report.findings.append(Finding(str(p.relative_to(run)), "temp file of a killed writer", "move aside"))
 
-        if not repair or not report.findings:
-            return report
+def _repair(store: RunStore, report: CheckReport, scan: _Scan) -> None:
+    """Move what cannot be trusted into quarantine/<time>/ first, then write the trusted rest."""
+    run = store.path
+    q = run / "quarantine" / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while q.exists():
+        n += 1
+        q = q.with_name(f"{q.name.split('.')[0]}.{n}")
 
-        # repair: move aside first, then write the trusted rest
-        q = run / "quarantine" / time.strftime("%Y%m%d-%H%M%S")
-        n = 1
-        while q.exists():
-            n += 1
-            q = q.with_name(f"{q.name.split('.')[0]}.{n}")
-
-        def aside(rel: str, copy: bool = False) -> None:
-            src = run / rel
-            if not src.exists():
-                return
+    def aside(rel: str, copy: bool = False) -> None:
+        src = run / rel
+        if src.exists():
             dst = q / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copy2 if copy else shutil.move)(str(src), str(dst))
 
-        for p in temps:
-            aside(str(p.relative_to(run)))
-        if bad_seed_file:
-            aside(RunStore.SEEDS)
-        if bad_seeds:
-            for t in bad_seeds:
-                aside(f"genomes/{seeds[t]['genome']}.safetensors")
-            aside(RunStore.SEEDS, copy=True)
-            store.save_seeds({t: s for t, s in seeds.items() if t not in bad_seeds})
-        for f in report.findings:
-            if f.file.startswith("genomes/g"):
-                aside(f.file)
-        if renumber or marked:
-            aside(RunStore.CHILDREN)
-            kept = [r.model_copy(update={"generation": i}) for i, r in enumerate(kept, 1)]
-            write_atomic(log, "".join(r.to_line() + "\n" for r in kept))
-        if bad_final:
-            aside(RunStore.FINAL)
-            aside("genomes/final_merge.safetensors")
-        if any(f.file == RunStore.MODELS for f in report.findings):
-            aside(RunStore.MODELS)
-        if archives_file.exists() and any(f.file == RunStore.ARCHIVES for f in report.findings):
-            aside(RunStore.ARCHIVES)
-        if bad_stats or renumber or marked:
-            aside(RunStore.STATS)
-        good_seeds = not bad_seed_file and not bad_seeds and bool(seeds)
-        if good_seeds:
-            _rebuild(store, kept, rebuild_stats=bad_stats or renumber or marked)
-        elif (run / RunStore.ARCHIVES).exists():
-            aside(RunStore.ARCHIVES)  # archives without all seed experts are rebuilt after they are evaluated
-        report.repaired, report.quarantine = True, q if q.exists() else None
-        return report
+    flagged = {f.file for f in report.findings}
+    for p in scan.temps:
+        aside(str(p.relative_to(run)))
+    if scan.bad_seed_file:
+        aside(RunStore.SEEDS)
+    if scan.bad_seeds:
+        for t in scan.bad_seeds:
+            aside(f"genomes/{scan.seeds[t]['genome']}.safetensors")
+        aside(RunStore.SEEDS, copy=True)
+        store.save_seeds({t: s for t, s in scan.seeds.items() if t not in scan.bad_seeds})
+    for f in flagged:
+        if f.startswith("genomes/g"):
+            aside(f)
+    kept = scan.kept
+    if scan.rewrite_log:
+        aside(RunStore.CHILDREN)
+        kept = [r.model_copy(update={"generation": i}) for i, r in enumerate(kept, 1)]
+        write_atomic(run / RunStore.CHILDREN, "".join(r.to_line() + "\n" for r in kept))
+    if scan.bad_final:
+        aside(RunStore.FINAL)
+        aside("genomes/final_merge.safetensors")
+    if RunStore.MODELS in flagged:
+        aside(RunStore.MODELS)
+    if RunStore.ARCHIVES in flagged:
+        aside(RunStore.ARCHIVES)
+    rebuild_stats = scan.bad_stats or scan.rewrite_log
+    if rebuild_stats:
+        aside(RunStore.STATS)
+    if scan.seeds and not scan.bad_seed_file and not scan.bad_seeds:
+        _rebuild(store, kept, rebuild_stats)
+    else:
+        aside(RunStore.ARCHIVES)  # archives without every seed expert are rebuilt once they are evaluated
+    report.repaired, report.quarantine = True, q if q.exists() else None
 
 
 def _json_ok(line: bytes) -> bool:

@@ -15,7 +15,20 @@ import pytest
 from cycleqd.runfolder import RunFolder
 from cycleqd.runlock import RunLock, RunLocked
 from test_plots import real_run
-from test_preflight import cli
+from test_preflight import cli as cli_process
+
+
+def cli(*argv: str) -> tuple[int, bool, str]:
+    """The CLI in this process (fast); ``cli_process`` where a fresh process must show Ray never started."""
+    import contextlib
+    import io
+
+    from cycleqd.cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main(["-q", *argv])
+    return code, False, err.getvalue().strip()
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +43,15 @@ def run(finished, tmp_path) -> Path:
 
 
 def _show_json(run: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "cycleqd.cli", "show", str(run), "--json"], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    import contextlib
+    import io
+
+    from cycleqd.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["show", str(run), "--json"]) == 0
+    return json.loads(out.getvalue())
 
 
 def _files(run: Path) -> dict[str, bytes]:
@@ -49,7 +67,7 @@ def test_a_second_driver_is_refused_naming_the_holder(run):
     before = _files(run)
     with RunLock(run):
         for argv in (["resume", str(run)], ["evolve", "--config", str(run / "config.yaml"), "--run-dir", str(run)]):
-            code, ray, err = cli(*argv)
+            code, ray, err = cli_process(*argv)
             assert code == 2 and len(err.splitlines()) == 1 and f"PID {os.getpid()}" in err, err
             assert not ray
         with pytest.raises(RunLocked, match=f"PID {os.getpid()}"):
@@ -106,7 +124,7 @@ def test_a_bad_line_in_the_middle_of_the_log_is_named(run):
     log.write_text("".join(lines))
     before = _files(run)
     for argv in (["resume", str(run)], ["show", str(run)], ["show", str(run), "--json"]):
-        code, ray, err = cli(*argv)
+        code, ray, err = (cli_process if argv[0] == "resume" else cli)(*argv)
         assert code == 2 and len(err.splitlines()) == 1, err
         assert f"{log}:4: not a JSON line" in err and "check" in err and not ray
     assert _files(run) == before  # nothing written
@@ -130,7 +148,7 @@ def test_a_truncated_elite_genome_is_caught_at_resume_start(run):
     g = run / "genomes" / f"{elite['genome']}.safetensors"
     g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])
     before = _files(run)
-    code, ray, err = cli("resume", str(run), "--generations", str(folder.generation + 5))
+    code, ray, err = cli_process("resume", str(run), "--generations", str(folder.generation + 5))
     assert code == 2 and len(err.splitlines()) == 1 and str(g) in err and "truncated" in err, err
     assert not ray and _files(run) == before  # refused before any child was asked
 
@@ -190,3 +208,16 @@ def test_check_reports_a_clean_folder_and_a_torn_tail_as_harmless(run):
     assert torn.ok and "torn last line" in torn.notes[0]
     with RunLock(run), pytest.raises(RunLocked):
         check_run(run, repair=True)  # never repairs under a live driver
+
+
+def test_a_bad_seed_expert_genome_is_moved_aside_and_the_seeds_evaluated_again(run):
+    from cycleqd.check import check_run
+
+    g = run / "genomes" / "seed_b.safetensors"
+    g.write_bytes(b"")
+    report = check_run(run)
+    assert not report.ok and any(f.file == "genomes/seed_b.safetensors" for f in report.findings)
+    assert check_run(run, repair=True).ok
+    assert set(RunFolder(run).seeds) == {"a", "c"} and not g.exists()
+    assert list((run / "quarantine").glob("*/genomes/seed_b.safetensors"))
+    assert not (run / "archives.json").exists()  # rebuilt once the seed experts are evaluated again
