@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
@@ -32,7 +32,9 @@ from cycleqd.runfolder import RunFolder
 from cycleqd.runlock import RunLock
 from cycleqd.scheduler import Scheduler
 from cycleqd.store import RunStore, check_models, default_run_dir, write_atomic
-from cycleqd.worker import ChildResult
+
+if TYPE_CHECKING:
+    from cycleqd.worker import ChildResult
 
 __all__ = ["Observer", "RunInterrupted", "StopSignals", "evolve", "resume", "drive", "run_loop",
            "final_merge", "summarize", "format_summary", "local_ray_env"]
@@ -144,10 +146,11 @@ def _stats_line(archive: Archive, generation: int) -> dict:
     return {"generation": generation, "archives": {t: archive.stats(t) for t in archive.tasks}}
 
 
-def _check_elite_genomes(store: RunStore, archive: Archive) -> None:
-    """Every elite's genome file is there and whole, before any child draws it as a parent."""
-    for gid in sorted({e.genome for e in archive.all_elites()}):
-        store.check_genome(gid)
+def _check_genomes(folder: RunFolder) -> None:
+    """Every genome the seeds and the log point at is there and whole (headers only, no archive replay),
+    so a damaged parent is named before any child is asked rather than failing its children one by one."""
+    for gid in [s["genome"] for s in folder.seeds.values()] + [c.id for c in folder.children if c.ok]:
+        folder.store.check_genome(gid)
 
 
 def evolve(cfg: Config, run_dir: str | os.PathLike | None = None, *, address: str | None = None,
@@ -190,8 +193,7 @@ def resume(run_dir: str | os.PathLike, *, generations: int | None = None, addres
             data = cfg.model_dump()
             data["evolution"]["generations"] = generations
             cfg = parse_config(data)
-        folder = RunFolder(store.path)
-        _check_elite_genomes(store, folder.archive())
+        _check_genomes(RunFolder(store.path))
         _ready_models(cfg)
         if cfg != store.config():
             write_atomic(store.path / RunStore.CONFIG, dump_config(cfg))

@@ -11,7 +11,7 @@ guarded: telling a spec that was never asked, or telling it twice, raises
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
@@ -19,7 +19,9 @@ from cycleqd.archive import Archive
 from cycleqd.config import Config
 from cycleqd.record import ChildRecord
 from cycleqd.registry import SAMPLERS
-from cycleqd.worker import ChildResult, ChildSpec
+
+if TYPE_CHECKING:  # the worker module imports torch; a resume checks its folder before that
+    from cycleqd.worker import ChildResult, ChildSpec
 
 
 class OrderError(RuntimeError):
@@ -77,6 +79,8 @@ class Scheduler:
 
     def ask(self) -> ChildSpec:
         """The next child's spec: quality task, two parents drawn from its archive, seed."""
+        from cycleqd.worker import ChildSpec
+
         index = self.next_index
         q_name = quality_task(self.cfg, index)
         rng = np.random.default_rng([self.cfg.seed, index, 1])
