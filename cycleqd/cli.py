@@ -52,6 +52,10 @@ def cmd_evolve(a: argparse.Namespace) -> int:
 
     cfg = with_overrides(load_config(a.config), tasks=_tasks(a.tasks), generations=a.generations,
                          workers=a.workers, seed=a.seed)
+    if a.run_dir and Path(a.run_dir).exists():
+        from cycleqd.runlock import RunLock
+
+        RunLock.refuse_if_held(a.run_dir)
     if a.run_dir and Path(a.run_dir).exists() and any(Path(a.run_dir).iterdir()):
         hint = f"; continue it with `cycleqd resume {a.run_dir}`" if (Path(a.run_dir) / "config.yaml").exists() else ""
         raise ConfigError(f"run folder {a.run_dir!r} exists and is not empty{hint}")
@@ -63,9 +67,11 @@ def cmd_evolve(a: argparse.Namespace) -> int:
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
+    from cycleqd.runlock import RunLock
     from cycleqd.store import RunStore
 
     RunStore(a.run_dir)  # bad input before anything starts
+    RunLock.refuse_if_held(a.run_dir)  # before the heavy imports; resume takes the lock itself
     from cycleqd.run import resume
 
     run = resume(a.run_dir, generations=a.generations, address=a.address, progress=not a.quiet)
@@ -88,20 +94,28 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def cmd_show(a: argparse.Namespace) -> int:
-    from cycleqd.store import RunStore
+    from cycleqd.runfolder import RunFolder
 
-    store = RunStore(a.run_dir)
+    run = RunFolder(a.run_dir)
     if a.json:
-        snap = store.archives()
-        print(json.dumps({"generation": snap["generation"], "tasks": snap["tasks"], "archives": snap["archives"],
-                          "final_merge": store.final_merge()}))
+        snap = run.snapshot()  # rebuilt from seeds.json and children.jsonl when archives.json is stale
+        print(json.dumps({"generation": snap.generation, "tasks": snap.tasks, "archives": snap.archives,
+                          "final_merge": run.final_merge()}))
         return 0
     from rich.console import Console
 
     from cycleqd.show import render_show
 
-    render_show(store.path, Console())
+    render_show(run.path, Console())
     return 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from cycleqd.check import check_run
+
+    report = check_run(a.run_dir, repair=a.repair)
+    print(report.format())
+    return 0 if report.ok else 1
 
 
 def cmd_heatmap(a: argparse.Namespace) -> int:
@@ -197,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object (DESIGN.md section 7)")
     s.set_defaults(func=cmd_show)
 
+    c = sub.add_parser("check", help="report what in a run folder cannot be trusted (exit 1 if anything)")
+    c.add_argument("run_dir")
+    c.add_argument("--repair", action="store_true",
+                   help="move what cannot be trusted into RUN/quarantine/ (never deletes) so the run resumes")
+    c.set_defaults(func=cmd_check)
+
     h = sub.add_parser("heatmap", help="archive heatmaps (PNG and SVG) and history plots")
     h.add_argument("run_dir")
     h.add_argument("--out", help="folder (default RUN/plots)")
@@ -246,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from cycleqd.run import local_ray_env
+    from cycleqd.pool import local_ray_env
 
     local_ray_env()
     try:
@@ -258,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         print("cycleqd: interrupted; the run can be continued with `cycleqd resume`", file=sys.stderr)
         return 1
     except Exception as e:
+        run = sys.modules.get("cycleqd.run")  # only a loaded driver raises RunInterrupted
+        if run is not None and isinstance(e, run.RunInterrupted):
+            print(f"cycleqd: {e}", file=sys.stderr)
+            return 1
         if args.verbose:
             raise
         print(f"cycleqd: {type(e).__name__}: {e}", file=sys.stderr)

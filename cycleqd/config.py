@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, SAMPLERS, TASKS, UnknownNameError
+from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, SAMPLERS, TASKS, UnknownNameError, did_you_mean
 
 
 class ConfigError(ValueError):
@@ -139,7 +139,7 @@ class Config(_Frozen):
     """A whole experiment."""
 
     name: str = "experiment"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's SeedSequence takes non-negative seeds only
     models: ModelsConfig
     tasks: list[TaskConfig]
     evolution: EvolutionConfig = EvolutionConfig()
@@ -196,13 +196,60 @@ def _check_names(cfg: Config) -> None:
             TASKS.check(t.kind)
     except UnknownNameError as e:
         raise ConfigError(str(e)) from None
+    for t in cfg.tasks:
+        check_task_options(t)
 
 
-def _one_line(e: ValidationError) -> str:
+def check_task_options(task: TaskConfig) -> BaseModel | None:
+    """Validate ``task.options`` against its task class's ``Options`` model (imports the task module).
+
+    Every task class declares ``Options``: a frozen pydantic model (extra="forbid") of the
+    keyword options its constructor takes, so a typo is bad input here, not a TypeError
+    inside a worker. Returns the validated options (None for a class without ``Options``).
+
+    Raises:
+        ConfigError: an unknown option (with "did you mean ...") or a bad value, in one line.
+    """
+    options_model = getattr(TASKS.get(task.kind), "Options", None)
+    if options_model is None:
+        return None
+    fields = list(options_model.model_fields)
+    for key in task.options:
+        if key not in fields:
+            raise ConfigError(
+                f"task {task.name} ({task.kind}): unknown option {key!r}{did_you_mean(key, fields)} "
+                f"(options: {', '.join(fields) or 'none'})")
+    try:
+        return options_model.model_validate(task.options)
+    except ValidationError as e:
+        raise ConfigError(f"task {task.name} ({task.kind}): options.{_one_line(e)}") from None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the model that holds the last key of ``loc`` (for "did you mean")."""
+    for key in loc[:-1]:
+        if isinstance(key, int):
+            continue
+        field = model.model_fields.get(str(key))
+        if field is None:
+            return []
+        ann = field.annotation
+        for arg in (getattr(ann, "__args__", None) or (ann,)):  # Optional[X], list[X]
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+                break
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _one_line(e: ValidationError, model: type[BaseModel] | None = None) -> str:
     parts = []
     for err in e.errors()[:3]:
         loc = ".".join(str(x) for x in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
+            msg = f"unknown setting{did_you_mean(err['loc'][-1], _fields_at(model, err['loc']))}"
         parts.append(f"{loc}: {msg}")
     more = f" (+{e.error_count() - 3} more)" if e.error_count() > 3 else ""
     return "; ".join(parts) + more
@@ -216,7 +263,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_one_line(e)}") from None
+        raise ConfigError(f"{source}: {_one_line(e, Config)}") from None
     _check_names(cfg)
     return cfg
 
@@ -258,10 +305,7 @@ def with_overrides(
         known = cfg.task_names
         bad = [t for t in tasks if t not in known]
         if bad:
-            import difflib
-
-            close = difflib.get_close_matches(bad[0], known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(bad[0], known)
             raise ConfigError(f"--tasks: unknown task {bad[0]!r}{hint} (config has {', '.join(known)})")
         if len(set(tasks)) < 2:
             raise ConfigError(f"--tasks: need at least 2 distinct tasks, got {tasks}")
@@ -276,6 +320,8 @@ def with_overrides(
             raise ConfigError(f"--workers must be >= 1, got {workers}")
         data["evolution"]["workers"] = workers
     if seed is not None:
+        if seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {seed}")
         data["seed"] = seed
     return parse_config(data, "config")
 

@@ -117,7 +117,12 @@ def model_fingerprint(path_or_id: str | os.PathLike, revision: str | None = None
 def read_model_config(model_dir: Path) -> dict:
     """The model's ``config.json`` (empty dict if absent)."""
     f = model_dir / "config.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f}: not valid JSON ({e})") from None
 
 
 def _ties_embeddings(config: Mapping) -> bool:
@@ -148,9 +153,12 @@ def _iter_headers(files: tuple[Path, ...]) -> Iterator[tuple[str, tuple[int, ...
     from safetensors import safe_open
 
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
-                yield name, tuple(h.get_slice(name).get_shape())
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                shapes = [(name, tuple(h.get_slice(name).get_shape())) for name in h.keys()]
+        except Exception as e:  # safetensors' errors do not name the file
+            raise ConfigError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        yield from shapes
 
 
 def inspect_model(path_or_id: str | os.PathLike, revision: str | None = None) -> ModelInfo:

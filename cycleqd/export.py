@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import yaml
 
 from cycleqd.config import ConfigError
-from cycleqd.plots import ArchiveSnapshot, load_snapshot, open_run
-from cycleqd.report import best_by_mean, lineage
+from cycleqd.registry import did_you_mean
+from cycleqd.runfolder import ArchiveSnapshot, RunFolder, best_by_mean
 
 __all__ = ["Selection", "export", "select", "parse_cell"]
 
@@ -77,8 +77,9 @@ def select(
     score over all tasks), ``archive`` + ``cell`` (the elite in that cell), or
     ``merged`` (the run's final merge).
     """
-    store = open_run(run_dir)
-    snap = load_snapshot(store.path)
+    run = RunFolder(run_dir)
+    store = run.store
+    snap = run.snapshot()
     chosen = [best is not None, archive is not None or cell is not None, bool(merged)]
     if sum(chosen) != 1:
         raise ConfigError("export: choose exactly one of --best mean, --archive TASK --cell i,j, or --merged")
@@ -96,10 +97,7 @@ def select(
         if archive is None or cell is None:
             raise ConfigError("--archive and --cell go together")
         if archive not in snap.tasks:
-            import difflib
-
-            close = difflib.get_close_matches(archive, snap.tasks, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(archive, snap.tasks)
             raise ConfigError(f"--archive {archive!r}: no such archive{hint} (tasks: {', '.join(snap.tasks)})")
         idx = parse_cell(cell, snap, archive)
         for e in snap.archives[archive]["elites"]:
@@ -275,15 +273,15 @@ def export(
     """
     if archive is not None or cell is not None or merged:
         best = None if best == "mean" else best
-    store = open_run(run_dir)
+    run = RunFolder(run_dir)
+    store = run.store
     sel = select(store.path, best=best, archive=archive, cell=cell, merged=merged)
     out = Path(out)
     _prepare_out(out, overwrite)
     token = _hub_token() if push_to_hub else None
     cfg = store.config()
     genome_path = store.genome_path(sel.genome)
-    if not genome_path.is_file():
-        raise ConfigError(f"genome {sel.genome!r} has no file ({genome_path})")
+    store.check_genome(sel.genome)  # a missing or truncated genome names its file before any loading
 
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -293,8 +291,7 @@ def export(
         model.generation_config = GenerationConfig.from_pretrained(cfg.models.base, revision=cfg.models.revision)
     except OSError:
         pass  # the base has no generation_config.json; keep the one derived from its config
-    parents = {c["id"]: list(c.get("parents") or []) for c in store.children()}
-    tree = lineage(sel.genome, parents)
+    tree = run.lineage(sel.genome)
     tasks = cfg.task_names
 
     # Everything goes to a sibling temp folder first, so a failure leaves no half export.

@@ -7,8 +7,8 @@ experts' cells outlined in red. Archives of a K = 2 run are 1-D (a one-row
 heatmap); K = 3 gives 2-D grids; for K >= 4 each archive is shown as one 2-D
 panel per pair of its axes, the best quality over the remaining axes in each cell.
 
-Everything reads the run folder through :class:`cycleqd.store.RunStore`
-(archives.json, seeds.json, children.jsonl, stats.jsonl), draws on matplotlib's
+Everything reads the run folder through :class:`cycleqd.runfolder.RunFolder`
+(archives rebuilt from seeds.json and children.jsonl when needed, stats.jsonl), draws on matplotlib's
 Agg canvas without pyplot (no global state, safe inside the evolve loop) and is
 quick enough to refresh every few generations.
 """
@@ -22,88 +22,26 @@ from typing import Any
 
 import numpy as np
 
-from cycleqd.archive import Archive, bin_index
-from cycleqd.config import Bins, ConfigError
-from cycleqd.store import RunNotFound, RunStore
+from cycleqd.archive import bin_index
+from cycleqd.config import Bins
+from cycleqd.runfolder import SEED_PREFIX, ArchiveSnapshot, RunFolder
 
 __all__ = [
     "ArchiveSnapshot",
+    "PlotObserver",
     "heatmap_figure",
     "load_snapshot",
-    "open_run",
     "refresh_plots",
     "write_heatmaps",
     "write_history",
 ]
 
-SEED_PREFIX = "seed_"  # seed experts' genome ids
 SEED_COLOR = "#d62728"
 
 
-# ---------------------------------------------------------------------------------------------
-# reading the run folder
-
-
-def open_run(run_dir: str | Path) -> RunStore:
-    """The run's store. Raises ConfigError (RunNotFound) if ``run_dir`` is not a run folder."""
-    store = RunStore(run_dir)
-    if not (store.path / RunStore.ARCHIVES).is_file():
-        raise RunNotFound(f"run folder {str(run_dir)!r} has no archives yet (the run has not evaluated its seeds)")
-    return store
-
-
-@dataclass(frozen=True)
-class ArchiveSnapshot:
-    """The K archives at one generation, in the archives.json schema.
-
-    ``archives[task]["elites"]`` are dicts with cell, quality, scores, genome, generation.
-    ``seeds`` maps a seed expert's genome id to its scores.
-    """
-
-    generation: int
-    tasks: list[str]
-    bins: dict[str, Bins]
-    archives: dict[str, dict[str, Any]]
-    seeds: dict[str, dict[str, float]]
-
-    def other_tasks(self, task: str) -> list[str]:
-        """The tasks that are the axes of ``task``'s archive, in task order."""
-        return [t for t in self.tasks if t != task]
-
-    def grid(self, task: str) -> np.ndarray:
-        """Quality grid of one archive, NaN where empty; shape = bin counts of the other tasks."""
-        g = np.full(tuple(self.bins[o].count for o in self.other_tasks(task)), np.nan)
-        for e in self.archives[task]["elites"]:
-            g[tuple(e["cell"])] = e["quality"]
-        return g
-
-
 def load_snapshot(run_dir: str | Path, generation: int | None = None) -> ArchiveSnapshot:
-    """The archives of a run, now (``generation=None``) or as they were after ``generation`` children.
-
-    A generation is one finished child, as in stats.jsonl. An earlier one is
-    rebuilt by replaying the insertion rule (:meth:`cycleqd.archive.Archive.replay`)
-    over the seed experts and the first ``generation`` lines of children.jsonl, in
-    the order the run offered them. Raises ConfigError for a folder that is not a
-    run or a generation out of range.
-    """
-    store = open_run(run_dir)
-    data = store.archives()
-    seeds = {s["genome"]: dict(s["scores"]) for s in store.seeds().values()}
-    tasks = list(data["tasks"])
-    if data.get("bins"):
-        bins = {t: Bins(**data["bins"][t]) for t in tasks}
-    else:
-        bins = {t.name: t.bins for t in store.config().tasks}
-    if generation is None:
-        return ArchiveSnapshot(int(data["generation"]), tasks, bins, data["archives"], seeds)
-    children = store.children()
-    if not 0 <= generation <= len(children):
-        raise ConfigError(f"--generation must be between 0 and {len(children)}, got {generation}")
-    history = [(g, sc, 0) for g, sc in seeds.items()]
-    history += [(c["id"], c["scores"], c["generation"]) for c in children[:generation] if c.get("error") is None]
-    replayed = Archive.replay(tasks, bins, history).to_json(generation)
-    return ArchiveSnapshot(generation, tasks, bins, replayed["archives"], seeds)
+    """The archives of a run now or after ``generation`` children (:meth:`RunFolder.snapshot`)."""
+    return RunFolder(run_dir).snapshot(generation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +183,9 @@ def write_heatmaps(
     ``heatmap_<task>[_gen<N>].<fmt>`` per archive into ``out_dir`` (default RUN/plots).
     Returns the written paths. Raises ConfigError for a bad run folder or generation.
     """
-    snap = load_snapshot(run_dir, generation)
-    out = Path(out_dir) if out_dir is not None else RunStore(run_dir).plots_dir
+    folder = RunFolder(run_dir)
+    snap = folder.snapshot(generation)
+    out = Path(out_dir) if out_dir is not None else folder.store.plots_dir
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if generation is None else f"_gen{generation}"
     written = _save(heatmap_figure(snap), out / f"heatmaps{suffix}", formats)
@@ -263,7 +202,7 @@ def write_history(run_dir: str | Path, out_dir: str | Path | None = None, *,
     Writes ``history.<fmt>`` into ``out_dir`` (default RUN/plots); returns the paths,
     empty when the run has no stats yet. Raises ConfigError for a bad run folder.
     """
-    store = open_run(run_dir)
+    store = RunFolder(run_dir).store
     stats = store.stats()
     out = Path(out_dir) if out_dir is not None else store.plots_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -291,7 +230,35 @@ def refresh_plots(run_dir: str | Path) -> list[Path]:
     Never raises for a run that has not written its files yet; returns what it wrote.
     """
     run = Path(run_dir)
-    if not (run / RunStore.ARCHIVES).is_file():
+    if not (run / "config.yaml").is_file() or not RunFolder(run).seeds:
         return []
     out = run / "plots"
     return write_heatmaps(run, out, formats=("png",), per_archive=False) + write_history(run, out, formats=("png",))
+
+
+class PlotObserver:
+    """An observer of the evolve loop that redraws RUN/plots every ``every`` children and at the end.
+
+    Plots never stop a run: a drawing error is logged and the run goes on.
+    """
+
+    def __init__(self, every: int = 10):
+        self.every = every
+
+    def _refresh(self, run_dir: Path) -> None:
+        import logging
+
+        try:
+            refresh_plots(run_dir)
+        except Exception as e:  # plots never stop a run
+            logging.getLogger("cycleqd").warning("plots not refreshed: %s", e)
+
+    def seeds_done(self, run_dir: Path, archive) -> None:
+        self._refresh(run_dir)
+
+    def child_done(self, run_dir: Path, record, archive) -> None:
+        if record.generation % self.every == 0:
+            self._refresh(run_dir)
+
+    def run_done(self, run_dir: Path, archive) -> None:
+        self._refresh(run_dir)

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
 
 
 class UnknownNameError(ValueError):
     """A name that is not in a registry (a bad-input error)."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the known name closest to ``name``, or ``""`` if none is close.
+
+    The one home of the suggestion every bad-name message carries (registries,
+    task options, ``--tasks``, ``--archive``).
+    """
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class Registry(Generic[T]):
@@ -48,10 +58,8 @@ class Registry(Generic[T]):
     def check(self, name: str) -> None:
         """Raise UnknownNameError (with a suggestion) unless ``name`` is known. Imports nothing."""
         if name not in self._items and name not in self._lazy:
-            close = difflib.get_close_matches(name, self.names(), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})"
+                f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())} (known: {', '.join(self.names())})"
             )
 
     def get(self, name: str) -> T:

@@ -13,13 +13,13 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from cycleqd.plots import ArchiveSnapshot, load_snapshot, open_run, write_heatmaps, write_history
+from cycleqd.plots import write_heatmaps, write_history
+from cycleqd.runfolder import RunFolder, best_by_mean, lineage
 from cycleqd.store import write_atomic
 
 __all__ = ["write_report", "best_by_mean", "lineage", "REPORT_NAME"]
 
 REPORT_NAME = "report.html"
-MAX_LINEAGE_DEPTH = 8
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 1400px;
@@ -47,48 +47,6 @@ def _fmt(x: float | None) -> str:
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
-
-
-def best_by_mean(snap: ArchiveSnapshot) -> list[dict]:
-    """Every distinct elite of all archives, best mean score over the tasks first.
-
-    Each dict is an elite plus ``mean`` and ``archives`` (the tasks whose archive holds it).
-    """
-    seen: dict[str, dict] = {}
-    for task in snap.tasks:
-        for e in snap.archives[task]["elites"]:
-            rec = seen.setdefault(e["genome"], {**e, "archives": []})
-            rec["archives"].append(task)
-    out = []
-    for rec in seen.values():
-        scores = [rec["scores"].get(t) for t in snap.tasks]
-        if any(s is None for s in scores):
-            continue
-        out.append({**rec, "mean": sum(scores) / len(scores)})
-    return sorted(out, key=lambda r: (-r["mean"], r["genome"]))
-
-
-def lineage(genome: str, parents: dict[str, list[str]], max_depth: int = MAX_LINEAGE_DEPTH) -> dict:
-    """Ancestry of ``genome`` as a nested dict {"id", "parents": [...], "repeat", "cut"}.
-
-    A genome met again (lineages are DAGs: two parents often share ancestors) is
-    marked ``repeat`` instead of expanded; below ``max_depth`` the tree is ``cut``.
-    """
-    seen: set[str] = set()
-
-    def walk(g: str, depth: int) -> dict:
-        node = {"id": g, "parents": [], "repeat": g in seen, "cut": False}
-        if node["repeat"]:
-            return node
-        seen.add(g)
-        ps = parents.get(g, [])
-        if ps and depth >= max_depth:
-            node["cut"] = True
-            return node
-        node["parents"] = [walk(p, depth + 1) for p in ps]
-        return node
-
-    return walk(genome, 0)
 
 
 def _tree_html(node: dict, info: dict[str, str]) -> str:
@@ -120,21 +78,22 @@ def write_report(run_dir: str | Path, *, top: int = 10) -> Path:
     Raises:
         ConfigError: ``run_dir`` is not a run folder (or has no archives yet).
     """
-    store = open_run(run_dir)
-    snap = load_snapshot(store.path)
+    run = RunFolder(run_dir)
+    store = run.store
+    snap = run.snapshot()
     cfg_text = (store.path / store.CONFIG).read_text()
-    children = store.children()
-    parents = {c["id"]: list(c.get("parents") or []) for c in children}
+    children = run.children
+    parents = run.parents
     final = store.final_merge()
     ranked = best_by_mean(snap)
-    name = store.config().name
+    name = run.config.name
 
     # Fresh pictures in RUN/plots (PNG to inline, SVG to keep), then inlined.
     drawn = write_heatmaps(store.path, store.plots_dir, per_archive=False) + write_history(store.path, store.plots_dir)
     images = {p.stem: _img(p, p.stem) for p in drawn if p.suffix == ".png"}
 
     parts = [f"<h1>CycleQD run <code>{_e(name)}</code></h1>"]
-    failed = sum(1 for c in children if c.get("error"))
+    failed = sum(1 for c in children if not c.ok)
     parts.append(
         f"<p>{snap.generation} finished children ({failed} failed), tasks {_e(', '.join(snap.tasks))}. "
         f'Folder <code>{_e(store.path.resolve())}</code>.</p>'
@@ -180,12 +139,12 @@ def write_report(run_dir: str | Path, *, top: int = 10) -> Path:
     parts.append("<h2>Lineage of the best model</h2>")
     if ranked:
         best = ranked[0]
-        info = {c["id"]: f"generation {c['generation']}, quality task {c.get('quality_task')}, mean "
-                         f"{_fmt(sum(c['scores'].values()) / len(c['scores']))}"
-                for c in children if c.get("scores")}
-        for t, s in store.seeds().items():
+        info = {c.id: f"generation {c.generation}, quality task {c.quality_task}, mean "
+                      f"{_fmt(sum(c.scores.values()) / len(c.scores))}"
+                for c in children if c.scores}
+        for t, s in run.seeds.items():
             info[s["genome"]] = f"seed expert for {t}"
-        tree = lineage(best["genome"], parents)
+        tree = run.lineage(best["genome"])
         parts.append(f'<ul class="tree">{_tree_html(tree, info)}</ul>')
     else:
         parts.append('<p class="muted">no elites</p>')

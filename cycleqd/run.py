@@ -1,227 +1,300 @@
 """evolve / resume: the CycleQD loop, top to bottom.
 
-seed experts -> (per child) pick the quality task -> sample parents from its
-archive -> a worker does crossover, mutation, materialize, evaluation on K tasks
--> offer to all K archives -> log, snapshot, plots -> final merge.
+check everything (preflight) -> lock the run folder -> seed experts ->
+(per child) scheduler.ask: quality task, parents from its archive -> a worker
+does crossover, mutation, materialize, evaluation on K tasks -> save the genome
+-> scheduler.tell: offer to all K archives -> log, snapshot, observers -> final
+merge. One generation is one finished child (see :mod:`cycleqd.record`).
+
+SIGTERM and SIGINT are handled alike: the loop stops asking, cancels the
+children in flight, keeps everything already written (every finished child is
+on disk before the next is asked) and raises :class:`RunInterrupted`; the CLI
+turns that into one line and exit 1, and ``cycleqd resume`` continues the run.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
 from cycleqd.archive import Archive
 from cycleqd.config import Config, ConfigError, dump_config, parse_config, resolve_paths
-from cycleqd.registry import SAMPLERS
+from cycleqd.pool import LocalPool, RayPool, local_ray_env, start_ray
+from cycleqd.record import ChildRecord
+from cycleqd.runfolder import RunFolder
+from cycleqd.runlock import RunLock
+from cycleqd.scheduler import Scheduler
 from cycleqd.store import RunStore, check_models, default_run_dir, write_atomic
-from cycleqd.worker import ChildResult, ChildSpec, ChildWorker
+
+if TYPE_CHECKING:
+    from cycleqd.worker import ChildResult
+
+__all__ = ["Observer", "RunInterrupted", "StopSignals", "evolve", "resume", "drive", "run_loop",
+           "final_merge", "summarize", "format_summary", "local_ray_env"]
 
 log = logging.getLogger("cycleqd")
 
-PLOT_EVERY = 10
-MAX_RETRIES = 3
+POLL_SECONDS = 0.5  # how often a waiting loop looks at the stop flag
 
 
-def local_ray_env() -> None:
-    """Keep a local Ray on loopback, without usage stats; token auth off unless the user chose."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+class RunInterrupted(Exception):
+    """The driver was stopped by a signal; everything finished is on disk and the run resumes."""
+
+    def __init__(self, signum: int, run_dir: Path | None = None, generation: int | None = None):
+        self.signum, self.run_dir, self.generation = signum, run_dir, generation
+        name = signal.Signals(signum).name
+        where = f" after {generation} children" if generation is not None else ""
+        hint = f"; continue with `cycleqd resume {run_dir}`" if run_dir is not None else ""
+        super().__init__(f"stopped by {name}{where}{hint}")
 
 
-def start_ray(address: str | None) -> Any:
-    """Join ``address`` (or RAY_ADDRESS, as under `ray job submit`), else start Ray on 127.0.0.1."""
-    local_ray_env()
-    import ray
+class StopSignals:
+    """SIGTERM and SIGINT, handled alike while a driver runs.
 
-    if ray.is_initialized():
-        return ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            address="local",  # a new private Ray, even if another cluster runs on this machine
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            num_cpus=max(2, os.cpu_count() or 1),
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-    return ray
+    Outside the steady-state loop a signal raises :class:`RunInterrupted` at once;
+    inside it (``polling``) the first signal only sets ``signum`` so the loop stops
+    asking at its next step, and a second one raises. Handlers are installed in the
+    main thread only (elsewhere the signals keep their handlers).
+    """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-def quality_task(cfg: Config, index: int) -> str:
-    """The task whose archive child ``index`` (0-based) is drawn from: rotates every flip_interval."""
-    if cfg.evolution.fixed_quality_task:
-        return cfg.evolution.fixed_quality_task
-    k = len(cfg.tasks)
-    return cfg.task_names[(index // cfg.evolution.flip_interval) % k]
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.polling = False
+        self._old: dict[int, Any] = {}
 
+    def install(self) -> None:
+        """(Re)install the handlers: Ray installs its own SIGTERM handler on init, which exits mid-call."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in self.SIGNALS:
+            old = signal.signal(s, self._handle)
+            self._old.setdefault(s, old)
 
-def child_seed(cfg: Config, index: int) -> int:
-    return int(np.random.SeedSequence([cfg.seed, index]).generate_state(1)[0])
+    def _handle(self, signum: int, frame: object) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not self.polling or not first:
+            raise RunInterrupted(signum)
 
+    def restore(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
 
-def ask(cfg: Config, archive: Archive, index: int) -> ChildSpec:
-    """The spec of child ``index``: quality task, parents drawn from its archive, seed."""
-    q_name = quality_task(cfg, index)
-    rng = np.random.default_rng([cfg.seed, index, 1])
-    sampler = SAMPLERS.get(cfg.evolution.sampling.name)
-    parents = sampler(archive.elites(q_name), 2, cfg.evolution.sampling, rng)
-    return ChildSpec(
-        index=index,
-        id=f"g{index + 1:06d}",
-        quality_task=q_name,
-        q=cfg.task_names.index(q_name),
-        parents=tuple(p.genome for p in parents),
-        seed=child_seed(cfg, index),
-    )
+    def __enter__(self) -> "StopSignals":
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
-class _Pool:
-    """N Ray actors with at most one child each in flight; dead actors are replaced."""
+class Observer(Protocol):
+    """What the loop tells the outside world (plots, progress bars); an observer never stops a run."""
 
-    def __init__(self, ray: Any, cfg: Config, n: int):
-        self.ray, self.cfg = ray, cfg
-        self.remote = ray.remote(num_cpus=cfg.evolution.worker_cpus, num_gpus=cfg.evolution.worker_gpus)(ChildWorker)
-        self.actors = [self._new(i) for i in range(n)]
-        ray.get([a.ping.remote() for a in self.actors])
-        self.inflight: dict[Any, tuple[int, Callable[[Any], Any], Any]] = {}
+    def seeds_done(self, run_dir: Path, archive: Archive) -> None: ...
 
-    def _new(self, i: int) -> Any:
-        return self.remote.remote(self.cfg.model_dump(mode="json"), i)
+    def child_done(self, run_dir: Path, record: ChildRecord, archive: Archive) -> None: ...
 
-    def free(self) -> list[int]:
-        busy = {slot for slot, _, _ in self.inflight.values()}
-        return [i for i in range(len(self.actors)) if i not in busy]
-
-    def submit(self, slot: int, call: Callable[[Any], Any], tag: Any) -> None:
-        self.inflight[call(self.actors[slot])] = (slot, call, tag)
-
-    def wait(self) -> tuple[Any, Any]:
-        """Next finished (tag, result); an actor that died is replaced and its call re-sent."""
-        tries = 0
-        while True:
-            done, _ = self.ray.wait(list(self.inflight), num_returns=1)
-            slot, call, tag = self.inflight.pop(done[0])
-            try:
-                return tag, self.ray.get(done[0])
-            except self.ray.exceptions.RayActorError as e:
-                tries += 1
-                if tries > MAX_RETRIES * len(self.actors):
-                    raise RuntimeError(f"workers keep dying: {e}") from e
-                log.warning("worker %d died (%s); starting a new one", slot, type(e).__name__)
-                self.actors[slot] = self._new(slot)
-                self.submit(slot, call, tag)
-
-    def map(self, calls: list[tuple[Callable[[Any], Any], Any]]) -> dict[Any, Any]:
-        """Run calls over free actors, returning {tag: result}."""
-        out, todo = {}, list(calls)
-        while todo or self.inflight:
-            for slot in self.free():
-                if todo:
-                    call, tag = todo.pop(0)
-                    self.submit(slot, call, tag)
-            tag, res = self.wait()
-            out[tag] = res
-        return out
+    def run_done(self, run_dir: Path, archive: Archive) -> None: ...
 
 
-def _refresh_plots(store: RunStore) -> None:
-    try:
-        from cycleqd.plots import refresh_plots
+class _Progress:
+    """A tqdm bar over generations with each archive's best quality."""
 
-        refresh_plots(store.path)
-    except Exception as e:  # plots never stop a run
-        log.warning("plots not refreshed: %s", e)
+    def __init__(self, target: int, initial: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=target, initial=min(initial, target), desc="generations", dynamic_ncols=True)
+
+    def seeds_done(self, run_dir: Path, archive: Archive) -> None:
+        pass
+
+    def child_done(self, run_dir: Path, record: ChildRecord, archive: Archive) -> None:
+        best = {t: archive.stats(t)["best"] for t in archive.tasks}
+        self.bar.set_postfix({t: f"{v:.2f}" for t, v in best.items()}, refresh=False)
+        self.bar.update(1)
+
+    def run_done(self, run_dir: Path, archive: Archive) -> None:
+        self.bar.close()
+
+
+def _default_observers() -> list[Observer]:
+    from cycleqd.plots import PlotObserver
+
+    return [PlotObserver()]
+
+
+def _notify(observers: Sequence[Observer], event: str, *args: Any) -> None:
+    for o in observers:
+        try:
+            getattr(o, event)(*args)
+        except Exception as e:  # observers never stop a run
+            log.warning("observer %s failed on %s: %s", type(o).__name__, event, e)
 
 
 def _stats_line(archive: Archive, generation: int) -> dict:
     return {"generation": generation, "archives": {t: archive.stats(t) for t in archive.tasks}}
 
 
+def _check_genomes(folder: RunFolder) -> None:
+    """Every genome the seeds and the log point at is there and whole (headers only, no archive replay),
+    so a damaged parent is named before any child is asked rather than failing its children one by one."""
+    for gid in [s["genome"] for s in folder.seeds.values()] + [c.id for c in folder.children if c.ok]:
+        folder.store.check_genome(gid)
+
+
 def evolve(cfg: Config, run_dir: str | os.PathLike | None = None, *, address: str | None = None,
-           progress: bool = True) -> Path:
-    """Start a new run of ``cfg`` in ``run_dir`` (default archives/<name>-<time>) and drive it."""
+           progress: bool = True, observers: Sequence[Observer] | None = None) -> Path:
+    """Start a new run of ``cfg`` in ``run_dir`` (default archives/<name>-<time>) and drive it.
+
+    Every check (:func:`cycleqd.preflight.preflight`) runs before the folder is created.
+
+    Raises:
+        ConfigError: bad input (nothing written); RunLocked: another driver holds ``run_dir``;
+        RunInterrupted: SIGTERM / SIGINT (the run resumes).
+    """
     cfg = resolve_paths(cfg)
-    store = RunStore.create(run_dir or default_run_dir(cfg), cfg)
-    return drive(store, address=address, progress=progress)
+    _ready_models(cfg)
+    path = Path(run_dir or default_run_dir(cfg))
+    lock = RunLock(path)
+    store = RunStore.create(path, cfg, lock=lock)
+    try:
+        return drive(store, address=address, progress=progress, observers=observers)
+    finally:
+        lock.release()
 
 
 def resume(run_dir: str | os.PathLike, *, generations: int | None = None, address: str | None = None,
-           progress: bool = True) -> Path:
-    """Continue a run (after a crash or to more generations) from its log."""
+           progress: bool = True, observers: Sequence[Observer] | None = None) -> Path:
+    """Continue a run (after a crash, a signal or to more generations) from its log.
+
+    The lock is taken first and the folder is read whole (log, seeds, the elites' genomes)
+    before anything is written.
+
+    Raises:
+        ConfigError: bad input or a damaged folder (RunDamaged names the file), RunLocked.
+    """
     store = RunStore(run_dir)
-    if generations is not None:
-        if generations < 0:
-            raise ConfigError(f"--generations must be >= 0, got {generations}")
-        data = store.config().model_dump()
-        data["evolution"]["generations"] = generations
-        write_atomic(store.path / RunStore.CONFIG, dump_config(parse_config(data)))
-    return drive(store, address=address, progress=progress)
+    with RunLock(store.path):
+        cfg = store.config()
+        if generations is not None:
+            if generations < 0:
+                raise ConfigError(f"--generations must be >= 0, got {generations}")
+            data = cfg.model_dump()
+            data["evolution"]["generations"] = generations
+            cfg = parse_config(data)
+        _check_genomes(RunFolder(store.path))
+        _ready_models(cfg)
+        if cfg != store.config():
+            write_atomic(store.path / RunStore.CONFIG, dump_config(cfg))
+        return drive(store, address=address, progress=progress, observers=observers)
 
 
-def drive(store: RunStore, *, address: str | None = None, progress: bool = True) -> Path:
-    """The loop. Everything it needs is in the run folder, so it is also the resume path."""
-    from tqdm import tqdm
+def _ready_models(cfg: Config) -> None:
+    """Preflight, the mini world built when absent, then the model files checked (headers only)."""
+    from cycleqd.preflight import CHECKS, check_model_files  # preflight() with the mini world built in between
 
-    cfg = store.config()
-    tasks, bins = cfg.task_names, {t.name: t.bins for t in cfg.tasks}
-    target = cfg.evolution.generations
-
+    for check in CHECKS:
+        if check is not check_model_files:
+            check(cfg)
     # The mini world is built on first use, so `make evolve` works on a fresh clone.
     if cfg.models.mini is not None:
         from cycleqd.mini.build import ensure_mini_world
 
         ensure_mini_world(cfg)
-    check_models(store, cfg)
+    check_model_files(cfg)
 
-    # Task vectors and SVD factors once, on the driver, into the shared cache;
-    # the workers then load them instead of racing to compute them.
-    from cycleqd.factors import Factors
 
-    Factors.prepare(cfg, progress=progress)
+def drive(store: RunStore, *, address: str | None = None, progress: bool = True,
+          observers: Sequence[Observer] | None = None) -> Path:
+    """Set up and run the loop on Ray. Everything it needs is in the run folder, so it is also the resume path.
 
-    # Archives are a pure function of the seeds and the log: rebuild them.
-    seeds, children = store.seeds(), store.children()
-    history = [(s["genome"], s["scores"], 0) for s in seeds.values()]
-    history += [(c["id"], c["scores"], c["generation"]) for c in children if c.get("error") is None]
-    archive = Archive.replay(tasks, bins, history)
-    finished = len(children)
-    next_index = max((c["generation"] for c in children), default=0)
+    The caller holds the run folder's lock.
+    """
+    cfg = store.config()
+    observers = list(_default_observers() if observers is None else observers)
+    with StopSignals() as stop:
+        check_models(store, cfg)
 
-    ray = start_ray(address)
-    pool = _Pool(ray, cfg, cfg.evolution.workers)
+        # Task vectors and SVD factors once, on the driver, into the shared cache;
+        # the workers then load them instead of racing to compute them.
+        from cycleqd.factors import Factors
+
+        Factors.prepare(cfg, progress=progress)
+        if progress:
+            observers.append(_Progress(cfg.evolution.generations, len(store.children())))
+
+        ray = start_ray(address)
+        stop.install()  # after ray.init, which installs its own SIGTERM handler
+        pool = None
+        try:
+            pool = RayPool(ray, cfg, cfg.evolution.workers)
+            sched = run_loop(store, pool, observers, stop)
+            # The paper's last step: one model from the archives' best elites, beta = softmax(quality).
+            if cfg.evolution.final_merge and (store.final_merge() or {}).get("generation") != sched.generation:
+                final_merge(store, sched.archive, pool, sched.generation)
+        except RunInterrupted as e:
+            if pool is not None:
+                pool.cancel()
+            try:
+                ray.shutdown()
+            except BaseException:  # noqa: BLE001 - a second signal during shutdown: still a clean stop
+                pass
+            raise RunInterrupted(e.signum, store.path, len(store.children())) from None
+    _notify(observers, "run_done", store.path, sched.archive)
+    summarize(store)
+    return store.path
+
+
+def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Observer] = (),
+             stop: StopSignals | None = None) -> Scheduler:
+    """The loop: seed experts (generation 0), then ask / execute / tell until the target.
+
+    Works with any pool (a :class:`~cycleqd.pool.LocalPool` runs it in process). The
+    archives are rebuilt from the folder first, so a call on a half-finished run
+    resumes it. Returns the scheduler (its archive and generation).
+
+    Raises:
+        RunInterrupted: ``stop`` saw a signal; in-flight children are cancelled, all
+            finished ones are on disk.
+        RuntimeError: a seed expert could not be evaluated.
+    """
+    cfg = store.config()
+    tasks = cfg.task_names
+    folder = RunFolder(store.path)
+    archive, seeds = folder.archive(), dict(folder.seeds)
 
     # Generation 0: the seed experts, evaluated like any child.
     if len(seeds) < len(tasks):
-        genomes = ray.get([pool.actors[0].seed_genome.remote(k) for k in range(len(tasks))])
-        results = pool.map([
-            ((lambda a, i=f"seed_{t}", g=g: a.run_genome.remote(i, g)), t) for t, g in zip(tasks, genomes)
-        ])
+        genomes = pool.seed_genomes(len(tasks))
+        results = pool.run_genomes({f"seed_{t}": g for t, g in zip(tasks, genomes)})
         for t in tasks:
-            r: ChildResult = results[t]
+            r: ChildResult = results[f"seed_{t}"]
             if r.error:
                 raise RuntimeError(f"seed expert {t} could not be evaluated: {r.error}")
             store.save_genome(r.id, r.genome)
             seeds[t] = {"genome": r.id, "scores": dict(r.scores)}
             archive.offer(r.id, r.scores, 0)
         store.save_seeds(seeds)
-        store.write_archives(archive.to_json(finished))
+        store.write_archives(archive.to_json(len(folder.children)))
         store.append_stats(_stats_line(archive, 0))
-        _refresh_plots(store)
+        _notify(observers, "seeds_done", store.path, archive)
+    elif folder.stale():
+        store.write_archives(archive.to_json(folder.generation))
 
     # Steady state: every worker always has one child in flight; a finished child
-    # is offered to all K archives and logged before the next one is asked.
-    bar = tqdm(total=target, initial=min(finished, target), desc="generations", disable=not progress,
-               dynamic_ncols=True)
+    # is saved, offered to all K archives and logged before the next one is asked.
+    sched = Scheduler(cfg, archive, folder.children)
     parent_cache: dict[str, bytes] = {}
 
     def genome_bytes(gid: str) -> bytes:
@@ -231,60 +304,44 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True)
             parent_cache[gid] = store.genome_path(gid).read_bytes()
         return parent_cache[gid]
 
-    asked = finished
-    while finished < target:
-        for slot in pool.free():
-            if asked >= target:
+    if stop is not None:
+        stop.polling = True
+    try:
+        while not sched.done():
+            if stop is not None and stop.signum is not None:
                 break
-            spec = ask(cfg, archive, next_index)
-            parents = [genome_bytes(p) for p in spec.parents]
-            pool.submit(slot, (lambda a, s=spec, p=parents: a.run.remote(s, p)), spec)
-            next_index += 1
-            asked += 1
-        spec, res = pool.wait()
-        t0 = time.perf_counter()
-        inserted: list[str] = []
-        if res.error is None:
-            store.save_genome(spec.id, res.genome)
-            parent_cache[spec.id] = res.genome
-            inserted = archive.offer(spec.id, res.scores, spec.index + 1)
-        else:
-            log.warning("child %s failed: %s", spec.id, res.error)
-        finished += 1
-        store.append_child({
-            "generation": spec.index + 1,
-            "id": spec.id,
-            "quality_task": spec.quality_task,
-            "parents": list(spec.parents),
-            "scores": dict(res.scores),
-            "inserted": inserted,
-            "seconds": {**res.seconds, "store": time.perf_counter() - t0},
-            "seed": spec.seed,
-            "worker": res.worker,
-            "error": res.error,
-        })
-        store.write_archives(archive.to_json(finished))
-        store.append_stats(_stats_line(archive, finished))
-        best = {t: archive.stats(t)["best"] for t in tasks}
-        bar.set_postfix({t: f"{v:.2f}" for t, v in best.items()}, refresh=False)
-        bar.update(1)
-        if finished % PLOT_EVERY == 0:
-            _refresh_plots(store)
-    bar.close()
-    # children asked beyond the target (none in steady state) are simply dropped
-    for ref in list(pool.inflight):
-        ray.cancel(ref, force=True)
-    pool.inflight.clear()
-
-    # The paper's last step: one model from the archives' best elites, beta = softmax(quality).
-    if cfg.evolution.final_merge and (store.final_merge() or {}).get("generation") != finished:
-        final_merge(store, archive, pool, finished)
-    _refresh_plots(store)
-    summarize(store)
-    return store.path
+            for slot in pool.free():
+                if not sched.wants_more():
+                    break
+                spec = sched.ask()
+                pool.submit(slot, spec, [genome_bytes(p) for p in spec.parents])
+            got = pool.wait(POLL_SECONDS if stop is not None else None)
+            if got is None:
+                continue
+            spec, res = got
+            t0 = time.perf_counter()
+            if res.error is None:
+                store.save_genome(spec.id, res.genome)  # the genome first: the log line points at it
+                parent_cache[spec.id] = res.genome
+            else:
+                log.warning("child %s failed: %s", spec.id, res.error)
+            record = sched.tell(spec, res, {"store": time.perf_counter() - t0})
+            store.append_child(record)
+            store.write_archives(archive.to_json(sched.generation))
+            store.append_stats(_stats_line(archive, sched.generation))
+            _notify(observers, "child_done", store.path, record, archive)
+    finally:
+        if stop is not None:
+            stop.polling = False
+    if stop is not None and stop.signum is not None:
+        pool.cancel()
+        sched.forget_in_flight()
+        raise RunInterrupted(stop.signum, store.path, sched.generation)
+    pool.cancel()  # none in flight at the target; kept so no stray child outlives the loop
+    return sched
 
 
-def final_merge(store: RunStore, archive: Archive, pool: _Pool, generation: int) -> dict:
+def final_merge(store: RunStore, archive: Archive, pool: RayPool | LocalPool, generation: int) -> dict:
     """theta = theta_base + sum_k beta_k tau_k over the best elite of each archive; beta = softmax(f)."""
     from cycleqd.genome import Genome
 
@@ -293,8 +350,7 @@ def final_merge(store: RunStore, archive: Archive, pool: _Pool, generation: int)
     beta = np.exp(f - f.max())
     beta = beta / beta.sum()
     merged = Genome.combine([store.load_genome(e.genome) for e in best], [float(b) for b in beta])
-    results = pool.map([((lambda a, g=merged.to_bytes(): a.run_genome.remote("final_merge", g)), "final")])
-    r: ChildResult = results["final"]
+    r: ChildResult = pool.run_genomes({"final_merge": merged.to_bytes()})["final_merge"]
     record = {
         "genome": "final_merge",
         "generation": generation,
@@ -311,25 +367,8 @@ def final_merge(store: RunStore, archive: Archive, pool: _Pool, generation: int)
 
 
 def summarize(store: RunStore) -> dict:
-    """The run at a glance: per-archive stats, the best-mean elite, the seed experts, the final merge.
-
-    Written to RUN/summary.json at the end of every evolve / resume.
-    """
-    snap = store.archives()
-    tasks = snap["tasks"]
-    elites = [e for a in snap["archives"].values() for e in a["elites"]]
-    mean = lambda s: float(np.mean([s[t] for t in tasks]))  # noqa: E731
-    best = max(elites, key=lambda e: mean(e["scores"]), default=None)
-    out = {
-        "generation": snap["generation"],
-        "archives": {t: {k: snap["archives"][t][k] for k in ("coverage", "qd_score", "best")} for t in tasks},
-        "experts": {t: {**s["scores"], "mean": mean(s["scores"])} for t, s in store.seeds().items()},
-        "best_mean": None if best is None else {"genome": best["genome"], **best["scores"],
-                                                "mean": mean(best["scores"])},
-        "final_merge": store.final_merge(),
-    }
-    write_atomic(store.path / "summary.json", json.dumps(out, indent=1))
-    return out
+    """The run at a glance (:meth:`RunFolder.summary`), written to RUN/summary.json."""
+    return RunFolder(store.path).write_summary()
 
 
 def format_summary(s: dict) -> str:

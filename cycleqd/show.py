@@ -7,7 +7,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from cycleqd.plots import ArchiveSnapshot, load_snapshot, open_run
+from cycleqd.runfolder import ArchiveSnapshot, RunFolder
 
 __all__ = ["render_show", "elite_rows"]
 
@@ -30,11 +30,11 @@ def render_show(run_dir: str | Path, console: Console | None = None, *, top: int
         ConfigError: ``run_dir`` is not a run folder.
     """
     console = console or Console()
-    store = open_run(run_dir)
-    snap = load_snapshot(run_dir)
-    children = store.children()
-    parents = {c["id"]: list(c.get("parents") or []) for c in children}
-    failed = sum(1 for c in children if c.get("error"))
+    run = RunFolder(run_dir)
+    store = run.store
+    snap = run.snapshot()
+    parents = run.parents
+    failed = sum(1 for c in run.children if not c.ok)
 
     for task in snap.tasks:
         arch = snap.archives[task]
@@ -72,6 +72,9 @@ def render_show(run_dir: str | Path, console: Console | None = None, *, top: int
     summary.add_column()
     summary.add_row("folder", str(store.path))
     summary.add_row("generation", f"{snap.generation} finished children ({failed} failed)")
+    why = run.stale()
+    if why:
+        summary.add_row("archives.json", f"{why}; shown as rebuilt from seeds.json and children.jsonl")
     summary.add_row("tasks", ", ".join(snap.tasks))
     for task in snap.tasks:
         a = snap.archives[task]

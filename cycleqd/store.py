@@ -4,7 +4,11 @@
 written first, then its line (flushed and fsynced), then the archive snapshot.
 The archives are a pure function of the seed experts and the log (offer in
 order), so a driver killed at any moment resumes without losing an elite or a
-finished child; a half-written last line is dropped.
+finished child; a half-written last line is dropped. Anything else that cannot
+be read (a bad line in the middle of the log, an unreadable genome or JSON
+file) raises :class:`RunDamaged` naming the file (and line); ``cycleqd check
+RUN --repair`` moves such files aside. :class:`cycleqd.runfolder.RunFolder` is
+the read model built on this store.
 """
 from __future__ import annotations
 
@@ -15,7 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic import ValidationError
+
 from cycleqd.config import Config, ConfigError, dump_config, load_config
+from cycleqd.record import ChildRecord
+from cycleqd.runlock import LOCK_NAME, RunLock
 
 
 _UMASK = os.umask(0)
@@ -24,6 +32,20 @@ os.umask(_UMASK)
 
 class RunNotFound(ConfigError):
     """The path is not a cycleqd run folder (bad input)."""
+
+
+class RunDamaged(ConfigError):
+    """A file of the run folder cannot be trusted; the message names it (and the line).
+
+    Bad input (exit 2): nothing is written, and ``cycleqd check RUN --repair`` moves
+    what cannot be trusted into RUN/quarantine/ so the run resumes.
+    """
+
+    def __init__(self, path: Path, what: str, line: int | None = None):
+        self.file, self.line = Path(path), line
+        where = f"{path}:{line}" if line is not None else str(path)
+        run = self.file.parent if self.file.parent.name != "genomes" else self.file.parent.parent
+        super().__init__(f"{where}: {what}; `cycleqd check {run} --repair` moves it into quarantine/")
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -44,16 +66,69 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         raise
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per line of a JSONL log; a torn last line (no newline) is dropped.
+
+    Raises:
+        RunDamaged: a complete line that is not a JSON object, naming the file and line.
+    """
     if not path.exists():
         return
     with open(path, "rb") as f:
-        for raw in f:
+        for n, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
                 return  # torn last line of a killed writer
             line = raw.strip()
-            if line:
-                yield json.loads(line)
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise RunDamaged(path, f"not a JSON line ({e})", n) from None
+            if not isinstance(obj, dict):
+                raise RunDamaged(path, f"not a JSON object (got {type(obj).__name__})", n)
+            yield n, obj
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunDamaged(path, f"not valid JSON ({e})") from None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, from its header alone (None if it looks whole).
+
+    Parses the 8-byte header length and the JSON header, and checks that the file is as long
+    as the header's largest data offset says, so a truncated file is caught without reading
+    its tensors.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "truncated (no safetensors header)"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                return f"truncated or not safetensors (header of {n} bytes in a {size}-byte file)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"unreadable safetensors header ({e})"
+    if not isinstance(header, dict):
+        return "unreadable safetensors header (not a JSON object)"
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            return f"unreadable safetensors header (tensor {name!r} has no data_offsets)"
+        end = max(end, int(offsets[1]))
+    if 8 + n + end > size:
+        return f"truncated ({size} bytes, the header needs {8 + n + end})"
+    return None
 
 
 class RunStore:
@@ -77,14 +152,34 @@ class RunStore:
             raise RunNotFound(f"{str(path)!r} is not a cycleqd run folder (no {self.CONFIG})")
 
     @classmethod
-    def create(cls, path: str | os.PathLike, cfg: Config) -> "RunStore":
-        """Start a new run folder holding the resolved ``cfg``. Raises ConfigError if one is there."""
+    def create(cls, path: str | os.PathLike, cfg: Config, lock: RunLock | None = None) -> "RunStore":
+        """Start a new run folder holding the resolved ``cfg``.
+
+        With ``lock`` (a :class:`~cycleqd.runlock.RunLock` of ``path``), it is taken before the
+        folder is checked and written, so two drivers never start the same folder.
+
+        Raises:
+            ConfigError: the folder holds a run or other files; RunLocked: another driver holds it.
+        """
         p = Path(path)
-        if (p / cls.CONFIG).exists():
-            raise ConfigError(f"{str(path)!r} already holds a run; continue it with `cycleqd resume {path}`")
-        if p.exists() and any(p.iterdir()):
-            raise ConfigError(f"run folder {str(path)!r} exists and is not empty")
-        (p / "genomes").mkdir(parents=True, exist_ok=True)
+        made = not p.exists()
+        p.mkdir(parents=True, exist_ok=True)
+        try:
+            if lock is not None:
+                lock.acquire()
+            if (p / cls.CONFIG).exists():
+                raise ConfigError(f"{str(path)!r} already holds a run; continue it with `cycleqd resume {path}`")
+            if any(q.name != LOCK_NAME for q in p.iterdir()):
+                raise ConfigError(f"run folder {str(path)!r} exists and is not empty")
+        except BaseException:
+            if lock is not None and lock.held:
+                lock.release()
+                if made:
+                    (p / LOCK_NAME).unlink(missing_ok=True)
+            if made and not any(p.iterdir()):
+                p.rmdir()  # nothing written: not even the folder stays
+            raise
+        (p / "genomes").mkdir(exist_ok=True)
         (p / "plots").mkdir(exist_ok=True)
         write_atomic(p / cls.CONFIG, dump_config(cfg))
         return cls(p)
@@ -93,34 +188,70 @@ class RunStore:
     def config(self) -> Config:
         return load_config(self.path / self.CONFIG, check_paths=False)
 
-    def archives(self) -> dict[str, Any]:
-        """The last archive snapshot (the ``show --json`` object)."""
-        f = self.path / self.ARCHIVES
-        if not f.exists():
-            cfg = self.config()
-            return {"generation": 0, "tasks": cfg.task_names, "bins": {}, "archives": {
-                t: {"coverage": 0.0, "qd_score": 0.0, "best": 0.0, "elites": []} for t in cfg.task_names}}
-        return json.loads(f.read_text())
+    def archives(self) -> dict[str, Any] | None:
+        """The archive snapshot file as written (None if missing or unreadable).
 
-    def children(self) -> list[dict]:
-        return list(_read_jsonl(self.path / self.CHILDREN))
+        It is a cache of a pure function of the seeds and the log;
+        :meth:`cycleqd.runfolder.RunFolder.snapshot` rebuilds it when it is missing or stale.
+        """
+        f = self.path / self.ARCHIVES
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) and "archives" in data and "generation" in data else None
+
+    def children(self) -> list[ChildRecord]:
+        """Every finished child, in log order (record ``generation`` = its line's rank).
+
+        Raises:
+            RunDamaged: a line that is not a valid record, naming the file and line.
+        """
+        f = self.path / self.CHILDREN
+        out = []
+        for n, obj in read_jsonl(f):
+            try:
+                out.append(ChildRecord.model_validate(obj))
+            except ValidationError as e:
+                err = e.errors()[0]
+                loc = ".".join(str(x) for x in err["loc"]) or "record"
+                raise RunDamaged(f, f"not a child record ({loc}: {err['msg']})", n) from None
+        return out
 
     def stats(self) -> list[dict]:
-        return list(_read_jsonl(self.path / self.STATS))
+        """stats.jsonl (a derived progress log for plots); unreadable lines are skipped."""
+        out = []
+        try:
+            for _, obj in read_jsonl(self.path / self.STATS):
+                out.append(obj)
+        except RunDamaged:
+            pass
+        return out
 
     def seeds(self) -> dict[str, dict]:
-        """{task: {"genome": id, "scores": {...}}} for the seed experts (generation 0)."""
+        """{task: {"genome": id, "scores": {...}}} for the seed experts (generation 0).
+
+        Raises:
+            RunDamaged: seeds.json is not valid JSON of that shape.
+        """
         f = self.path / self.SEEDS
-        return json.loads(f.read_text()) if f.exists() else {}
+        if not f.exists():
+            return {}
+        data = _read_json(f)
+        if not isinstance(data, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("genome"), str) and isinstance(v.get("scores"), dict)
+                for v in data.values()):
+            raise RunDamaged(f, 'not a map of task -> {"genome": id, "scores": {...}}')
+        return data
 
     def final_merge(self) -> dict | None:
         f = self.path / self.FINAL
-        return json.loads(f.read_text()) if f.exists() else None
+        return _read_json(f) if f.exists() else None
 
     def models(self) -> dict[str, str] | None:
         """Fingerprints of the base and experts the run was started on (None before the first drive)."""
         f = self.path / self.MODELS
-        return json.loads(f.read_text()) if f.exists() else None
+        return _read_json(f) if f.exists() else None
 
     def genome_path(self, genome_id: str) -> Path:
         return self.path / "genomes" / f"{genome_id}.safetensors"
@@ -130,8 +261,24 @@ class RunStore:
 
         p = self.genome_path(genome_id)
         if not p.exists():
-            raise RunNotFound(f"genome {genome_id!r} not found in {self.path}")
-        return Genome.load(p)
+            raise RunDamaged(p, f"genome {genome_id!r} is missing")
+        try:
+            return Genome.load(p)
+        except Exception as e:  # the genome format's own errors do not name the file
+            raise RunDamaged(p, f"not a readable genome ({e})") from None
+
+    def check_genome(self, genome_id: str) -> None:
+        """Check that a genome file is there and whole, reading its header only (fast).
+
+        Raises:
+            RunDamaged: missing, or the safetensors header or data length is wrong.
+        """
+        p = self.genome_path(genome_id)
+        if not p.is_file():
+            raise RunDamaged(p, f"genome {genome_id!r} is missing")
+        problem = safetensors_problem(p)
+        if problem:
+            raise RunDamaged(p, problem)
 
     @property
     def plots_dir(self) -> Path:
@@ -161,8 +308,9 @@ class RunStore:
             h.flush()
             os.fsync(h.fileno())
 
-    def append_child(self, record: dict) -> None:
-        self._append(self.CHILDREN, record)
+    def append_child(self, record: ChildRecord) -> None:
+        """Append one child's line (fsynced): the write-ahead log entry of a finished child."""
+        self._append(self.CHILDREN, json.loads(record.to_line()))
 
     def append_stats(self, record: dict) -> None:
         self._append(self.STATS, record)

@@ -147,6 +147,7 @@ def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | Non
                shortlist_k: int = 5) -> dict:
     from cycleqd.genome import Genome
     from cycleqd.run import evolve, resume
+    from cycleqd.runfolder import RunFolder
     from cycleqd.store import RunStore
 
     cfg = resolve_paths(cfg)
@@ -185,8 +186,8 @@ def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | Non
                 evolve(vcfg, run, progress=True)
             store = RunStore(run)
             # the run's top elites by its own mean, re-scored on the selection sample
-            snap = store.archives()
-            elites = {e["genome"]: e for a in snap["archives"].values() for e in a["elites"]}
+            snap = RunFolder(run).snapshot()
+            elites = {e["genome"]: e for a in snap.archives.values() for e in a["elites"]}
             shortlist = sorted(elites.values(), key=lambda e: -_mean(e["scores"]))[:shortlist_k]
             top = max(shortlist, key=lambda e: _mean(val.genome(store.load_genome(e["genome"]))))
             best.append(test.genome(store.load_genome(top["genome"])))

@@ -133,5 +133,5 @@ def test_existing_run_dir_is_refused(good_config, tmp_path, capsys):
 
 def test_console_script_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "cycleqd.cli", "--help"], capture_output=True, text=True).stdout
-    for cmd in ["evolve", "resume", "prepare", "show", "heatmap", "report", "export", "score", "mini"]:
+    for cmd in ["evolve", "resume", "check", "prepare", "show", "heatmap", "report", "export", "score", "mini"]:
         assert cmd in out

@@ -98,17 +98,18 @@ def test_sigkill_mid_run_then_resume_loses_nothing(killed_and_resumed):
     assert before["generation"] >= 7
     children = RunStore(run).children()
     assert after["generation"] >= 30 and len(children) >= 30
-    assert len({c["id"] for c in children}) == len(children)  # no child logged twice
+    assert len({c.id for c in children}) == len(children)  # no child logged twice
+    assert [c.generation for c in children] == list(range(1, len(children) + 1))  # generation = log line
     for task, arch in before["archives"].items():
         kept = {tuple(e["cell"]): e["quality"] for e in after["archives"][task]["elites"]}
         for e in arch["elites"]:
             assert tuple(e["cell"]) in kept, f"{task}: cell {e['cell']} lost"
             assert kept[tuple(e["cell"])] >= e["quality"] - 1e-12
     # the quality task rotates every generation
-    assert [c["quality_task"] for c in sorted(children, key=lambda c: c["generation"])[:6]] == list("abcabc")
+    assert [c.quality_task for c in sorted(children, key=lambda c: c.index)[:6]] == list("abcabc")
     # every archive holds more than the seed experts, and every task was scored on every child
     assert all(len(after["archives"][t]["elites"]) >= 2 for t in "abc")
-    assert all(set(c["scores"]) == set("abc") for c in children if c["error"] is None)
+    assert all(set(c.scores) == set("abc") for c in children if c.ok)
     assert RunStore(run).final_merge()["scores"].keys() == set("abc")
 
 
@@ -117,15 +118,60 @@ def test_one_worker_and_one_seed_replay_a_child_exactly(killed_and_resumed):
     run = killed_and_resumed[0]
     store = RunStore(run)
     cfg = store.config()
-    child = next(c for c in store.children() if c["error"] is None and c["generation"] > 5)
-    spec = ChildSpec(child["generation"] - 1, child["id"], child["quality_task"],
-                     cfg.task_names.index(child["quality_task"]), tuple(child["parents"]), child["seed"])
-    parents = [store.genome_path(p).read_bytes() for p in child["parents"]]
+    child = next(c for c in store.children() if c.ok and c.generation > 5)
+    spec = ChildSpec(child.index, child.id, child.quality_task,
+                     cfg.task_names.index(child.quality_task), child.parents, child.seed)
+    parents = [store.genome_path(p).read_bytes() for p in child.parents]
     res = ChildWorker(cfg, threads=1).run(spec, parents)
     assert res.error is None
     from cycleqd.genome import Genome
 
-    again, logged = Genome.from_bytes(res.genome), store.load_genome(child["id"])
+    again, logged = Genome.from_bytes(res.genome), store.load_genome(child.id)
     assert torch.equal(again.a, logged.a) and torch.equal(again.d, logged.d)
     assert len(again.terms) == len(logged.terms)
-    assert res.scores == pytest.approx(child["scores"], abs=1e-9)
+    assert res.scores == pytest.approx(child.scores, abs=1e-9)
+
+
+def _start(run_config: Path, run: Path, generations: int = 30) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cycleqd.cli", "-q", "evolve", "--config", str(run_config), "--run-dir", str(run),
+         "--workers", "2", "--generations", str(generations)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_children(proc: subprocess.Popen, run: Path, n: int) -> None:
+    log = run / "children.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"run ended or stalled before {n} children: {proc.stderr.read()[-500:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_run_cleanly_and_it_resumes(signum, run_config, tmp_path):
+    """SIGTERM and SIGINT alike: exit 1 with one line, nothing half-written, no second driver meanwhile."""
+    run = tmp_path / "run"
+    proc = _start(run_config, run)
+    _wait_for_children(proc, run, 3)
+    # one driver per run folder: a second one is refused while the first lives
+    second = _cycleqd("resume", str(run))
+    assert second.returncode == 2 and f"PID {proc.pid}" in second.stderr, second.stderr
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1, err[-2000:]
+    assert len(lines) == 1 and f"stopped by {signum.name}" in lines[0] and "cycleqd resume" in lines[0], err[-2000:]
+    store = RunStore(run)
+    children = store.children()  # every line whole
+    assert len(children) >= 3 and [c.generation for c in children] == list(range(1, len(children) + 1))
+    assert all(store.genome_path(c.id).is_file() for c in children if c.ok)
+    check = _cycleqd("check", str(run))
+    assert check.returncode == 0, check.stdout
+    res = _cycleqd("resume", str(run), "--generations", str(len(children) + 2))
+    assert res.returncode == 0, res.stderr[-2000:]
+    after = store.children()
+    assert len(after) == len(children) + 2 and len({c.id for c in after}) == len(after)

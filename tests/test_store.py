@@ -5,6 +5,7 @@ import os
 import pytest
 
 from cycleqd.config import ConfigError, parse_config
+from cycleqd.record import ChildRecord
 from cycleqd.store import RunNotFound, RunStore, write_atomic
 
 
@@ -25,14 +26,20 @@ def test_write_atomic_replaces_whole_files_with_normal_permissions(tmp_path):
     assert f.stat().st_mode & 0o044  # readable by others, like a normal file
 
 
+def _rec(generation: int, cid: str) -> ChildRecord:
+    return ChildRecord(generation=generation, id=cid, quality_task="a", parents=("seed_a", "seed_b"),
+                       scores={"a": 0.5, "b": 0.5}, seed=generation)
+
+
 def test_torn_last_line_is_ignored_and_repaired(cfg, tmp_path):
     store = RunStore.create(tmp_path / "run", cfg)
-    store.append_child({"generation": 1, "id": "g1"})
+    store.append_child(_rec(1, "g000001"))
     with open(store.path / RunStore.CHILDREN, "a") as f:
         f.write('{"generation": 2, "id": "g2", "sco')  # a writer killed mid-line
-    assert [c["id"] for c in store.children()] == ["g1"]
-    store.append_child({"generation": 3, "id": "g3"})
-    assert [c["id"] for c in store.children()] == ["g1", "g3"]
+    assert [c.id for c in store.children()] == ["g000001"]
+    store.append_child(_rec(2, "g000003"))
+    assert [c.id for c in store.children()] == ["g000001", "g000003"]
+    assert [c.index for c in store.children()] == [0, 2]  # the ask order, from the id
     lines = (store.path / RunStore.CHILDREN).read_text().splitlines()
     assert all(json.loads(line) for line in lines)
 

@@ -11,9 +11,10 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.registry import register_task
@@ -41,6 +42,14 @@ def _read_texts(path: str) -> list[tuple[str, str]]:
 @register_task("likelihood")
 class Likelihood:
     """Scores exp(mean token log-likelihood) of fixed texts under the engine's model."""
+
+    class Options(BaseModel):
+        """``batch_size``: texts per forward pass."""
+
+        model_config = ConfigDict(frozen=True, extra="forbid")
+        batch_size: int = Field(16, ge=1)
+
+    executes_code: ClassVar[bool] = False
 
     def __init__(self, name: str, data: str | None, sandbox: SandboxConfig | None = None, batch_size: int = 16):
         if data is None:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from cycleqd.config import SandboxConfig
 from cycleqd.engine.base import Engine, GenRequest
@@ -26,8 +28,17 @@ class MiniTask:
             first one of ``skip`` items.
     """
 
+    class Options(BaseModel):
+        """The options a config may give a mini task (see the class docstring)."""
+
+        model_config = ConfigDict(frozen=True, extra="forbid")
+        split: Literal["train", "val", "test"] = "val"
+        n: int = Field(200, ge=1)
+        seed: int = Field(0, ge=0)
+        skip: int = Field(0, ge=0)
+
     skill: ClassVar[str]
-    needs_code_execution: ClassVar[bool] = True
+    executes_code: ClassVar[bool] = True
     max_new_tokens: ClassVar[int] = 80
 
     def __init__(
@@ -66,7 +77,7 @@ class MiniTask:
             CodeExecutionNotAllowed: the task runs model-written code and the sandbox config does not allow it.
             KeyError: an unknown sample id.
         """
-        if self.needs_code_execution:
+        if self.executes_code:
             from cycleqd.sandbox import require_code_execution
 
             require_code_execution(self.sandbox, self.name)

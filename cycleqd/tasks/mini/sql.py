@@ -20,7 +20,7 @@ class MiniSQL(MiniTask):
     """
 
     skill = "sql"
-    needs_code_execution = False
+    executes_code = False
 
     def _gold(self, it: MiniItem) -> list[tuple]:
         # Items never change: the gold rows are computed once per item, not per child.
