@@ -11,6 +11,7 @@ a worker evaluating many merged models never re-instantiates it.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Mapping, Sequence
 
 import torch
@@ -219,30 +220,33 @@ class HFEngine:
         check = self._stop_check(stops)
         mask, position = mask.to(self.device), position.to(self.device)
         cache = _new_cache(self.model.config)
+        params = inspect.signature(self.model.forward).parameters
+        # as in ``generate``: only the last position's logits, where the model can skip the rest
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask if padded else None,
-                         position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         position_ids=position, past_key_values=cache, use_cache=True, **keep)
         position = position[:, -1:]
         rows = list(range(n))  # batch slot -> request row
         generated: list[list[int]] = [[] for _ in range(n)]
         while rows:
             token = out.logits[:, -1, :].float().argmax(-1)
-            keep = []
+            going = []
             for slot, (r, t) in enumerate(zip(rows, token.tolist())):
                 g = generated[r]
                 g.append(t)
                 if t not in eos and len(g) < limits[r] and not check.done(g):
-                    keep.append(slot)
-            if not keep:
+                    going.append(slot)
+            if not going:
                 break
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                rows = [rows[k] for k in keep]
+            if len(going) < len(rows):
+                index = torch.tensor(going, device=self.device)
+                rows = [rows[k] for k in going]
                 token, mask, position = token[index], mask[index], position[index]
                 cache.batch_select_indices(index)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
             position = position + 1
             out = self.model(input_ids=token[:, None], attention_mask=mask if padded else None,
-                             position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             position_ids=position, past_key_values=cache, use_cache=True, **keep)
         texts = []
         for r, g in enumerate(generated):
             g = g[: limits[r]]
