@@ -126,8 +126,7 @@ class Scorer:
         from cycleqd.genome import materialize
 
         with torch.no_grad():
-            materialize(genome, self.factors, into=self.worker._state)
-        return self._score()
+            return self.state(materialize(genome, self.factors))
 
     def state(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
         self.worker.engine.load_weights(state)
@@ -200,16 +199,6 @@ def paired_interval(ours: Sequence[Mapping[str, Sequence[float]]], theirs: Mappi
             "paired": "per item, the same item index in every task; seeds averaged per item"}
 
 
-def world_fingerprints(cfg: Config) -> dict[str, str]:
-    """Fingerprints of the base and experts (the models every genome is written against)."""
-    from cycleqd.experts import model_fingerprint
-
-    m = cfg.models
-    out = {"base": model_fingerprint(m.base, m.revision)}
-    out.update({f"expert_{t}": model_fingerprint(p, m.revision) for t, p in m.experts.items()})
-    return out
-
-
 def _ensure_world(cfg: Config) -> Config:
     cfg = resolve_paths(cfg)
     if cfg.models.mini is not None:
@@ -231,7 +220,7 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
     """
     from cycleqd.genome import Genome
     from cycleqd.run import evolve, resume
-    from cycleqd.store import RunStore, write_atomic
+    from cycleqd.store import RunStore, model_fingerprints, write_atomic
 
     unresolved = cfg
     for v in variants or []:
@@ -279,7 +268,7 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
     Genome.base(f).save(models_dir / "base.safetensors")
     manifest = {
         "config": unresolved.model_dump(mode="json"),
-        "world": world_fingerprints(cfg),
+        "world": model_fingerprints(cfg),
         "mini": cfg.models.mini.model_dump(mode="json") if cfg.models.mini else None,
         "generations": generations or cfg.evolution.generations,
         "seeds": seeds,
@@ -313,10 +302,11 @@ def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> 
         ConfigError: no manifest, or the world's weights differ from the ones the genomes were made on.
     """
     from cycleqd.genome import Genome
+    from cycleqd.store import model_fingerprints
 
     manifest = read_models(models_dir)
     cfg = _ensure_world(parse_config(manifest["config"]))
-    now = world_fingerprints(cfg)
+    now = model_fingerprints(cfg)
     if now != manifest["world"]:
         changed = sorted(k for k in set(now) | set(manifest["world"]) if now.get(k) != manifest["world"].get(k))
         raise ConfigError(f"{models_dir}: the world's {', '.join(changed)} differ from the ones these genomes "
