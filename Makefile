@@ -10,13 +10,17 @@ GENERATIONS ?=
 WORKERS ?=
 RUN_DIR ?=
 ADDRESS ?=
+TABLE_SEEDS ?= 5
+TABLE_GENERATIONS ?= 300
+TABLE_RUNS ?= archives/table-g$(TABLE_GENERATIONS)
+TEST_SEED ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
 EVOLVE_ARGS := --config $(EXP) $(if $(TASKS),--tasks $(TASKS)) $(if $(GENERATIONS),--generations $(GENERATIONS)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(RUN_DIR),--run-dir $(RUN_DIR))
 
-.PHONY: vllm help install test test-all evolve table bench submit clean system-deps
+.PHONY: vllm help install test test-all evolve table table-rescore bench submit clean system-deps
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -64,9 +68,14 @@ test-all: install  ## every test, GPU-marked ones too (needs CUDA)
 evolve: install  ## run CycleQD (default: the mini world): make evolve [EXP=.. TASKS=a,b GENERATIONS=n WORKERS=n]
 	$(BIN)/cycleqd evolve $(EVOLVE_ARGS) $(if $(ADDRESS),--address $(ADDRESS))
 
-table: install  ## write experiments/results/mini_table.json (mini world, 3 seeds, test split)
+table: install  ## experiments/results/mini_table.json + the models behind it: make table [TABLE_SEEDS=5 TABLE_GENERATIONS=300]
 	$(BIN)/python -m cycleqd.table --config experiments/mini.yaml --out experiments/results/mini_table.json \
-	  --seeds 3 --generations 60 --evolve-n 100 --test-n 300 --select-n 200
+	  --models experiments/results/mini_table_models --seeds $(TABLE_SEEDS) --generations $(TABLE_GENERATIONS) \
+	  --evolve-n 100 --test-n 300 --select-n 200 --runs-root $(TABLE_RUNS)
+
+table-rescore: install  ## score the committed table models on a fresh test draw: make table-rescore TEST_SEED=S
+	$(BIN)/python -m cycleqd.table --rescore --models experiments/results/mini_table_models \
+	  --test-seed $(TEST_SEED) --test-n 300 --out experiments/results/mini_table_rescored.json
 
 bench: install  ## write bench.json (ratios against baselines measured in the same run)
 	$(BIN)/python benchmarks/bench.py --out bench.json

@@ -1,7 +1,8 @@
 """`make bench`: every figure measured in one run, each ratio against a baseline from the same run.
 
 Writes bench.json with child_overhead_speedup, genome_storage_ratio,
-checkpoint_bytes_read_per_child (both paths) and batched_generation_speedup,
+checkpoint_bytes_read_per_child (both paths), batched_generation_speedup and
+mini_child_speedup,
 and prints the baseline times beside the ratios.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench.json")
-    ap.add_argument("--only", choices=["core", "generation"], help="run one part")
+    ap.add_argument("--only", choices=["core", "generation", "mini_child"], help="run one part")
     args = ap.parse_args()
 
     import torch
@@ -35,6 +36,10 @@ def main() -> int:
         from bench_generation import bench_generation
 
         out.update(bench_generation())
+    if args.only in (None, "mini_child"):
+        from bench_mini_child import bench_mini_child
+
+        out.update(bench_mini_child())
     out["seconds"] = round(time.time() - t0, 1)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"\nwrote {args.out}")
@@ -44,6 +49,8 @@ def main() -> int:
         "genome_storage_ratio": lambda o: f"checkpoint {o['checkpoint_bytes']:,} B vs genome {o['genome_bytes']:,} B",
         "batched_generation_speedup": lambda o: f"one at a time {o['single_tokens_per_s']:.1f} tok/s "
                                                 f"vs batched {o['batched_tokens_per_s']:.1f} tok/s",
+        "mini_child_speedup": lambda o: f"plain generate {o['mini_child_plain_seconds']:.2f} s/child "
+                                        f"vs ours {o['mini_child_ours_seconds']:.2f} s/child, same scores",
     }
     for key, describe in baselines.items():
         if key in out:

@@ -322,6 +322,16 @@ class RunStore:
         write_atomic(self.path / self.FINAL, json.dumps(record, indent=1))
 
 
+def model_fingerprints(cfg: Config) -> dict[str, str]:
+    """{"base": ..., "expert_<task>": ...}: fingerprints of the weights a run's genomes are written against."""
+    from cycleqd.experts import model_fingerprint
+
+    m = cfg.models
+    now = {"base": model_fingerprint(m.base, m.revision)}
+    now.update({f"expert_{t}": model_fingerprint(path, m.revision) for t, path in m.experts.items()})
+    return now
+
+
 def check_models(store: RunStore, cfg: Config) -> None:
     """Record the run's model fingerprints on its first drive; refuse to go on if they changed.
 
@@ -332,11 +342,7 @@ def check_models(store: RunStore, cfg: Config) -> None:
     Raises:
         ConfigError: the models differ from the ones the run started on.
     """
-    from cycleqd.experts import model_fingerprint
-
-    m = cfg.models
-    now = {"base": model_fingerprint(m.base, m.revision)}
-    now.update({f"expert_{t}": model_fingerprint(path, m.revision) for t, path in m.experts.items()})
+    now = model_fingerprints(cfg)
     before = store.models()
     if before is None:
         store.save_models(now)

@@ -1,21 +1,31 @@
 """The paper's table in miniature: `make table` -> experiments/results/mini_table.json.
 
-Rows, all scored on the test split (never used for any choice):
+Rows, all scored on a test draw (never used for any choice):
 base, expert_<task>, task_arithmetic and ties (mergekit, merge weight chosen on
-the validation split), cycleqd_best (the archive model with the best validation
-mean), cycleqd_merged (the final merge), and the ablations fixed_axes,
+val), cycleqd_best (the archive model with the best mean on val items evolution
+never scored), cycleqd_merged (the final merge), and the ablations fixed_axes,
 gaussian_mutation and uniform_sampling, each CycleQD variant over several seeds.
-Runs are ordinary run folders under archives/table/ and are resumed, not
-redone, when the table is made again.
+The JSON holds a paired bootstrap 95% interval of cycleqd_best - task_arithmetic.
+
+The table is made in two steps with one home each:
+
+- :func:`choose_models` evolves (or resumes) the runs, ordinary run folders under
+  archives/table/, and makes every choice on val; it writes the chosen models to a
+  models folder (experiments/results/mini_table_models/): each seed's genomes, the
+  merge weights and the world's fingerprints.
+- :func:`score_models` scores that folder on a test draw (``test_seed``, ``test_n``
+  items per task). ``make table-rescore TEST_SEED=S`` runs only this step, on a
+  fresh draw, and refuses a world other than the one the genomes were made on.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -28,13 +38,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "uniform_sampling": {"sampling": {"name": "uniform"}},
 }
 MERGE_WEIGHTS = [0.3, 0.4, 0.5, 0.6, 0.8]
+TIES_DENSITY = 0.5
+MODELS_FILE = "models.json"
+INTERVAL_KEY = "cycleqd_best_minus_task_arithmetic"
 
 
-def split_config(cfg: Config, split: str, n: int | None = None) -> Config:
-    """``cfg`` with every task reading ``split`` (and ``n`` items if given)."""
+def split_config(cfg: Config, split: str, n: int | None = None, seed: int | None = None) -> Config:
+    """``cfg`` with every task reading ``split`` (and ``n`` items, drawn with ``seed``, if given)."""
     data = cfg.model_dump()
     for t in data["tasks"]:
-        t["options"] = {**t["options"], "split": split, **({"n": n} if n else {})}
+        t["options"] = {**t["options"], "split": split, **({"n": n} if n else {}),
+                        **({"seed": seed} if seed is not None else {})}
     return parse_config(data)
 
 
@@ -94,7 +108,10 @@ def check_same_experiment(stored: Config, wanted: Config, run: Path) -> None:
 
 
 class Scorer:
-    """One resident model and the tasks of a split; scores genomes or plain state dicts."""
+    """One resident model and the tasks of a split; scores genomes or plain state dicts.
+
+    Both return {task: per-item scores (0/1), in the task's item order}.
+    """
 
     def __init__(self, cfg: Config):
         from cycleqd.worker import ChildWorker
@@ -102,12 +119,22 @@ class Scorer:
         self.worker = ChildWorker(cfg, threads=torch.get_num_threads())
         self.factors = self.worker.factors
 
-    def genome(self, genome) -> dict[str, float]:
-        return self.worker.evaluate(genome)[0]
+    def _score(self) -> dict[str, list[float]]:
+        return {n: [s.score for s in t.evaluate(self.worker.engine).samples] for n, t in self.worker.tasks.items()}
 
-    def state(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def genome(self, genome) -> dict[str, list[float]]:
+        from cycleqd.genome import materialize
+
+        with torch.no_grad():
+            return self.state(materialize(genome, self.factors))
+
+    def state(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
         self.worker.engine.load_weights(state)
-        return {n: float(t.evaluate(self.worker.engine).quality) for n, t in self.worker.tasks.items()}
+        return self._score()
+
+
+def _quality(items: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    return {t: sum(v) / len(v) for t, v in items.items()}
 
 
 def _mean(scores: Mapping[str, float]) -> float:
@@ -125,7 +152,7 @@ def mergekit_merge(factors, method: str, weight: float) -> dict[str, torch.Tenso
         models[t] = materialize(Genome.seed(k, factors), factors)
     params: dict[str, Any] = {"weight": weight}
     if method == "ties":
-        params["density"] = 0.5
+        params["density"] = TIES_DENSITY
     return merge_state_dicts(models, method, parameters=params, base="base")
 
 
@@ -141,41 +168,80 @@ def _row(model: str, per_seed: list[dict[str, float]]) -> dict:
     }
 
 
-def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | None = None,
-               runs_root: Path = Path("archives/table"), test_n: int | None = None,
-               variants: list[str] | None = None, evolve_n: int | None = None, select_n: int = 200,
-               shortlist_k: int = 5) -> dict:
-    from cycleqd.genome import Genome
-    from cycleqd.run import evolve, resume
-    from cycleqd.runfolder import RunFolder
-    from cycleqd.store import RunStore
+def paired_interval(ours: Sequence[Mapping[str, Sequence[float]]], theirs: Mapping[str, Sequence[float]], *,
+                    resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
+    """Paired bootstrap interval of mean(ours) - mean(theirs) over test items.
 
+    ``ours`` holds one {task: per-item scores} per seed, ``theirs`` one for a single model,
+    all on the same items. The statistic is the 3-task mean of the per-item difference,
+    ours averaged over seeds first. Items are resampled with replacement, paired: item
+    ``i`` of every task is drawn together (tasks of equal size; else each task alone).
+
+    Raises:
+        ValueError: the two sides do not cover the same tasks and item counts.
+    """
+    tasks = list(theirs)
+    if not ours or any(set(s) != set(tasks) or any(len(s[t]) != len(theirs[t]) for t in tasks) for s in ours):
+        raise ValueError("paired_interval: both sides need the same tasks and items")
+    import numpy as np
+
+    diff = [np.mean([s[t] for s in ours], axis=0) - np.asarray(theirs[t], dtype=float) for t in tasks]
+    rng = np.random.default_rng(seed)
+    if len({len(d) for d in diff}) == 1:
+        # one draw of item indices serves every task: item i is paired across the tasks
+        idx = rng.integers(0, len(diff[0]), size=(resamples, len(diff[0])))
+        draws = np.mean([d[idx].mean(axis=1) for d in diff], axis=0)
+    else:
+        draws = np.mean([d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1) for d in diff], axis=0)
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(np.mean([d.mean() for d in diff])), "interval": [float(lo), float(hi)], "level": level,
+            "resamples": resamples, "seeds": len(ours), "items_per_task": {t: len(d) for t, d in zip(tasks, diff)},
+            "paired": "per item, the same item index in every task; seeds averaged per item"}
+
+
+def _ensure_world(cfg: Config) -> Config:
     cfg = resolve_paths(cfg)
     if cfg.models.mini is not None:
         from cycleqd.mini.build import ensure_mini_world
 
         ensure_mini_world(cfg)
-    rows = []
+    return cfg
+
+
+def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations: int | None = None,
+                  runs_root: Path = Path("archives/table"), variants: list[str] | None = None,
+                  evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5) -> dict:
+    """Evolve (or resume) every run, choose each row's models on val, write them to ``models_dir``.
+
+    Returns the manifest written to ``models_dir/models.json``. Nothing here reads a test item.
+
+    Raises:
+        ConfigError: an existing run folder holds another experiment.
+    """
+    from cycleqd.genome import Genome
+    from cycleqd.run import evolve, resume
+    from cycleqd.runfolder import RunFolder
+    from cycleqd.store import RunStore, model_fingerprints, write_atomic
+
+    unresolved = cfg
+    for v in variants or []:
+        if v not in VARIANTS:
+            raise ConfigError(f"unknown variant {v!r} (known: {', '.join(VARIANTS)})")
+    cfg = _ensure_world(cfg)
+    models_dir.mkdir(parents=True, exist_ok=True)
     # Model choices (merge weights, which elite) are made on val items that evolution never
     # scored: picking the best of many elites on the evolution's own noisy scores would
     # favour lucky ones.
     val = Scorer(selection_config(variant_config(cfg, "cycleqd", 0, generations, evolve_n), select_n))
-    test = Scorer(split_config(cfg, "test", test_n))
-    f = test.factors
-    rows.append(_row("base", [test.genome(Genome.base(f))]))
-    for k, t in enumerate(cfg.task_names):
-        rows.append(_row(f"expert_{t}", [test.genome(Genome.seed(k, f))]))
-        print(f"{rows[-1]['model']}: {rows[-1]['scores']}", flush=True)
+    f = val.factors
+    merges = {}
     for method in ("task_arithmetic", "ties"):
-        # the merge weight is chosen on the validation split
-        best_w = max(MERGE_WEIGHTS, key=lambda w: _mean(val.state(mergekit_merge(f, method, w))))
-        row = _row(method, [test.state(mergekit_merge(f, method, best_w))])
-        row["weight"] = best_w
-        rows.append(row)
-        print(f"{method} (weight {best_w}): {row['scores']}", flush=True)
-
+        best_w = max(MERGE_WEIGHTS, key=lambda w: _mean(_quality(val.state(mergekit_merge(f, method, w)))))
+        merges[method] = {"weight": best_w, **({"density": TIES_DENSITY} if method == "ties" else {})}
+        print(f"{method}: weight {best_w} (chosen on val)", flush=True)
+    rows: dict[str, list[str]] = {}
     for variant in variants or list(VARIANTS):
-        best, merged = [], []
+        name = "cycleqd_best" if variant == "cycleqd" else variant
         for seed in range(seeds):
             vcfg = variant_config(cfg, variant, seed, generations, evolve_n)
             run = runs_root / f"{variant}-s{seed}"
@@ -189,22 +255,100 @@ def make_table(cfg: Config, out: Path, *, seeds: int = 3, generations: int | Non
             snap = RunFolder(run).snapshot()
             elites = {e["genome"]: e for a in snap.archives.values() for e in a["elites"]}
             shortlist = sorted(elites.values(), key=lambda e: -_mean(e["scores"]))[:shortlist_k]
-            top = max(shortlist, key=lambda e: _mean(val.genome(store.load_genome(e["genome"]))))
-            best.append(test.genome(store.load_genome(top["genome"])))
+            top = max(shortlist, key=lambda e: _mean(_quality(val.genome(store.load_genome(e["genome"])))))
+            file = f"{name}-s{seed}.safetensors"
+            shutil.copyfile(store.genome_path(top["genome"]), models_dir / file)
+            rows.setdefault(name, []).append(file)
             fm = store.final_merge()
-            if fm and fm.get("error") is None:
-                merged.append(test.genome(store.load_genome(fm["genome"])))
-            print(f"{variant} seed {seed}: best {best[-1]}", flush=True)
-        name = "cycleqd_best" if variant == "cycleqd" else variant
-        rows.append(_row(name, best))
-        if variant == "cycleqd" and merged:
-            rows.append(_row("cycleqd_merged", merged))
-    table = {"split": "test", "test_n": test_n, "generations": generations or cfg.evolution.generations,
-             "evolve_n": evolve_n, "select": {"split": "val", "n": select_n, "disjoint_from_evolution": True,
-                        "shortlist": shortlist_k},
+            if variant == "cycleqd" and fm and fm.get("error") is None:
+                shutil.copyfile(store.genome_path(fm["genome"]), models_dir / f"cycleqd_merged-s{seed}.safetensors")
+                rows.setdefault("cycleqd_merged", []).append(f"cycleqd_merged-s{seed}.safetensors")
+            print(f"{variant} seed {seed}: chose {top['genome']} of {run}", flush=True)
+    for k in range(len(cfg.task_names)):  # the seed experts and base are genomes too: one way to score all
+        Genome.seed(k, f).save(models_dir / f"expert_{cfg.task_names[k]}.safetensors")
+    Genome.base(f).save(models_dir / "base.safetensors")
+    manifest = {
+        "config": unresolved.model_dump(mode="json"),
+        "world": model_fingerprints(cfg),
+        "mini": cfg.models.mini.model_dump(mode="json") if cfg.models.mini else None,
+        "generations": generations or cfg.evolution.generations,
+        "seeds": seeds,
+        "evolve_n": evolve_n,
+        "select": {"split": "val", "n": select_n, "disjoint_from_evolution": True, "shortlist": shortlist_k},
+        "merges": merges,
+        "rows": rows,
+    }
+    write_atomic(models_dir / MODELS_FILE, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_models(models_dir: Path) -> dict:
+    """The manifest of a models folder.
+
+    Raises:
+        ConfigError: no such folder or no manifest in it.
+    """
+    f = Path(models_dir) / MODELS_FILE
+    if not f.is_file():
+        raise ConfigError(f"{models_dir}: no {MODELS_FILE} (make the table first: make table)")
+    return json.loads(f.read_text())
+
+
+def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> dict:
+    """Score every row of a models folder on a test draw; the table object (rows, interval).
+
+    The world is built when absent (deterministic in its seed and recipe).
+
+    Raises:
+        ConfigError: no manifest, or the world's weights differ from the ones the genomes were made on.
+    """
+    from cycleqd.genome import Genome
+    from cycleqd.store import model_fingerprints
+
+    manifest = read_models(models_dir)
+    cfg = _ensure_world(parse_config(manifest["config"]))
+    now = model_fingerprints(cfg)
+    if now != manifest["world"]:
+        changed = sorted(k for k in set(now) | set(manifest["world"]) if now.get(k) != manifest["world"].get(k))
+        raise ConfigError(f"{models_dir}: the world's {', '.join(changed)} differ from the ones these genomes "
+                          f"were made on (fingerprints in {MODELS_FILE}); rebuild that world or make the table again")
+    test = Scorer(split_config(cfg, "test", test_n, test_seed))
+    f = test.factors
+    load = lambda file: Genome.load(Path(models_dir) / file)  # noqa: E731
+    items: dict[str, list[dict[str, list[float]]]] = {"base": [test.genome(load("base.safetensors"))]}
+    for t in cfg.task_names:
+        items[f"expert_{t}"] = [test.genome(load(f"expert_{t}.safetensors"))]
+    for method, m in manifest["merges"].items():
+        items[method] = [test.state(mergekit_merge(f, method, m["weight"]))]
+    for name, files in manifest["rows"].items():
+        items[name] = [test.genome(load(file)) for file in files]
+        print(f"{name}: {[round(_mean(_quality(s)), 3) for s in items[name]]}", flush=True)
+    rows = []
+    for name, per_seed in items.items():
+        row = _row(name, [_quality(s) for s in per_seed])
+        if name in manifest["merges"]:
+            row["weight"] = manifest["merges"][name]["weight"]
+        rows.append(row)
+    table = {"split": "test", "test_n": test_n, "test_seed": test_seed, "generations": manifest["generations"],
+             "evolve_n": manifest["evolve_n"], "select": manifest["select"], "world": manifest["world"],
              "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(table, indent=2))
+    if "cycleqd_best" in items:
+        table[INTERVAL_KEY] = paired_interval(items["cycleqd_best"], items["task_arithmetic"][0])
+    return table
+
+
+def make_table(cfg: Config, out: Path, *, models_dir: Path | None = None, seeds: int = 3,
+               generations: int | None = None, runs_root: Path = Path("archives/table"),
+               test_n: int | None = 300, test_seed: int = 0, variants: list[str] | None = None,
+               evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5) -> dict:
+    """:func:`choose_models` then :func:`score_models`; writes the table JSON to ``out``."""
+    from cycleqd.store import write_atomic
+
+    models_dir = models_dir or out.parent / f"{out.stem}_models"
+    choose_models(cfg, models_dir, seeds=seeds, generations=generations, runs_root=runs_root, variants=variants,
+                  evolve_n=evolve_n, select_n=select_n, shortlist_k=shortlist_k)
+    table = score_models(models_dir, test_n=test_n or 300, test_seed=test_seed)
+    write_atomic(out, json.dumps(table, indent=2))
     return table
 
 
@@ -228,30 +372,55 @@ def plot_table(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _print(table: dict) -> None:
+    for r in table["rows"]:
+        print(f"{r['model']:20s} mean {r['mean']:.3f} ± {r['std']:.3f}  " +
+              "  ".join(f"{t} {v:.3f}" for t, v in r["scores"].items()))
+    if INTERVAL_KEY in table:
+        d = table[INTERVAL_KEY]
+        print(f"cycleqd_best - task_arithmetic: {d['mean']:+.4f}, 95% interval "
+              f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}] (paired bootstrap over test items)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="experiments/mini.yaml")
     ap.add_argument("--out", default="experiments/results/mini_table.json")
+    ap.add_argument("--models", help="folder of the chosen models (default: <out>_models next to --out)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="only score the models folder on a fresh test draw (--test-seed); no evolution")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--generations", type=int)
     ap.add_argument("--test-n", type=int, default=300, help="test items per task (default 300)")
+    ap.add_argument("--test-seed", type=int, default=0, help="which test items are drawn (default 0)")
     ap.add_argument("--evolve-n", type=int, help="val items per task scored during evolution (default: config)")
     ap.add_argument("--select-n", type=int, default=200,
                     help="val items per task, unseen by evolution, for choosing models (default 200)")
     ap.add_argument("--runs-root", default="archives/table", help="folder of the table's runs")
     ap.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS))
     a = ap.parse_args(argv)
+    out = Path(a.out)
+    models = Path(a.models) if a.models else None
     try:
-        table = make_table(load_config(a.config), Path(a.out), seeds=a.seeds, generations=a.generations,
-                           test_n=a.test_n, variants=a.variants.split(",") if a.variants else None,
-                           evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root))
+        if min(a.seeds, a.test_n, a.select_n) < 1 or (a.generations is not None and a.generations < 1):
+            raise ConfigError("--seeds, --generations, --test-n and --select-n must be >= 1")
+        if a.rescore:
+            if models is None:
+                raise ConfigError("--rescore needs --models (the folder `make table` wrote)")
+            from cycleqd.store import write_atomic
+
+            table = score_models(models, test_n=a.test_n, test_seed=a.test_seed)
+            write_atomic(out, json.dumps(table, indent=2))
+        else:
+            table = make_table(load_config(a.config), out, models_dir=models, seeds=a.seeds,
+                               generations=a.generations, test_n=a.test_n, test_seed=a.test_seed,
+                               variants=a.variants.split(",") if a.variants else None, evolve_n=a.evolve_n,
+                               select_n=a.select_n, runs_root=Path(a.runs_root))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plot_table(table, Path(a.out).with_suffix(".png"))
-    for r in table["rows"]:
-        print(f"{r['model']:20s} mean {r['mean']:.3f} ± {r['std']:.3f}  " +
-              "  ".join(f"{t} {v:.3f}" for t, v in r["scores"].items()))
+    plot_table(table, out.with_suffix(".png"))
+    _print(table)
     return 0
 
 

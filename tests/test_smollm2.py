@@ -185,3 +185,30 @@ def test_one_mbpp_problem_end_to_end(engine):
     assert "solution" in sample.detail
     # A failure carries the sandbox's reason; a pass carries none.
     assert (sample.error is None) == (sample.score == 1.0)
+
+
+def test_engine_gives_generate_tokens_on_a_real_tokenizer(engine):
+    """Byte-level BPE, a chat template and multi-character stop strings: the engine's own loop
+    (rows leave the batch when they stop) writes what ``model.generate`` writes, cut at the stop."""
+    from cycleqd.engine.base import GenRequest
+    from cycleqd.engine.hf import cut_at_stop
+
+    asks = ["Name a colour.", "Write a Python function that adds two numbers.", "What is 2+2?", "Say hi."]
+    stops = [("\n",), ("```", "\n\n"), (" is",), ()]
+    reqs = [GenRequest(str(i), messages=({"role": "user", "content": q},), max_new_tokens=24, stop=s)
+            for i, (q, s) in enumerate(zip(asks, stops))]
+    tok, model = engine.tokenizer, engine.model
+    enc = [engine._encode(r) for r in reqs]
+    width = max(len(e) for e in enc)
+    ids = torch.full((len(enc), width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e):], mask[i, width - len(e):] = torch.tensor(e), 1
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
+                         pad_token_id=tok.pad_token_id, eos_token_id=engine._eos_ids())
+    want = []
+    for r, row in zip(reqs, out[:, width:].tolist()):
+        cut = [row.index(e) for e in engine._eos_ids() if e in row]
+        want.append(cut_at_stop(tok.decode(row[: min(cut)] if cut else row, skip_special_tokens=True), r.stop))
+    got = [engine.generate([r])[0] for r in reqs]  # one stop group each
+    assert got == want and any(got)

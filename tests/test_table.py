@@ -71,3 +71,25 @@ def test_a_run_made_with_other_settings_is_not_resumed(tmp_path):
         check_same_experiment(variant_config(cfg, "cycleqd", 0, 60, evolve_n=50), wanted, tmp_path)
     with pytest.raises(ConfigError, match="sampling"):
         check_same_experiment(variant_config(cfg, "uniform_sampling", 0, 60, evolve_n=100), wanted, tmp_path)
+
+
+def test_paired_interval():
+    import random
+
+    from cycleqd.table import paired_interval
+
+    rng = random.Random(0)
+    ta = {t: [float(rng.random() < 0.6) for _ in range(300)] for t in ("code", "sql", "shell")}
+    same = paired_interval([ta, ta], ta)
+    assert same["mean"] == 0.0 and same["interval"] == [0.0, 0.0]
+    # better on every 10th item of every task, in every seed: +0.1 exactly, and clearly above 0
+    up = {t: [1.0 if i % 10 == 0 else v for i, v in enumerate(vals)] for t, vals in ta.items()}
+    gain = {t: sum(a - b for a, b in zip(up[t], ta[t])) / 300 for t in ta}
+    better = paired_interval([up, up, up], ta)
+    assert better["mean"] == pytest.approx(sum(gain.values()) / 3)
+    assert 0 < better["interval"][0] < better["mean"] < better["interval"][1]
+    assert paired_interval([up], ta) == paired_interval([up], ta)  # a fixed bootstrap seed
+    # two seeds that disagree average per item: half the gain
+    assert paired_interval([up, ta], ta)["mean"] == pytest.approx(better["mean"] / 2)
+    with pytest.raises(ValueError):
+        paired_interval([{t: v[:10] for t, v in up.items()}], ta)

@@ -2,17 +2,21 @@
 
 Requests are templated (chat messages through the tokenizer's own chat template,
 raw prompts as they are), sorted by length, grouped by stop strings, left-padded
-into batches of ``batch_size`` and decoded greedily with a KV cache. A stopping
-criterion ends each row as soon as its text contains one of its stop strings, and
-the output is cut there. New weights are copied into the same model in place, so
+into batches of ``batch_size`` and decoded greedily by a loop of our own over the
+model's forward (the inputs ``generate`` would build, so the tokens are the same).
+Each row leaves the batch as soon as it ends (end token, stop string, token limit),
+the KV cache grows in place, and only tokens that could complete a stop string
+cost a decode; the output is cut at the first stop string. New weights are copied into the same model in place, so
 a worker evaluating many merged models never re-instantiates it.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Mapping, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from cycleqd.config import EngineConfig
 from cycleqd.engine.base import GenRequest
@@ -41,28 +45,91 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-class _StopOnStrings(StoppingCriteria):
-    """Marks a row done once the text it generated contains a stop string.
+class _GrowingLayer(DynamicLayer):
+    """A KV-cache layer in a buffer that doubles when full, instead of a ``torch.cat`` per step.
 
-    Only the last few tokens are decoded each step: a stop string of ``L``
-    characters spans at most ``L`` tokens that each decode to some text.
+    ``update`` returns views of the filled prefix, so attention sees exactly the keys a
+    concatenating cache would hold.
     """
 
-    def __init__(self, tokenizer, stops: Sequence[str], prompt_len: int):
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.length = 0
+        self.buf_k = self.buf_v = None
+        self.keys = self.values = key_states[..., :0, :]
+        self.is_initialized = True
+
+    def _reserve(self, like: torch.Tensor, need: int) -> None:
+        if self.buf_k is not None and self.buf_k.shape[-2] >= need:
+            return
+        cap = max(need, 2 * (self.buf_k.shape[-2] if self.buf_k is not None else 0), 64)
+        shape = (*like.shape[:-2], cap, like.shape[-1])
+        k, v = like.new_empty(shape), like.new_empty(shape)
+        if self.length:
+            k[..., : self.length, :] = self.buf_k[..., : self.length, :]
+            v[..., : self.length, :] = self.buf_v[..., : self.length, :]
+        self.buf_k, self.buf_v = k, v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self._reserve(key_states, end)
+        self.buf_k[..., self.length : end, :] = key_states
+        self.buf_v[..., self.length : end, :] = value_states
+        self.length = end
+        self.keys, self.values = self.buf_k[..., :end, :], self.buf_v[..., :end, :]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized and self.buf_k is not None:
+            self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+            self.keys, self.values = self.buf_k[..., : self.length, :], self.buf_v[..., : self.length, :]
+
+
+def _new_cache(config) -> DynamicCache:
+    """A cache for one batch; plain full-attention layers grow in place (others stay as transformers makes them)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+class _StopCheck:
+    """Says which rows' generated text now contains a stop string, decoding as little as it can.
+
+    A stop string that appears when a token is appended overlaps the text that token adds;
+    tokens whose text cannot be part of any stop string (checked once per vocabulary, in
+    context and alone) therefore never need a decode. Rows with any other token are checked
+    by decoding their last few tokens: a stop string of ``L`` characters spans at most
+    ``L`` tokens that each decode to some text.
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
-        self.prompt_len = prompt_len
         self.window = max((len(s) for s in self.stops), default=1) + 2
+        self.maybe: frozenset[int] = frozenset(self._maybe_ids()) if self.stops else frozenset()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if not self.stops:
-            return done
-        start = max(self.prompt_len, input_ids.shape[1] - self.window)
-        tails = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
-        for i, t in enumerate(tails):
-            done[i] = any(s in t for s in self.stops)
-        return done
+    def _maybe_ids(self) -> list[int]:
+        chars = set("".join(self.stops))
+        tok = self.tokenizer
+        ids = list(range(len(tok)))
+        probe = tok("a", add_special_tokens=False)["input_ids"][:1]
+        head = tok.decode(probe, skip_special_tokens=True)
+        alone = tok.batch_decode([[i] for i in ids], skip_special_tokens=True)
+        after = [t[len(head):] for t in tok.batch_decode([probe + [i] for i in ids], skip_special_tokens=True)]
+        return [i for i, a, b in zip(ids, alone, after)
+                if a != b or not a or "\ufffd" in a or chars & set(a)]
+
+    def done(self, row: list[int]) -> bool:
+        """Whether ``row`` (its generated tokens so far) contains a stop string."""
+        if not self.stops or row[-1] not in self.maybe:
+            return False
+        tail = self.tokenizer.decode(row[-self.window :], skip_special_tokens=True)
+        return any(s in tail for s in self.stops)
 
 
 @register_engine("transformers")
@@ -85,6 +152,7 @@ class HFEngine:
             # Left padding needs some id; the attention mask hides it.
             tokenizer.pad_token = tokenizer.eos_token
         self.device = next(model.parameters()).device
+        self._stop_checks: dict[tuple[str, ...], _StopCheck] = {}
 
     @classmethod
     def from_path(cls, path: str, engine_cfg: EngineConfig, dtype: str | None = None) -> "HFEngine":
@@ -125,38 +193,66 @@ class HFEngine:
         ids += cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]
         return list(dict.fromkeys(i for i in ids if i is not None))
 
+    def _stop_check(self, stops: tuple[str, ...]) -> _StopCheck:
+        if stops not in self._stop_checks:
+            self._stop_checks[stops] = _StopCheck(self.tokenizer, stops)
+        return self._stop_checks[stops]
+
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], limits: list[int], stops: tuple[str, ...]) -> list[str]:
-        width = max(len(p) for p in prompts)
+        """Greedy decoding of one left-padded batch, token for token what ``model.generate`` gives.
+
+        The inputs are the ones ``generate`` builds (positions from the padding mask, the
+        mask dropped when nothing is padded, logits of the last position only). A row
+        leaves the batch as soon as it ends (end token, stop string, its own token limit),
+        and its cache rows with it, so later steps cost only the rows still writing.
+        """
+        n, width = len(prompts), max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        ids = torch.full((n, width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
-        eos_ids = self._eos_ids()
-        gen_cfg = GenerationConfig(
-            max_new_tokens=max(limits),
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=pad,
-            eos_token_id=eos_ids or None,
-            bos_token_id=self.tokenizer.bos_token_id,
-        )
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            generation_config=gen_cfg,
-            stopping_criteria=StoppingCriteriaList([_StopOnStrings(self.tokenizer, stops, width)]),
-        )
-        new = out[:, width:].tolist()
+        padded = not bool(mask.all())
+        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        eos = set(self._eos_ids())
+        check = self._stop_check(stops)
+        mask, position = mask.to(self.device), position.to(self.device)
+        cache = _new_cache(self.model.config)
+        params = inspect.signature(self.model.forward).parameters
+        # as in ``generate``: only the last position's logits, where the model can skip the rest
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask if padded else None,
+                         position_ids=position, past_key_values=cache, use_cache=True, **keep)
+        position = position[:, -1:]
+        rows = list(range(n))  # batch slot -> request row
+        generated: list[list[int]] = [[] for _ in range(n)]
+        while rows:
+            token = out.logits[:, -1, :].float().argmax(-1)
+            going = []
+            for slot, (r, t) in enumerate(zip(rows, token.tolist())):
+                g = generated[r]
+                g.append(t)
+                if t not in eos and len(g) < limits[r] and not check.done(g):
+                    going.append(slot)
+            if not going:
+                break
+            if len(going) < len(rows):
+                index = torch.tensor(going, device=self.device)
+                rows = [rows[k] for k in going]
+                token, mask, position = token[index], mask[index], position[index]
+                cache.batch_select_indices(index)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
+            position = position + 1
+            out = self.model(input_ids=token[:, None], attention_mask=mask if padded else None,
+                             position_ids=position, past_key_values=cache, use_cache=True, **keep)
         texts = []
-        for row, limit in zip(new, limits):
-            row = row[:limit]
-            cut = [row.index(e) for e in eos_ids if e in row]
-            if cut:
-                row = row[: min(cut)]
-            texts.append(cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stops))
+        for r, g in enumerate(generated):
+            g = g[: limits[r]]
+            if g and g[-1] in eos:
+                g = g[:-1]
+            texts.append(cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), stops))
         return texts
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:

@@ -61,6 +61,41 @@ def test_stop_strings_cut_output(engine):
     assert stop not in got
 
 
+def _reference(engine: HFEngine, reqs: list[GenRequest]) -> list[str]:
+    """What ``model.generate`` gives: the whole batch left-padded, greedy, default settings, then cut."""
+    tok, model = engine.tokenizer, engine.model
+    enc = [tok(r.prompt)["input_ids"] for r in reqs]
+    width = max(len(e) for e in enc)
+    ids = torch.full((len(enc), width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e):], mask[i, width - len(e):] = torch.tensor(e), 1
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=tok.pad_token_id,
+                         max_new_tokens=max(r.max_new_tokens for r in reqs))
+    texts = []
+    for r, row in zip(reqs, out[:, width:].tolist()):
+        row = row[: r.max_new_tokens]
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id)]
+        texts.append(cut_at_stop(tok.decode(row, skip_special_tokens=True), r.stop))
+    return texts
+
+
+@pytest.mark.parametrize("batch_size", [3, 64])
+def test_same_tokens_as_transformers_generate(tiny_family, batch_size):
+    """Rows that stop early leave the batch; the others go on token for token as in ``generate``."""
+    engine = HFEngine.from_path(str(tiny_family["b"]), EngineConfig(device="cpu", batch_size=batch_size))
+    free = _reference(engine, _reqs(limits=(70,)))
+    # stop strings the model does write, at different steps in different rows (one of two characters too)
+    chars = sorted({c for t in free for c in t}, key=lambda c: -sum(t.count(c) for t in free))
+    two = next(t[5:7] for t in free if len(t) > 7)
+    for stops in [(), (chars[0],), (chars[1], "never-there"), (two,)]:
+        reqs = _reqs(limits=(70, 3, 20, 66), stop=stops)  # past 64 tokens: the cache grows once
+        assert engine.generate(reqs) == _reference(engine, reqs), stops
+    ended = [t for t in engine.generate(_reqs(limits=(70,), stop=(chars[0],)))]
+    assert len({len(t) for t in ended}) > 1  # rows did end at different steps
+
+
 def test_cut_at_stop_earliest():
     assert cut_at_stop("abc\ndef;ghi", ["\n", ";"]) == "abc"
     assert cut_at_stop("abc", ["x"]) == "abc"

@@ -100,3 +100,34 @@ def test_endless_sql_is_stopped():
     loop = "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM r) SELECT COUNT(*) FROM r;"
     res = task.evaluate(ScriptedEngine(task, lambda it: loop))
     assert res.quality == 0.0 and all("interrupt" in (s.error or "").lower() for s in res.samples)
+
+
+EQUIVALENT = {  # right answers written differently from the gold line: these must really run
+    "mini_code": lambda it: it.answer.replace("return ", "return  ", 1),
+    "mini_shell": lambda it: it.answer + " | cat",
+}
+
+
+@pytest.mark.parametrize("kind", ["mini_code", "mini_shell"])
+def test_gold_runs_are_reused_with_the_same_verdicts(kind, monkeypatch):
+    """Answers equal to the gold line reuse its run; every verdict is what a fresh run gives."""
+    import cycleqd.tasks.mini.code as code_mod
+    import cycleqd.tasks.mini.shell as shell_mod
+
+    mod, fn = (code_mod, "run_python_batch") if kind == "mini_code" else (shell_mod, "run_shell_batch")
+    real, sent = getattr(mod, fn), []
+    monkeypatch.setattr(mod, fn, lambda jobs, **kw: sent.append(len(jobs)) or real(jobs, **kw))
+
+    def mix(shift):
+        pick = (lambda it: it.answer, EQUIVALENT[kind], WRONG[kind])
+        return lambda it: pick[(int(it.id) + shift) % 3](it)
+
+    warm = _task(kind, n=12)
+    warm.evaluate(ScriptedEngine(warm, mix(0)))
+    assert sent == [12 + 12]  # every answer, and every gold line once
+    again = warm.evaluate(ScriptedEngine(warm, mix(1)))
+    assert sent[1] == 8  # the 4 gold answers reuse the gold runs
+    fresh = _task(kind, n=12)
+    first = fresh.evaluate(ScriptedEngine(fresh, mix(1)))
+    assert [s.score for s in again.samples] == [s.score for s in first.samples]
+    assert again.quality == pytest.approx(8 / 12)

@@ -6,25 +6,50 @@ from typing import Sequence
 from cycleqd.mini.code import check_program, gold_outputs
 from cycleqd.mini.items import MiniItem
 from cycleqd.registry import register_task
-from cycleqd.sandbox import run_python_batch
+from cycleqd.sandbox import RunResult, run_python_batch
 from cycleqd.tasks.base import SampleResult
 from cycleqd.tasks.mini.base import MiniTask
 
 
+def _clean(r: RunResult) -> bool:
+    return not r.timed_out and r.error is None
+
+
 @register_task("mini_code")
 class MiniCode(MiniTask):
-    """Write ``def f(...): return ...``; solved if all asserts on the item's inputs pass."""
+    """Write ``def f(...): return ...``; solved if all asserts on the item's inputs pass.
+
+    The gold answer's own check program runs once per item (with the first candidates);
+    an answer that is the gold answer itself makes that same program, so its run is
+    reused: good models write the gold line for most items.
+    """
 
     skill = "code"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._gold_run: dict[str, RunResult] = {}
+
+    def _reuses_gold(self, item: MiniItem, output: str) -> bool:
+        return output == item.answer and item.id in self._gold_run
+
+    def _program(self, item: MiniItem, output: str) -> str:
+        inputs = [tuple(a) for a in item.context["inputs"]]
+        return check_program(output, inputs, gold_outputs(item.answer, inputs))
+
     def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
-        programs = []
-        for it, out in zip(items, outputs):
-            inputs = [tuple(a) for a in it.context["inputs"]]
-            programs.append(check_program(out, inputs, gold_outputs(it.answer, inputs)))
+        todo = list({it.id: it for it in items if it.id not in self._gold_run}.values())
+        ask = [k for k, (it, out) in enumerate(zip(items, outputs)) if not self._reuses_gold(it, out)]
+        programs = [self._program(items[k], outputs[k]) for k in ask]
+        programs += [self._program(it, it.answer) for it in todo]
         runs = run_python_batch(
             programs, timeout=self._timeout, memory_mb=min(self.sandbox.memory_mb, 512), backend=self.sandbox.backend
         )
+        for it, r in zip(todo, runs[len(ask) :]):
+            if _clean(r):  # a timeout may be the machine's load: run it again next time
+                self._gold_run[it.id] = r
+        mine = dict(zip(ask, runs))
+        runs = [mine.get(k, self._gold_run.get(it.id)) for k, it in enumerate(items)]
         results = []
         for it, out, r in zip(items, outputs, runs):
             ok = r.returncode == 0 and not r.timed_out and r.error is None

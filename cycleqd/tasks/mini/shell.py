@@ -6,36 +6,48 @@ from typing import Sequence
 from cycleqd.mini.items import MiniItem
 from cycleqd.mini.shell import same_output
 from cycleqd.registry import register_task
-from cycleqd.sandbox import run_shell_batch
+from cycleqd.sandbox import RunResult, run_shell_batch
 from cycleqd.tasks.base import SampleResult
 from cycleqd.tasks.mini.base import MiniTask
 
 
 @register_task("mini_shell")
 class MiniShell(MiniTask):
-    """Write one command; solved if its stdout equals the gold command's on the same files."""
+    """Write one command; solved if its stdout equals the gold command's on the same files.
+
+    The gold command runs once per item in the same sandbox as the candidates (same sort
+    order, same tools); an answer that is the gold command itself is that same run, so it
+    is not run again.
+    """
 
     skill = "shell"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Gold outputs come from the same sandbox as the candidates (same sort order, same tools).
-        self._gold: dict[str, str] = {}
+        self._gold: dict[str, RunResult] = {}
+
+    def _reuses_gold(self, item: MiniItem, output: str) -> bool:
+        # the gold's run stands for the answer only if it ran cleanly (a timeout may be load)
+        r = self._gold.get(item.id)
+        return output == item.answer and r is not None and not r.timed_out and r.error is None
 
     def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
-        todo = [it for it in items if it.id not in self._gold]
-        jobs = [(dict(it.context["files"]), out) for it, out in zip(items, outputs)]
+        todo = list({it.id: it for it in items if it.id not in self._gold}.values())
+        ask = [k for k, (it, out) in enumerate(zip(items, outputs)) if not self._reuses_gold(it, out)]
+        jobs = [(dict(items[k].context["files"]), outputs[k]) for k in ask]
         jobs += [(dict(it.context["files"]), it.answer) for it in todo]
         runs = run_shell_batch(
             jobs, timeout=self._timeout, memory_mb=min(self.sandbox.memory_mb, 512), backend=self.sandbox.backend
         )
-        for it, r in zip(todo, runs[len(items) :]):
-            self._gold[it.id] = r.stdout
+        for it, r in zip(todo, runs[len(ask) :]):
+            self._gold[it.id] = r
+        mine = dict(zip(ask, runs))
         results = []
-        for it, out, r in zip(items, outputs, runs):
+        for k, (it, out) in enumerate(zip(items, outputs)):
+            r = mine.get(k, self._gold[it.id])
             if r.timed_out or r.error is not None:
                 results.append(self._result(it, False, out, r.error or "timeout"))
                 continue
-            ok = bool(out.strip()) and same_output(r.stdout, self._gold[it.id])
+            ok = bool(out.strip()) and same_output(r.stdout, self._gold[it.id].stdout)
             results.append(self._result(it, ok, out, None if ok else (r.stderr.strip()[-300:] or None)))
         return results
