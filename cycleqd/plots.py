@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class ArchiveSnapshot:
     bins: dict[str, Bins]
     archives: dict[str, dict[str, Any]]
     seeds: dict[str, dict[str, float]]
+    archive: dict[str, Any] = field(default_factory=lambda: {"kind": "grid"})  # kind; a CVT's centroids
 
     def other_tasks(self, task: str) -> list[str]:
         """The tasks that are the axes of ``task``'s archive, in task order."""
@@ -96,14 +97,18 @@ def load_snapshot(run_dir: str | Path, generation: int | None = None) -> Archive
     else:
         bins = {t.name: t.bins for t in store.config().tasks}
     if generation is None:
-        return ArchiveSnapshot(int(data["generation"]), tasks, bins, data["archives"], seeds)
+        return ArchiveSnapshot(int(data["generation"]), tasks, bins, data["archives"], seeds,
+                               data.get("archive") or {"kind": "grid"})
     children = store.children()
     if not 0 <= generation <= len(children):
         raise ConfigError(f"--generation must be between 0 and {len(children)}, got {generation}")
-    history = [(g, sc, 0) for g, sc in seeds.items()]
-    history += [(c["id"], c["scores"], c["generation"]) for c in children[:generation] if c.get("error") is None]
-    replayed = Archive.replay(tasks, bins, history).to_json(generation)
-    return ArchiveSnapshot(generation, tasks, bins, replayed["archives"], seeds)
+    from cycleqd.history import GROWTH_LOG, replay_models
+    from cycleqd.store import _read_jsonl
+
+    # a grown run's earlier children gain their new tasks' scores from its growth log
+    history = replay_models(tasks, store.seeds(), children[:generation], _read_jsonl(store.path / GROWTH_LOG))
+    replayed = Archive.replay(tasks, bins, history, store.config().archive).to_json(generation)
+    return ArchiveSnapshot(generation, tasks, bins, replayed["archives"], seeds, replayed["archive"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +221,10 @@ def heatmap_figure(snap: ArchiveSnapshot, tasks: list[str] | None = None):
     K <= 3: the archives side by side; K >= 4: one row of pair panels per archive.
     Each seed expert's cell is a red Rectangle patch labelled "seed <task>".
     """
+    if snap.archive.get("kind") == "cvt":
+        from cycleqd.cvt_plot import cvt_heatmap_figure
+
+        return cvt_heatmap_figure(snap, tasks)
     tasks = list(snap.tasks if tasks is None else tasks)
     k, n = len(snap.tasks), _n_panels(len(snap.tasks))
     one_d = k == 2

@@ -158,6 +158,10 @@ def evolve(cfg: Config, run_dir: str | os.PathLike | None = None, *, address: st
 def resume(run_dir: str | os.PathLike, *, generations: int | None = None, address: str | None = None,
            progress: bool = True) -> Path:
     """Continue a run (after a crash or to more generations) from its log."""
+    from cycleqd.grow import finish_staged_growth
+
+    RunStore(run_dir)  # not a run: bad input, before anything is touched
+    finish_staged_growth(run_dir)  # a growth a kill interrupted: finished or discarded
     store = RunStore(run_dir)
     if generations is not None:
         if generations < 0:
@@ -190,10 +194,11 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True)
     Factors.prepare(cfg, progress=progress)
 
     # Archives are a pure function of the seeds and the log: rebuild them.
+    # A grown run's earlier models gain their new tasks' scores from growth.jsonl.
+    from cycleqd.history import run_history
+
     seeds, children = store.seeds(), store.children()
-    history = [(s["genome"], s["scores"], 0) for s in seeds.values()]
-    history += [(c["id"], c["scores"], c["generation"]) for c in children if c.get("error") is None]
-    archive = Archive.replay(tasks, bins, history)
+    archive = Archive.replay(tasks, bins, run_history(store), cfg.archive)
     finished = len(children)
     next_index = max((c["generation"] for c in children), default=0)
 
