@@ -106,7 +106,7 @@ def cmd_show(a: argparse.Namespace) -> int:
     if a.json:
         snap = store.archives()
         print(json.dumps({"generation": snap["generation"], "tasks": snap["tasks"], "archives": snap["archives"],
-                          "final_merge": store.final_merge()}))
+                          "archive": snap.get("archive", {"kind": "grid"}), "final_merge": store.final_merge()}))
         return 0
     from rich.console import Console
 
