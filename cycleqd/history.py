@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
+#: The growth log's file name inside a run folder.
+GROWTH_LOG = "growth.jsonl"
+
 #: One model offered to the archives: (genome id, scores per task, generation).
 Offer = tuple[str, dict[str, float], int]
 
@@ -50,7 +53,3 @@ def run_history(store) -> list[Offer]:
 
     growths = list(_read_jsonl(store.path / GROWTH_LOG))
     return replay_models(store.config().task_names, store.seeds(), store.children(), growths)
-
-
-#: The growth log's file name inside a run folder.
-GROWTH_LOG = "growth.jsonl"

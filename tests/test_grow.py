@@ -153,11 +153,25 @@ def test_grow_keeps_earlier_scores_and_adds_the_new_task(runs, world):
         Genome.load(p).check(f4)
 
 
-def test_resume_after_grow_continues_with_four_rotating_tasks(runs):
+def test_resume_after_grow_continues_with_four_rotating_tasks_and_survives_sigkill(runs):
     run = runs["run"]
+    proc = subprocess.Popen([sys.executable, "-m", "cycleqd.cli", "-q", "resume", str(run), "--generations", "14"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(RunStore(run).children()) < 10:
+        time.sleep(0.1)
+    assert proc.poll() is None, f"resume ended before the kill: {proc.stderr.read().decode()[-500:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = _show(run)
+    assert killed["tasks"] == list("abcd") and killed["generation"] >= 10
     out = _cycleqd("resume", str(run), "--generations", "14")
     assert out.returncode == 0, out.stderr[-2000:]
     after = _show(run)
+    for task, arch in killed["archives"].items():  # the kill lost no elite
+        kept = {tuple(e["cell"]): e["quality"] for e in after["archives"][task]["elites"]}
+        for e in arch["elites"]:
+            assert kept[tuple(e["cell"])] >= e["quality"] - 1e-12, f"{task}: cell {e['cell']} lost"
     assert after["generation"] == 14
     children = RunStore(run).children()
     assert len(children) == 14 and len({c["id"] for c in children}) == 14
