@@ -117,6 +117,7 @@ def test_widened_genome_materialises_to_exactly_the_same_weights(world):
         widen_genome(widen_genome(child, f3, f4), f3, f4)  # a K+1 genome is not a genome of the K factors
 
 
+@pytest.mark.slow
 def test_grow_keeps_earlier_scores_and_adds_the_new_task(runs, world):
     before, after, run = runs["before"], runs["after"], runs["run"]
     assert before["tasks"] == ["a", "b", "c"] and after["tasks"] == ["a", "b", "c", "d"]
@@ -153,6 +154,7 @@ def test_grow_keeps_earlier_scores_and_adds_the_new_task(runs, world):
         Genome.load(p).check(f4)
 
 
+@pytest.mark.slow
 def test_resume_after_grow_continues_with_four_rotating_tasks_and_survives_sigkill(runs):
     run = runs["run"]
     proc = subprocess.Popen([sys.executable, "-m", "cycleqd.cli", "-q", "resume", str(run), "--generations", "14"],
@@ -187,6 +189,7 @@ def test_resume_after_grow_continues_with_four_rotating_tasks_and_survives_sigki
     assert set(RunStore(run).final_merge()["scores"]) == set("abcd")
 
 
+@pytest.mark.slow
 def test_sigkill_during_grow_leaves_the_run_as_it_was_then_grows(runs, world):
     run = runs["root"] / "kill"
     config_before = (run / "config.yaml").read_bytes()
@@ -248,6 +251,7 @@ def test_bad_grow_input_exits_2_and_writes_nothing(runs, world):
     assert not (run / ".grow").exists()
 
 
+@pytest.mark.slow
 def test_k4_run_on_cvt_end_to_end_with_heatmaps(runs, world):
     run = runs["root"] / "cvt"
     out = _cycleqd("grow", str(run), "--task", str(world["cvt"]))
