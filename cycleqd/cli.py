@@ -79,6 +79,18 @@ def cmd_resume(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grow(a: argparse.Namespace) -> int:
+    from cycleqd.grow import grow, load_grow_spec
+    from cycleqd.store import RunStore
+
+    RunStore(a.run_dir)
+    spec = load_grow_spec(a.task)  # bad input before anything is written
+    run = grow(a.run_dir, spec, progress=not a.quiet)
+    print(f"grown: {run} now has tasks {', '.join(RunStore(run).config().task_names)}; "
+          f"continue with `cycleqd resume {run} --generations N`")
+    return 0
+
+
 def cmd_prepare(a: argparse.Namespace) -> int:
     from cycleqd.config import load_config, resolve_paths
 
@@ -100,7 +112,7 @@ def cmd_show(a: argparse.Namespace) -> int:
     if a.json:
         snap = run.snapshot()  # rebuilt from seeds.json and children.jsonl when archives.json is stale
         print(json.dumps({"generation": snap.generation, "tasks": snap.tasks, "archives": snap.archives,
-                          "final_merge": run.final_merge()}))
+                          "archive": snap.archive, "final_merge": run.final_merge()}))
         return 0
     from rich.console import Console
 
@@ -201,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--generations", type=int, help="new total number of generations")
     r.add_argument("--address")
     r.set_defaults(func=cmd_resume)
+
+    gr = sub.add_parser("grow", help="add a task and its expert to a run (K -> K+1), then resume it")
+    gr.add_argument("run_dir")
+    gr.add_argument("--task", required=True, help="grow spec YAML: task, expert (see experiments/mini_grow.yaml)")
+    gr.set_defaults(func=cmd_grow)
 
     pr = sub.add_parser("prepare", help="compute and cache task vectors and SVD factors")
     pr.add_argument("--config", required=True)

@@ -135,6 +135,36 @@ class SandboxConfig(_Frozen):
     memory_mb: int = Field(1024, ge=16)
 
 
+class ArchiveConfig(_Frozen):
+    """The kind of the K archives: ``grid`` (the default: bins of the other tasks) or ``cvt``.
+
+    A CVT archive has ``cells`` centroids in the other tasks' normalised score space
+    [0, 1]^(K-1), by k-means seeded with ``seed`` (so a run replays exactly), or the
+    given ``centroids``. It keeps the cell count fixed as K grows, where a grid's is the
+    product of the other tasks' bin counts.
+    """
+
+    kind: Literal["grid", "cvt"] = "grid"
+    cells: int | None = Field(None, ge=1)
+    seed: int = 0
+    centroids: list[list[float]] | None = None
+
+    @model_validator(mode="after")
+    def _cvt(self) -> "ArchiveConfig":
+        if self.kind == "grid" and (self.cells is not None or self.centroids is not None):
+            raise ValueError("cells and centroids are settings of a cvt archive (kind: cvt)")
+        if self.kind == "cvt":
+            if (self.cells is None) == (self.centroids is None):
+                raise ValueError("a cvt archive needs either cells (a number) or centroids (a list)")
+            if self.centroids is not None:
+                dims = {len(c) for c in self.centroids}
+                if len(dims) != 1 or not self.centroids:
+                    raise ValueError("archive.centroids must be a non-empty list of points of one dimension")
+                if any(not 0.0 <= x <= 1.0 for c in self.centroids for x in c):
+                    raise ValueError("archive.centroids lie in the normalised score space [0, 1]")
+        return self
+
+
 class Config(_Frozen):
     """A whole experiment."""
 
@@ -145,6 +175,7 @@ class Config(_Frozen):
     evolution: EvolutionConfig = EvolutionConfig()
     engine: EngineConfig = EngineConfig()
     sandbox: SandboxConfig = SandboxConfig()
+    archive: ArchiveConfig = ArchiveConfig()
     prepare_cache: str = ".cache/prepare"
 
     @model_validator(mode="after")
@@ -157,6 +188,9 @@ class Config(_Frozen):
         missing = [n for n in names if n not in self.models.experts]
         if missing:
             raise ValueError(f"no expert for task(s) {missing}; models.experts has {sorted(self.models.experts)}")
+        c = self.archive.centroids
+        if c is not None and len(c[0]) != len(names) - 1:
+            raise ValueError(f"archive.centroids are points in {len(c[0])} dimensions; {len(names)} tasks need {len(names) - 1}")
         q = self.evolution.fixed_quality_task
         if q is not None and q not in names:
             raise ValueError(f"evolution.fixed_quality_task {q!r} is not a task ({names})")

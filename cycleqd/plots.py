@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -154,6 +152,10 @@ def heatmap_figure(snap: ArchiveSnapshot, tasks: list[str] | None = None):
     K <= 3: the archives side by side; K >= 4: one row of pair panels per archive.
     Each seed expert's cell is a red Rectangle patch labelled "seed <task>".
     """
+    if snap.archive.get("kind") == "cvt":
+        from cycleqd.cvt_plot import cvt_heatmap_figure
+
+        return cvt_heatmap_figure(snap, tasks)
     tasks = list(snap.tasks if tasks is None else tasks)
     k, n = len(snap.tasks), _n_panels(len(snap.tasks))
     one_d = k == 2

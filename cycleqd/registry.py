@@ -88,6 +88,7 @@ TASKS: Registry = Registry(
         "mini_code": "cycleqd.tasks.mini",
         "mini_sql": "cycleqd.tasks.mini",
         "mini_shell": "cycleqd.tasks.mini",
+        "mini_regex": "cycleqd.tasks.mini.regex",
         "likelihood": "cycleqd.tasks.likelihood",
     },
 )

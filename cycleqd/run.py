@@ -176,16 +176,20 @@ def evolve(cfg: Config, run_dir: str | os.PathLike | None = None, *, address: st
 
 def resume(run_dir: str | os.PathLike, *, generations: int | None = None, address: str | None = None,
            progress: bool = True, observers: Sequence[Observer] | None = None) -> Path:
-    """Continue a run (after a crash, a signal or to more generations) from its log.
+    """Continue a run (after a crash, a signal, a growth or to more generations) from its log.
 
     The lock is taken first and the folder is read whole (log, seeds, the elites' genomes)
-    before anything is written.
+    before anything is written; a growth that a kill interrupted is finished or discarded.
 
     Raises:
         ConfigError: bad input or a damaged folder (RunDamaged names the file), RunLocked.
     """
+    from cycleqd.grow import finish_staged_growth
+
     store = RunStore(run_dir)
     with RunLock(store.path):
+        finish_staged_growth(store.path)
+        store = RunStore(store.path)
         cfg = store.config()
         if generations is not None:
             if generations < 0:

@@ -12,7 +12,7 @@ it is rebuilt here (and :meth:`RunFolder.rebuild_archives` writes it back).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ class ArchiveSnapshot:
     bins: dict[str, Bins]
     archives: dict[str, dict[str, Any]]
     seeds: dict[str, dict[str, float]]
+    archive: dict[str, Any] = field(default_factory=lambda: {"kind": "grid"})  # kind; a CVT's centroids
 
     def other_tasks(self, task: str) -> list[str]:
         """The tasks that are the axes of ``task``'s archive, in task order."""
@@ -161,15 +162,20 @@ class RunFolder:
         return {c.id: list(c.parents) for c in self.children}
 
     def history(self, generation: int | None = None) -> list[tuple[str, dict[str, float], int]]:
-        """(genome, scores, generation) in the order the run offered them, up to ``generation``."""
+        """(genome, scores, generation) in the order the run offered them, up to ``generation``.
+
+        A grown run's earlier models gain their new tasks' scores from its growth log.
+        """
+        from cycleqd.history import GROWTH_LOG, replay_models
+        from cycleqd.store import _read_jsonl
+
         n = self.generation if generation is None else generation
-        out = [(s["genome"], dict(s["scores"]), 0) for s in self.seeds.values()]
-        out += [(c.id, dict(c.scores), c.generation) for c in self.children[:n] if c.ok]
-        return out
+        growths = list(_read_jsonl(self.path / GROWTH_LOG))
+        return replay_models(self.tasks, self.seeds, self.children[:n], growths)
 
     def archive(self, generation: int | None = None) -> Archive:
         """The archives at ``generation`` (default now), replayed from the seeds and the log."""
-        return Archive.replay(self.tasks, self.bins, self.history(generation))
+        return Archive.replay(self.tasks, self.bins, self.history(generation), self.config.archive)
 
     def stale(self) -> str | None:
         """Why archives.json cannot be used as it is (None if it matches the seeds and the log)."""
@@ -202,12 +208,13 @@ class RunFolder:
         if generation is None:
             data = self.store.archives() if self.stale() is None else None
             if data is not None:
-                return ArchiveSnapshot(self.generation, self.tasks, self.bins, data["archives"], seeds)
+                return ArchiveSnapshot(self.generation, self.tasks, self.bins, data["archives"], seeds,
+                                       data.get("archive") or {"kind": "grid"})
             generation = self.generation
         if not 0 <= generation <= self.generation:
             raise ConfigError(f"--generation must be between 0 and {self.generation}, got {generation}")
         replayed = self.archive(generation).to_json(generation)
-        return ArchiveSnapshot(generation, self.tasks, self.bins, replayed["archives"], seeds)
+        return ArchiveSnapshot(generation, self.tasks, self.bins, replayed["archives"], seeds, replayed["archive"])
 
     def rebuild_archives(self) -> str | None:
         """Write archives.json again from the seeds and the log if it is stale; returns why (or None)."""

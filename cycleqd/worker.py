@@ -101,8 +101,8 @@ class ChildWorker:
 
         return Genome.seed(k, self.factors).to_bytes()
 
-    def evaluate(self, genome: Any) -> tuple[dict[str, float], dict[str, float]]:
-        """Materialize ``genome`` into the resident model and score it on every task."""
+    def evaluate(self, genome: Any, tasks: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+        """Materialize ``genome`` into the resident model and score it on every task (or only ``tasks``)."""
         from cycleqd.genome import materialize
 
         seconds: dict[str, float] = {}
@@ -112,6 +112,8 @@ class ChildWorker:
         seconds["materialize"] = time.perf_counter() - t0
         scores = {}
         for name, task in self.tasks.items():
+            if tasks is not None and name not in tasks:
+                continue
             res = task.evaluate(self.engine)
             scores[name] = float(res.quality)
             seconds[f"eval_{name}"] = float(res.seconds)

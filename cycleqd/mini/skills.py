@@ -1,14 +1,16 @@
-"""The three mini skills by name, and their item lists."""
+"""The mini skills by name (the default world's three and the extra ones), and their item lists."""
 from __future__ import annotations
 
 from types import ModuleType
 from typing import Mapping, Sequence
 
-from cycleqd.mini import code, shell, sql
+from cycleqd.mini import code, regex, shell, sql
 from cycleqd.mini.items import MiniItem, sample_items
 
 #: skill name -> generator module (with PREFIX and FAMILIES).
 SKILLS: dict[str, ModuleType] = {"code": code, "sql": sql, "shell": shell}
+#: Skills outside the default world (its base never trains on them): each grows a run.
+EXTRA_SKILLS: dict[str, ModuleType] = {"regex": regex}
 
 
 def skill_items(
@@ -22,7 +24,7 @@ def skill_items(
     distinct: bool = True,
 ) -> list[MiniItem]:
     """``n`` items of ``skill`` ("code", "sql", "shell") from ``split``; see :func:`sample_items`."""
-    mod = SKILLS[skill]
+    mod = SKILLS.get(skill) or EXTRA_SKILLS[skill]
     return sample_items(
         mod.PREFIX, mod.FAMILIES, split=split, n=n, seed=seed, only=only, weights=weights, distinct=distinct
     )
