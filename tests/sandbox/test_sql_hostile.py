@@ -301,3 +301,15 @@ def test_sqlite_database_cannot_grow_without_bound(tmp_path: Path) -> None:
         assert sb.run("SELECT 1").rows == [(1,)]
     finally:
         sb.close()
+
+
+def test_blank_and_comment_floods_are_handled_in_linear_time(backend: Backend) -> None:
+    """Statements that are mostly blanks or comments (a degenerate model's output) return at once."""
+    sb = backend.open()
+    floods = [" " * 50_000, "\n\t " * 20_000, "-- c\n" * 10_000, "/* a */ " * 10_000, "/*" * 20_000,
+              " " * 20_000 + "VACUUM", "/* x */ " * 5_000 + "vacuum"]
+    for sql in floods:
+        r, took = _run(sb, sql)
+        assert took < SLACK, f"{sql[:12]!r}... took {took:.1f}s"
+        if sql.rstrip().lower().endswith("vacuum"):
+            assert r.error is not None
