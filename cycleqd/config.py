@@ -72,6 +72,19 @@ class ModelsConfig(_Frozen):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = None
     mini: MiniWorld | None = None
+    arch: str | None = None  # a config.json to plan with when the base is a Hub id not on disk
+
+
+class FactorsConfig(_Frozen):
+    """Where a worker keeps base, task vectors and SVD factors, and how the SVDs are computed.
+
+    ``device: auto`` is the engine's device when the memory plan fits there, else host
+    memory (pinned where CUDA exists), moved to the device tensor by tensor.
+    ``svd_method: randomized`` needs ``evolution.mutation.rank``.
+    """
+
+    device: str = "auto"
+    svd_method: Literal["exact", "randomized"] = "exact"
 
 
 class CrossoverConfig(_Frozen):
@@ -139,6 +152,7 @@ class Config(_Frozen):
     tasks: list[TaskConfig]
     evolution: EvolutionConfig = EvolutionConfig()
     engine: EngineConfig = EngineConfig()
+    factors: FactorsConfig = FactorsConfig()
     sandbox: SandboxConfig = SandboxConfig()
     prepare_cache: str = ".cache/prepare"
 
@@ -152,6 +166,8 @@ class Config(_Frozen):
         missing = [n for n in names if n not in self.models.experts]
         if missing:
             raise ValueError(f"no expert for task(s) {missing}; models.experts has {sorted(self.models.experts)}")
+        if self.factors.svd_method == "randomized" and self.evolution.mutation.rank is None:
+            raise ValueError("factors.svd_method: randomized needs evolution.mutation.rank")
         q = self.evolution.fixed_quality_task
         if q is not None and q not in names:
             raise ValueError(f"evolution.fixed_quality_task {q!r} is not a task ({names})")

@@ -286,16 +286,27 @@ class Factors:
             rank=rank, key=key if target is not None else None, svd_computed=computed,
         )
 
+    def pin_memory(self) -> "Factors":
+        """Page-lock the host tensors (where CUDA exists), so copies to the device run asynchronously."""
+        if self.device.type == "cpu" and torch.cuda.is_available():
+            for group in (self.base, self.tau, self.U, self.Vt):
+                for n in list(group):
+                    group[n] = group[n].pin_memory()
+        return self
+
     @classmethod
     def prepare(
-        cls, cfg: "Config", *, device: str | torch.device = "cpu", progress: bool = True, svd_method: str = "exact"
+        cls, cfg: "Config", *, device: str | torch.device = "cpu", progress: bool = True,
+        svd_method: str | None = None,
     ) -> "Factors":
         """Factors for an experiment config, cached under ``cfg.prepare_cache``.
 
         Experts are taken in the config's task order; the SVD rank is
-        ``cfg.evolution.mutation.rank``. A second call with unchanged models loads
-        the SVD factors from the cache instead of recomputing them.
+        ``cfg.evolution.mutation.rank``, the method ``cfg.factors.svd_method`` unless
+        given. A second call with unchanged models loads the SVD factors from the
+        cache instead of recomputing them.
         """
+        svd_method = svd_method or cfg.factors.svd_method
         return cls.build(
             cfg.models.base,
             {t: cfg.models.experts[t] for t in cfg.task_names},
@@ -309,10 +320,26 @@ class Factors:
         )
 
 
+def warm_cache(cfg: "Config", *, progress: bool = True) -> Path:
+    """Make sure the SVD factors of ``cfg`` are cached, and return the cache folder.
+
+    When the cache is already there nothing is loaded (the key comes from headers
+    and file stamps); otherwise the factors are computed on the CPU, written and
+    dropped, so that workers load them instead of racing to compute them.
+    """
+    base = inspect_model(cfg.models.base, cfg.models.revision)
+    experts = {t: inspect_model(cfg.models.experts[t], cfg.models.revision) for t in cfg.task_names}
+    key = cache_key(base, experts, dtype=str(cfg.models.dtype), rank=cfg.evolution.mutation.rank,
+                    revision=cfg.models.revision, method=cfg.factors.svd_method)
+    target = Path(cfg.prepare_cache) / key
+    if not (target / "meta.json").is_file():
+        Factors.prepare(cfg, device="cpu", progress=progress)
+    return target
+
+
 def prepare_command(cfg: "Config") -> Path:
     """``cycleqd prepare``: fill the factor cache for ``cfg`` and return its folder."""
-    factors = Factors.prepare(cfg, device="cpu", progress=True)
-    return Path(cfg.prepare_cache) / str(factors.key)
+    return warm_cache(cfg, progress=True)
 
 
 def randomized_svd(

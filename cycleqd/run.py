@@ -185,9 +185,9 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True)
 
     # Task vectors and SVD factors once, on the driver, into the shared cache;
     # the workers then load them instead of racing to compute them.
-    from cycleqd.factors import Factors
+    from cycleqd.factors import warm_cache
 
-    Factors.prepare(cfg, progress=progress)
+    warm_cache(cfg, progress=progress)
 
     # Archives are a pure function of the seeds and the log: rebuild them.
     seeds, children = store.seeds(), store.children()

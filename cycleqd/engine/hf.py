@@ -236,6 +236,11 @@ class HFEngine:
             seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
 
-    def save(self, folder: str | Path, *, max_shard_size: str | int = "5GB") -> None:
-        """Write the model as it is now (config, safetensors shards, generation config) to ``folder``."""
+    def save(self, folder: str | Path, *, max_shard_size: str | int = "5GB", generation_config=None) -> None:
+        """Write the model as it is now (config, safetensors shards, generation config) to ``folder``.
+
+        ``generation_config`` (a ``GenerationConfig``) replaces the model's own when given.
+        """
+        if generation_config is not None:
+            self.model.generation_config = generation_config
         self.model.save_pretrained(folder, max_shard_size=max_shard_size)
