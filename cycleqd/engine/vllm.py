@@ -156,8 +156,13 @@ class VLLMEngine:
         return out
 
     def load_weights(self, weights: Weights) -> None:
-        """Stream ``(name, tensor)`` pairs into the running model's ``reload_weights``, then drop cached KV."""
-        stream = iter(weight_items(weights))
+        """Stream ``(name, tensor)`` pairs into the running model's ``reload_weights``, then drop cached KV.
+
+        vLLM gathers the tensors of one layer before it processes them, so each is
+        cloned as it arrives: a producer may reuse its buffer, and at most one
+        layer's worth of tensors is held at a time.
+        """
+        stream = ((name, t.clone()) for name, t in weight_items(weights))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
         self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
 
