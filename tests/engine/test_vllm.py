@@ -24,26 +24,33 @@ DEFAULT_WORLD = Path(__file__).resolve().parents[2] / ".cache" / "mini"
 SKILLS = {"code": "mini_code", "sql": "mini_sql", "shell": "mini_shell"}
 
 
-def _world_params():
-    default = pytest.param("default", marks=pytest.mark.skipif(
-        not is_built(DEFAULT_WORLD), reason="the default mini world is not built (.cache/mini)"))
-    return ["tiny", default]
+@pytest.fixture(scope="module")
+def _pool():
+    """vLLM and transformers engines per world, started once for the module."""
+    pool: dict = {}
+    yield pool
+    pool.clear()
 
 
-@pytest.fixture(scope="module", params=_world_params())
-def world(request, tiny_world):
-    return tiny_world if request.param == "tiny" else DEFAULT_WORLD
+def _engines(pool: dict, world: Path):
+    from cycleqd.engine.vllm import VLLMEngine
+
+    if world not in pool:
+        vl = VLLMEngine.from_path(str(world / "base"), EngineConfig(name="vllm"), dtype="float32")
+        hf = HFEngine.from_path(str(world / "base"), EngineConfig(device="cpu", batch_size=64), dtype="float32")
+        pool[world] = (vl, hf)
+    return pool[world]
 
 
 @pytest.fixture(scope="module")
-def engines(world):
-    """(vLLM engine, transformers engine) on the world's base, float32 on the CPU."""
-    from cycleqd.engine.vllm import VLLMEngine
+def world(tiny_world):
+    return tiny_world
 
-    vl = VLLMEngine.from_path(str(world / "base"), EngineConfig(name="vllm"), dtype="float32")
-    hf = HFEngine.from_path(str(world / "base"), EngineConfig(device="cpu", batch_size=64), dtype="float32")
-    yield vl, hf
-    del vl
+
+@pytest.fixture(scope="module")
+def engines(_pool, world):
+    """(vLLM engine, transformers engine) on the tiny world's base, float32 on the CPU."""
+    return _engines(_pool, world)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,7 @@ def factors(world):
     return Factors.build(world / "base", experts, rank=None, progress=False)
 
 
-def _val_requests(n: int, free_tokens: int = 0, free_n: int = 10) -> list[GenRequest]:
+def _val_requests(n: int, free_tokens: int = 0, free_n: int = 10, cap: int = 80) -> list[GenRequest]:
     """The mini tasks' own val requests; with ``free_tokens``, ``free_n`` prompts per skill again without stops.
 
     The free-running copies make every comparison cover many tokens, even for a
@@ -63,7 +70,7 @@ def _val_requests(n: int, free_tokens: int = 0, free_n: int = 10) -> list[GenReq
     reqs = []
     for name, kind in SKILLS.items():
         task = TASKS.get(kind)(name=name, split="val", n=n, seed=0)
-        own = task.requests(task.items)
+        own = [replace(r, max_new_tokens=min(r.max_new_tokens, cap)) for r in task.requests(task.items)]
         reqs += own
         if free_tokens:
             reqs += [replace(r, stop=(), max_new_tokens=free_tokens) for r in own[:free_n]]
@@ -77,10 +84,12 @@ def test_registered_with_device_and_dtype(engines):
     assert vl.resident_bytes() > 0
 
 
-def test_greedy_outputs_equal_transformers_on_val_prompts(engines):
-    """The mini world's val prompts (100 per skill, plus 10 per skill run free for 24 tokens): all equal."""
-    vl, hf = engines
-    reqs = _val_requests(100, free_tokens=24)
+@pytest.mark.parametrize("which", ["tiny", pytest.param("default", marks=pytest.mark.skipif(
+    not is_built(DEFAULT_WORLD), reason="the default mini world is not built (.cache/mini)"))])
+def test_greedy_outputs_equal_transformers_on_val_prompts(_pool, tiny_world, which):
+    """The mini world's val prompts (60 per skill, plus 10 per skill run free for 24 tokens): all equal."""
+    vl, hf = _engines(_pool, tiny_world if which == "tiny" else DEFAULT_WORLD)
+    reqs = _val_requests(60, free_tokens=24, cap=80 if which == "default" else 24)
     got, want = vl.generate(reqs), hf.generate(reqs)
     assert sum(g == w for g, w in zip(got, want)) == len(reqs)
     assert sum(len(w) >= 12 for w in want) >= 20
@@ -89,7 +98,7 @@ def test_greedy_outputs_equal_transformers_on_val_prompts(engines):
 def test_round_trip_base_expert_base(engines, factors):
     """Weights streamed in by materialize: base -> each expert -> base; every state equals transformers'."""
     vl, hf = engines
-    reqs = _val_requests(8, free_tokens=16, free_n=4)
+    reqs = _val_requests(6, cap=16)
     materialize(Genome.base(factors), factors, into=vl)
     first = vl.generate(reqs)
     assert first == hf.generate(reqs)
@@ -117,7 +126,7 @@ def test_mutated_child_equals_transformers(engines, factors):
                 2, MutationConfig(rate=0.5), gen, factors)
     materialize(child, factors, into=vl)
     materialize(child, factors, into=hf)
-    reqs = _val_requests(8, free_tokens=16, free_n=4)
+    reqs = _val_requests(6, cap=16)
     assert vl.generate(reqs) == hf.generate(reqs)
 
 
