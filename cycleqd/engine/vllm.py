@@ -62,8 +62,16 @@ def _import_vllm() -> Any:
 
 
 def _weights_bytes(worker: Any) -> int:
+    # Repacked kernels may live in buffers or plain tensor attributes; count every storage once.
     model = worker.model_runner.get_model()
-    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            tensors = value.values() if isinstance(value, dict) else [value]
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    st = t.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
     return sum(seen.values())
 
 
