@@ -45,6 +45,13 @@ def engine_requests(n_mbpp: int, n_db: int, max_new_tokens: int):
     return reqs
 
 
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _tokens(tokenizer, texts) -> int:
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
@@ -89,8 +96,11 @@ def bench_engine(n_prompts: int = 64, max_new_tokens: int = 48) -> dict:
     folder = _smollm2_folder()
     reqs = engine_requests(n_prompts // 2, n_prompts - n_prompts // 2, max_new_tokens)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    rss0 = _rss()
     hf = HFEngine.from_path(str(folder), EngineConfig(device="auto", batch_size=32), dtype="float32")
+    rss1 = _rss()
     vl = VLLMEngine.from_path(str(folder), EngineConfig(name="vllm"), dtype="float32")
+    rss2 = _rss()
     out: dict = {}
     speeds, texts = {}, {}
     for name, eng in (("transformers", hf), ("vllm", vl)):
@@ -118,7 +128,10 @@ def bench_engine(n_prompts: int = 64, max_new_tokens: int = 48) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         experts = _make_experts(folder, Path(tmp), 2)
-        measured = {"engine weights (transformers)": hf.resident_bytes(), "engine weights (vllm)": vl.resident_bytes()}
+        measured = {"engine weights (transformers)": hf.resident_bytes(),
+                    "engine weights (vllm, visible tensors)": vl.resident_bytes(),
+                    "process RSS growth (transformers engine)": rss1 - rss0,
+                    "process RSS growth (vllm engine, with its KV cache)": rss2 - rss1}
         cfg = parse_config({
             "models": {"base": str(folder), "experts": {t: str(p) for t, p in experts.items()}, "dtype": "float32"},
             "tasks": [{"name": t, "kind": "likelihood", "data": "x"} for t in experts],
@@ -132,7 +145,11 @@ def bench_engine(n_prompts: int = 64, max_new_tokens: int = 48) -> dict:
         measured["task vectors"] = sum(t.numel() * t.element_size() for t in factors.tau.values())
         measured["svd factors (rank 64)"] = sum(t.numel() * t.element_size() for g in (factors.U, factors.S, factors.Vt)
                                                 for t in g.values())
-        planned["engine weights (transformers)"] = planned["engine weights (vllm)"] = planned.pop("engine weights")
+        w = planned.pop("engine weights")
+        planned["engine weights (transformers)"] = planned["engine weights (vllm, visible tensors)"] = w
+        planned["process RSS growth (transformers engine)"] = w
+        planned["process RSS growth (vllm engine, with its KV cache)"] = w + int(
+            float(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * 1024**3)
         out["plan_vs_measured"] = {k: {"plan": planned.get(k), "measured": v} for k, v in measured.items()}
     return out
 

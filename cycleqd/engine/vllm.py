@@ -62,11 +62,14 @@ def _import_vllm() -> Any:
 
 
 def _weights_bytes(worker: Any) -> int:
-    # Repacked kernels may live in buffers or plain tensor attributes; count every storage once.
+    # Repacked kernels may live in buffers or plain tensor attributes; count every storage once,
+    # leaving out the KV cache the attention layers point to.
     model = worker.model_runner.get_model()
     seen: dict[int, int] = {}
     for module in model.modules():
-        for value in vars(module).values():
+        for key, value in vars(module).items():
+            if "kv_cache" in key:
+                continue
             tensors = value.values() if isinstance(value, dict) else [value]
             for t in tensors:
                 if isinstance(t, torch.Tensor) and t.device.type != "meta":
@@ -175,5 +178,10 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
 
     def resident_bytes(self) -> int:
-        """Bytes of the running model's weights (after vLLM's own processing)."""
+        """Bytes of the tensors the running model holds, the KV cache left out.
+
+        On the CPU backend linear weights are repacked into kernel handles that hold
+        their memory outside any tensor, so this undercounts there; a process's RSS
+        growth is the honest figure (see the engine benchmark).
+        """
         return int(self.llm.collective_rpc(_weights_bytes)[0])
