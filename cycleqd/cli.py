@@ -59,6 +59,11 @@ def cmd_evolve(a: argparse.Namespace) -> int:
     if a.run_dir and Path(a.run_dir).exists() and any(Path(a.run_dir).iterdir()):
         hint = f"; continue it with `cycleqd resume {a.run_dir}`" if (Path(a.run_dir) / "config.yaml").exists() else ""
         raise ConfigError(f"run folder {a.run_dir!r} exists and is not empty{hint}")
+    from cycleqd.plan import check_plan
+
+    plan = check_plan(cfg)  # before Ray starts or anything is loaded or written
+    if not a.quiet:
+        print(plan.format(), flush=True)
     from cycleqd.run import evolve
 
     run = evolve(cfg, a.run_dir, address=a.address, progress=not a.quiet)
@@ -102,6 +107,20 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     from cycleqd.factors import prepare_command
 
     print(f"factors cached in {prepare_command(cfg)}")
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from cycleqd.config import load_config, with_overrides
+    from cycleqd.plan import memory_plan, parse_bytes
+
+    cfg = with_overrides(load_config(a.config, check_paths=False), workers=a.workers)
+    plan = memory_plan(cfg, arch=a.arch, device_bytes=parse_bytes(a.device_memory) if a.device_memory else None,
+                       host_bytes=parse_bytes(a.host_memory) if a.host_memory else None)
+    print(json.dumps(plan.to_json()) if a.json else plan.format())
+    if not plan.fits:
+        print(f"cycleqd: error: memory plan does not fit: {plan.problem}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -222,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="compute and cache task vectors and SVD factors")
     pr.add_argument("--config", required=True)
     pr.set_defaults(func=cmd_prepare)
+
+    pl = sub.add_parser("plan", help="memory per worker (from config.json and safetensors headers) and whether it fits")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--arch", help="config.json giving the architecture (for Hub ids not on disk)")
+    pl.add_argument("--workers", type=int)
+    pl.add_argument("--device-memory", help="memory of the engine's GPUs together, e.g. 80GB (default: what CUDA reports)")
+    pl.add_argument("--host-memory", help="host memory, e.g. 512GB (default: this machine's)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("show", help="the archives' elites and stats")
     s.add_argument("run_dir")

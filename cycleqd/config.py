@@ -72,6 +72,19 @@ class ModelsConfig(_Frozen):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = None
     mini: MiniWorld | None = None
+    arch: str | None = None  # a config.json to plan with when the base is a Hub id not on disk
+
+
+class FactorsConfig(_Frozen):
+    """Where a worker keeps base, task vectors and SVD factors, and how the SVDs are computed.
+
+    ``device: auto`` is the engine's device when the memory plan fits there, else host
+    memory (pinned where CUDA exists), moved to the device tensor by tensor.
+    ``svd_method: randomized`` needs ``evolution.mutation.rank``.
+    """
+
+    device: str = "auto"
+    svd_method: Literal["exact", "randomized"] = "exact"
 
 
 class CrossoverConfig(_Frozen):
@@ -174,6 +187,7 @@ class Config(_Frozen):
     tasks: list[TaskConfig]
     evolution: EvolutionConfig = EvolutionConfig()
     engine: EngineConfig = EngineConfig()
+    factors: FactorsConfig = FactorsConfig()
     sandbox: SandboxConfig = SandboxConfig()
     archive: ArchiveConfig = ArchiveConfig()
     prepare_cache: str = ".cache/prepare"
@@ -191,6 +205,8 @@ class Config(_Frozen):
         c = self.archive.centroids
         if c is not None and len(c[0]) != len(names) - 1:
             raise ValueError(f"archive.centroids are points in {len(c[0])} dimensions; {len(names)} tasks need {len(names) - 1}")
+        if self.factors.svd_method == "randomized" and self.evolution.mutation.rank is None:
+            raise ValueError("factors.svd_method: randomized needs evolution.mutation.rank")
         q = self.evolution.fixed_quality_task
         if q is not None and q not in names:
             raise ValueError(f"evolution.fixed_quality_task {q!r} is not a task ({names})")

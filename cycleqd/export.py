@@ -227,22 +227,19 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {str(out)!r}: parent is not a folder")
 
 
-def _materialized_model(cfg, genome_path: Path):
-    """The base model (in the run's dtype, on CPU) with the genome's weights written in, as the run does."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from cycleqd.experts import torch_dtype
+def _materialized_engine(cfg, genome_path: Path):
+    """A transformers engine on the CPU in the run's dtype, with the genome streamed in as a worker does."""
+    from cycleqd.config import EngineConfig
+    from cycleqd.engine.hf import HFEngine
     from cycleqd.factors import Factors
     from cycleqd.genome import Genome, materialize
 
     factors = Factors.prepare(cfg, device="cpu", progress=False)
     genome = Genome.load(genome_path)
-    model = AutoModelForCausalLM.from_pretrained(cfg.models.base, dtype=torch_dtype(cfg.models.dtype),
-                                                 revision=cfg.models.revision)
-    with torch.no_grad():
-        materialize(genome, factors, into=model.state_dict())
-    return model.eval()
+    options = {"revision": cfg.models.revision} if cfg.models.revision else {}
+    engine = HFEngine.from_path(cfg.models.base, EngineConfig(device="cpu", options=options), dtype=cfg.models.dtype)
+    materialize(genome, factors, into=engine)
+    return engine
 
 
 def export(
@@ -285,12 +282,12 @@ def export(
 
     from transformers import AutoTokenizer, GenerationConfig
 
-    model = _materialized_model(cfg, genome_path)
+    engine = _materialized_engine(cfg, genome_path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.models.base, revision=cfg.models.revision)
     try:
-        model.generation_config = GenerationConfig.from_pretrained(cfg.models.base, revision=cfg.models.revision)
+        gen_cfg = GenerationConfig.from_pretrained(cfg.models.base, revision=cfg.models.revision)
     except OSError:
-        pass  # the base has no generation_config.json; keep the one derived from its config
+        gen_cfg = None  # the base has no generation_config.json; keep the one derived from its config
     tree = run.lineage(sel.genome)
     tasks = cfg.task_names
 
@@ -298,7 +295,7 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        engine.save(tmp, max_shard_size=max_shard_size, generation_config=gen_cfg)
         tokenizer.save_pretrained(tmp)
         (tmp / "cycleqd").mkdir()
         shutil.copyfile(genome_path, tmp / "cycleqd" / "genome.safetensors")

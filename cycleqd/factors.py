@@ -14,6 +14,13 @@ For K experts of one base model, :class:`Factors` holds
 matrix product per weight. Truncation only limits which directions mutation can
 move along; the task vectors themselves stay exact.
 
+At full rank (``r = min(m, n)``) storing ``tau``, ``U`` and ``V`` would hold the
+task vector twice (``tau = U diag(S) V^T``). There the exact ``tau`` is kept with
+the basis of the short side only (``U`` when ``m <= n``, else ``Vt``; the other
+dict lacks the name): ``U^T tau = diag(S) V^T``, so the mutation term
+``U diag(d) V^T = U diag(d / S) (U^T tau)`` needs no second side. Keeping ``tau``
+(not the factors) leaves every seed expert bit-exact in any dtype.
+
 SVDs are computed once and cached as safetensors under
 ``<cache>/<key>/``; the key hashes the model sources, revision, dtype, rank and
 the weight files' sizes and modification times, so a changed checkpoint is never
@@ -38,7 +45,7 @@ from cycleqd.experts import ModelInfo, check_compatible, inspect_model, iter_ten
 if TYPE_CHECKING:
     from cycleqd.config import Config
 
-_CACHE_FORMAT = "cycleqd-factors-1"
+_CACHE_FORMAT = "cycleqd-factors-2"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -115,7 +122,7 @@ class Factors:
         self.key = key
         self.svd_computed = svd_computed
         self.names = sorted(base)
-        self.svd_names = sorted(U)
+        self.svd_names = sorted(S)
         self.ranks = {n: int(S[n].shape[1]) for n in self.svd_names}
         self.index = {n: i for i, n in enumerate(self.names)}
         K = self.num_experts
@@ -184,9 +191,25 @@ class Factors:
         return sum(t.numel() * t.element_size() for t in self.base.values())
 
     def svd_of(self, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(U_k [m, r], S_k [r], V_k^T [r, n]) of expert k's task vector for ``name``."""
+        """(U_k [m, r], S_k [r], V_k^T [r, n]) of expert k's task vector for ``name``.
+
+        A side not stored (full rank) is derived from the task vector.
+        """
         r = self.ranks[name]
-        return self.U[name][:, k * r : (k + 1) * r], self.S[name][k], self.Vt[name][k * r : (k + 1) * r]
+        s = self.S[name][k]
+        inv = torch.where(s > 0, 1.0 / s.clamp_min(1e-30), torch.zeros_like(s)).to(self.device)
+        tau = self.tau[name][k].float()
+        u = self.U[name][:, k * r : (k + 1) * r] if name in self.U else None
+        vt = self.Vt[name][k * r : (k + 1) * r] if name in self.Vt else None
+        if vt is None:
+            vt = (inv[:, None] * (u.float().t() @ tau)).to(self.dtype)
+        if u is None:
+            u = ((tau @ vt.float().t()) * inv).to(self.dtype)
+        return u, s, vt
+
+    def stores_both_sides(self, name: str) -> bool:
+        """Whether ``U`` and ``Vt`` are both stored for ``name`` (truncated rank) or one is derived (full)."""
+        return name in self.U and name in self.Vt
 
     # ------------------------------------------------------------------ building
 
@@ -263,16 +286,27 @@ class Factors:
             rank=rank, key=key if target is not None else None, svd_computed=computed,
         )
 
+    def pin_memory(self) -> "Factors":
+        """Page-lock the host tensors (where CUDA exists), so copies to the device run asynchronously."""
+        if self.device.type == "cpu" and torch.cuda.is_available():
+            for group in (self.base, self.tau, self.U, self.Vt):
+                for n in list(group):
+                    group[n] = group[n].pin_memory()
+        return self
+
     @classmethod
     def prepare(
-        cls, cfg: "Config", *, device: str | torch.device = "cpu", progress: bool = True, svd_method: str = "exact"
+        cls, cfg: "Config", *, device: str | torch.device = "cpu", progress: bool = True,
+        svd_method: str | None = None,
     ) -> "Factors":
         """Factors for an experiment config, cached under ``cfg.prepare_cache``.
 
         Experts are taken in the config's task order; the SVD rank is
-        ``cfg.evolution.mutation.rank``. A second call with unchanged models loads
-        the SVD factors from the cache instead of recomputing them.
+        ``cfg.evolution.mutation.rank``, the method ``cfg.factors.svd_method`` unless
+        given. A second call with unchanged models loads the SVD factors from the
+        cache instead of recomputing them.
         """
+        svd_method = svd_method or cfg.factors.svd_method
         return cls.build(
             cfg.models.base,
             {t: cfg.models.experts[t] for t in cfg.task_names},
@@ -286,10 +320,26 @@ class Factors:
         )
 
 
+def warm_cache(cfg: "Config", *, progress: bool = True) -> Path:
+    """Make sure the SVD factors of ``cfg`` are cached, and return the cache folder.
+
+    When the cache is already there nothing is loaded (the key comes from headers
+    and file stamps); otherwise the factors are computed on the CPU, written and
+    dropped, so that workers load them instead of racing to compute them.
+    """
+    base = inspect_model(cfg.models.base, cfg.models.revision)
+    experts = {t: inspect_model(cfg.models.experts[t], cfg.models.revision) for t in cfg.task_names}
+    key = cache_key(base, experts, dtype=str(cfg.models.dtype), rank=cfg.evolution.mutation.rank,
+                    revision=cfg.models.revision, method=cfg.factors.svd_method)
+    target = Path(cfg.prepare_cache) / key
+    if not (target / "meta.json").is_file():
+        Factors.prepare(cfg, device="cpu", progress=progress)
+    return target
+
+
 def prepare_command(cfg: "Config") -> Path:
     """``cycleqd prepare``: fill the factor cache for ``cfg`` and return its folder."""
-    factors = Factors.prepare(cfg, device="cpu", progress=True)
-    return Path(cfg.prepare_cache) / str(factors.key)
+    return warm_cache(cfg, progress=True)
 
 
 def randomized_svd(
@@ -355,13 +405,18 @@ def _svd_loop(
         t = tau[name]
         m, n = t.shape[1:]
         r = min(m, n) if rank is None else min(rank, m, n)
-        u_cat = torch.empty((m, K * r), dtype=dt, device=t.device)
-        vt_cat = torch.empty((K * r, n), dtype=dt, device=t.device)
+        # At full rank one side is derived from tau (module docstring): store the short side only.
+        keep_u = r < min(m, n) or m <= n
+        keep_vt = r < min(m, n) or m > n
+        u_cat = torch.empty((m, K * r), dtype=dt, device=t.device) if keep_u else None
+        vt_cat = torch.empty((K * r, n), dtype=dt, device=t.device) if keep_vt else None
         s_all = torch.empty((K, r), dtype=torch.float32)
         for k in range(K):
             if not bool(t[k].any()):  # an untouched weight: no directions to mutate along
-                u_cat[:, k * r : (k + 1) * r] = 0
-                vt_cat[k * r : (k + 1) * r] = 0
+                if keep_u:
+                    u_cat[:, k * r : (k + 1) * r] = 0
+                if keep_vt:
+                    vt_cat[k * r : (k + 1) * r] = 0
                 s_all[k] = 0
                 bar.update(1)
                 continue
@@ -369,12 +424,18 @@ def _svd_loop(
                 u, s, vh = randomized_svd(t[k].float(), r)
             else:
                 u, s, vh = torch.linalg.svd(t[k].float(), full_matrices=False)
-            u_cat[:, k * r : (k + 1) * r] = u[:, :r]
-            vt_cat[k * r : (k + 1) * r] = vh[:r]
+            if keep_u:
+                u_cat[:, k * r : (k + 1) * r] = u[:, :r]
+            if keep_vt:
+                vt_cat[k * r : (k + 1) * r] = vh[:r]
             s_all[k] = s[:r].cpu()
             del u, s, vh
             bar.update(1)
-        U[name], S[name], Vt[name] = u_cat, s_all, vt_cat
+        S[name] = s_all
+        if keep_u:
+            U[name] = u_cat
+        if keep_vt:
+            Vt[name] = vt_cat
 
 
 def _save_cache(target: Path, U: dict, S: dict, Vt: dict, meta: dict) -> None:
@@ -387,10 +448,12 @@ def _save_cache(target: Path, U: dict, S: dict, Vt: dict, meta: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tensors = {}
-        for n in U:
-            tensors[f"{n}.U"] = U[n].contiguous().cpu()
+        for n in S:
             tensors[f"{n}.S"] = S[n].contiguous()
-            tensors[f"{n}.Vt"] = Vt[n].contiguous().cpu()
+            if n in U:
+                tensors[f"{n}.U"] = U[n].contiguous().cpu()
+            if n in Vt:
+                tensors[f"{n}.Vt"] = Vt[n].contiguous().cpu()
         save_file(tensors, str(tmp / "svd.safetensors"), metadata={"format": _CACHE_FORMAT})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
@@ -409,8 +472,11 @@ def _load_cache(
 
     U, S, Vt = {}, {}, {}
     with safe_open(str(target / "svd.safetensors"), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
         for n in svd_names:
-            U[n] = f.get_tensor(f"{n}.U").to(device=device, dtype=dt)
             S[n] = f.get_tensor(f"{n}.S").float()
-            Vt[n] = f.get_tensor(f"{n}.Vt").to(device=device, dtype=dt)
+            if f"{n}.U" in keys:
+                U[n] = f.get_tensor(f"{n}.U").to(device=device, dtype=dt)
+            if f"{n}.Vt" in keys:
+                Vt[n] = f.get_tensor(f"{n}.Vt").to(device=device, dtype=dt)
     return U, S, Vt

@@ -25,11 +25,12 @@ import os
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence, Union
 
 import torch
 
 if TYPE_CHECKING:
+    from cycleqd.engine.base import Engine
     from cycleqd.factors import Factors
 
 _FORMAT = "cycleqd-genome"
@@ -306,78 +307,131 @@ def _active_range(block: torch.Tensor) -> tuple[int, int] | None:
     return int(nz[0]), int(nz[-1]) + 1
 
 
+def _svd_update(buf: torch.Tensor, factors: "Factors", name: str, d: torch.Tensor, d_cpu: torch.Tensor,
+                dev: torch.device) -> None:
+    """``buf += sum_k U_k diag(d_k) V_k^T`` over the experts whose ``d_k`` is nonzero."""
+    K, r = factors.num_experts, factors.ranks[name]
+    sl = factors.d_slices[name]
+    span = _active_range(d_cpu[sl].view(K, r))
+    if span is None:
+        return
+    k0, k1 = span
+    coef = d[sl][k0 * r : k1 * r]
+    U, Vt = factors.U.get(name), factors.Vt.get(name)
+    if U is not None and Vt is not None:
+        u = U[:, k0 * r : k1 * r].to(dev, non_blocking=True)
+        vt = Vt[k0 * r : k1 * r].to(dev, non_blocking=True)
+        # Scale the thinner side of the product by d, then one GEMM into the weight.
+        if u.shape[0] <= vt.shape[1]:
+            buf.addmm_(u * coef, vt)
+        else:
+            buf.addmm_(u, coef[:, None] * vt)
+        return
+    # Full rank keeps one side only (see Factors): U_k^T tau_k = S_k V_k^T, so
+    # U_k diag(d_k) V_k^T = U_k diag(d_k / S_k) (U_k^T tau_k), and likewise for V.
+    S = factors.S[name].to(device=dev, dtype=coef.dtype)
+    for k in range(k0, k1):
+        c = coef[(k - k0) * r : (k - k0 + 1) * r]
+        c = torch.where(S[k] > 0, c / S[k].clamp_min(torch.finfo(c.dtype).tiny), torch.zeros_like(c))
+        tau_k = factors.tau[name][k].to(dev, non_blocking=True)
+        if U is not None:
+            u = U[:, k * r : (k + 1) * r].to(dev, non_blocking=True)
+            buf.addmm_(u, c[:, None] * (u.t() @ tau_k))
+        else:
+            vt = Vt[k * r : (k + 1) * r].to(dev, non_blocking=True)
+            buf.addmm_((tau_k @ vt.t()) * c, vt)
+
+
+@torch.no_grad()
+def iter_weights(
+    genome: Genome,
+    factors: "Factors",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    reuse: bool = True,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, weight)`` of ``genome`` one tensor at a time, built on ``device``.
+
+    Per tensor: one ``addmv`` (base + task vectors times ``a``) and, for an SVD
+    weight, one ``addmm`` over the factors of the experts whose ``d`` is nonzero;
+    then any stored terms. Factors held elsewhere (host memory, pinned where CUDA
+    exists) are moved to ``device`` one tensor at a time, so a full model is never
+    copied at once.
+
+    Args:
+        device: where to build (default: the factors' device).
+        dtype: of the yielded tensors (default: the factors' dtype, in which they are built).
+        reuse: yield views of one scratch buffer that the next tensor overwrites
+            (the consumer must copy each before drawing the next, as
+            ``Engine.load_weights`` does); False yields fresh tensors.
+
+    Raises:
+        ValueError: genome made for other factors.
+    """
+    genome.check(factors)
+    dev = torch.device(device) if device is not None else factors.device
+    fdt = factors.dtype
+    K = factors.num_experts
+    a = genome.a.to(device=dev, dtype=fdt)
+    d_cpu = genome.d.float()
+    d = d_cpu.to(device=dev, dtype=fdt)
+    scratch: torch.Tensor | None = None
+    for t, name in enumerate(factors.names):
+        base = factors.base[name]
+        if reuse:
+            if scratch is None or scratch.numel() < base.numel():
+                scratch = torch.empty(base.numel(), device=dev, dtype=fdt)
+            buf = scratch[: base.numel()].view(base.shape)
+        else:
+            buf = torch.empty(base.shape, device=dev, dtype=fdt)
+        tau = factors.tau[name].to(dev, non_blocking=True)
+        # base + sum_k a_k tau_k as one matrix-vector product over the stacked task vectors.
+        torch.addmv(base.to(dev, non_blocking=True).reshape(-1), tau.view(K, -1).t(), a[t], out=buf.view(-1))
+        if name in factors.d_slices:
+            _svd_update(buf, factors, name, d, d_cpu, dev)
+        for term in genome.terms:
+            term.apply(buf, t, name)
+        yield name, buf if dtype is None or dtype == fdt else buf.to(dtype)
+
+
 @torch.no_grad()
 def materialize(
     genome: Genome,
     factors: "Factors",
     *,
-    into: dict[str, torch.Tensor] | None = None,
+    into: "Engine | dict[str, torch.Tensor] | None" = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
+) -> "dict[str, torch.Tensor] | Engine":
     """Build the model weights of ``genome`` from the resident factors, in one pass.
 
-    Per tensor: one ``addmv`` (base + task vectors times ``a``) and, for an SVD
-    weight, one ``addmm`` over the concatenated factors of the experts whose
-    ``d`` is nonzero, written straight into the output; then any stored terms.
-
     Args:
-        into: tensors to overwrite in place (e.g. an engine model's ``state_dict()``);
-            must hold every tensor of the factors (extra keys such as a tied
-            ``lm_head`` are left alone). Returned as given.
+        into: an engine (the weights stream into ``into.load_weights``, built on the
+            engine's device in its dtype, one scratch tensor at a time: no second
+            full copy), or tensors to overwrite in place (must hold every tensor of
+            the factors; extra keys such as a tied ``lm_head`` are left alone).
+            Returned as given.
         device, dtype: of new tensors when ``into`` is None (default: the factors').
 
     Raises:
-        ValueError: genome made for other factors.
+        ValueError: genome made for other factors, or a shape mismatch.
         KeyError: ``into`` lacks a tensor.
     """
-    genome.check(factors)
-    fdev, fdt = factors.device, factors.dtype
-    K = factors.num_experts
-    a = genome.a.to(device=fdev, dtype=fdt)
-    d_cpu = genome.d.float()
-    d = d_cpu.to(device=fdev, dtype=fdt)
-    out: dict[str, torch.Tensor] = into if into is not None else {}
-    scratch: torch.Tensor | None = None
-    for t, name in enumerate(factors.names):
-        base = factors.base[name]
-        target = None
-        if into is not None:
-            if name not in into:
-                raise KeyError(f"materialize: the target model has no tensor {name!r}")
-            target = into[name]
-            if tuple(target.shape) != tuple(base.shape):
-                raise ValueError(f"materialize: {name!r} has shape {list(target.shape)}, factors have {list(base.shape)}")
-        direct = target is not None and target.device == fdev and target.dtype == fdt and target.is_contiguous()
-        if direct:
-            buf = target
-        elif target is not None:
-            # Same-shaped scratch reused across tensors where it fits, then one copy into the target.
-            if scratch is None or scratch.numel() < base.numel():
-                scratch = torch.empty(base.numel(), device=fdev, dtype=fdt)
-            buf = scratch[: base.numel()].view(base.shape)
-        else:
-            buf = torch.empty_like(base)
-        # base + sum_k a_k tau_k as one matrix-vector product over the stacked task vectors.
-        torch.addmv(base.reshape(-1), factors.tau[name].view(K, -1).t(), a[t], out=buf.view(-1))
-        if name in factors.d_slices:
-            r = factors.ranks[name]
-            sl = factors.d_slices[name]
-            span = _active_range(d_cpu[sl].view(K, r))
-            if span is not None:
-                k0, k1 = span
-                coef = d[sl][k0 * r : k1 * r]
-                u = factors.U[name][:, k0 * r : k1 * r]
-                vt = factors.Vt[name][k0 * r : k1 * r]
-                # Scale the thinner side of the product by d, then one GEMM into the weight.
-                if u.shape[0] <= vt.shape[1]:
-                    buf.addmm_(u * coef, vt)
-                else:
-                    buf.addmm_(u, coef[:, None] * vt)
-        for term in genome.terms:
-            term.apply(buf, t, name)
-        if target is not None and not direct:
-            target.copy_(buf)
-        elif target is None:
-            out[name] = buf if device is None and dtype is None else buf.to(device=device or fdev, dtype=dtype or fdt)
-    return out
+    if into is not None and hasattr(into, "load_weights"):
+        into.load_weights(iter_weights(genome, factors, device=into.device, dtype=into.dtype))
+        return into
+    if into is None:
+        dev = torch.device(device) if device is not None else factors.device
+        return {n: w for n, w in iter_weights(genome, factors, device=dev, dtype=dtype, reuse=False)}
+    for name in factors.names:
+        if name not in into:
+            raise KeyError(f"materialize: the target model has no tensor {name!r}")
+        if tuple(into[name].shape) != factors.shape(name):
+            raise ValueError(f"materialize: {name!r} has shape {list(into[name].shape)}, "
+                             f"factors have {list(factors.shape(name))}")
+    first = into[factors.names[0]] if factors.names else None
+    dev = first.device if first is not None else factors.device
+    for name, w in iter_weights(genome, factors, device=dev):
+        into[name].copy_(w)
+    return into

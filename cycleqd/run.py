@@ -232,9 +232,9 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True,
 
         # Task vectors and SVD factors once, on the driver, into the shared cache;
         # the workers then load them instead of racing to compute them.
-        from cycleqd.factors import Factors
+        from cycleqd.factors import warm_cache
 
-        Factors.prepare(cfg, progress=progress)
+        warm_cache(cfg, progress=progress)
         if progress:
             observers.append(_Progress(cfg.evolution.generations, len(store.children())))
 

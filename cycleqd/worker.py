@@ -1,8 +1,10 @@
 """A worker: child spec -> crossover -> mutation -> materialize -> evaluate on K tasks.
 
 A worker keeps the base, the experts' task vectors, their SVD factors, one
-loaded model and the K tasks resident; a child costs one pass over the weights
-plus the evaluations, and no checkpoint is read from disk. The same class runs
+engine and the K tasks resident; a child costs one pass over the weights,
+streamed into the engine tensor by tensor, plus the evaluations, and no
+checkpoint is read from disk. The factors live where the memory plan puts them
+(``factors.device``): the engine's device when they fit there, else host memory. The same class runs
 as a Ray actor (``run.py``) or in process (tests, replay of one child).
 Domain errors inside a child become a failed result; they never crash the run.
 """
@@ -81,16 +83,17 @@ class ChildWorker:
 
     def __init__(self, cfg: Config | dict, index: int = 0, threads: int | None = None):
         from cycleqd.factors import Factors
+        from cycleqd.plan import factors_device
 
         self.cfg = cfg if isinstance(cfg, Config) else parse_config(cfg)
         self.index = index
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) // self.cfg.evolution.workers)
         torch.set_num_threads(threads)
-        self.factors = Factors.prepare(self.cfg, progress=False)
         engine_cls = ENGINES.get(self.cfg.engine.name)
         self.engine = engine_cls.from_path(self.cfg.models.base, self.cfg.engine, dtype=self.cfg.models.dtype)
-        self._state = self.engine.model.state_dict()  # views of the live parameters
+        where = factors_device(self.cfg, self.engine.device)
+        self.factors = Factors.prepare(self.cfg, device=where, progress=False).pin_memory()
         self.tasks = build_tasks(self.cfg)
 
     def ping(self) -> int:
@@ -102,13 +105,13 @@ class ChildWorker:
         return Genome.seed(k, self.factors).to_bytes()
 
     def evaluate(self, genome: Any, tasks: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
-        """Materialize ``genome`` into the resident model and score it on every task (or only ``tasks``)."""
+        """Stream ``genome``'s weights into the engine and score it on every task (or only ``tasks``)."""
         from cycleqd.genome import materialize
 
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         with torch.no_grad():
-            materialize(genome, self.factors, into=self._state)
+            materialize(genome, self.factors, into=self.engine)
         seconds["materialize"] = time.perf_counter() - t0
         scores = {}
         for name, task in self.tasks.items():

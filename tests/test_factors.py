@@ -157,3 +157,19 @@ class TestRandomizedSVD:
             Factors.build(tiny_family["base"], experts, progress=False, svd_method="randomized")
         with pytest.raises(ValueError, match="svd_method"):
             Factors.build(tiny_family["base"], experts, rank=2, progress=False, svd_method="magic")
+
+
+def test_full_rank_stores_one_side(tiny_family):
+    """At full rank tau = U diag(S) V^T: only the short side's basis is stored, the other is derived."""
+    experts = {t: tiny_family[t] for t in ("a", "b", "c")}
+    full = Factors.build(tiny_family["base"], experts, rank=None, progress=False)
+    for name in full.svd_names:
+        m, n = full.shape(name)
+        assert not full.stores_both_sides(name)
+        assert (name in full.U) == (m <= n) and (name in full.Vt) == (m > n)
+        for k in range(3):
+            u, s, vt = full.svd_of(name, k)
+            torch.testing.assert_close(u @ torch.diag(s) @ vt, full.tau[name][k], atol=1e-5, rtol=1e-4)
+    both = sum(full.tau[n].numel() + 3 * min(full.shape(n)) * sum(full.shape(n)) for n in full.svd_names)
+    held = sum(full.tau[n].numel() + full.U.get(n, full.Vt.get(n)).numel() for n in full.svd_names)
+    assert held < both

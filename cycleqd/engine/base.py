@@ -1,8 +1,13 @@
-"""What every engine does: generate text for a batch of requests, take new weights in place."""
+"""What every engine does: generate text for a batch of requests, take new weights in place.
+
+An engine owns its model's weights: the only way weights reach a model is
+:meth:`Engine.load_weights`, fed tensor by tensor under Hugging Face names, so a
+caller (``materialize``) never needs a second full copy of the model.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence, Union
 
 import torch
 
@@ -28,13 +33,34 @@ class GenRequest:
     prefill: str = ""
 
 
+#: What :meth:`Engine.load_weights` accepts: a mapping or a stream of ``(name, tensor)`` pairs.
+Weights = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+
+def weight_items(weights: Weights) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of a mapping or a stream, without copying either."""
+    return weights.items() if isinstance(weights, Mapping) else weights
+
+
 class Engine(Protocol):
-    """A text generator whose weights can be replaced in place."""
+    """A text generator that owns its model's weights and replaces them in place.
+
+    Attributes:
+        device: where the model's weights live (a child is best built there).
+        dtype: the model's weight dtype.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions, one per request, cut at the first stop string."""
         ...
 
-    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``state`` into the resident model without re-instantiating it."""
+    def load_weights(self, weights: Weights) -> None:
+        """Take new weights under Hugging Face names, one tensor at a time, in place.
+
+        Each tensor is consumed (copied into the model) before the next one is
+        drawn, so a producer may reuse one buffer for every tensor.
+        """
         ...

@@ -12,14 +12,15 @@ a worker evaluating many merged models never re-instantiates it.
 from __future__ import annotations
 
 import inspect
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.base import GenRequest
+from cycleqd.engine.base import GenRequest, Weights, weight_items
 from cycleqd.registry import register_engine
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -151,7 +152,9 @@ class HFEngine:
         if tokenizer.pad_token_id is None:
             # Left padding needs some id; the attention mask hides it.
             tokenizer.pad_token = tokenizer.eos_token
-        self.device = next(model.parameters()).device
+        first = next(model.parameters())
+        self.device: torch.device = first.device
+        self.dtype: torch.dtype = first.dtype
         self._stop_checks: dict[tuple[str, ...], _StopCheck] = {}
 
     @classmethod
@@ -278,26 +281,62 @@ class HFEngine:
                     outputs[i] = t
         return outputs
 
+    # -- scoring ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
+        """``(sum of log p(token | prefix), number of scored tokens)`` of each text.
+
+        The first token (BOS where the tokenizer adds one) is context, not scored.
+        """
+        out: list[tuple[float, int]] = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True)
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            logits = self.model(**enc).logits[:, :-1].float()
+            target = enc["input_ids"][:, 1:]
+            mask = enc["attention_mask"][:, 1:].float() * enc["attention_mask"][:, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0] * mask
+            out += [(float(s), int(m)) for s, m in zip(lp.sum(1), mask.sum(1))]
+        return out
+
     # -- weights ----------------------------------------------------------------------------
     @torch.no_grad()
-    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``state`` into the resident model's tensors in place (cast to their dtype/device).
+    def load_weights(self, weights: Weights) -> None:
+        """Copy each ``(name, tensor)`` into the live parameter of that name, in place, as it arrives.
 
-        Tied weights (e.g. ``lm_head.weight`` sharing ``embed_tokens``) may be given
-        under either name. Raises KeyError for names the model does not have and
-        ValueError for a shape mismatch or a parameter that ``state`` leaves out.
+        Tensors are cast to the parameter's dtype and device. Tied weights (e.g.
+        ``lm_head.weight`` sharing ``embed_tokens``) may be given under either name.
+
+        Raises:
+            KeyError: a name the model does not have.
+            ValueError: a shape mismatch, or a parameter the weights leave out.
         """
         own = self.model.state_dict(keep_vars=True)
-        unknown = [k for k in state if k not in own]
-        if unknown:
-            raise KeyError(f"load_weights: model has no tensor(s) {unknown[:5]}")
         covered: set[int] = set()
-        for name, value in state.items():
-            target = own[name]
+        for name, value in weight_items(weights):
+            target = own.get(name)
+            if target is None:
+                raise KeyError(f"load_weights: model has no tensor {name!r}")
             if tuple(target.shape) != tuple(value.shape):
                 raise ValueError(f"load_weights: {name} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
             target.data.copy_(value)
             covered.add(target.data_ptr())
         missing = [n for n, p in self.model.named_parameters() if p.data_ptr() not in covered]
         if missing:
-            raise ValueError(f"load_weights: state leaves out parameter(s) {missing[:5]}")
+            raise ValueError(f"load_weights: weights leave out parameter(s) {missing[:5]}")
+
+    def resident_bytes(self) -> int:
+        """Bytes of the model's weights (tied tensors once)."""
+        seen: dict[int, int] = {}
+        for t in self.model.state_dict().values():
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    def save(self, folder: str | Path, *, max_shard_size: str | int = "5GB", generation_config=None) -> None:
+        """Write the model as it is now (config, safetensors shards, generation config) to ``folder``.
+
+        ``generation_config`` (a ``GenerationConfig``) replaces the model's own when given.
+        """
+        if generation_config is not None:
+            self.model.generation_config = generation_config
+        self.model.save_pretrained(folder, max_shard_size=max_shard_size)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
+
+import torch
 
 from cycleqd.config import ConfigError
 from cycleqd.engine.base import GenRequest
@@ -26,6 +28,9 @@ class ReplayEngine:
         ReplayError: the file is missing, a line is not JSON, or a record lacks
             ``id`` / a list of string ``turns``.
     """
+
+    device = torch.device("cpu")
+    dtype = torch.float32
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -58,6 +63,6 @@ class ReplayEngine:
             out.append(turns[r.turn] if 0 <= r.turn < len(turns) else "")
         return out
 
-    def load_weights(self, state: Mapping[str, object]) -> None:
+    def load_weights(self, weights: object) -> None:
         """Always raises TypeError: a replay has no weights."""
         raise TypeError("replay engine has no weights to load")

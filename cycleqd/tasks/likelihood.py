@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import ClassVar, Sequence
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from cycleqd.config import ConfigError, SandboxConfig
@@ -41,7 +40,7 @@ def _read_texts(path: str) -> list[tuple[str, str]]:
 
 @register_task("likelihood")
 class Likelihood:
-    """Scores exp(mean token log-likelihood) of fixed texts under the engine's model."""
+    """Scores exp(mean token log-likelihood) of fixed texts, through ``engine.sequence_logprobs``."""
 
     class Options(BaseModel):
         """``batch_size``: texts per forward pass."""
@@ -64,22 +63,14 @@ class Likelihood:
     def evaluate(self, engine, ids: Sequence[str] | None = None) -> TaskResult:
         t0 = time.perf_counter()
         rows = [r for r in self.rows if ids is None or r[0] in set(ids)]
-        model, tok = engine.model, engine.tokenizer
+        # The engine scores the texts: its weights are whatever was last loaded into it.
+        scored = engine.sequence_logprobs([t for _, t in rows], batch_size=self.batch_size)
         samples = []
         total, count = 0.0, 0
-        with torch.inference_mode():
-            for i in range(0, len(rows), self.batch_size):
-                chunk = rows[i : i + self.batch_size]
-                enc = tok([t for _, t in chunk], return_tensors="pt", padding=True)
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                logits = model(**enc).logits[:, :-1].float()
-                target = enc["input_ids"][:, 1:]
-                mask = enc["attention_mask"][:, 1:].float() * enc["attention_mask"][:, :-1].float()
-                lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0] * mask
-                for (sid, _), s, m in zip(chunk, lp.sum(1), mask.sum(1)):
-                    n = max(float(m), 1.0)
-                    samples.append(SampleResult(sid, math.exp(float(s) / n)))
-                    total += float(s)
-                    count += int(n)
+        for (sid, _), (s, m) in zip(rows, scored):
+            n = max(m, 1)
+            samples.append(SampleResult(sid, math.exp(s / n)))
+            total += s
+            count += n
         quality = math.exp(total / max(count, 1))
         return TaskResult(self.name, quality, len(samples), tuple(samples), time.perf_counter() - t0)

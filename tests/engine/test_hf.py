@@ -152,5 +152,5 @@ def test_vllm_missing_is_a_clear_error(tiny_family):
     from cycleqd.engine.vllm import VLLMEngine, VLLMNotInstalled
 
     assert ENGINES.get("vllm") is VLLMEngine
-    with pytest.raises(VLLMNotInstalled, match="pip install"):
+    with pytest.raises(VLLMNotInstalled, match="vllm package"):
         VLLMEngine.from_path(str(tiny_family["base"]), EngineConfig(name="vllm"))

