@@ -230,7 +230,7 @@ def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
     # Score the new task on the seeds and every elite; the new expert on all K + 1 tasks.
     seeds = store.seeds()
     children = store.children()
-    growths = _growths(run)
+    growths = RunStore(run).growths()
     old_arch = Archive.replay(old_cfg.task_names, {t.name: t.bins for t in old_cfg.tasks},
                               replay_models(old_cfg.task_names, seeds, children, growths), old_cfg.archive)
     todo = list(dict.fromkeys([s["genome"] for s in seeds.values()] + [e.genome for e in old_arch.all_elites()]))
@@ -275,10 +275,6 @@ def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
     return run
 
 
-def _growths(run: Path) -> list[dict]:
-    from cycleqd.store import _read_jsonl
-
-    return list(_read_jsonl(run / GROWTH_LOG))
 
 
 def _copy_plus_line(src: Path, dst: Path, record: dict) -> None:

@@ -45,7 +45,4 @@ def replay_models(
 
 def run_history(store) -> list[Offer]:
     """:func:`replay_models` over a run folder (a :class:`cycleqd.store.RunStore`)."""
-    from cycleqd.store import _read_jsonl
-
-    growths = list(_read_jsonl(store.path / GROWTH_LOG))
-    return replay_models(store.config().task_names, store.seeds(), store.children(), growths)
+    return replay_models(store.config().task_names, store.seeds(), store.children(), store.growths())

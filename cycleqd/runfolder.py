@@ -166,12 +166,10 @@ class RunFolder:
 
         A grown run's earlier models gain their new tasks' scores from its growth log.
         """
-        from cycleqd.history import GROWTH_LOG, replay_models
-        from cycleqd.store import _read_jsonl
+        from cycleqd.history import replay_models
 
         n = self.generation if generation is None else generation
-        growths = list(_read_jsonl(self.path / GROWTH_LOG))
-        return replay_models(self.tasks, self.seeds, self.children[:n], growths)
+        return replay_models(self.tasks, self.seeds, self.children[:n], self.store.growths())
 
     def archive(self, generation: int | None = None) -> Archive:
         """The archives at ``generation`` (default now), replayed from the seeds and the log."""

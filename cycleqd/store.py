@@ -218,6 +218,12 @@ class RunStore:
                 raise RunDamaged(f, f"not a child record ({loc}: {err['msg']})", n) from None
         return out
 
+    def growths(self) -> list[dict]:
+        """growth.jsonl: one record per task ``cycleqd grow`` added (see :mod:`cycleqd.history`)."""
+        from cycleqd.history import GROWTH_LOG
+
+        return [obj for _, obj in read_jsonl(self.path / GROWTH_LOG)]
+
     def stats(self) -> list[dict]:
         """stats.jsonl (a derived progress log for plots); unreadable lines are skipped."""
         out = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from cycleqd.archive import Archive
-from cycleqd.config import Bins, parse_config
+from cycleqd.config import parse_config
 from cycleqd.pool import LocalPool
 from cycleqd.run import run_loop
 from cycleqd.runfolder import RunFolder
