@@ -25,14 +25,18 @@ DATA = Path(os.environ.get("CYCLEQD_DATA", ROOT.parent / "shared" / "data"))
 
 
 def engine_requests(n_mbpp: int, n_db: int, max_new_tokens: int):
-    """First-turn chat requests: ``n_mbpp`` MBPP problems (the CycleQD code prompt) and ``n_db`` DBBench samples."""
+    """First-turn chat requests: ``n_mbpp`` MBPP problems (the official wording as chat turns) and ``n_db`` DBBench samples."""
     from cycleqd.engine.base import GenRequest
     from cycleqd.tasks.dbbench import PROMPT
-    from cycleqd.tasks.mbpp import MBPPTask, chat_prompt
+    from cycleqd.tasks.mbpp import SYSTEM, MBPPTask, official_instruction
 
     task = MBPPTask(data=str(DATA / "mbpp" / "mbpp.jsonl"), limit=n_mbpp)
-    reqs = [GenRequest(sample_id=f"mbpp-{i}", messages=({"role": "user", "content": chat_prompt(task.problems[i].prompt)},),
-                       max_new_tokens=max_new_tokens) for i in task.sample_ids()]
+    reqs = []
+    for i in task.sample_ids():
+        p = task.problems[i]
+        messages = ({"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": official_instruction(p.text, p.assertion)})
+        reqs.append(GenRequest(sample_id=f"mbpp-{i}", messages=messages, max_new_tokens=max_new_tokens))
     rows = [json.loads(line) for line in (DATA / "agentbench" / "dbbench" / "dev.jsonl").read_text().splitlines()
             if line.strip()]
     for i, row in enumerate((rows * (1 + n_db // max(1, len(rows))))[:n_db]):
