@@ -17,6 +17,7 @@ import yaml
 from cycleqd.archive import Archive
 from cycleqd.config import parse_config
 from cycleqd.history import run_history
+from cycleqd.runlock import LOCK_NAME
 from cycleqd.store import RunStore
 
 from tiny_models import make_tiny_family
@@ -176,10 +177,10 @@ def test_resume_after_grow_continues_with_four_rotating_tasks_and_survives_sigki
             assert kept[tuple(e["cell"])] >= e["quality"] - 1e-12, f"{task}: cell {e['cell']} lost"
     assert after["generation"] == 14
     children = RunStore(run).children()
-    assert len(children) == 14 and len({c["id"] for c in children}) == 14
-    late = sorted((c for c in children if c["generation"] > 8), key=lambda c: c["generation"])
-    assert all(set(c["scores"]) == set("abcd") for c in late if c["error"] is None)
-    assert {c["quality_task"] for c in late} == set("abcd")  # d takes its turn as the quality task
+    assert len(children) == 14 and len({c.id for c in children}) == 14
+    late = sorted((c for c in children if c.generation > 8), key=lambda c: c.generation)
+    assert all(set(c.scores) == set("abcd") for c in late if c.error is None)
+    assert {c.quality_task for c in late} == set("abcd")  # d takes its turn as the quality task
     # earlier elites that are still elites keep their scores
     grown = {e["genome"]: e["scores"] for a in runs["after"]["archives"].values() for e in a["elites"]}
     for a in after["archives"].values():
@@ -237,7 +238,9 @@ def test_a_switch_killed_after_ready_is_finished(runs, world):
 
 def test_bad_grow_input_exits_2_and_writes_nothing(runs, world):
     run = runs["root"] / "bad"
-    snapshot = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    # the run's state, not the lock file (which holds the PID of whoever last held the lock)
+    state = lambda: {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != LOCK_NAME}  # noqa: E731
+    snapshot = state()
     again = world["dir"] / "grow_again.yaml"
     again.write_text(yaml.safe_dump({**yaml.safe_load(world["spec"].read_text()),
                                      "task": {"name": "b", "kind": "likelihood", "data": str(world["dir"] / "b.txt")}}))
@@ -247,7 +250,7 @@ def test_bad_grow_input_exits_2_and_writes_nothing(runs, world):
                           (world["dir"] / "missing.yaml", "not found")):
         out = _cycleqd("grow", str(run), "--task", str(spec))
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == snapshot
+    assert state() == snapshot
     assert not (run / ".grow").exists()
 
 

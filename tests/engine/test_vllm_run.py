@@ -93,7 +93,7 @@ def test_kill_and_resume_with_vllm(runs):
     _, vl_run, killed_at = runs
     children = RunStore(vl_run).children()
     assert killed_at >= 3
-    assert len(children) >= 12 and len({c["id"] for c in children}) == len(children)
-    assert all(c["error"] is None for c in children), [c["error"] for c in children if c["error"]][:2]
-    assert {c["worker"] for c in children} == {0, 1}
+    assert len(children) >= 12 and len({c.id for c in children}) == len(children)
+    assert all(c.error is None for c in children), [c.error for c in children if c.error][:2]
+    assert {c.worker for c in children} == {0, 1}
     assert RunStore(vl_run).final_merge()["scores"].keys() == TEXTS.keys()
