@@ -190,7 +190,7 @@ def test_one_mbpp_problem_end_to_end(engine):
 def test_engine_gives_generate_tokens_on_a_real_tokenizer(engine):
     """Byte-level BPE, a chat template and multi-character stop strings: the engine's own loop
     (rows leave the batch when they stop) writes what ``model.generate`` writes, cut at the stop."""
-    from cycleqd.engine.base import GenRequest
+    from cycleqd.engine.base import GenRequest, encode_request
     from cycleqd.engine.hf import cut_at_stop
 
     asks = ["Name a colour.", "Write a Python function that adds two numbers.", "What is 2+2?", "Say hi."]
@@ -198,7 +198,7 @@ def test_engine_gives_generate_tokens_on_a_real_tokenizer(engine):
     reqs = [GenRequest(str(i), messages=({"role": "user", "content": q},), max_new_tokens=24, stop=s)
             for i, (q, s) in enumerate(zip(asks, stops))]
     tok, model = engine.tokenizer, engine.model
-    enc = [engine._encode(r) for r in reqs]
+    enc = [encode_request(engine.tokenizer, r) for r in reqs]
     width = max(len(e) for e in enc)
     ids = torch.full((len(enc), width), tok.pad_token_id)
     mask = torch.zeros_like(ids)

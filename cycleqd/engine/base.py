@@ -64,3 +64,23 @@ class Engine(Protocol):
         drawn, so a producer may reuse one buffer for every tensor.
         """
         ...
+
+
+def encode_request(tokenizer, req: GenRequest) -> list[int]:
+    """The prompt token ids of ``req``, the same for every engine (so engines can be compared).
+
+    Chat messages go through the tokenizer's own chat template (which writes its special
+    tokens, BOS included) with the request's ``prefill`` appended; a raw prompt is tokenized
+    with the tokenizer's defaults.
+
+    Raises:
+        ValueError: the request sets both or neither of ``prompt`` and ``messages``.
+    """
+    if (req.prompt is None) == (req.messages is None):
+        raise ValueError(f"request {req.sample_id!r}: set exactly one of prompt or messages")
+    if req.messages is not None:
+        text = tokenizer.apply_chat_template(
+            [dict(m) for m in req.messages], tokenize=False, add_generation_prompt=True
+        ) + req.prefill
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(req.prompt)["input_ids"]

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.base import GenRequest, Weights, weight_items
+from cycleqd.engine.base import GenRequest, Weights, encode_request, weight_items
 from cycleqd.registry import register_engine
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -174,17 +174,6 @@ class HFEngine:
         return cls(model, tokenizer, batch_size=engine_cfg.batch_size, max_new_tokens=engine_cfg.max_new_tokens)
 
     # -- generation -------------------------------------------------------------------------
-    def _encode(self, req: GenRequest) -> list[int]:
-        if (req.prompt is None) == (req.messages is None):
-            raise ValueError(f"request {req.sample_id!r}: set exactly one of prompt or messages")
-        if req.messages is not None:
-            text = self.tokenizer.apply_chat_template(
-                [dict(m) for m in req.messages], tokenize=False, add_generation_prompt=True
-            ) + req.prefill
-            # The chat template writes its own special tokens (BOS included).
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(req.prompt)["input_ids"]
-
     def _limit(self, req: GenRequest) -> int:
         n = req.max_new_tokens
         return min(n, self.max_new_tokens) if self.max_new_tokens else n
@@ -264,7 +253,7 @@ class HFEngine:
         Raises:
             ValueError: a request sets both or neither of ``prompt`` and ``messages``.
         """
-        encoded = [self._encode(r) for r in requests]
+        encoded = [encode_request(self.tokenizer, r) for r in requests]
         outputs: list[str] = [""] * len(requests)
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, r in enumerate(requests):

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.base import GenRequest, Weights, weight_items
+from cycleqd.engine.base import GenRequest, Weights, encode_request, weight_items
 from cycleqd.engine.hf import cut_at_stop
 from cycleqd.experts import read_model_config, resolve_model_dir, torch_dtype
 from cycleqd.registry import register_engine
@@ -126,17 +126,6 @@ class VLLMEngine:
         return cls(llm, dtype=torch_dtype(name), max_model_len=int(opts["max_model_len"]),
                    max_new_tokens=engine_cfg.max_new_tokens)
 
-    def _prompt_ids(self, r: GenRequest) -> list[int]:
-        if (r.prompt is None) == (r.messages is None):
-            raise ValueError(f"request {r.sample_id!r}: set exactly one of prompt or messages")
-        if r.messages is not None:
-            text = self.tokenizer.apply_chat_template(
-                [dict(m) for m in r.messages], tokenize=False, add_generation_prompt=True
-            ) + r.prefill
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        # Tokenized here, as the transformers engine does, so both see the same ids.
-        return self.tokenizer(r.prompt)["input_ids"]
-
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions in request order, cut at the first stop string.
 
@@ -145,7 +134,7 @@ class VLLMEngine:
         vllm = _import_vllm()
         prompts, params = [], []
         for r in requests:
-            ids = self._prompt_ids(r)
+            ids = encode_request(self.tokenizer, r)  # the ids the transformers engine sees too
             limit = min(r.max_new_tokens, self.max_new_tokens) if self.max_new_tokens else r.max_new_tokens
             limit = max(1, min(limit, self.max_model_len - len(ids)))
             prompts.append({"prompt_token_ids": ids})

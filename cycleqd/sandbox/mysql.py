@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from cycleqd.sandbox.sql import DEFAULT_LIMITS, QueryResult, SQLLimits, refusal, value_bytes
+from cycleqd.sandbox.sql import DEFAULT_LIMITS, QueryResult, SQLLimits, fetch_capped, refusal
 
 # Everything a DBBench answer needs inside its own database, nothing about the server.
 _RIGHTS = ("SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER, CREATE TEMPORARY TABLES, "
@@ -143,22 +143,10 @@ class MySQLSandbox:
             # Some statements (BENCHMARK, SLEEP) end "successfully" when interrupted.
             if killed.is_set() or time.monotonic() - start > lim.seconds:
                 return QueryResult(None, [], False, late)
-            if cur.description is None:
-                return QueryResult(None, [])
-            columns = tuple(d[0] for d in cur.description)
-            rows: list[tuple] = []
-            size = 0
-            while True:
-                batch = cur.fetchmany(256)
-                if not batch:
-                    return QueryResult(columns, rows)
-                for r in batch:
-                    size += value_bytes(r)
-                    if len(rows) >= lim.max_rows or size > lim.max_bytes:
-                        # Stop the server instead of reading the rest off the wire.
-                        self._kill()
-                        return QueryResult(columns, rows, True)
-                    rows.append(tuple(r))
+            result = fetch_capped(cur, lim)
+            if result.truncated:
+                self._kill()  # stop the server instead of reading the rest off the wire
+            return result
         except self.pymysql.MySQLError as e:
             if isinstance(e, (self.pymysql.err.OperationalError, self.pymysql.err.InterfaceError)) \
                     and not self.con.open:

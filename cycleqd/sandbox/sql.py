@@ -148,6 +148,28 @@ def value_bytes(row: tuple) -> int:
     return 16 + sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
 
 
+def fetch_capped(cur: Any, limits: SQLLimits) -> QueryResult:
+    """The rows of an executed cursor, streamed in small batches and cut at the row / byte caps.
+
+    A huge result is cut, never held. ``QueryResult.truncated`` says the caps were reached
+    (the caller may then stop the statement on the server).
+    """
+    if cur.description is None:
+        return QueryResult(None, [])
+    columns = tuple(d[0] for d in cur.description)
+    rows: list[tuple] = []
+    size = 0
+    while True:
+        batch = cur.fetchmany(256)
+        if not batch:
+            return QueryResult(columns, rows)
+        for r in batch:
+            size += value_bytes(r)
+            if len(rows) >= limits.max_rows or size > limits.max_bytes:
+                return QueryResult(columns, rows, True)
+            rows.append(tuple(r))
+
+
 def _nesting(sql: str) -> int:
     """Deepest parenthesis nesting outside quotes and comments."""
     depth = deepest = 0
@@ -285,21 +307,7 @@ class SQLiteSandbox:
         cur = None
         try:
             cur = self.con.execute(sql, params)
-            if cur.description is None:
-                return QueryResult(None, [])
-            columns = tuple(d[0] for d in cur.description)
-            rows: list[tuple] = []
-            size = 0
-            while True:
-                # Streamed in small batches: a huge result is cut, never held.
-                batch = cur.fetchmany(256)
-                if not batch:
-                    return QueryResult(columns, rows)
-                for r in batch:
-                    size += value_bytes(r)
-                    if len(rows) >= lim.max_rows or size > lim.max_bytes:
-                        return QueryResult(columns, rows, True)
-                    rows.append(tuple(r))
+            return fetch_capped(cur, lim)
         except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError, MemoryError) as e:
             return QueryResult(None, [], False, self._stop or str(e))
         finally:
