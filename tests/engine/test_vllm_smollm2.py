@@ -25,6 +25,9 @@ try:
     e2e.gguf_path()
 except e2e.ModelPackageMissing as e:
     pytest.skip(f"needs the SmolLM2 model package: {e}", allow_module_level=True)
+if not (bench.DATA / "mbpp" / "mbpp.jsonl").is_file():
+    pytest.skip(f"benchmark data folder {bench.DATA} is absent (only on the development machine)",
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
