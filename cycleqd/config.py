@@ -272,7 +272,7 @@ def check_task_options(task: TaskConfig) -> BaseModel | None:
     try:
         return options_model.model_validate(task.options)
     except ValidationError as e:
-        raise ConfigError(f"task {task.name} ({task.kind}): options.{_one_line(e)}") from None
+        raise ConfigError(f"task {task.name} ({task.kind}): options.{one_line_error(e)}") from None
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -293,7 +293,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _one_line(e: ValidationError, model: type[BaseModel] | None = None) -> str:
+def one_line_error(e: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """A pydantic error as one line: up to three ``loc: message`` parts ("did you mean" for unknown keys)."""
     parts = []
     for err in e.errors()[:3]:
         loc = ".".join(str(x) for x in err["loc"]) or "config"
@@ -313,7 +314,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_one_line(e, Config)}") from None
+        raise ConfigError(f"{source}: {one_line_error(e, Config)}") from None
     _check_names(cfg)
     return cfg
 

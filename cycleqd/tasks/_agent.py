@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from pydantic import BaseModel, ValidationError
 
-from cycleqd.config import ConfigError
+from cycleqd.config import ConfigError, one_line_error
 from cycleqd.engine.base import Engine, GenRequest
 from cycleqd.tasks.base import SampleResult, TaskResult
 
@@ -61,9 +61,7 @@ def task_options(model: type[BaseModel], kind: str, **values: Any) -> Any:
     try:
         return model(**values)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ())) or "options"
-        raise ConfigError(f"task {kind}: option {where}: {err.get('msg', 'invalid')}") from None
+        raise ConfigError(f"task {kind}: options.{one_line_error(e, model)}") from None
 
 
 def ids_as_strings(value: Any) -> Any:
