@@ -28,7 +28,7 @@ def replay_models(
     Args:
         tasks: the run's current tasks.
         seeds: ``seeds.json`` ({task: {"genome": id, "scores": {...}}}), offered first at generation 0.
-        children: the :class:`~cycleqd.record.ChildRecord`\ s of ``children.jsonl``, in order; failed ones are left out.
+        children: the :class:`~cycleqd.record.ChildRecord` records of ``children.jsonl``, in order; failed ones are left out.
         growths: ``growth.jsonl`` records ({"task": name, "scores": {genome id: score}, ...}).
 
     Models without a score on every task (children that were not elites when a task

@@ -255,6 +255,7 @@ class OSSession:
         self.proc: subprocess.Popen | None = None
         self.memory_mb, self.cwd = memory_mb, cwd
         self._buf = b""
+        self.timeouts = 0  # commands and checks killed at their time limit (load shows here)
         try:
             self._build_layer()
         except BaseException:
@@ -422,6 +423,7 @@ class OSSession:
                     out, self._buf = self._buf, b""
                     return ShellOutput(out.decode("utf-8", errors="replace"), -1, True)
                 timed_out = True
+                self.timeouts += 1
                 self._kill_new(before)
                 deadline = time.monotonic() + 3.0
                 continue
@@ -493,6 +495,7 @@ class OSSession:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     timed_out = True
+                    self.timeouts += 1
                     break
                 ready, _, _ = select.select([fd], [], [], min(left, 0.05))
                 if ready:

@@ -462,6 +462,8 @@ class OSInteractionTask:
                 detail = {"status": ep.status, "answer": ep.answer, "turns": ep.turn}
                 try:
                     ok = self._verdict(ep)
+                    if ep.session.timeouts:  # commands or checks cut at their limit
+                        detail["timeouts"] = ep.session.timeouts
                     out[ep.sample_id] = (1.0 if ok else 0.0, errors.get(ep.sample_id), detail)
                 except Exception as e:  # a judge that cannot run is a failed sample
                     out[ep.sample_id] = (0.0, f"judging failed: {error_text(e)}", detail)

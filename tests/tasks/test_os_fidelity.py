@@ -49,9 +49,17 @@ def dev_task(shared_data) -> OSInteractionTask:
 
 def test_known_correct_player_passes_every_sound_dev_problem(dev_task) -> None:
     res = dev_task.evaluate(OSOracleEngine(dev_task.problems))
-    failed = {s.id for s in res.samples if s.score < 1.0}
+    failed = {s.id: s.detail for s in res.samples if s.score < 1.0}
     print(f"OS dev oracle: {res.quality:.4f}, failed {sorted(failed)} (broken: {sorted(BROKEN)})")
-    assert failed == set(BROKEN)
+    # A command cut at its time limit says the machine was loaded, not that the harness judged
+    # wrongly: such problems are played once more, and only a failure without a timeout counts.
+    slow = [i for i, d in failed.items() if i not in BROKEN and any(r.get("timeouts") for r in d["runs"])]
+    if slow:
+        again = dev_task.evaluate(OSOracleEngine(dev_task.problems), ids=slow)
+        for s in again.samples:
+            if s.score == 1.0:
+                failed.pop(s.id)
+    assert set(failed) == set(BROKEN), failed
 
 
 def test_wrong_and_near_miss_answers_never_pass(dev_task) -> None:
