@@ -84,7 +84,7 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
 
     def plain() -> tuple[dict[str, float], dict[str, list[str]]]:
         with torch.no_grad():
-            materialize(child, f, into=worker._state)
+            materialize(child, f, into=worker.engine)
         scores, answers = {}, {}
         for name, task in worker.tasks.items():
             answers[name] = _plain_answers(worker.engine, task)
