@@ -51,6 +51,12 @@ class WorldRecipe:
     # Version of the item generators (cycleqd/mini/{code,sql,shell}.py): bump it when they
     # change what items they draw, so that cached worlds trained on the old items are rebuilt.
     items_version: int = 2
+    # What each expert is fine-tuned on. "shared" (the default world): its skill's common
+    # families, half of its skill's rare ones, and a quarter of each other skill's rare ones
+    # (see :func:`expert_families`), so experts stay below the ceiling on their own skill and
+    # part of every skill's know-how sits in another expert, where merging can reach it.
+    # "own": every family of its own skill and nothing else.
+    expert_mix: str = "shared"
     eval_test_n: int = 0  # the test split is for the final table only (`make table`)
     eval_val_n: int = 150
 
@@ -107,10 +113,51 @@ def base_mixture(recipe: WorldRecipe, seed: int) -> list[MiniItem]:
     return _bucketed(items, recipe.base.batch_size, rng)
 
 
+def expert_families(recipe: WorldRecipe) -> dict[str, dict[str, tuple[str, ...]]]:
+    """{expert skill: {skill: families its fine-tune set draws}} of the default skills.
+
+    With ``expert_mix="shared"`` each skill's rare families (those outside
+    ``base_families``), in their order, are dealt out: every other one to the skill's own
+    expert, the rest in turn to the two other experts. An expert thus knows its common
+    families, half of its rare ones and a quarter of each other skill's rare ones.
+    With ``"own"`` an expert draws every family of its skill.
+
+    Raises:
+        ValueError: an unknown ``expert_mix``.
+    """
+    if recipe.expert_mix not in ("shared", "own"):
+        raise ValueError(f"expert_mix must be 'shared' or 'own', got {recipe.expert_mix!r}")
+    skills = list(SKILLS)
+    if recipe.expert_mix == "own":
+        return {s: {s: tuple(SKILLS[s].FAMILIES)} for s in skills}
+    out: dict[str, dict[str, list[str]]] = {
+        s: {s: [f for f in SKILLS[s].FAMILIES if f in recipe.base_families[s]]} for s in skills}
+    for k, s in enumerate(skills):
+        others = [skills[(k + 1) % len(skills)], skills[(k + 2) % len(skills)]]
+        rare = [f for f in SKILLS[s].FAMILIES if f not in recipe.base_families[s]]
+        for i, fam in enumerate(rare):
+            owner = s if i % 2 == 0 else others[(i // 2) % 2]
+            out[owner].setdefault(s, []).append(fam)
+    return {e: {s: tuple(fams) for s, fams in mix.items()} for e, mix in out.items()}
+
+
 def expert_data(skill: str, recipe: WorldRecipe, seed: int) -> list[MiniItem]:
-    """Training items of one expert: every family of its skill, uniformly."""
+    """Training items of one expert, every family in its mix (:func:`expert_families`) equally often.
+
+    A skill outside the default world (an extra skill that grows a run) draws all its families.
+    """
     need = recipe.expert.steps * recipe.expert.batch_size
-    items = skill_items(skill, "train", need, seed + 1000, distinct=False)
+    if skill not in SKILLS:
+        items = skill_items(skill, "train", need, seed + 1000, distinct=False)
+    else:
+        mix = expert_families(recipe)[skill]
+        total = sum(len(f) for f in mix.values())
+        items, left = [], need
+        for k, (other, fams) in enumerate(mix.items()):
+            n = left if k == len(mix) - 1 else round(need * len(fams) / total)
+            left -= n
+            items += skill_items(other, "train", n, seed + 1000 + 17 * k, only=fams, distinct=False)
+        random.Random(f"expert-mix:{skill}:{seed}").shuffle(items)
     return _bucketed(items, recipe.expert.batch_size, random.Random(f"expert:{skill}:{seed}"))
 
 
