@@ -106,3 +106,34 @@ def test_base_mixture_favours_the_common_families_and_refuses_unknown_ones():
     bad = replace(recipe, base_families={**recipe.base_families, "sql": ("gt", "lookup")})
     with pytest.raises(ValueError, match="lookup"):
         base_mixture(bad, seed=0)
+
+
+def test_every_rare_family_is_taught_by_exactly_one_expert_and_half_by_its_own():
+    from collections import Counter
+    from dataclasses import replace
+
+    from cycleqd.mini.build import WorldRecipe, expert_data, expert_families
+    from cycleqd.mini.skills import SKILLS
+
+    recipe = WorldRecipe()
+    mix = expert_families(recipe)
+    for skill, mod in SKILLS.items():
+        common = set(recipe.base_families[skill])
+        rare = [f for f in mod.FAMILIES if f not in common]
+        owners = Counter(f for e in mix for f in mix[e].get(skill, ()) if f in rare)
+        assert owners == Counter(rare)  # each rare family once, none lost
+        own_rare = [f for f in mix[skill][skill] if f in rare]
+        assert len(own_rare) == (len(rare) + 1) // 2
+        assert common <= set(mix[skill][skill])  # common families stay with their own expert
+        for other in SKILLS:
+            if other != skill:
+                assert not set(mix[other].get(skill, ())) & common
+    # the training stream holds what the mix says, in proportion to its families
+    items = expert_data("code", replace(recipe, expert=replace(recipe.expert, steps=40)), 0)
+    share = Counter(it.prompt.split(":")[0] for it in items)
+    n_code = len(mix["code"]["code"])
+    total = sum(len(v) for v in mix["code"].values())
+    assert abs(share["py"] / len(items) - n_code / total) < 0.02
+    assert expert_families(replace(recipe, expert_mix="own"))["sql"] == {"sql": tuple(SKILLS["sql"].FAMILIES)}
+    with pytest.raises(ValueError, match="expert_mix"):
+        expert_families(replace(recipe, expert_mix="mixed"))
