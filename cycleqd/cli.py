@@ -181,6 +181,11 @@ def cmd_export(a: argparse.Namespace) -> int:
     from cycleqd.store import RunStore
 
     store = RunStore(a.run_dir)
+    if a.team is not None:
+        from cycleqd.export import export_team
+
+        print(export_team(store.path, a.team, out=Path(a.out), push_to_hub=a.push_to_hub, private=a.private))
+        return 0
     from cycleqd.export import export
 
     out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),
@@ -323,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--best", choices=["mean"], help="the elite with the best mean over the tasks")
     g.add_argument("--archive", help="archive (task name) holding the elite; with --cell")
     g.add_argument("--merged", action="store_true", help="the final merge")
+    g.add_argument("--team", help="a team.json from `cycleqd team`: one model folder per member, team.json, README")
     x.add_argument("--cell", help="cell indices, e.g. 3,7")
     x.add_argument("--out", required=True)
     x.add_argument("--push-to-hub", metavar="REPO_ID")
