@@ -44,7 +44,7 @@ class ChildResult:
     seconds: Mapping[str, float] = field(default_factory=dict)
     error: str | None = None
     worker: int = 0
-    episodes: tuple[dict, ...] = ()  # passing conversations, when evolution.record_episodes is on
+    episodes: tuple[dict, ...] | None = None  # passing conversations, when evolution.record_episodes is on
 
 
 def _short_error(e: BaseException) -> str:
@@ -145,7 +145,7 @@ class ChildWorker:
             child, seconds = make_child(spec, [Genome.from_bytes(p) for p in parents], self.cfg, self.factors)
             scores, more, episodes = self.evaluate_recorded(child)
             return ChildResult(spec.id, child.to_bytes(), scores, {**seconds, **more}, None, self.index,
-                               tuple(episodes))
+                               tuple(episodes) if self.cfg.evolution.record_episodes else None)
         except Exception as e:  # the worker boundary: a bad child is a logged failure
             return ChildResult(spec.id, None, {}, {}, _short_error(e), self.index)
 
@@ -155,6 +155,7 @@ class ChildWorker:
 
         try:
             scores, seconds, episodes = self.evaluate_recorded(Genome.from_bytes(data))
-            return ChildResult(genome_id, data, scores, seconds, None, self.index, tuple(episodes))
+            return ChildResult(genome_id, data, scores, seconds, None, self.index,
+                               tuple(episodes) if self.cfg.evolution.record_episodes else None)
         except Exception as e:
             return ChildResult(genome_id, None, {}, {}, _short_error(e), self.index)
