@@ -52,6 +52,12 @@ def cmd_evolve(a: argparse.Namespace) -> int:
 
     cfg = with_overrides(load_config(a.config), tasks=_tasks(a.tasks), generations=a.generations,
                          workers=a.workers, seed=a.seed)
+    if a.record_episodes:
+        from cycleqd.config import parse_config
+
+        data = cfg.model_dump()
+        data["evolution"]["record_episodes"] = True
+        cfg = parse_config(data)
     if a.run_dir and Path(a.run_dir).exists():
         from cycleqd.runlock import RunLock
 
@@ -275,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run-dir", help="run folder (default archives/<name>-<time>)")
     e.add_argument("--seed", type=int)
     e.add_argument("--address", help="join an existing Ray cluster (e.g. ray://host:10001 or auto)")
+    e.add_argument("--record-episodes", action="store_true",
+                   help="keep the elites' passing conversations (evolution.record_episodes) for `cycleqd trajectories`")
     e.set_defaults(func=cmd_evolve)
 
     r = sub.add_parser("resume", help="continue a run after a crash or to more generations")

@@ -143,16 +143,21 @@ class Residents:
     """The team's members over one resident engine: a member is materialised into it in turn.
 
     Counts the switches and their seconds (``switches``, ``seconds``); loading the member
-    already in the engine is free.
+    already in the engine is free. ``engines`` adds members that bring their own engine
+    (e.g. a :class:`~cycleqd.engine.replay.ReplayEngine` of a model's recorded answers).
     """
 
-    def __init__(self, engine: Any, factors: Any, genomes: Mapping[str, Any]):
+    def __init__(self, engine: Any, factors: Any, genomes: Mapping[str, Any],
+                 engines: Mapping[str, Any] | None = None):
         self.engine, self.factors, self.genomes = engine, factors, dict(genomes)
+        self.engines = dict(engines or {})
         self.current: str | None = None
         self.switches, self.seconds = 0, 0.0
 
     def load(self, genome: str) -> Any:
         """Materialise ``genome`` into the engine (unless it is there) and return the engine."""
+        if genome in self.engines:
+            return self.engines[genome]
         if genome != self.current:
             import torch
 
@@ -240,7 +245,8 @@ class TeamEngine:
         if variant not in VARIANTS:
             raise ConfigError(f"team variant {variant!r} is not one of {', '.join(VARIANTS)}")
         self.residents, self.team, self.task_name, self.variant, self.task = residents, team, task_name, variant, task
-        self.device, self.dtype = residents.engine.device, residents.engine.dtype
+        some = residents.engine if residents.engine is not None else next(iter(residents.engines.values()))
+        self.device, self.dtype = some.device, some.dtype
         self.plan = team.plan[task_name]
         self.trace: list[dict[str, Any]] = []
 

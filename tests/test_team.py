@@ -227,3 +227,39 @@ def test_team_refuses_a_folder_that_is_not_empty(tiny_mini_run, tmp_path):
     (tmp_path / "t" / "x").write_text("x")
     res = _cycleqd("team", str(tiny_mini_run), "--strategy", "vote", "--out", str(tmp_path / "t"))
     assert res.returncode == 2 and "not an empty folder" in res.stderr
+
+
+def test_a_multi_turn_vote_is_taken_per_turn_on_the_proposed_action(tmp_path):
+    """DBBench on SQLite, three members replaying recorded replies: the best member alone answers at
+    once and wrongly; the two others propose the same statement (worded apart), then the right answer."""
+    from cycleqd.engine.replay import ReplayEngine
+    from cycleqd.tasks.dbbench import DBBenchTask
+    from cycleqd.team import Member, Team
+
+    row = {"description": "How many rows have a = 1?", "add_description": "The table is t.",
+           "table": {"table_name": "t", "table_info": {"columns": [{"name": "a"}, {"name": "b"}],
+                                                       "rows": [["1", "x"], ["1", "y"], ["2", "z"]]}},
+           "label": ["2"], "type": ["SELECT"]}
+    data = tmp_path / "db.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    replies = {
+        "m1": ["Action: Operation\n```sql\nSELECT COUNT(*) FROM t WHERE a = '1';\n```",
+               "Action: Answer\nFinal Answer: [\"2\"]"],
+        "m2": ["I will count them.\nAction: Operation\n```sql\nSELECT COUNT(*)  FROM t\nWHERE a = '1';\n```",
+               "It is 2.\nAction: Answer\nFinal Answer: ['2']"],
+        "m3": ["Action: Answer\nFinal Answer: [\"5\"]"],
+    }
+    engines = {}
+    for g, turns in replies.items():
+        (tmp_path / f"{g}.jsonl").write_text(json.dumps({"id": "0", "turns": turns}) + "\n")
+        engines[g] = ReplayEngine(tmp_path / f"{g}.jsonl")
+    quality = {"m1": 0.3, "m2": 0.4, "m3": 0.9}
+    team = Team("vote", 3, 1, ("db",), tuple(Member(g, {}, {"db": q}) for g, q in quality.items()),
+                {"db": {"router": "m3", "voters": ["m3", "m1", "m2"]}})
+    task = DBBenchTask("db", str(data))
+    assert task.evaluate(engines["m3"]).quality == 0.0  # the best member alone is wrong
+    engine = TeamEngine(Residents(None, None, {}, engines), team, "db", "vote", task)
+    assert task.evaluate(engine).quality == 1.0
+    turns = [(r["turn"], r["member"], sorted(r["group"])) for r in engine.trace]
+    assert turns == [(0, "m2", ["m1", "m2"]), (1, "m2", ["m1", "m2"])]  # per turn, the better of the group
+    assert engine.trace[1]["signatures"]["m3"] is None  # no reply recorded for turn 2: no action
