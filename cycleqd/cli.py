@@ -223,8 +223,8 @@ def cmd_trajectories(a: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be >= 1, got {a.n}")
     from cycleqd.trajectories import harvest
 
-    res = harvest(a.run_dir, a.out, regenerate=a.regenerate, every_elite=a.every_elite, split=a.split, n=a.n,
-                  seed=a.draw_seed, progress=not a.quiet)
+    res = harvest(a.run_dir, a.out, regenerate=a.regenerate, every_elite=a.every_elite, tasks=_tasks(a.tasks), top=a.top,
+                  split=a.split, n=a.n, seed=a.draw_seed, progress=not a.quiet)
     per_task = ", ".join(f"{t} {k}" for t, k in res["per_task"].items()) or "none"
     print(f"{res['lines']} trajectories ({per_task}) from {res['elites']} elites "
           f"({res['recorded']} recorded, {res['regenerated']} regenerated) -> {a.out}")
@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate elites without recorded episodes again (or all of them, on --split items)")
     tj.add_argument("--every-elite", action="store_true",
                     help="one line per elite that solved a sample (default: the best elite's only)")
+    tj.add_argument("--tasks", help="comma-separated tasks to keep (and to regenerate)")
+    tj.add_argument("--top", type=int, help="only the N best elites of each kept task's archive")
     tj.add_argument("--split", choices=["train", "val", "test"], help="with --regenerate: items of this split")
     tj.add_argument("--n", type=int, help="with --regenerate --split: items per task")
     tj.add_argument("--draw-seed", type=int, help="with --regenerate: which items are drawn")

@@ -54,8 +54,8 @@ def to_sharegpt(conversation: Sequence[dict]) -> list[dict[str, str]]:
     return [{"from": ROLES.get(m["role"], m["role"]), "value": m["content"]} for m in conversation]
 
 
-def _regenerated(run: Any, genomes: Sequence[str], split: str | None, n: int | None, seed: int | None,
-                 progress: bool) -> dict[str, list[dict]]:
+def _regenerated(run: Any, genomes: Sequence[str], tasks: Sequence[str] | None, split: str | None, n: int | None,
+                 seed: int | None, progress: bool) -> dict[str, list[dict]]:
     import torch
     from tqdm.auto import tqdm
 
@@ -75,20 +75,23 @@ def _regenerated(run: Any, genomes: Sequence[str], split: str | None, n: int | N
     worker = ChildWorker(cfg, threads=torch.get_num_threads())
     out = {}
     for g in tqdm(genomes, desc="regenerate", disable=not progress, leave=False):
-        out[g] = worker.evaluate_recorded(run.store.load_genome(g), record=True)[2]
+        out[g] = worker.evaluate_recorded(run.store.load_genome(g), tasks, record=True)[2]
     return out
 
 
 def harvest(run_dir: str | Path, out: str | Path, *, regenerate: bool = False, every_elite: bool = False,
-            split: str | None = None, n: int | None = None, seed: int | None = None,
-            progress: bool = True) -> dict:
+            tasks: Sequence[str] | None = None, top: int | None = None, split: str | None = None,
+            n: int | None = None, seed: int | None = None, progress: bool = True) -> dict:
     """Write the current elites' passing conversations to ``out`` (JSONL, ShareGPT form).
+
+    ``tasks`` keeps only those tasks' conversations (and regenerates only those); ``top`` only
+    the ``top`` best elites of each kept task's archive (by that task's quality).
 
     Returns ``{"lines", "per_task": {task: lines}, "elites", "recorded", "regenerated"}``.
 
     Raises:
         ConfigError: no run; no elite has a recording and ``regenerate`` is off; ``split`` /
-            ``n`` / ``seed`` without ``regenerate``.
+            ``n`` / ``seed`` without ``regenerate``; an unknown task.
     """
     from cycleqd.runfolder import RunFolder, best_by_mean
     from cycleqd.store import write_atomic
@@ -96,8 +99,17 @@ def harvest(run_dir: str | Path, out: str | Path, *, regenerate: bool = False, e
     if (split is not None or n is not None or seed is not None) and not regenerate:
         raise ConfigError("--split, --n and --draw-seed choose the items of --regenerate; add --regenerate")
     run = RunFolder(run_dir)
+    unknown = [t for t in tasks or [] if t not in run.tasks]
+    if unknown:
+        raise ConfigError(f"--tasks: {', '.join(unknown)} not among the run's tasks ({', '.join(run.tasks)})")
+    if top is not None and top < 1:
+        raise ConfigError(f"--top must be >= 1, got {top}")
     snap = run.snapshot()
     elites = best_by_mean(snap)
+    if top is not None:
+        keep = {e["genome"] for t in (tasks or snap.tasks)
+                for e in sorted(snap.archives[t]["elites"], key=lambda e: (-e["quality"], e["genome"]))[:top]}
+        elites = [e for e in elites if e["genome"] in keep]
     cells: dict[str, dict[str, list[int]]] = {}
     for t in snap.tasks:
         for e in snap.archives[t]["elites"]:
@@ -108,13 +120,15 @@ def harvest(run_dir: str | Path, out: str | Path, *, regenerate: bool = False, e
     if regenerate:
         # the recorded items are the run's own draw; other items are asked for by split / n / seed
         todo = [e["genome"] for e in elites] if split is not None or n is not None or seed is not None else missing
-        recorded.update(_regenerated(run, todo, split, n, seed, progress))
+        recorded.update(_regenerated(run, todo, tasks, split, n, seed, progress))
     elif len(missing) == len(elites):
         raise ConfigError(f"run {str(run_dir)!r} recorded no episodes (evolve with evolution.record_episodes: true), "
                           "or pass --regenerate to evaluate the elites again")
     lines: dict[tuple, dict] = {}
     for e in elites:  # best mean first: ties below go to the better elite overall
         for ep in recorded.get(e["genome"]) or []:
+            if tasks is not None and ep["task"] not in tasks:
+                continue
             key = (ep["task"], ep["id"]) if not every_elite else (ep["task"], ep["id"], e["genome"])
             quality = float(e["scores"].get(ep["task"], 0.0))
             if key in lines and lines[key]["_quality"] >= quality:
