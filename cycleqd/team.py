@@ -400,10 +400,11 @@ def make_team(run_dir: str | Path, strategy: str, *, size: int = 3, layers: int 
     if split is not None or n is not None or seed is not None:
         from cycleqd.table import split_config
 
-        cfg = split_config(cfg, split or "val", n, seed)
-        from cycleqd.worker import build_tasks
+        from cycleqd.config import check_task_options
 
-        build_tasks(cfg)  # options the tasks do not take are bad input, before any model loads
+        cfg = split_config(cfg, split or "val", n, seed)
+        for t in cfg.tasks:  # options the tasks do not take are bad input, before any model loads
+            check_task_options(t)
     cfg = resolve_paths(cfg)
     if cfg.models.mini is not None:
         from cycleqd.mini.build import ensure_mini_world

@@ -66,7 +66,11 @@ def _regenerated(run: Any, genomes: Sequence[str], tasks: Sequence[str] | None, 
     if split is not None or n is not None or seed is not None:
         from cycleqd.table import split_config
 
+        from cycleqd.config import check_task_options
+
         cfg = split_config(cfg, split or "val", n, seed)
+        for t in cfg.tasks:
+            check_task_options(t)
     cfg = resolve_paths(cfg)
     if cfg.models.mini is not None:
         from cycleqd.mini.build import ensure_mini_world
