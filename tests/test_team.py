@@ -137,6 +137,9 @@ def test_the_nll_router_sends_each_request_to_the_least_surprised_member(router_
             with torch.no_grad():
                 materialize(residents.genomes[g], residents.factors, into=engine)
             want[g] = [-s / n for s, n in engine.prompt_logprobs(reqs)]
+            # a raw prompt is scored as the plain text is (independent of the batching and padding)
+            plain = [-s / n for s, n in engine.sequence_logprobs([r.prompt for r in reqs], batch_size=5)]
+            assert want[g] == pytest.approx(plain, rel=1e-4)
         residents.current = None  # the engine now holds another model than the residents think
         trace = engines["router_nll"][name].trace
         for i, rec in enumerate(trace):
