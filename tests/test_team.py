@@ -266,3 +266,22 @@ def test_a_multi_turn_vote_is_taken_per_turn_on_the_proposed_action(tmp_path):
     turns = [(r["turn"], r["member"], sorted(r["group"])) for r in engine.trace]
     assert turns == [(0, "m2", ["m1", "m2"]), (1, "m2", ["m1", "m2"])]  # per turn, the better of the group
     assert engine.trace[1]["signatures"]["m3"] is None  # no reply recorded for turn 2: no action
+
+
+def test_mbpp_signatures_run_only_the_shown_assertions_call(tmp_path):
+    from cycleqd.tasks.mbpp import MBPPTask, probe_call
+
+    assert probe_call("assert f(1, [2]) == 3") == "f(1, [2])"
+    assert probe_call("assert math.isclose(area(2), 12.56, rel_tol=0.01)") == "area(2)"
+    assert probe_call("not python(") is None
+    row = {"task_id": 1, "text": "Add one.", "code": "def f(x):\n    return x + 1",
+           "test_list": ["assert f(1) == 2", "assert f(5) == 6"]}
+    data = tmp_path / "m.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    task = MBPPTask(data=str(data), protocol="plain", sandbox=SANDBOX)
+    req = [task.request(task.problems["1"])] * 4
+    replies = ["\ndef f(x):\n    return x + 1\n```", "\ndef f(x):\n    return 1 + x\n```",
+               # right on the shown call, wrong on the hidden test: the signature cannot tell (no leak)
+               "\ndef f(x):\n    return 2 if x == 1 else 0\n```", "\ndef f(x):\n    return x\n```"]
+    sigs = task.answer_signatures(req, replies)
+    assert sigs[0] == sigs[1] == sigs[2] == "2\n" and sigs[3] == "1\n"

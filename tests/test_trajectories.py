@@ -122,3 +122,16 @@ def test_a_run_without_recordings_needs_regenerate(tiny_mini_run, tmp_path):
     elites = len(RunFolder(run).best_by_mean())
     assert f"from {elites} elites (0 recorded, {elites} regenerated)" in res.stdout
     assert (tmp_path / "t.jsonl").read_text() == ""  # the tiny world's models solve nothing
+
+
+@pytest.mark.parametrize("key,value", [("record_episodes", "sometimes"), ("record_episode", True)])
+def test_the_recording_switch_is_validated(key, value):
+    import yaml
+
+    from cycleqd.config import ConfigError, parse_config
+
+    data = yaml.safe_load(open("experiments/mini.yaml"))
+    assert parse_config(data).evolution.record_episodes is False  # off by default
+    data["evolution"][key] = value
+    with pytest.raises(ConfigError, match="record_episode"):
+        parse_config(data)
