@@ -363,7 +363,7 @@ def export_team(run_dir: str | Path, team_file: str | Path, *, out: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     for m in team.members:
         roles = [f"{'router' if team.plan[t]['router'] == m.genome else 'voter'} of {t}" for t in team.tasks
-                 if m.genome in team.plan[t]["voters"]]
+                 if m.genome in team.plan[t].get("voters", [team.plan[t]["router"]])]
         sel = Selection(m.genome, dict(m.scores), f"member of a {team.strategy} team ({', '.join(roles)})")
         write_model(run, sel, paths[m.genome], out / "members" / m.genome, max_shard_size=max_shard_size)
     record = {**record, "members": [{**mm, "folder": f"members/{mm['genome']}"} for mm in record["members"]]}
@@ -395,7 +395,8 @@ def team_card(record: dict, run_name: str) -> str:
     members = "\n".join(f"| `{m['genome']}` | {m['folder']} | " + " | ".join(f"{m['scores'].get(t, 0):.3f}"
                                                                           for t in tasks) + " |"
                         for m in record["members"])
-    plan = "\n".join(f"- {t}: router `{p['router']}`, voters {', '.join(f'`{g}`' for g in p['voters'])}"
+    plan = "\n".join(f"- {t}: router `{p['router']}`" + (f", voters {', '.join(f'`{g}`' for g in p['voters'])}"
+                                                         if p.get("voters") else "")
                      for t, p in record["plan"].items())
     scores = ""
     if record.get("scores"):

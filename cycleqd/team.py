@@ -59,10 +59,10 @@ class Member:
 class Team:
     """Members and who does what on each task.
 
-    ``plan[task]`` holds ``router`` (the best elite of that task's archive) and ``voters``
-    (its ``size`` best elites, best first: the vote's voters and the mixture's proposers;
-    the first is the mixture's aggregator). ``routers`` are the distinct router members in
-    task order: the candidates of the NLL router.
+    ``plan[task]`` holds ``router`` (the best elite of that task's archive) and, for a vote or
+    a mixture, ``voters`` (its ``size`` best elites, best first: the vote's voters and the
+    mixture's proposers; the first is the mixture's aggregator). ``routers`` are the distinct
+    router members in task order: the candidates of the NLL router.
     """
 
     strategy: str
@@ -108,6 +108,12 @@ class Team:
             raise ConfigError(f"not a team description ({type(e).__name__}: {e})") from None
         if team.strategy not in STRATEGIES:
             raise ConfigError(f"team strategy {team.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        known = {m.genome for m in members}
+        for t in team.tasks:
+            p = team.plan.get(t, {})
+            named = [p.get("router")] + list(p.get("voters") or ([] if team.strategy == "router" else [None]))
+            if not all(g in known for g in named):
+                raise ConfigError(f"not a team description (the plan of task {t!r} names no member or an unknown one)")
         return team
 
 
@@ -126,8 +132,9 @@ def choose_team(snap: Any, strategy: str, size: int = 3, layers: int = 1) -> Tea
         ranked = sorted(snap.archives[t]["elites"], key=lambda e: (-float(e["quality"]), e["genome"]))
         if not ranked:
             raise ConfigError(f"archive {t!r} has no elites to make a team of")
-        voters = [e["genome"] for e in ranked[:size]]
-        plan[t] = {"router": voters[0], "voters": voters}
+        plan[t] = {"router": ranked[0]["genome"]}
+        if strategy != "router":
+            plan[t]["voters"] = [e["genome"] for e in ranked[:size]]
     cells: dict[str, dict[str, tuple[int, ...]]] = {}
     scores: dict[str, dict[str, float]] = {}
     for t in snap.tasks:
@@ -248,6 +255,8 @@ class TeamEngine:
         some = residents.engine if residents.engine is not None else next(iter(residents.engines.values()))
         self.device, self.dtype = some.device, some.dtype
         self.plan = team.plan[task_name]
+        if variant in ("vote", "moa") and not self.plan.get("voters"):
+            raise ConfigError(f"a {team.strategy} team has no voters for {variant} (make a {variant} team)")
         self.trace: list[dict[str, Any]] = []
 
     def load_weights(self, weights: Any) -> None:

@@ -104,6 +104,16 @@ def test_team_members_come_from_the_archives_scores(tiny_mini_run):
     assert {m.genome for m in team.members} == {g for t in snap.tasks for g in team.plan[t]["voters"]}
     with pytest.raises(ValueError, match="strategy"):
         choose_team(snap, "democracy")
+    router = choose_team(snap, "router")
+    assert all(set(p) == {"router"} for p in router.plan.values())
+    assert [m.genome for m in router.members] == router.routers
+    from cycleqd.team import Team
+
+    data = team.to_json()
+    assert Team.from_json(data) == team
+    data["plan"]["code"]["voters"] = ["g999999"]
+    with pytest.raises(ValueError, match="unknown one"):
+        Team.from_json(data)
 
 
 @pytest.fixture(scope="module")
