@@ -52,6 +52,12 @@ def cmd_evolve(a: argparse.Namespace) -> int:
 
     cfg = with_overrides(load_config(a.config), tasks=_tasks(a.tasks), generations=a.generations,
                          workers=a.workers, seed=a.seed)
+    if a.record_episodes:
+        from cycleqd.config import parse_config
+
+        data = cfg.model_dump()
+        data["evolution"]["record_episodes"] = True
+        cfg = parse_config(data)
     if a.run_dir and Path(a.run_dir).exists():
         from cycleqd.runlock import RunLock
 
@@ -181,11 +187,47 @@ def cmd_export(a: argparse.Namespace) -> int:
     from cycleqd.store import RunStore
 
     store = RunStore(a.run_dir)
+    if a.team is not None:
+        from cycleqd.export import export_team
+
+        print(export_team(store.path, a.team, out=Path(a.out), push_to_hub=a.push_to_hub, private=a.private))
+        return 0
     from cycleqd.export import export
 
     out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),
                  push_to_hub=a.push_to_hub, private=a.private)
     print(out)
+    return 0
+
+
+def cmd_team(a: argparse.Namespace) -> int:
+    from cycleqd.store import RunStore
+
+    RunStore(a.run_dir)
+    if a.n is not None and a.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {a.n}")
+    from cycleqd.team import TEAM_FILE, format_team, make_team
+
+    out = make_team(a.run_dir, a.strategy, size=a.size, layers=a.layers, out=a.out, split=a.split, n=a.n,
+                    seed=a.draw_seed, progress=not a.quiet)
+    print(format_team(json.loads((out / TEAM_FILE).read_text())))
+    print(out / TEAM_FILE)
+    return 0
+
+
+def cmd_trajectories(a: argparse.Namespace) -> int:
+    from cycleqd.store import RunStore
+
+    RunStore(a.run_dir)
+    if a.n is not None and a.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {a.n}")
+    from cycleqd.trajectories import harvest
+
+    res = harvest(a.run_dir, a.out, regenerate=a.regenerate, every_elite=a.every_elite, tasks=_tasks(a.tasks), top=a.top,
+                  split=a.split, n=a.n, seed=a.draw_seed, progress=not a.quiet)
+    per_task = ", ".join(f"{t} {k}" for t, k in res["per_task"].items()) or "none"
+    print(f"{res['lines']} trajectories ({per_task}) from {res['elites']} elites "
+          f"({res['recorded']} recorded, {res['regenerated']} regenerated) -> {a.out}")
     return 0
 
 
@@ -200,6 +242,20 @@ def cmd_score(a: argparse.Namespace) -> int:
     else:
         print(f"{res.task}: quality {res.quality:.4f} over {res.n} samples ({res.seconds:.1f}s); "
               f"{len(res.failed_ids)} failed")
+    return 0
+
+
+def cmd_mini_finetune(a: argparse.Namespace) -> int:
+    if a.test_n < 1:
+        raise ConfigError(f"--test-n must be >= 1, got {a.test_n}")
+    from cycleqd.mini.finetune import finetune
+
+    rec = finetune(a.dir, a.trajectories, a.skill, a.out, steps=a.steps, seed=a.seed, test_n=a.test_n,
+                   progress=not a.quiet)
+    t = rec["test"]
+    print(f"{a.skill}: fine-tuned on {rec['items']} trajectories ({rec['distinct_prompts']} prompts) "
+          f"-> test {t['finetuned'][a.skill]:.3f}; original expert {t['expert_' + a.skill][a.skill]:.3f}; "
+          f"base {t['base'][a.skill]:.3f} (n={t['n']})\n{Path(a.out) / 'finetune.json'}")
     return 0
 
 
@@ -225,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run-dir", help="run folder (default archives/<name>-<time>)")
     e.add_argument("--seed", type=int)
     e.add_argument("--address", help="join an existing Ray cluster (e.g. ray://host:10001 or auto)")
+    e.add_argument("--record-episodes", action="store_true",
+                   help="keep the elites' passing conversations (evolution.record_episodes) for `cycleqd trajectories`")
     e.set_defaults(func=cmd_evolve)
 
     r = sub.add_parser("resume", help="continue a run after a crash or to more generations")
@@ -278,11 +336,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--best", choices=["mean"], help="the elite with the best mean over the tasks")
     g.add_argument("--archive", help="archive (task name) holding the elite; with --cell")
     g.add_argument("--merged", action="store_true", help="the final merge")
+    g.add_argument("--team", help="a team.json from `cycleqd team`: one model folder per member, team.json, README")
     x.add_argument("--cell", help="cell indices, e.g. 3,7")
     x.add_argument("--out", required=True)
     x.add_argument("--push-to-hub", metavar="REPO_ID")
     x.add_argument("--private", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    tm = sub.add_parser("team", help="a team of archive elites (router, vote, mixture of agents), scored "
+                                     "beside the best single elite; writes team.json")
+    tm.add_argument("run_dir")
+    tm.add_argument("--strategy", required=True, choices=["router", "vote", "moa"],
+                    help="router: task-labelled and NLL routers; vote: execution vote; moa: mixture of agents")
+    tm.add_argument("--size", type=int, default=3, help="voters / proposers per task (default 3)")
+    tm.add_argument("--layers", type=int, default=1, help="moa: rounds of proposals before the aggregator")
+    tm.add_argument("--out", help="folder for team.json and the members' genomes (default RUN/teams/STRATEGY)")
+    tm.add_argument("--split", choices=["train", "val", "test"],
+                    help="score on this split of the tasks (mini tasks), e.g. test")
+    tm.add_argument("--n", type=int, help="items per task with --split")
+    tm.add_argument("--draw-seed", type=int, help="which items --split draws")
+    tm.set_defaults(func=cmd_team)
+
+    tj = sub.add_parser("trajectories", help="the elites' successful conversations as ShareGPT JSONL "
+                                             "(for fine-tuning the next expert)")
+    tj.add_argument("run_dir")
+    tj.add_argument("--out", required=True, help="JSONL file to write")
+    tj.add_argument("--regenerate", action="store_true",
+                    help="evaluate elites without recorded episodes again (or all of them, on --split items)")
+    tj.add_argument("--every-elite", action="store_true",
+                    help="one line per elite that solved a sample (default: the best elite's only)")
+    tj.add_argument("--tasks", help="comma-separated tasks to keep (and to regenerate)")
+    tj.add_argument("--top", type=int, help="only the N best elites of each kept task's archive")
+    tj.add_argument("--split", choices=["train", "val", "test"], help="with --regenerate: items of this split")
+    tj.add_argument("--n", type=int, help="with --regenerate --split: items per task")
+    tj.add_argument("--draw-seed", type=int, help="with --regenerate: which items are drawn")
+    tj.set_defaults(func=cmd_trajectories)
 
     sc = sub.add_parser("score", help="score a model or recorded answers on one task")
     sc.add_argument("task", help="task kind: mbpp, dbbench, os_interaction, mini_code, mini_sql, mini_shell")
@@ -304,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--size", choices=["default", "tiny"], default="default")
     mb.add_argument("--keep", action="store_true", help="reuse a matching cached build")
     mb.set_defaults(func=cmd_mini)
+    mf = msub.add_parser("finetune", help="a new expert from the base, fine-tuned on `cycleqd trajectories` JSONL, "
+                                          "scored beside the original expert")
+    mf.add_argument("--trajectories", required=True, help="JSONL written by `cycleqd trajectories`")
+    mf.add_argument("--skill", required=True, choices=["code", "sql", "shell"])
+    mf.add_argument("--out", required=True, help="folder for the model and finetune.json")
+    mf.add_argument("--dir", default=".cache/mini", help="the mini world (default .cache/mini)")
+    mf.add_argument("--steps", type=int, help="training steps (default: the world's expert recipe)")
+    mf.add_argument("--seed", type=int, default=0)
+    mf.add_argument("--test-n", type=int, default=300, help="test items to score on (default 300)")
+    mf.set_defaults(func=cmd_mini_finetune)
     return p
 
 

@@ -126,6 +126,9 @@ class EvolutionConfig(_Frozen):
     mutation: MutationConfig = MutationConfig()
     sampling: SamplingConfig = SamplingConfig()
     final_merge: bool = True
+    # Store the passing conversations of every child that enters an archive (and of the seed
+    # experts) in RUN/episodes/<genome>.jsonl, for `cycleqd trajectories`.
+    record_episodes: bool = False
     worker_cpus: float = Field(0.0, ge=0.0)
     worker_gpus: float = Field(0.0, ge=0.0)
 

@@ -279,7 +279,21 @@ def export(
     cfg = store.config()
     genome_path = store.genome_path(sel.genome)
     store.check_genome(sel.genome)  # a missing or truncated genome names its file before any loading
+    write_model(run, sel, genome_path, out, max_shard_size=max_shard_size)
+    if push_to_hub:
+        push_folder(out, push_to_hub, private=private, token=token,
+                    message=f"Upload {sel.genome} from CycleQD run {cfg.name} (cycleqd export)")
+    return out
 
+
+def write_model(run: RunFolder, sel: Selection, genome_path: Path, out: Path, *,
+                max_shard_size: str | int = "5GB") -> Path:
+    """Materialise ``genome_path`` over the run's base and write the model folder ``out`` (see :func:`export`).
+
+    Everything goes to a sibling temp folder first and is renamed into place.
+    """
+    store = run.store
+    cfg = store.config()
     from transformers import AutoTokenizer, GenerationConfig
 
     engine = _materialized_engine(cfg, genome_path)
@@ -316,11 +330,111 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
 
+
+def export_team(run_dir: str | Path, team_file: str | Path, *, out: str | Path, push_to_hub: str | None = None,
+                private: bool = False, max_shard_size: str | int = "5GB") -> Path:
+    """Write a team (``cycleqd team``'s team.json) as one folder: a model folder per member under
+    ``members/<genome>/`` (each what :func:`export` writes), ``team.json`` with each member's folder,
+    and a README saying how to serve the team. Pushed as one Hub repo with ``push_to_hub``.
+
+    Raises:
+        ConfigError: no run, not a team file, a member genome missing, ``out`` not empty, or no
+            Hub token; before anything is written.
+    """
+    from cycleqd.team import TEAM_FILE, read_team
+
+    run = RunFolder(run_dir)
+    team = read_team(team_file)
+    record = json.loads((Path(team_file) / TEAM_FILE if Path(team_file).is_dir() else Path(team_file)).read_text())
+    if list(team.tasks) != run.tasks:
+        raise ConfigError(f"--team: the team's tasks {list(team.tasks)} are not the run's {run.tasks}")
+    here = Path(team_file).parent if not Path(team_file).is_dir() else Path(team_file)
+    paths = {}
+    for m in team.members:  # the run's genome, else the copy beside team.json
+        copy = here / "genomes" / f"{m.genome}.safetensors"
+        paths[m.genome] = run.store.genome_path(m.genome) if run.store.genome_path(m.genome).is_file() else copy
+        if not paths[m.genome].is_file():
+            raise ConfigError(f"--team: member genome {m.genome!r} is neither in {run.path} nor beside the team file")
+    out = Path(out)
+    _prepare_out(out, False)
+    token = _hub_token() if push_to_hub else None
+    out.mkdir(parents=True, exist_ok=True)
+    for m in team.members:
+        roles = [f"{'router' if team.plan[t]['router'] == m.genome else 'voter'} of {t}" for t in team.tasks
+                 if m.genome in team.plan[t].get("voters", [team.plan[t]["router"]])]
+        sel = Selection(m.genome, dict(m.scores), f"member of a {team.strategy} team ({', '.join(roles)})")
+        write_model(run, sel, paths[m.genome], out / "members" / m.genome, max_shard_size=max_shard_size)
+    record = {**record, "members": [{**mm, "folder": f"members/{mm['genome']}"} for mm in record["members"]]}
+    (out / TEAM_FILE).write_text(json.dumps(record, indent=1))
+    (out / "README.md").write_text(team_card(record, run.config.name))
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, token=token,
-                    message=f"Upload {sel.genome} from CycleQD run {cfg.name} (cycleqd export)")
+                    message=f"Upload a {team.strategy} team from CycleQD run {run.config.name} (cycleqd export)")
     return out
+
+
+_SERVING = {
+    "router": """Send each request to the member of its task: `plan[task]["router"]` in team.json (the best elite
+of that task's archive). Without a task label, score the request's prompt under each router member
+(mean negative log-likelihood of the prompt tokens) and send it to the lowest; that is `router_nll`.""",
+    "vote": """Send each request to every voter of its task (`plan[task]["voters"]`). Group the answers by what they
+do: run each answer (the code on the prompt's own example, the query on its table, the command in a
+sandbox; for agents, the action proposed this turn) and compare outputs. Return an answer of the
+largest group; on a tie, the group holding the voter with the best score on that task.""",
+    "moa": """Send each request to every proposer of its task (`plan[task]["voters"]`), then send it once more to the
+aggregator (the first proposer) with the proposals in its prompt: as lines `proposal i: ...` before a
+raw prompt, or listed at the end of the last user turn of a chat; its reply is the answer.""",
+}
+
+
+def team_card(record: dict, run_name: str) -> str:
+    """README.md of an exported team: members, scores, and how to serve it."""
+    tasks = record["tasks"]
+    members = "\n".join(f"| `{m['genome']}` | {m['folder']} | " + " | ".join(f"{m['scores'].get(t, 0):.3f}"
+                                                                          for t in tasks) + " |"
+                        for m in record["members"])
+    plan = "\n".join(f"- {t}: router `{p['router']}`" + (f", voters {', '.join(f'`{g}`' for g in p['voters'])}"
+                                                         if p.get("voters") else "")
+                     for t, p in record["plan"].items())
+    scores = ""
+    if record.get("scores"):
+        rows = [(f"team {v}", s) for v, s in record["scores"].items()]
+        if record.get("best_single"):
+            rows.append((f"best single elite `{record['best_single']['genome']}`", record["best_single"]["scores"]))
+        scores = ("\n## Scores (measured by `cycleqd team`)\n\n| model | " + " | ".join(tasks) + " | mean |\n|---|"
+                  + "---|" * (len(tasks) + 1) + "\n" + "\n".join(
+                      f"| {n} | " + " | ".join(f"{s[t]:.3f}" for t in tasks) + f" | {s['mean']:.3f} |"
+                      for n, s in rows) + "\n")
+    return f"""---
+library_name: transformers
+tags: [{', '.join(CARD_TAGS)}, model-team]
+---
+
+# {run_name}: a {record['strategy']} team of {len(record['members'])} CycleQD elites
+
+Each folder under `members/` is a plain transformers model (its own README, genome and lineage).
+`team.json` says who answers what (`plan`), and each member's scores in the run.
+
+## How to serve it
+
+{_SERVING[record['strategy']]}
+
+All members share the base model: a server can keep one copy of the base and each member's weights,
+or keep one model resident and load a member's weights into it when its turn comes (as `cycleqd team`
+does), which costs one weight load per switch of member.
+
+## Members
+
+| genome | folder | {' | '.join(tasks)} |
+|---|---|{'---|' * len(tasks)}
+{members}
+
+## Plan
+
+{plan}
+{scores}"""
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool, token: str, message: str) -> str:

@@ -287,6 +287,8 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
             if r.error:
                 raise RuntimeError(f"seed expert {t} could not be evaluated: {r.error}")
             store.save_genome(r.id, r.genome)
+            if r.episodes is not None:
+                store.save_episodes(r.id, r.episodes)
             seeds[t] = {"genome": r.id, "scores": dict(r.scores)}
             archive.offer(r.id, r.scores, 0)
         store.save_seeds(seeds)
@@ -330,6 +332,8 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
             else:
                 log.warning("child %s failed: %s", spec.id, res.error)
             record = sched.tell(spec, res, {"store": time.perf_counter() - t0})
+            if res.episodes is not None and record.inserted:  # only elites' conversations are kept (disk)
+                store.save_episodes(spec.id, res.episodes)
             store.append_child(record)
             store.write_archives(archive.to_json(sched.generation))
             store.append_stats(_stats_line(archive, sched.generation))

@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from pydantic import ValidationError
 
@@ -145,6 +145,7 @@ class RunStore:
     SEEDS = "seeds.json"
     FINAL = "final_merge.json"
     MODELS = "models.json"
+    EPISODES = "episodes"  # episodes/<genome>.jsonl: an elite's passing conversations (evolution.record_episodes)
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -259,6 +260,18 @@ class RunStore:
         f = self.path / self.MODELS
         return _read_json(f) if f.exists() else None
 
+    def episodes_path(self, genome_id: str) -> Path:
+        return self.path / self.EPISODES / f"{genome_id}.jsonl"
+
+    def episodes(self, genome_id: str) -> list[dict] | None:
+        """The passing conversations recorded for ``genome_id`` (None when none were recorded).
+
+        Raises:
+            RunDamaged: a line that is not a JSON object.
+        """
+        f = self.episodes_path(genome_id)
+        return [obj for _, obj in read_jsonl(f)] if f.is_file() else None
+
     def genome_path(self, genome_id: str) -> Path:
         return self.path / "genomes" / f"{genome_id}.safetensors"
 
@@ -293,6 +306,10 @@ class RunStore:
     # -- writing ---------------------------------------------------------------
     def save_genome(self, genome_id: str, data: bytes) -> None:
         write_atomic(self.genome_path(genome_id), data)
+
+    def save_episodes(self, genome_id: str, episodes: Sequence[dict]) -> None:
+        """Write an elite's passing conversations, one JSON object a line (atomically)."""
+        write_atomic(self.episodes_path(genome_id), "".join(json.dumps(e) + "\n" for e in episodes))
 
     def save_seeds(self, seeds: dict[str, dict]) -> None:
         write_atomic(self.path / self.SEEDS, json.dumps(seeds, indent=1))

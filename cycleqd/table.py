@@ -3,7 +3,11 @@
 Rows, all scored on a test draw (never used for any choice):
 base, expert_<task>, task_arithmetic and ties (mergekit, merge weight chosen on
 val), cycleqd_best (the archive model with the best mean on val items evolution
-never scored), cycleqd_merged (the final merge), and the ablations fixed_axes,
+never scored), cycleqd_merged (the final merge), teams of each CycleQD run's elites
+(team_router: the best elite of each task's archive answers that task; team_router_nll:
+the prompt's lowest-NLL member of those answers; team_vote and team_moa: the 3 best of
+each archive vote by execution result / propose to an aggregator; members chosen on the
+run's own scores, see :mod:`cycleqd.team`), and the ablations fixed_axes,
 gaussian_mutation and uniform_sampling, each CycleQD variant over several seeds.
 The JSON holds a paired bootstrap 95% interval of cycleqd_best - task_arithmetic.
 
@@ -40,6 +44,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 MERGE_WEIGHTS = [0.3, 0.4, 0.5, 0.6, 0.8]
 TIES_DENSITY = 0.5
 MODELS_FILE = "models.json"
+TEAM_SIZE = 3
+#: team variant -> its row in the table
+TEAM_ROWS = {"router_task": "team_router", "router_nll": "team_router_nll", "vote": "team_vote", "moa": "team_moa"}
 INTERVAL_KEY = "cycleqd_best_minus_task_arithmetic"
 
 
@@ -131,6 +138,43 @@ class Scorer:
     def state(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
         self.worker.engine.load_weights(state)
         return self._score()
+
+    def team(self, file: Path) -> dict[str, list[float]]:
+        """A team row's file (written by :func:`save_teams`): its variant over its member genomes."""
+        from cycleqd.genome import Genome
+        from cycleqd.team import Residents, Team, evaluate_team
+
+        row = json.loads(Path(file).read_text())
+        team = Team.from_json(row["team"])
+        genomes = {m.genome: Genome.load(Path(file).parent / row["dir"] / f"{m.genome}.safetensors")
+                   for m in team.members}
+        results, _ = evaluate_team(team, Residents(self.worker.engine, self.factors, genomes), self.worker.tasks,
+                                   [row["variant"]])
+        return {n: [s.score for s in r.samples] for n, r in results[row["variant"]].items()}
+
+
+def save_teams(snap: Any, store: Any, models_dir: Path, seed: int) -> dict[str, str]:
+    """Each team row's file for one run: members chosen on the run's archive scores (val only).
+
+    The members' genomes go to ``models_dir/team-s<seed>/``; a row's JSON (variant, team, that
+    folder) to ``models_dir/<row>-s<seed>.json``. Returns {row: file name}.
+    """
+    from cycleqd.store import write_atomic
+    from cycleqd.team import STRATEGIES, choose_team
+
+    folder = models_dir / f"team-s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for strategy, variants in STRATEGIES.items():
+        team = choose_team(snap, strategy, TEAM_SIZE)
+        for m in team.members:
+            shutil.copyfile(store.genome_path(m.genome), folder / f"{m.genome}.safetensors")
+        for v in variants:
+            name = f"{TEAM_ROWS[v]}-s{seed}.json"
+            write_atomic(models_dir / name, json.dumps({"variant": v, "team": team.to_json(), "dir": folder.name},
+                                                       indent=1))
+            files[TEAM_ROWS[v]] = name
+    return files
 
 
 def _quality(items: Mapping[str, Sequence[float]]) -> dict[str, float]:
@@ -263,6 +307,9 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
             if variant == "cycleqd" and fm and fm.get("error") is None:
                 shutil.copyfile(store.genome_path(fm["genome"]), models_dir / f"cycleqd_merged-s{seed}.safetensors")
                 rows.setdefault("cycleqd_merged", []).append(f"cycleqd_merged-s{seed}.safetensors")
+            if variant == "cycleqd":  # teams of this run's elites, chosen on its own (val) scores
+                for row, team_file in save_teams(snap, store, models_dir, seed).items():
+                    rows.setdefault(row, []).append(team_file)
             print(f"{variant} seed {seed}: chose {top['genome']} of {run}", flush=True)
     for k in range(len(cfg.task_names)):  # the seed experts and base are genomes too: one way to score all
         Genome.seed(k, f).save(models_dir / f"expert_{cfg.task_names[k]}.safetensors")
@@ -321,7 +368,8 @@ def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> 
     for method, m in manifest["merges"].items():
         items[method] = [test.state(mergekit_merge(f, method, m["weight"]))]
     for name, files in manifest["rows"].items():
-        items[name] = [test.genome(load(file)) for file in files]
+        items[name] = [test.team(Path(models_dir) / file) if file.endswith(".json") else test.genome(load(file))
+                       for file in files]
         print(f"{name}: {[round(_mean(_quality(s)), 3) for s in items[name]]}", flush=True)
     rows = []
     for name, per_seed in items.items():
@@ -361,8 +409,8 @@ def plot_table(table: dict, path: Path) -> None:
 
     rows = table["rows"]
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    colors = ["#999" if not r["model"].startswith(("cycleqd", "fixed", "gauss", "uniform")) else "#2a7"
-              for r in rows]
+    colors = ["#27a" if r["model"].startswith("team") else
+              "#2a7" if r["model"].startswith(("cycleqd", "fixed", "gauss", "uniform")) else "#999" for r in rows]
     ax.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["std"] for r in rows], color=colors, capsize=3)
     ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=35, ha="right")
     ax.set_ylabel("mean over tasks (test)")

@@ -44,6 +44,7 @@ class ChildResult:
     seconds: Mapping[str, float] = field(default_factory=dict)
     error: str | None = None
     worker: int = 0
+    episodes: tuple[dict, ...] | None = None  # passing conversations, when evolution.record_episodes is on
 
 
 def _short_error(e: BaseException) -> str:
@@ -106,7 +107,19 @@ class ChildWorker:
 
     def evaluate(self, genome: Any, tasks: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
         """Stream ``genome``'s weights into the engine and score it on every task (or only ``tasks``)."""
+        scores, seconds, _ = self.evaluate_recorded(genome, tasks, record=False)
+        return scores, seconds
+
+    def evaluate_recorded(self, genome: Any, tasks: Sequence[str] | None = None, *, record: bool | None = None
+                          ) -> tuple[dict[str, float], dict[str, float], list[dict]]:
+        """:meth:`evaluate`, plus the passing samples' conversations when ``record`` (default:
+        ``evolution.record_episodes``); see :func:`cycleqd.trajectories.episodes_of`."""
         from cycleqd.genome import materialize
+        from cycleqd.trajectories import episodes_of
+
+        record = self.cfg.evolution.record_episodes if record is None else record
+        kinds = {t.name: t.kind for t in self.cfg.tasks}
+        episodes: list[dict] = []
 
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -120,7 +133,9 @@ class ChildWorker:
             res = task.evaluate(self.engine)
             scores[name] = float(res.quality)
             seconds[f"eval_{name}"] = float(res.seconds)
-        return scores, seconds
+            if record:
+                episodes += episodes_of(name, kinds[name], res)
+        return scores, seconds, episodes
 
     def run(self, spec: ChildSpec, parents: Sequence[bytes]) -> ChildResult:
         """Build the child of ``spec`` from parent genome bytes and evaluate it."""
@@ -128,8 +143,9 @@ class ChildWorker:
 
         try:
             child, seconds = make_child(spec, [Genome.from_bytes(p) for p in parents], self.cfg, self.factors)
-            scores, more = self.evaluate(child)
-            return ChildResult(spec.id, child.to_bytes(), scores, {**seconds, **more}, None, self.index)
+            scores, more, episodes = self.evaluate_recorded(child)
+            return ChildResult(spec.id, child.to_bytes(), scores, {**seconds, **more}, None, self.index,
+                               tuple(episodes) if self.cfg.evolution.record_episodes else None)
         except Exception as e:  # the worker boundary: a bad child is a logged failure
             return ChildResult(spec.id, None, {}, {}, _short_error(e), self.index)
 
@@ -138,7 +154,8 @@ class ChildWorker:
         from cycleqd.genome import Genome
 
         try:
-            scores, seconds = self.evaluate(Genome.from_bytes(data))
-            return ChildResult(genome_id, data, scores, seconds, None, self.index)
+            scores, seconds, episodes = self.evaluate_recorded(Genome.from_bytes(data))
+            return ChildResult(genome_id, data, scores, seconds, None, self.index,
+                               tuple(episodes) if self.cfg.evolution.record_episodes else None)
         except Exception as e:
             return ChildResult(genome_id, None, {}, {}, _short_error(e), self.index)

@@ -80,3 +80,25 @@ def mariadb_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_mini_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-child run over a tiny mini world built here (its models solve nothing: machinery only)."""
+    from mini_run import make_mini_run
+
+    root = tmp_path_factory.mktemp("tiny_mini_run")
+    return make_mini_run(root, root / "world", "tiny")
+
+
+@pytest.fixture(scope="session")
+def mini_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-child run over the default mini world in .cache/mini (skipped where it is not built),
+    episodes recorded: its experts solve most items, so teams and trajectories have real answers."""
+    from mini_run import DEFAULT_WORLD, make_mini_run
+
+    from cycleqd.mini.build import is_built
+
+    if not is_built(DEFAULT_WORLD):
+        pytest.skip("the default mini world is not built (cycleqd mini build, or make evolve builds it)")
+    return make_mini_run(tmp_path_factory.mktemp("mini_run"), DEFAULT_WORLD.resolve(), "default", n=12)

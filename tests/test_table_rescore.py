@@ -46,10 +46,21 @@ def test_models_folder_holds_every_row(made):
     table = json.loads(made["out"].read_text())
     manifest = read_models(made["models"])
     assert [r["model"] for r in table["rows"]] == ["base", "expert_code", "expert_sql", "expert_shell",
-                                                   "task_arithmetic", "ties", "cycleqd_best", "cycleqd_merged"]
+                                                   "task_arithmetic", "ties", "cycleqd_best", "cycleqd_merged",
+                                                   "team_router", "team_router_nll", "team_vote", "team_moa"]
     for files in manifest["rows"].values():
         for f in files:
             assert (made["models"] / f).stat().st_size < 64_000  # genomes, not checkpoints
+    for row, variant in (("team_router", "router_task"), ("team_router_nll", "router_nll"), ("team_vote", "vote"),
+                         ("team_moa", "moa")):
+        (f,) = manifest["rows"][row]
+        team = json.loads((made["models"] / f).read_text())
+        assert team["variant"] == variant and team["team"]["tasks"] == ["code", "sql", "shell"]
+        for m in team["team"]["members"]:  # the members' genomes travel with the models folder
+            assert (made["models"] / team["dir"] / f"{m['genome']}.safetensors").stat().st_size < 64_000
+    scored = {r["model"]: r for r in table["rows"]}
+    assert all(set(scored[r]["scores"]) == {"code", "sql", "shell"} and scored[r]["seeds"] == 1
+               for r in ("team_router", "team_vote", "team_moa"))
     assert set(manifest["merges"]) == {"task_arithmetic", "ties"}
     lo, hi = table[INTERVAL_KEY]["interval"]
     assert lo <= table[INTERVAL_KEY]["mean"] <= hi and table[INTERVAL_KEY]["items_per_task"]["code"] == 6

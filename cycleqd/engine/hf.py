@@ -288,6 +288,31 @@ class HFEngine:
             out += [(float(s), int(m)) for s, m in zip(lp.sum(1), mask.sum(1))]
         return out
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:
+        """``(sum of log p(token | prefix), scored tokens)`` of each request's prompt as the engine encodes it.
+
+        The prompt is templated exactly as :meth:`generate` would (chat template, prefill);
+        its first token is context, not scored. A team's router uses it to send a request to
+        the member that finds its prompt least surprising.
+        """
+        encoded = [encode_request(self.tokenizer, r) for r in requests]
+        pad = self.tokenizer.pad_token_id
+        out: list[tuple[float, int]] = []
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i : i + batch_size]
+            width = max(len(e) for e in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, e in enumerate(chunk):
+                ids[r, : len(e)] = torch.tensor(e, dtype=torch.long)
+                mask[r, : len(e)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+            out += [(float(s), int(m)) for s, m in zip(lp.sum(1), mask[:, 1:].sum(1))]
+        return out
+
     # -- weights ----------------------------------------------------------------------------
     @torch.no_grad()
     def load_weights(self, weights: Weights) -> None:

@@ -115,3 +115,15 @@ def check_program(candidate: str, inputs: list[tuple], expected: list[Any]) -> s
     for args, out in zip(inputs, expected):
         lines.append(f"assert f(*{tuple(args)!r}) == {out!r}")
     return "\n".join(lines) + "\n"
+
+
+def probe_program(candidate: str, inputs: list[tuple]) -> str:
+    """A Python program that prints ``repr(f(*args))`` (or the exception's name) per input.
+
+    What a candidate does on an item's inputs, with no expected output: answers that print
+    the same lines behave alike (a team's vote groups them).
+    """
+    lines = [candidate, ""]
+    for args in inputs:
+        lines.append(f"try:\n    print(repr(f(*{tuple(args)!r})))\nexcept Exception as e:\n    print('raised', type(e).__name__)")
+    return "\n".join(lines) + "\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
-from cycleqd.engine.base import Engine
+from cycleqd.engine.base import Engine, GenRequest
 
 
 @dataclass(frozen=True)
@@ -41,4 +41,20 @@ class Task(Protocol):
         ...
 
     def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
+        ...
+
+
+class Votable(Protocol):
+    """A task that can say what an answer *does*, so a team can vote by behaviour, not by text.
+
+    ``answer_signatures(requests, answers)`` gives one string per answer (``None`` where
+    the answer does not run or has no action): two answers with equal signatures act
+    alike, e.g. the same outputs of a function on the item's inputs, the same rows of a
+    query, the same stdout of a command, or (multi-turn tasks, one request per turn) the
+    same proposed action. Signatures never look at a gold answer or hidden tests.
+    :class:`cycleqd.team.TeamEngine` groups votes by them; a task without the method is
+    voted on by exact (stripped) answer text.
+    """
+
+    def answer_signatures(self, requests: Sequence[GenRequest], answers: Sequence[str]) -> list[str | None]:
         ...

@@ -317,6 +317,22 @@ class DBEpisode:
         self.done = True
 
 
+def action_signature(reply: str) -> str | None:
+    """What a DBBench reply does this turn, as :class:`DBEpisode` reads it: the statement it runs
+    (whitespace collapsed) or the answer it commits (parsed); None for a reply with neither.
+
+    Replies with equal signatures drive the episode identically, whatever else they say.
+    """
+    reply = reply or ""
+    action = _ACTION.search(reply)
+    if action and action.group(1) == "Operation":
+        m = _SQL.search(reply)
+        if m:
+            return "sql " + " ".join(m.group(1).strip().replace("\n", " ").split())
+    m = _ANSWER.search(reply)
+    return "answer " + repr(parse_answer(m.group(1))) if m else None
+
+
 def _pow(a: Any, b: Any) -> Any:
     if isinstance(b, (int, float)) and abs(b) > 1000:  # eval would compute it; an answer never needs it
         raise ValueError("power too large")
@@ -500,6 +516,10 @@ class DBBenchTask:
         self._ids = select_ids(pool, opts.ids, opts.limit)
         self.max_round, self.max_new_tokens, self.workers = opts.max_round, opts.max_new_tokens, opts.workers
 
+    def answer_signatures(self, requests: Sequence[Any], answers: Sequence[str]) -> list[str | None]:
+        """The action each reply proposes for its turn (see :func:`action_signature`)."""
+        return [action_signature(a) for a in answers]
+
     def _official_label(self, split: str, index: int, row: dict) -> dict:
         """The row with the official copy's label where that differs from AgentBench's (official protocol)."""
         fix = OFFICIAL_LABELS.get((split, index))
@@ -557,7 +577,7 @@ class DBBenchTask:
         kind = row["type"][0]
         split, index = self.sources[int(ep.sample_id)]
         detail: dict[str, Any] = {"type": kind, "rounds": ep.rounds, "status": ep.status, "answer": ep.answer,
-                                  "source": f"{split}:{index}"}
+                                  "source": f"{split}:{index}", "conversation": ep.messages}
         if kind in MUTATING:
             got = ep.db.table_hash()
             detail["hash"] = got

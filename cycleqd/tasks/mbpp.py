@@ -490,6 +490,28 @@ def base_test_program(problem: Problem, solution: str, passed: str) -> str:
     return re.sub(r"\b(" + "|".join(values) + r")\b", lambda m: values[m.group(1)], _BASE_TESTS)
 
 
+def probe_call(assertion: str) -> str | None:
+    """The call an assertion checks (``f(x)`` of ``assert f(x) == y``), as source; None if there is none."""
+    try:
+        tree = ast.parse(assertion.strip())
+    except SyntaxError:
+        return None
+    node = tree.body[0] if tree.body else None
+    test = node.test if isinstance(node, ast.Assert) else None
+    if isinstance(test, ast.Compare):
+        return ast.unparse(test.left)
+    if isinstance(test, ast.Call):  # assert math.isclose(f(x), y) / assert set(f(x)) == ...
+        return ast.unparse(test.args[0]) if test.args else None
+    return None
+
+
+def probe_program(solution: str, assertion: str) -> str:
+    """A program that prints ``repr`` of the shown assertion's call on ``solution`` (or the exception raised)."""
+    call = probe_call(assertion) or "None"
+    return (f"{solution}\n\ntry:\n    print(repr({call}))\nexcept Exception as e:\n"
+            f"    print('raised', type(e).__name__)\n")
+
+
 def build_test_program(problem: Problem, solution: str, passed: str = "") -> str:
     """A program that passes iff ``solution`` passes the problem's asserts (and then prints ``passed``).
 
@@ -594,12 +616,36 @@ class MBPPTask:
         runs = run_python_batch(programs, timeout=self.timeout, memory_mb=self.memory_mb,
                                 backend=self.sandbox.backend) if programs else []
         samples = []
-        for i, sol, run in zip(chosen, solutions, runs):
+        for i, sol, run, completion in zip(chosen, solutions, runs, completions):
             ok = run.returncode == 0 and not run.timed_out and run.error is None and passed in run.stdout
             error = None
             if not ok:
                 tail = (run.stderr.strip().splitlines() or [""])[-1]
                 error = run.error or tail or ("empty solution" if not sol.strip() else f"exit code {run.returncode}")
             samples.append(SampleResult(i, 1.0 if ok else 0.0, error,
-                                        {"solution": sol, "seconds": round(run.seconds, 4)}))
+                                        {"solution": sol, "seconds": round(run.seconds, 4),
+                                         "conversation": self.conversation(self.problems[i], completion)}))
         return task_result(self.name, samples, start)
+
+    def conversation(self, problem: Problem, reply: str) -> list[dict[str, str]]:
+        """The sample as chat turns (system, user, assistant with the prefilled fence), for trajectories."""
+        if self.protocol == "evalplus":
+            return [{"role": "user", "content": evalplus_message(problem)},
+                    {"role": "assistant", "content": EVALPLUS_PREFILL + reply}]
+        return [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": official_instruction(problem.text, problem.assertion)},
+                {"role": "assistant", "content": PREFILL + reply}]
+
+    def answer_signatures(self, requests: Sequence[GenRequest], answers: Sequence[str]) -> list[str | None]:
+        """What each reply's code prints for the call of the assertion its prompt shows (None if it fails).
+
+        Only the shown assertion's call is run (the model sees it), never the hidden tests or
+        their expected values.
+        """
+        require_code_execution(self.sandbox, self.name)
+        problems = [self.problems[r.sample_id] for r in requests]
+        programs = [probe_program(self.solution(p, a), p.assertion) for p, a in zip(problems, answers)]
+        runs = run_python_batch(programs, timeout=self.timeout, memory_mb=self.memory_mb,
+                                backend=self.sandbox.backend) if programs else []
+        return [r.stdout if r.returncode == 0 and not r.timed_out and r.error is None and r.stdout else None
+                for r in runs]

@@ -257,6 +257,17 @@ def extract_action(raw: str) -> dict[str, Any]:
     return ret
 
 
+def action_signature(reply: str) -> str | None:
+    """What an OS reply does this turn, as :class:`OSEpisode` reads it: the bash code it runs
+    (blank lines dropped), the answer it commits, or ``finish``; None for an invalid action."""
+    act = extract_action(reply or "")
+    if act["action"] == "bash":
+        return "bash " + "\n".join(line.rstrip() for line in act["content"].splitlines() if line.strip())
+    if act["action"] == "commit":
+        return "commit " + repr(act["content"])
+    return None
+
+
 def os_feedback(output: str) -> str:
     """The user turn after a bash action (AgentBench's truncation at 800 characters)."""
     if len(output) > 800:
@@ -400,6 +411,10 @@ class OSInteractionTask:
     def sample_ids(self) -> list[str]:
         return list(self._ids)
 
+    def answer_signatures(self, requests: Sequence[Any], answers: Sequence[str]) -> list[str | None]:
+        """The action each reply proposes for its turn (see :func:`action_signature`)."""
+        return [action_signature(a) for a in answers]
+
     def _start(self, problem: OSProblem, session: OSSession | None = None) -> OSSession:
         """Session with the problem's init scripts run and its ``start`` command running."""
         session = session or OSSession(memory_mb=self.memory_mb)
@@ -459,7 +474,7 @@ class OSInteractionTask:
             errors = run_episodes(engine, episodes, max_new_tokens=self.max_new_tokens, workers=self.workers)
 
             def finish(ep: OSEpisode) -> None:
-                detail = {"status": ep.status, "answer": ep.answer, "turns": ep.turn}
+                detail = {"status": ep.status, "answer": ep.answer, "turns": ep.turn, "conversation": ep.messages}
                 try:
                     ok = self._verdict(ep)
                     if ep.session.timeouts:  # commands or checks cut at their limit

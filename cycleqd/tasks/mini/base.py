@@ -92,6 +92,18 @@ class MiniTask:
         """Check each output; a sample whose check fails to run scores 0 with an error."""
         raise NotImplementedError
 
+    def answer_signatures(self, requests: Sequence[GenRequest], answers: Sequence[str]) -> list[str | None]:
+        """What each answer does (see :class:`cycleqd.tasks.base.Votable`); here its stripped text.
+
+        The executing tasks override this with the answer's execution result on the item's
+        own inputs, never compared with the gold answer. Raises KeyError for an unknown sample id.
+        """
+        return [a.strip() or None for a in answers]
+
+    def items_of(self, requests: Sequence[GenRequest]) -> list[MiniItem]:
+        """The item each request asks about (KeyError for a request of another task)."""
+        return [self._by_id[r.sample_id] for r in requests]
+
     @property
     def _timeout(self) -> float:
         # Mini answers are one-liners on tiny inputs; a long run means a bad answer.
@@ -99,4 +111,6 @@ class MiniTask:
 
     @staticmethod
     def _result(item: MiniItem, ok: bool, output: str, error: str | None = None, **detail: Any) -> SampleResult:
-        return SampleResult(item.id, 1.0 if ok else 0.0, error, {"output": output, **detail})
+        conversation = [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": output}]
+        return SampleResult(item.id, 1.0 if ok else 0.0, error,
+                            {"output": output, "conversation": conversation, **detail})

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cycleqd.mini.code import check_program, gold_outputs
+from cycleqd.engine.base import GenRequest
+from cycleqd.mini.code import check_program, gold_outputs, probe_program
 from cycleqd.mini.items import MiniItem
 from cycleqd.registry import register_task
 from cycleqd.sandbox import RunResult, run_python_batch
@@ -56,3 +57,15 @@ class MiniCode(MiniTask):
             err = None if ok else (r.error or ("timeout" if r.timed_out else r.stderr.strip()[-300:] or "failed"))
             results.append(self._result(it, ok, out, err))
         return results
+
+    def answer_signatures(self, requests: Sequence[GenRequest], answers: Sequence[str]) -> list[str | None]:
+        """The printed results of each answer's ``f`` on its item's inputs (None if it does not run)."""
+        from cycleqd.sandbox import require_code_execution
+
+        require_code_execution(self.sandbox, self.name)
+        items = self.items_of(requests)
+        programs = [probe_program(a, [tuple(x) for x in it.context["inputs"]]) for it, a in zip(items, answers)]
+        runs = run_python_batch(
+            programs, timeout=self._timeout, memory_mb=min(self.sandbox.memory_mb, 512), backend=self.sandbox.backend
+        )
+        return [r.stdout if r.returncode == 0 and _clean(r) and a.strip() else None for r, a in zip(runs, answers)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from cycleqd.engine.base import GenRequest
 from cycleqd.mini.items import MiniItem
 from cycleqd.mini.shell import same_output
 from cycleqd.registry import register_task
@@ -51,3 +52,16 @@ class MiniShell(MiniTask):
             ok = bool(out.strip()) and same_output(r.stdout, self._gold[it.id].stdout)
             results.append(self._result(it, ok, out, None if ok else (r.stderr.strip()[-300:] or None)))
         return results
+
+    def answer_signatures(self, requests: Sequence[GenRequest], answers: Sequence[str]) -> list[str | None]:
+        """Each command's stdout on its item's files (trailing blanks dropped); None if it did not finish."""
+        from cycleqd.sandbox import require_code_execution
+
+        require_code_execution(self.sandbox, self.name)
+        items = self.items_of(requests)
+        runs = run_shell_batch([(dict(it.context["files"]), a) for it, a in zip(items, answers)],
+                               timeout=self._timeout, memory_mb=min(self.sandbox.memory_mb, 512),
+                               backend=self.sandbox.backend)
+        norm = lambda s: "\n".join(line.rstrip() for line in s.rstrip().splitlines())  # noqa: E731
+        return [norm(r.stdout) if a.strip() and not r.timed_out and r.error is None else None
+                for r, a in zip(runs, answers)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from cycleqd.engine.base import GenRequest
 from cycleqd.mini.items import MiniItem
 from cycleqd.mini.sql import QueryError, run_query, same_result
 from cycleqd.registry import register_task
@@ -41,3 +42,16 @@ class MiniSQL(MiniTask):
                 continue
             results.append(self._result(it, same_result(got, want, bool(ctx["ordered"])), out))
         return results
+
+    def answer_signatures(self, requests: Sequence[GenRequest], answers: Sequence[str]) -> list[str | None]:
+        """The rows each query returns on its item's table (sorted unless order matters); None on error."""
+        out: list[str | None] = []
+        for it, a in zip(self.items_of(requests), answers):
+            ctx = dict(it.context)
+            try:
+                rows = [tuple(round(v, 6) if isinstance(v, float) else v for v in r) for r in run_query(ctx, a)]
+            except QueryError:
+                out.append(None)
+                continue
+            out.append(repr(rows if ctx["ordered"] else sorted(rows, key=repr)))
+        return out

@@ -1,0 +1,40 @@
+"""Short in-process CycleQD runs in the mini world, for the team and trajectory tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from cycleqd.config import parse_config, resolve_paths
+
+DEFAULT_WORLD = Path(".cache/mini")
+
+
+def make_mini_run(root: Path, world: Path, size: str, *, n: int = 8, generations: int = 3,
+                  record: bool = True) -> Path:
+    """A run of ``generations`` children over the mini world in ``world`` (built there if absent), no Ray.
+
+    Tasks score ``n`` val items each; archives have 4 bins per axis; episodes are recorded.
+    """
+    from cycleqd.mini.build import ensure_mini_world
+    from cycleqd.pool import LocalPool
+    from cycleqd.run import run_loop, summarize
+    from cycleqd.store import RunStore, check_models
+    from cycleqd.worker import ChildWorker
+
+    data = yaml.safe_load(Path("experiments/mini.yaml").read_text())
+    data["models"] = {"base": str(world / "base"), "dtype": "float32",
+                      "experts": {t: str(world / f"expert_{t}") for t in ("code", "sql", "shell")},
+                      "mini": {"dir": str(world), "seed": 0, "size": size}}
+    for t in data["tasks"]:
+        t["options"]["n"] = n
+        t["bins"] = {"lo": 0.0, "hi": 1.0, "count": 4}
+    data["evolution"].update(workers=1, generations=generations, final_merge=False, record_episodes=record)
+    data["prepare_cache"] = str(root / "prepare")
+    cfg = resolve_paths(parse_config(data))
+    ensure_mini_world(cfg, progress=False)
+    store = RunStore.create(root / "run", cfg)
+    check_models(store, cfg)
+    run_loop(store, LocalPool([ChildWorker(cfg, threads=1)]), [])
+    summarize(store)
+    return store.path
