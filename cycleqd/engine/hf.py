@@ -133,6 +133,75 @@ class _StopCheck:
         return any(s in tail for s in self.stops)
 
 
+# Tokens (rows x width) per chunk of the first forward pass: rows of similar length pad little,
+# and a chunk's activations stay in the core's cache.
+_CHUNK_TOKENS = 1024
+# A decode step checks guessed tokens too, up to this many per row, and this many in all.
+_GUESS_MAX = 8
+_GUESS_BUDGET = 96
+
+
+def _guess(generated: list[int], draft: list[int], prompt: list[int], most: int) -> list[int]:
+    """Up to ``most`` tokens that may come next: what follows the latest few generated tokens in the draft or prompt.
+
+    The longest suffix (3, 2, then 1 tokens) of ``generated`` that occurs in ``draft`` is looked up
+    there, the occurrence nearest to where the row is now, and the draft's tokens after it are
+    the guess; else the last occurrence in ``prompt`` (answers repeat names from their question).
+    """
+    if most <= 0 or not generated:
+        return []
+    here = len(generated)
+    for size in (3, 2, 1):
+        if len(generated) < size:
+            continue
+        tail = generated[-size:]
+        hits = [i + size for i in range(len(draft) - size) if draft[i : i + size] == tail]
+        if hits:
+            start = min(hits, key=lambda i: abs(i - here))
+            return draft[start : start + most]
+        hits = [i + size for i in range(len(prompt) - size) if prompt[i : i + size] == tail]
+        if hits and size > 1:
+            return prompt[hits[-1] : hits[-1] + most]
+    return []
+
+
+class _Live:
+    """The generated tokens of a batch's rows, and the caches of the rows still writing, chunk by chunk."""
+
+    def __init__(self, eos: Sequence[int], check: "_StopCheck", limits: list[int]):
+        self.eos, self.check, self.limits = set(eos), check, limits
+        self.generated: list[list[int]] = [[] for _ in limits]
+        self.parts: list[tuple[DynamicCache, torch.Tensor]] = []
+
+    def append(self, row: int, token: int) -> bool:
+        """Add ``token`` to ``row``; whether the row has ended (end token, its token limit, a stop string)."""
+        g = self.generated[row]
+        g.append(token)
+        return token in self.eos or len(g) >= self.limits[row] or self.check.done(g)
+
+    def add(self, cache: DynamicCache, mask: torch.Tensor, slots: list[int]) -> None:
+        """Keep the rows ``slots`` of one chunk's cache and mask."""
+        if len(slots) < mask.shape[0]:
+            index = torch.tensor(slots, device=mask.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        self.parts.append((cache, mask))
+
+    def joined(self) -> tuple[DynamicCache, torch.Tensor]:
+        """One cache and mask for all kept rows, in the order they were added; shorter chunks are left-padded (hidden)."""
+        if len(self.parts) == 1:
+            return self.parts[0]
+        width = max(m.shape[1] for _, m in self.parts)
+        mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for _, m in self.parts])
+        cache = self.parts[0][0]
+        for i, layer in enumerate(cache.layers):
+            layers = [c.layers[i] for c, _ in self.parts]
+            layer.buf_k = torch.cat([torch.nn.functional.pad(x.keys, (0, 0, width - x.length, 0)) for x in layers])
+            layer.buf_v = torch.cat([torch.nn.functional.pad(x.values, (0, 0, width - x.length, 0)) for x in layers])
+            layer.length, layer.keys, layer.values = width, layer.buf_k, layer.buf_v
+        return cache, mask
+
+
 @register_engine("transformers")
 class HFEngine:
     """A Hugging Face causal LM with batched greedy generation.
@@ -142,9 +211,12 @@ class HFEngine:
         tokenizer: its tokenizer.
         batch_size: rows per generation batch.
         max_new_tokens: optional cap on every request's ``max_new_tokens``.
+        draft_memory: how many prompts' last completions are kept as drafts for the next
+            model asked the same prompt (0: none).
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, max_new_tokens: int | None = None):
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, max_new_tokens: int | None = None,
+                 draft_memory: int = 4096):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -156,6 +228,10 @@ class HFEngine:
         self.device: torch.device = first.device
         self.dtype: torch.dtype = first.dtype
         self._stop_checks: dict[tuple[str, ...], _StopCheck] = {}
+        # as in ``generate``: logits of the positions read only, where the model can skip the rest
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.draft_memory = draft_memory
+        self._drafts: dict[tuple[int, ...], list[int]] = {}
 
     @classmethod
     def from_path(cls, path: str, engine_cfg: EngineConfig, dtype: str | None = None) -> "HFEngine":
@@ -171,7 +247,8 @@ class HFEngine:
             path, **{k: v for k, v in extra.items() if k in ("revision", "trust_remote_code")}
         )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra).to(device)
-        return cls(model, tokenizer, batch_size=engine_cfg.batch_size, max_new_tokens=engine_cfg.max_new_tokens)
+        return cls(model, tokenizer, batch_size=engine_cfg.batch_size, max_new_tokens=engine_cfg.max_new_tokens,
+                   draft_memory=int(engine_cfg.options.get("draft_memory", 4096)))
 
     # -- generation -------------------------------------------------------------------------
     def _limit(self, req: GenRequest) -> int:
@@ -190,62 +267,127 @@ class HFEngine:
             self._stop_checks[stops] = _StopCheck(self.tokenizer, stops)
         return self._stop_checks[stops]
 
-    @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], limits: list[int], stops: tuple[str, ...]) -> list[str]:
-        """Greedy decoding of one left-padded batch, token for token what ``model.generate`` gives.
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache, keep: int):
+        """Logits ``(rows, keep, vocab)`` of the last ``keep`` positions, as floats (the mask is dropped when it hides nothing)."""
+        extra = {"logits_to_keep": keep} if self._keeps_logits else {}
+        out = self.model(input_ids=ids.to(self.device), attention_mask=None if bool(mask.all()) else mask,
+                         position_ids=position.to(self.device), past_key_values=cache, use_cache=True, **extra)
+        return out.logits[:, -keep:, :].float()
 
-        The inputs are the ones ``generate`` builds (positions from the padding mask, the
-        mask dropped when nothing is padded, logits of the last position only). A row
-        leaves the batch as soon as it ends (end token, stop string, its own token limit),
-        and its cache rows with it, so later steps cost only the rows still writing.
+    def _first_pass(self, prompts, drafts, rows, live: "_Live") -> list[tuple[int, int, int]]:
+        """Prompts and drafts of ``rows`` in one left-padded forward pass; each row's tokens until its draft is wrong.
+
+        Returns ``(row, next token, its position)`` of the rows still writing; ``live`` gets their cache.
         """
-        n, width = len(prompts), max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((n, width), pad, dtype=torch.long)
+        full = [prompts[r] + drafts[r] for r in rows]
+        width = max(len(x) for x in full)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        padded = not bool(mask.all())
+        for i, x in enumerate(full):
+            ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[i, width - len(x) :] = 1
         position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        eos = set(self._eos_ids())
-        check = self._stop_check(stops)
-        mask, position = mask.to(self.device), position.to(self.device)
         cache = _new_cache(self.model.config)
-        params = inspect.signature(self.model.forward).parameters
-        # as in ``generate``: only the last position's logits, where the model can skip the rest
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask if padded else None,
-                         position_ids=position, past_key_values=cache, use_cache=True, **keep)
-        position = position[:, -1:]
-        rows = list(range(n))  # batch slot -> request row
-        generated: list[list[int]] = [[] for _ in range(n)]
-        while rows:
-            token = out.logits[:, -1, :].float().argmax(-1)
+        span = 1 + max(len(drafts[r]) for r in rows)
+        mask = mask.to(self.device)
+        greedy = self._forward(ids, mask, position, cache, span).argmax(-1).tolist()
+        going = []
+        for slot, r in enumerate(rows):
+            d = drafts[r]
+            # the greedy token after the prompt, then after each draft prefix
+            for j, t in enumerate(greedy[slot][span - 1 - len(d) :]):
+                if live.append(r, t):
+                    break
+                if j == len(d) or t != d[j]:
+                    going.append((slot, r, t, len(prompts[r]) + j))
+                    mask[slot, width - len(d) + j :] = 0  # the cache holds the draft's rejected rest: hidden
+                    break
+        if going:
+            live.add(cache, mask, [g[0] for g in going])
+        return [g[1:] for g in going]
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], limits: list[int], stops: tuple[str, ...],
+                        drafts: list[list[int]] | None = None) -> list[list[int]]:
+        """Greedy decoding of one batch, token for token what ``model.generate`` gives; the generated ids per row.
+
+        ``drafts`` (a guess of each row's tokens, possibly empty) ride along with the prompts in the
+        first forward pass: the greedy token after every draft prefix is read off that pass and the
+        longest prefix the model agrees with is kept. The rows go through that pass in chunks of
+        similar length (little padding, activations that stay in cache); the rows still writing
+        then decode together, each step also checking a few tokens guessed from the row's draft
+        and prompt (:func:`_guess`), so one step can accept several. Every token is the model's
+        own argmax after the tokens before it, as in ``generate``: inputs are the ones ``generate``
+        builds (positions from the padding mask, logits of the positions read only), cache
+        positions of rejected guesses are masked out, and a row leaves the batch as soon as it
+        ends (end token, stop string, its own token limit).
+        """
+        n = len(prompts)
+        drafts = [list(d[: max(0, lim - 1)]) for d, lim in zip(drafts or [[]] * n, limits)]
+        live = _Live(self._eos_ids(), self._stop_check(stops), limits)
+        order = sorted(range(n), key=lambda r: len(prompts[r]) + len(drafts[r]), reverse=True)
+        # chunks only where the caches can be joined afterwards (plain full-attention layers)
+        budget = _CHUNK_TOKENS if all(type(x) is _GrowingLayer for x in _new_cache(self.model.config).layers) else 0
+        nexts, k = [], 0
+        while k < n:
+            width = len(prompts[order[k]]) + len(drafts[order[k]])
+            end = n if budget == 0 else min(n, k + max(1, budget // width))
+            nexts += self._first_pass(prompts, drafts, order[k:end], live)
+            k = end
+        if not nexts:
+            return live.generated
+        cache, mask = live.joined()
+        rows = [r for r, _, _ in nexts]
+        token = [t for _, t, _ in nexts]
+        position = [p for _, _, p in nexts]
+        while True:
+            room = max(0, min(_GUESS_MAX, _GUESS_BUDGET // len(rows) - 1))
+            guesses = [_guess(live.generated[r], drafts[r], prompts[r], room) for r in rows]
+            width = 1 + max(len(g) for g in guesses)
+            ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            block = torch.zeros_like(ids)
+            for slot, (t, g) in enumerate(zip(token, guesses)):
+                ids[slot, : 1 + len(g)] = torch.tensor([t, *g], dtype=torch.long)
+                block[slot, : 1 + len(g)] = 1
+            mask = torch.cat([mask, block.to(self.device)], dim=-1)
+            at = torch.tensor(position, dtype=torch.long)[:, None] + torch.arange(width)
+            greedy = self._forward(ids, mask, at, cache, width).argmax(-1).tolist()
             going = []
-            for slot, (r, t) in enumerate(zip(rows, token.tolist())):
-                g = generated[r]
-                g.append(t)
-                if t not in eos and len(g) < limits[r] and not check.done(g):
-                    going.append(slot)
+            for slot, (r, g) in enumerate(zip(rows, guesses)):
+                for j, t in enumerate(greedy[slot][: 1 + len(g)]):
+                    if live.append(r, t):
+                        break
+                    if j == len(g) or t != g[j]:
+                        going.append(slot)
+                        mask[slot, mask.shape[1] - width + 1 + j :] = 0
+                        token[slot], position[slot] = t, position[slot] + 1 + j
+                        break
             if not going:
-                break
+                return live.generated
             if len(going) < len(rows):
                 index = torch.tensor(going, device=self.device)
-                rows = [rows[k] for k in going]
-                token, mask, position = token[index], mask[index], position[index]
+                rows, token, position = [rows[k] for k in going], [token[k] for k in going], [position[k] for k in going]
+                mask = mask[index]
                 cache.batch_select_indices(index)
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
-            position = position + 1
-            out = self.model(input_ids=token[:, None], attention_mask=mask if padded else None,
-                             position_ids=position, past_key_values=cache, use_cache=True, **keep)
-        texts = []
-        for r, g in enumerate(generated):
-            g = g[: limits[r]]
-            if g and g[-1] in eos:
-                g = g[:-1]
-            texts.append(cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), stops))
-        return texts
+
+    def _remember(self, prompt: tuple[int, ...], tokens: list[int]) -> None:
+        """Keep ``tokens`` as the draft for ``prompt``; the oldest prompt goes when the memory is full."""
+        if self.draft_memory <= 0:
+            return
+        self._drafts.pop(prompt, None)
+        self._drafts[prompt] = tokens
+        while len(self._drafts) > self.draft_memory:
+            del self._drafts[next(iter(self._drafts))]
+
+    def forget_drafts(self) -> None:
+        """Drop every remembered completion (the next model decodes without drafts)."""
+        self._drafts.clear()
+
+    def _text(self, tokens: list[int], limit: int, stops: tuple[str, ...]) -> str:
+        g = tokens[:limit]
+        if g and g[-1] in self._eos_ids():
+            g = g[:-1]
+        return cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), stops)
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions in request order, each cut at its first stop string.
@@ -263,11 +405,13 @@ class HFEngine:
             idx.sort(key=lambda i: (len(encoded[i]), self._limit(requests[i])), reverse=True)
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k : k + self.batch_size]
-                texts = self._generate_batch(
-                    [encoded[i] for i in chunk], [self._limit(requests[i]) for i in chunk], stops
+                tokens = self._generate_batch(
+                    [encoded[i] for i in chunk], [self._limit(requests[i]) for i in chunk], stops,
+                    [self._drafts.get(tuple(encoded[i]), []) for i in chunk],
                 )
-                for i, t in zip(chunk, texts):
-                    outputs[i] = t
+                for i, t in zip(chunk, tokens):
+                    self._remember(tuple(encoded[i]), t)
+                    outputs[i] = self._text(t, self._limit(requests[i]), stops)
         return outputs
 
     # -- scoring ----------------------------------------------------------------------------
