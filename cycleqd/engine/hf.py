@@ -136,6 +136,10 @@ class _StopCheck:
 # Tokens (rows x width) per chunk of the first forward pass: rows of similar length pad little,
 # and a chunk's activations stay in the core's cache.
 _CHUNK_TOKENS = 1024
+# Prompts that share at least this many leading tokens may share them in the cache; a group costs
+# about this many tokens' work more than it saves.
+_SHARED_MIN = 4
+_SHARED_COST = 8
 # A decode step checks guessed tokens too, up to this many per row, and this many in all.
 _GUESS_MAX = 8
 _GUESS_BUDGET = 96
@@ -274,20 +278,86 @@ class HFEngine:
                          position_ids=position.to(self.device), past_key_values=cache, use_cache=True, **extra)
         return out.logits[:, -keep:, :].float()
 
-    def _first_pass(self, prompts, drafts, rows, live: "_Live") -> list[tuple[int, int, int]]:
-        """Prompts and drafts of ``rows`` in one left-padded forward pass; each row's tokens until its draft is wrong.
+    def _shared_prefixes(self, prompts: list[list[int]]) -> list[tuple[int, list[torch.Tensor]]]:
+        """Per row: how many leading prompt tokens it shares with its group, and their keys and values per layer.
 
-        Returns ``(row, next token, its position)`` of the rows still writing; ``live`` gets their cache.
+        Rows sorted by prompt fall into groups (chosen for the most tokens saved) whose common
+        prefix is computed once, in one pass over all groups; every row keeps at least one token
+        of its own. Rows in no group get ``(0, [])``.
         """
-        full = [prompts[r] + drafts[r] for r in rows]
-        width = max(len(x) for x in full)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        n = len(prompts)
+        order = sorted(range(n), key=lambda r: prompts[r])
+        seqs = [prompts[r] for r in order]
+        # common prefix of neighbours, capped so each row keeps a token of its own
+        near = []
+        for x, y in zip(seqs, seqs[1:]):
+            k, top = 0, min(len(x), len(y)) - 1
+            while k < top and x[k] == y[k]:
+                k += 1
+            near.append(k)
+        # best[j]: tokens saved by grouping the first j sorted rows; a group [i, j) shares min(near[i:j-1])
+        best, cut = [0] * (n + 1), [0] * (n + 1)
+        for j in range(1, n + 1):
+            best[j], cut[j], common = best[j - 1], j - 1, 1 << 30
+            for i in range(j - 2, -1, -1):
+                common = min(common, near[i])
+                if common < _SHARED_MIN:
+                    break
+                gain = best[i] + (j - i - 1) * common - _SHARED_COST
+                if gain > best[j]:
+                    best[j], cut[j] = gain, i
+        groups, j = [], n
+        while j > 0:
+            i = cut[j]
+            if j - i > 1:
+                groups.append((order[i:j], min(near[i : j - 1])))
+            j = i
+        shared: list[tuple[int, list[torch.Tensor]]] = [(0, [])] * n
+        if not groups:
+            return shared
+        heads = [prompts[rows[0]][:size] for rows, size in groups]
+        width = max(len(h) for h in heads)
+        ids = torch.full((len(heads), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, x in enumerate(full):
-            ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-            mask[i, width - len(x) :] = 1
-        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        for g, h in enumerate(heads):
+            ids[g, width - len(h) :] = torch.tensor(h, dtype=torch.long)
+            mask[g, width - len(h) :] = 1
         cache = _new_cache(self.model.config)
+        self._forward(ids, mask.to(self.device), (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0), cache, 1)
+        for g, (rows, size) in enumerate(groups):
+            kv = [t[g, :, width - size :] for layer in cache.layers for t in (layer.keys, layer.values)]
+            for r in rows:
+                shared[r] = (size, kv)
+        return shared
+
+    def _first_pass(self, prompts, drafts, shared, rows, live: "_Live") -> list[tuple[int, int, int]]:
+        """Prompts and drafts of ``rows`` in one forward pass; each row's tokens until its draft is wrong.
+
+        Shared prompt prefixes (:meth:`_shared_prefixes`) enter the cache as they are, right-aligned;
+        the rest of each prompt and its draft follow, left-padded. Returns ``(row, next token,
+        its position)`` of the rows still writing; ``live`` gets their cache.
+        """
+        heads = [shared[r][0] for r in rows]
+        full = [prompts[r][h:] + drafts[r] for r, h in zip(rows, heads)]
+        front, width = max(heads), max(len(x) for x in full)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), front + width), dtype=torch.long)
+        for i, (x, h) in enumerate(zip(full, heads)):
+            ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[i, front + width - len(x) :] = 1
+            mask[i, front - h : front] = 1
+        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, front:]
+        cache = _new_cache(self.model.config)
+        if front:
+            for li, layer in enumerate(cache.layers):
+                k, v = (torch.zeros((len(rows), *shared[next(r for r in rows if shared[r][0])][1][2 * li + c].shape[:-2],
+                                     front, shared[next(r for r in rows if shared[r][0])][1][2 * li + c].shape[-1]),
+                                    dtype=self.dtype, device=self.device) for c in (0, 1))
+                for i, (r, h) in enumerate(zip(rows, heads)):
+                    if h:
+                        k[i, :, front - h :] = shared[r][1][2 * li]
+                        v[i, :, front - h :] = shared[r][1][2 * li + 1]
+                layer.update(k, v)
         span = 1 + max(len(drafts[r]) for r in rows)
         mask = mask.to(self.device)
         greedy = self._forward(ids, mask, position, cache, span).argmax(-1).tolist()
@@ -300,7 +370,7 @@ class HFEngine:
                     break
                 if j == len(d) or t != d[j]:
                     going.append((slot, r, t, len(prompts[r]) + j))
-                    mask[slot, width - len(d) + j :] = 0  # the cache holds the draft's rejected rest: hidden
+                    mask[slot, front + width - len(d) + j :] = 0  # the cache holds the draft's rejected rest: hidden
                     break
         if going:
             live.add(cache, mask, [g[0] for g in going])
@@ -325,14 +395,15 @@ class HFEngine:
         n = len(prompts)
         drafts = [list(d[: max(0, lim - 1)]) for d, lim in zip(drafts or [[]] * n, limits)]
         live = _Live(self._eos_ids(), self._stop_check(stops), limits)
-        order = sorted(range(n), key=lambda r: len(prompts[r]) + len(drafts[r]), reverse=True)
-        # chunks only where the caches can be joined afterwards (plain full-attention layers)
-        budget = _CHUNK_TOKENS if all(type(x) is _GrowingLayer for x in _new_cache(self.model.config).layers) else 0
+        # chunks and shared prefixes only where caches can be joined (plain full-attention layers)
+        plain = all(type(x) is _GrowingLayer for x in _new_cache(self.model.config).layers)
+        shared = self._shared_prefixes(prompts) if plain else [(0, [])] * n
+        order = sorted(range(n), key=lambda r: len(prompts[r]) - shared[r][0] + len(drafts[r]), reverse=True)
         nexts, k = [], 0
         while k < n:
-            width = len(prompts[order[k]]) + len(drafts[order[k]])
-            end = n if budget == 0 else min(n, k + max(1, budget // width))
-            nexts += self._first_pass(prompts, drafts, order[k:end], live)
+            width = len(prompts[order[k]]) - shared[order[k]][0] + len(drafts[order[k]])
+            end = min(n, k + max(1, _CHUNK_TOKENS // width)) if plain else n
+            nexts += self._first_pass(prompts, drafts, shared, order[k:end], live)
             k = end
         if not nexts:
             return live.generated
