@@ -145,28 +145,42 @@ _GUESS_MAX = 8
 _GUESS_BUDGET = 96
 
 
-def _guess(generated: list[int], draft: list[int], prompt: list[int], most: int) -> list[int]:
-    """Up to ``most`` tokens that may come next: what follows the latest few generated tokens in the draft or prompt.
+class _Guess:
+    """Tokens that may come next in a row: what follows its latest few generated tokens in its draft or prompt.
 
-    The longest suffix (3, 2, then 1 tokens) of ``generated`` that occurs in ``draft`` is looked up
-    there, the occurrence nearest to where the row is now, and the draft's tokens after it are
-    the guess; else the last occurrence in ``prompt`` (answers repeat names from their question).
+    The longest suffix (3, 2, then 1 tokens) of the generated tokens that occurs in the draft
+    is looked up there, at the occurrence nearest to where the row is now, and the draft's
+    tokens after it are the guess; else (2 or 3 tokens) the last occurrence in the prompt,
+    since answers repeat names from their question.
     """
-    if most <= 0 or not generated:
+
+    def __init__(self, draft: list[int], prompt: list[int]):
+        self.draft = draft
+        self.in_draft: dict[tuple[int, ...], list[int]] = {}
+        self.in_prompt: dict[tuple[int, ...], int] = {}
+        for size in (1, 2, 3):
+            for i in range(len(draft) - size):
+                self.in_draft.setdefault(tuple(draft[i : i + size]), []).append(i + size)
+            for i in range(len(prompt) - size):
+                if size > 1:
+                    self.in_prompt[tuple(prompt[i : i + size])] = i + size
+        self.prompt = prompt
+
+    def __call__(self, generated: list[int], most: int) -> list[int]:
+        if most <= 0:
+            return []
+        for size in (3, 2, 1):
+            if len(generated) < size:
+                continue
+            tail = tuple(generated[-size:])
+            hits = self.in_draft.get(tail)
+            if hits:
+                start = min(hits, key=lambda i: abs(i - len(generated)))
+                return self.draft[start : start + most]
+            if tail in self.in_prompt:
+                start = self.in_prompt[tail]
+                return self.prompt[start : start + most]
         return []
-    here = len(generated)
-    for size in (3, 2, 1):
-        if len(generated) < size:
-            continue
-        tail = generated[-size:]
-        hits = [i + size for i in range(len(draft) - size) if draft[i : i + size] == tail]
-        if hits:
-            start = min(hits, key=lambda i: abs(i - here))
-            return draft[start : start + most]
-        hits = [i + size for i in range(len(prompt) - size) if prompt[i : i + size] == tail]
-        if hits and size > 1:
-            return prompt[hits[-1] : hits[-1] + most]
-    return []
 
 
 class _Live:
@@ -236,6 +250,8 @@ class HFEngine:
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.draft_memory = draft_memory
         self._drafts: dict[tuple[int, ...], list[int]] = {}
+        self._encoded: dict[str, list[int]] = {}
+        self._plain_cache: bool | None = None  # whether every cache layer is a plain growing one
 
     @classmethod
     def from_path(cls, path: str, engine_cfg: EngineConfig, dtype: str | None = None) -> "HFEngine":
@@ -386,7 +402,7 @@ class HFEngine:
         longest prefix the model agrees with is kept. The rows go through that pass in chunks of
         similar length (little padding, activations that stay in cache); the rows still writing
         then decode together, each step also checking a few tokens guessed from the row's draft
-        and prompt (:func:`_guess`), so one step can accept several. Every token is the model's
+        and prompt (:class:`_Guess`), so one step can accept several. Every token is the model's
         own argmax after the tokens before it, as in ``generate``: inputs are the ones ``generate``
         builds (positions from the padding mask, logits of the positions read only), cache
         positions of rejected guesses are masked out, and a row leaves the batch as soon as it
@@ -396,7 +412,9 @@ class HFEngine:
         drafts = [list(d[: max(0, lim - 1)]) for d, lim in zip(drafts or [[]] * n, limits)]
         live = _Live(self._eos_ids(), self._stop_check(stops), limits)
         # chunks and shared prefixes only where caches can be joined (plain full-attention layers)
-        plain = all(type(x) is _GrowingLayer for x in _new_cache(self.model.config).layers)
+        if self._plain_cache is None:
+            self._plain_cache = all(type(x) is _GrowingLayer for x in _new_cache(self.model.config).layers)
+        plain = self._plain_cache
         shared = self._shared_prefixes(prompts) if plain else [(0, [])] * n
         order = sorted(range(n), key=lambda r: len(prompts[r]) - shared[r][0] + len(drafts[r]), reverse=True)
         nexts, k = [], 0
@@ -411,9 +429,14 @@ class HFEngine:
         rows = [r for r, _, _ in nexts]
         token = [t for _, t, _ in nexts]
         position = [p for _, _, p in nexts]
+        guess: dict[int, _Guess] = {}
         while True:
             room = max(0, min(_GUESS_MAX, _GUESS_BUDGET // len(rows) - 1))
-            guesses = [_guess(live.generated[r], drafts[r], prompts[r], room) for r in rows]
+            guesses = []
+            for r in rows:
+                if room and r not in guess:
+                    guess[r] = _Guess(drafts[r], prompts[r])
+                guesses.append(guess[r](live.generated[r], room) if room else [])
             width = 1 + max(len(g) for g in guesses)
             ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
             block = torch.zeros_like(ids)
@@ -450,6 +473,17 @@ class HFEngine:
         while len(self._drafts) > self.draft_memory:
             del self._drafts[next(iter(self._drafts))]
 
+    def _encode(self, req: GenRequest) -> list[int]:
+        """:func:`encode_request`, kept for raw prompts: every model of a run is asked the same ones."""
+        if req.prompt is None or req.messages is not None:
+            return encode_request(self.tokenizer, req)
+        ids = self._encoded.get(req.prompt)
+        if ids is None:
+            ids = self._encoded[req.prompt] = encode_request(self.tokenizer, req)
+            while len(self._encoded) > max(self.draft_memory, 1024):
+                del self._encoded[next(iter(self._encoded))]
+        return ids
+
     def forget_drafts(self) -> None:
         """Drop every remembered completion (the next model decodes without drafts)."""
         self._drafts.clear()
@@ -466,7 +500,7 @@ class HFEngine:
         Raises:
             ValueError: a request sets both or neither of ``prompt`` and ``messages``.
         """
-        encoded = [encode_request(self.tokenizer, r) for r in requests]
+        encoded = [self._encode(r) for r in requests]
         outputs: list[str] = [""] * len(requests)
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, r in enumerate(requests):
