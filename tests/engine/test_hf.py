@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,26 +137,42 @@ def test_draft_memory_is_bounded_and_can_be_off(tiny_family):
     assert not small._drafts
 
 
-@pytest.fixture(scope="module")
-def trained_world(tmp_path_factory):
-    """The mini world's recipe at its smallest size: trained char-level models (confident, like real ones)."""
-    from cycleqd.mini import build_mini_world
-
-    return build_mini_world(tmp_path_factory.mktemp("trained"), seed=0, size="tiny", progress=False)
+MINI = Path(__file__).resolve().parents[2] / ".cache" / "mini"
 
 
-def test_trained_mini_models_with_drafts_match_generate(trained_world):
-    """Base and experts of a trained mini world on the mini tasks' prompts, each with the model before as drafts."""
+def _mini_models(world: Path) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """Base, experts, and merges of them (weighted means of their weights), in an order where neighbours differ."""
+    w = {n: load_file(str(world / n / "model.safetensors")) for n in ("base", "expert_code", "expert_sql", "expert_shell")}
+    mix = lambda parts: {k: sum(c * w[n][k] for n, c in parts.items()) for k in w["base"]}  # noqa: E731
+    return [("expert_code", w["expert_code"]), ("expert_sql", w["expert_sql"]),
+            ("code+sql", mix({"expert_code": 0.5, "expert_sql": 0.5})), ("base", w["base"]),
+            ("all three", mix({"expert_code": 0.4, "expert_sql": 0.3, "expert_shell": 0.3})),
+            ("expert_shell", w["expert_shell"]), ("sql+shell", mix({"expert_sql": 0.6, "expert_shell": 0.4}))]
+
+
+def _same_as_generate_on_mini_tasks(world: Path, n: int) -> None:
     from cycleqd.registry import TASKS
 
-    engine = HFEngine.from_path(str(trained_world / "base"), EngineConfig(device="cpu", batch_size=160))
-    tasks = [TASKS.get(k)(name=k, split="val", n=60) for k in ("mini_code", "mini_sql", "mini_shell")]
-    reqs = [r for t in tasks for r in t.requests(t.items)]
-    for name in ["expert_code", "expert_sql", "base", "expert_shell", "expert_code"]:
-        engine.load_weights(load_file(str(trained_world / name / "model.safetensors")))
+    engine = HFEngine.from_path(str(world / "base"), EngineConfig(device="cpu", batch_size=160))
+    tasks = [TASKS.get(k)(name=k, split="val", n=n) for k in ("mini_code", "mini_sql", "mini_shell")]
+    for name, weights in _mini_models(world):
+        engine.load_weights(weights)  # the drafts are the model before's completions
         for t in tasks:
             assert engine.generate(t.requests(t.items)) == _reference(engine, t.requests(t.items)), (name, t.name)
-    assert len(engine._drafts) == len(reqs)
+    assert len(engine._drafts) == 3 * n
+
+
+def test_mini_prompts_with_drafts_match_generate(tmp_path):
+    """The mini tasks' prompts and char tokenizer, on the mini recipe's smallest (barely trained) models."""
+    from cycleqd.mini import build_mini_world
+
+    _same_as_generate_on_mini_tasks(build_mini_world(tmp_path, seed=0, size="tiny", progress=False), 20)
+
+
+@pytest.mark.skipif(not (MINI / "manifest.json").is_file(), reason="the default mini world is not built")
+def test_default_mini_world_with_drafts_matches_generate():
+    """The trained mini models (and merges of them) on all val prompts, each with the model before as drafts."""
+    _same_as_generate_on_mini_tasks(MINI, 100)
 
 
 def test_cut_at_stop_earliest():

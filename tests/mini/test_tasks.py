@@ -131,3 +131,16 @@ def test_gold_runs_are_reused_with_the_same_verdicts(kind, monkeypatch):
     first = fresh.evaluate(ScriptedEngine(fresh, mix(1)))
     assert [s.score for s in again.samples] == [s.score for s in first.samples]
     assert again.quality == pytest.approx(8 / 12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_answer_now_check_later_is_evaluate(kind):
+    """``answer`` asks the engine at once and checks when called; the verdicts are ``evaluate``'s."""
+    task = _task(kind, n=12)
+    engine = ScriptedEngine(task, lambda it: it.answer if int(it.id) % 2 else WRONG[kind](it))
+    check = task.answer(engine)
+    assert len(engine.requests) == 12  # generation happened before the check is called
+    res = check()
+    again = task.evaluate(engine)
+    assert [s.score for s in res.samples] == [s.score for s in again.samples]
+    assert res.quality == again.quality == pytest.approx(0.5) and res.seconds > 0
