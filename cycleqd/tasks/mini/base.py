@@ -13,6 +13,18 @@ from cycleqd.mini.skills import skill_items
 from cycleqd.tasks.base import SampleResult, TaskResult
 
 
+#: How many clean check runs of earlier answers a task keeps for reuse (see MiniCode, MiniShell).
+SEEN = 50_000
+
+
+def remember(seen: dict, key: Any, value: Any) -> None:
+    """Keep ``value`` under ``key``; past :data:`SEEN` entries the oldest goes."""
+    seen.pop(key, None)
+    seen[key] = value
+    while len(seen) > SEEN:
+        del seen[next(iter(seen))]
+
+
 class MiniTask:
     """A procedurally generated mini task (see :mod:`cycleqd.mini`).
 
