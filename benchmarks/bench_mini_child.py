@@ -11,12 +11,15 @@ experiment (crossover of two seed experts, SVD mutation). Both paths see the sam
 resident model and warm task objects (the gold lines ran once, before timing, as they
 do at the start of every run); the best of a few alternating repeats is kept.
 
-The engine checks each prompt's last completion by another model as a draft (see
-``HFEngine``): before every timed evaluation the worker evaluates a *sibling* (the
-same parents, another seed), as a run's worker has evaluated another child before
-this one, so the child never sees a draft of its own. ``mini_child_cold_speedup`` is
-the same child with no drafts at all (a worker's first child). The checks of the
-code and shell tasks run in sandbox processes while the next task generates: that
+What a worker has seen before a child makes it cheaper: the engine checks each prompt's
+last completion (by another model) as a draft (see ``HFEngine``), and the code and shell
+tasks reuse the clean check run of an answer already checked for the same item. So the
+timed evaluation starts from a worker as a run starts it (fresh tasks, no drafts, the
+base evaluated once for the gold lines) that then evaluated a *sibling* (the same
+parents, another seed), as a run's worker has evaluated other children before this one:
+the child never sees its own answers. ``mini_child_cold_speedup`` is the child right after
+the start (no drafts; checks reused only where it answers as the base did). The checks of
+the code and shell tasks run in sandbox processes while the next task generates: that
 overlap uses a second core where one is free.
 """
 from __future__ import annotations
@@ -78,7 +81,7 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
     """
     from cycleqd.genome import Genome, materialize
     from cycleqd.mini.build import ensure_mini_world
-    from cycleqd.worker import ChildSpec, ChildWorker, make_child
+    from cycleqd.worker import ChildSpec, ChildWorker, build_tasks, make_child
 
     cfg = resolve_paths(load_config(config))
     ensure_mini_world(cfg)
@@ -87,7 +90,14 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
     spec = ChildSpec(index=0, id="bench", quality_task=cfg.task_names[0], q=0, parents=("s0", "s1"), seed=12345)
     child, _ = make_child(spec, [Genome.seed(0, f), Genome.seed(1, f)], cfg, f)
     sibling, _ = make_child(replace(spec, id="sibling", seed=999), [Genome.seed(0, f), Genome.seed(1, f)], cfg, f)
-    worker.evaluate(Genome.base(f))  # warm: gold lines run once, as at the start of a run
+
+    def start_of_run() -> None:
+        """The worker as a run starts it: tasks that have seen no answer, no drafts; then the gold lines run once."""
+        worker.tasks = build_tasks(cfg)
+        worker.engine.forget_drafts()
+        worker.evaluate(Genome.base(f))
+
+    start_of_run()
     gold = {it.id: r.stdout for it, r in zip(worker.tasks["shell"].items, run_shell_batch(
         [(dict(it.context["files"]), it.answer) for it in worker.tasks["shell"].items]))} \
         if "shell" in worker.tasks else {}
@@ -107,17 +117,20 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
         t0 = time.perf_counter()
         plain_scores, plain_out = plain()
         t_plain.append(time.perf_counter() - t0)
-        worker.evaluate(sibling)  # the drafts the child gets: its sibling's answers
+        start_of_run()
+        worker.evaluate(sibling)  # what the worker evaluated before: drafts and checked answers of the sibling
         t0 = time.perf_counter()
         ours, seconds = worker.evaluate(child)
         t_ours.append(time.perf_counter() - t0)
         assert ours == plain_scores, (ours, plain_scores)
+        start_of_run()
         worker.engine.forget_drafts()
         t0 = time.perf_counter()
         cold, _ = worker.evaluate(child)
         t_cold.append(time.perf_counter() - t0)
         assert cold == plain_scores, (cold, plain_scores)
     # generation alone, the same answers both ways (the rest of a child is its checks)
+    start_of_run()
     worker.evaluate(sibling)
     with torch.no_grad():
         materialize(child, f, into=worker.engine)
