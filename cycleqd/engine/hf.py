@@ -1,13 +1,20 @@
 """The transformers engine: batched greedy generation with a resident model.
 
 Requests are templated (chat messages through the tokenizer's own chat template,
-raw prompts as they are), sorted by length, grouped by stop strings, left-padded
-into batches of ``batch_size`` and decoded greedily by a loop of our own over the
-model's forward (the inputs ``generate`` would build, so the tokens are the same).
-Each row leaves the batch as soon as it ends (end token, stop string, token limit),
-the KV cache grows in place, and only tokens that could complete a stop string
-cost a decode; the output is cut at the first stop string. New weights are copied into the same model in place, so
-a worker evaluating many merged models never re-instantiates it.
+raw prompts as they are), grouped by stop strings and decoded greedily by a loop of
+our own over the model's forward (the inputs ``generate`` would build, so the tokens
+are the same). The engine remembers each prompt's last completion and checks it as a
+draft when a model (a run's next child, a close relative) gets the same prompt: the
+prompt and draft go through one forward pass, the longest prefix the model agrees
+with is kept, and decoding goes on from there. That pass runs in chunks of similar
+length, and prompts that share leading tokens compute them once. Rows still writing
+decode together, each step also checking a few tokens guessed from the row's draft
+and prompt; a row leaves the batch as soon as it ends (end token, stop string, token
+limit), the KV cache grows in place, and only tokens that could complete a stop
+string cost a decode. Every token is the model's own argmax after the tokens before
+it, so drafts and guesses change the cost, never the output. New weights are copied
+into the same model in place, so a worker evaluating many merged models never
+re-instantiates it.
 """
 from __future__ import annotations
 
@@ -158,12 +165,12 @@ class _Guess:
         self.draft = draft
         self.in_draft: dict[tuple[int, ...], list[int]] = {}
         self.in_prompt: dict[tuple[int, ...], int] = {}
-        for size in (1, 2, 3):
+        for size in (1, 2, 3):  # each n-gram with a token after it -> where that token is
             for i in range(len(draft) - size):
                 self.in_draft.setdefault(tuple(draft[i : i + size]), []).append(i + size)
+        for size in (2, 3):
             for i in range(len(prompt) - size):
-                if size > 1:
-                    self.in_prompt[tuple(prompt[i : i + size])] = i + size
+                self.in_prompt[tuple(prompt[i : i + size])] = i + size
         self.prompt = prompt
 
     def __call__(self, generated: list[int], most: int) -> list[int]:
@@ -230,7 +237,7 @@ class HFEngine:
         batch_size: rows per generation batch.
         max_new_tokens: optional cap on every request's ``max_new_tokens``.
         draft_memory: how many prompts' last completions are kept as drafts for the next
-            model asked the same prompt (0: none).
+            model asked the same prompt (0: none; a config sets it as ``engine.options.draft_memory``).
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32, max_new_tokens: int | None = None,
@@ -365,10 +372,11 @@ class HFEngine:
         position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, front:]
         cache = _new_cache(self.model.config)
         if front:
+            some = next(shared[r][1] for r in rows if shared[r][0])
             for li, layer in enumerate(cache.layers):
-                k, v = (torch.zeros((len(rows), *shared[next(r for r in rows if shared[r][0])][1][2 * li + c].shape[:-2],
-                                     front, shared[next(r for r in rows if shared[r][0])][1][2 * li + c].shape[-1]),
-                                    dtype=self.dtype, device=self.device) for c in (0, 1))
+                n_heads, dim = some[2 * li].shape[0], some[2 * li].shape[-1]
+                k = some[2 * li].new_zeros((len(rows), n_heads, front, dim))
+                v = torch.zeros_like(k)
                 for i, (r, h) in enumerate(zip(rows, heads)):
                     if h:
                         k[i, :, front - h :] = shared[r][1][2 * li]
