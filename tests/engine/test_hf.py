@@ -82,7 +82,7 @@ def _reference(engine: HFEngine, reqs: list[GenRequest]) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("batch_size,drafts", [(3, 4096), (64, 4096), (64, 0)])
+@pytest.mark.parametrize("batch_size,drafts", [(3, 16384), (64, 16384), (64, 0)])
 def test_same_tokens_as_transformers_generate(tiny_family, batch_size, drafts):
     """Rows that stop early leave the batch; the others go on token for token as in ``generate``.
 
