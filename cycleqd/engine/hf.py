@@ -217,7 +217,7 @@ class _Live:
         self.parts.append((cache, mask))
 
     def joined(self) -> tuple[DynamicCache, torch.Tensor]:
-        """One cache and mask for all kept rows, in the order they were added; shorter chunks are left-padded (hidden)."""
+        """One cache and mask for all kept rows, in the order added; shorter chunks are left-padded (hidden)."""
         if len(self.parts) == 1:
             return self.parts[0]
         width = max(m.shape[1] for _, m in self.parts)
@@ -301,7 +301,7 @@ class HFEngine:
         return self._stop_checks[stops]
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache, keep: int):
-        """Logits ``(rows, keep, vocab)`` of the last ``keep`` positions, as floats (the mask is dropped when it hides nothing)."""
+        """Float logits ``(rows, keep, vocab)`` of the last ``keep`` positions (no mask where it hides nothing)."""
         extra = {"logits_to_keep": keep} if self._keeps_logits else {}
         out = self.model(input_ids=ids.to(self.device), attention_mask=None if bool(mask.all()) else mask,
                          position_ids=position.to(self.device), past_key_values=cache, use_cache=True, **extra)
@@ -474,7 +474,8 @@ class HFEngine:
                 return live.generated
             if len(going) < len(rows):
                 index = torch.tensor(going, device=self.device)
-                rows, token, position = [rows[k] for k in going], [token[k] for k in going], [position[k] for k in going]
+                rows, token = [rows[k] for k in going], [token[k] for k in going]
+                position = [position[k] for k in going]
                 mask = mask[index]
                 cache.batch_select_indices(index)
 

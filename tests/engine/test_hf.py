@@ -142,7 +142,8 @@ MINI = Path(__file__).resolve().parents[2] / ".cache" / "mini"
 
 def _mini_models(world: Path) -> list[tuple[str, dict[str, torch.Tensor]]]:
     """Base, experts, and merges of them (weighted means of their weights), in an order where neighbours differ."""
-    w = {n: load_file(str(world / n / "model.safetensors")) for n in ("base", "expert_code", "expert_sql", "expert_shell")}
+    names = ("base", "expert_code", "expert_sql", "expert_shell")
+    w = {n: load_file(str(world / n / "model.safetensors")) for n in names}
     mix = lambda parts: {k: sum(c * w[n][k] for n, c in parts.items()) for k in w["base"]}  # noqa: E731
     return [("expert_code", w["expert_code"]), ("expert_sql", w["expert_sql"]),
             ("code+sql", mix({"expert_code": 0.5, "expert_sql": 0.5})), ("base", w["base"]),

@@ -24,7 +24,8 @@ class MiniCode(MiniTask):
     reused: good models write the gold line for most items. So is the clean run of any
     answer checked before for the same item (the program is the same, it runs in a fresh
     folder): related models, as a run's children are, repeat most of their answers. The
-    last :data:`~cycleqd.tasks.mini.base.SEEN` such runs are kept; a timeout or a sandbox error is run again.
+    last :data:`~cycleqd.tasks.mini.base.SEEN` such runs are kept; a timeout or a sandbox
+    error is run again.
     """
 
     skill = "code"

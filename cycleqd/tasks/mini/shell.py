@@ -23,7 +23,8 @@ class MiniShell(MiniTask):
     order, same tools); an answer that is the gold command itself is that same run, so it
     is not run again. Nor is any command that ran cleanly for the same item before (same
     files, a fresh folder): related models repeat most of their answers. The last
-    :data:`~cycleqd.tasks.mini.base.SEEN` such runs are kept; a timeout or a sandbox error is run again.
+    :data:`~cycleqd.tasks.mini.base.SEEN` such runs are kept; a timeout or a sandbox error
+    is run again.
     """
 
     skill = "shell"
