@@ -152,6 +152,8 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
         "mini_child_scores": ours,
         "mini_child_same_scores": True,
         "mini_child_threads": torch.get_num_threads(),
+        "mini_child_note": "torch on one thread; the code and shell checks run in sandbox processes while the "
+                           "next task generates, on a second core where one is free",
     }
 
 
