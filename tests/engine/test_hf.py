@@ -148,7 +148,7 @@ def _mini_models(world: Path) -> list[tuple[str, dict[str, torch.Tensor]]]:
     return [("expert_code", w["expert_code"]), ("expert_sql", w["expert_sql"]),
             ("code+sql", mix({"expert_code": 0.5, "expert_sql": 0.5})), ("base", w["base"]),
             ("all three", mix({"expert_code": 0.4, "expert_sql": 0.3, "expert_shell": 0.3})),
-            ("expert_shell", w["expert_shell"]), ("sql+shell", mix({"expert_sql": 0.6, "expert_shell": 0.4}))]
+            ("expert_shell", w["expert_shell"])]
 
 
 def _same_as_generate_on_mini_tasks(world: Path, n: int) -> None:
@@ -172,8 +172,8 @@ def test_mini_prompts_with_drafts_match_generate(tmp_path):
 
 @pytest.mark.skipif(not (MINI / "manifest.json").is_file(), reason="the default mini world is not built")
 def test_default_mini_world_with_drafts_matches_generate():
-    """The trained mini models (and merges of them) on all val prompts, each with the model before as drafts."""
-    _same_as_generate_on_mini_tasks(MINI, 100)
+    """The trained mini models (and merges of them) on val prompts, each with the model before as drafts."""
+    _same_as_generate_on_mini_tasks(MINI, 50)
 
 
 def test_cut_at_stop_earliest():
