@@ -54,7 +54,8 @@ def main() -> int:
         "batched_generation_speedup": lambda o: f"one at a time {o['single_tokens_per_s']:.1f} tok/s "
                                                 f"vs batched {o['batched_tokens_per_s']:.1f} tok/s",
         "mini_child_speedup": lambda o: f"plain generate {o['mini_child_plain_seconds']:.2f} s/child "
-                                        f"vs ours {o['mini_child_ours_seconds']:.2f} s/child, same scores",
+                                        f"vs ours {o['mini_child_ours_seconds']:.2f} s/child, same scores; "
+                                        "checks beside generation on a second core where one is free",
         "engine_speedup": lambda o: f"transformers {o['engine']['transformers_tokens_per_s']:.1f} tok/s vs vllm "
                                     f"{o['engine']['vllm_tokens_per_s']:.1f} tok/s, "
                                     f"{o['engine']['identical_outputs']}/{o['engine']['prompts']} identical",

@@ -101,7 +101,9 @@ def bench_engine(n_prompts: int = 64, max_new_tokens: int = 48) -> dict:
     reqs = engine_requests(n_prompts // 2, n_prompts - n_prompts // 2, max_new_tokens)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     rss0 = _rss()
-    hf = HFEngine.from_path(str(folder), EngineConfig(device="auto", batch_size=32), dtype="float32")
+    # decoding itself is compared: no drafts (the warm-up's completions would be some)
+    hf = HFEngine.from_path(str(folder), EngineConfig(device="auto", batch_size=32, options={"draft_memory": 0}),
+                            dtype="float32")
     rss1 = _rss()
     vl = VLLMEngine.from_path(str(folder), EngineConfig(name="vllm"), dtype="float32")
     rss2 = _rss()

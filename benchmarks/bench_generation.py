@@ -47,7 +47,9 @@ def bench_generation(n_prompts: int = 48, max_new_tokens: int = 40, batch_size: 
     reqs = [GenRequest(str(i), prompt=p, max_new_tokens=max_new_tokens) for i, p in enumerate(prompts)]
     with tempfile.TemporaryDirectory() as tmp:
         path, which = _model_dir(Path(tmp))
-        engine = HFEngine.from_path(str(path), EngineConfig(device="cpu", batch_size=batch_size))
+        # no drafts: the one-at-a-time pass would check the batched pass's own completions
+        engine = HFEngine.from_path(str(path), EngineConfig(device="cpu", batch_size=batch_size,
+                                                            options={"draft_memory": 0}))
         engine.generate(reqs[:2])  # warm-up
         t0 = time.perf_counter()
         batched = engine.generate(reqs)

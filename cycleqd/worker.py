@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -113,7 +114,13 @@ class ChildWorker:
     def evaluate_recorded(self, genome: Any, tasks: Sequence[str] | None = None, *, record: bool | None = None
                           ) -> tuple[dict[str, float], dict[str, float], list[dict]]:
         """:meth:`evaluate`, plus the passing samples' conversations when ``record`` (default:
-        ``evolution.record_episodes``); see :func:`cycleqd.trajectories.episodes_of`."""
+        ``evolution.record_episodes``); see :func:`cycleqd.trajectories.episodes_of`.
+
+        A task that answers first and checks later (``answer``, as the mini tasks do) has its
+        check run in a second thread while the engine generates for the next task; tasks whose
+        checks run in sandbox processes go first, so those processes use a free core meanwhile.
+        ``eval_<task>`` seconds are each task's generation plus its check.
+        """
         from cycleqd.genome import materialize
         from cycleqd.trajectories import episodes_of
 
@@ -126,11 +133,19 @@ class ChildWorker:
         with torch.no_grad():
             materialize(genome, self.factors, into=self.engine)
         seconds["materialize"] = time.perf_counter() - t0
+        names = [n for n in self.tasks if tasks is None or n in tasks]
+        results: dict[str, Any] = {}
+        with ThreadPoolExecutor(max_workers=1) as checks:
+            for name in sorted(names, key=lambda n: not getattr(self.tasks[n], "executes_code", False)):
+                task = self.tasks[name]
+                if hasattr(task, "answer"):
+                    results[name] = checks.submit(task.answer(self.engine))
+                else:
+                    results[name] = task.evaluate(self.engine)
+            results = {n: r.result() if isinstance(r, Future) else r for n, r in results.items()}
         scores = {}
-        for name, task in self.tasks.items():
-            if tasks is not None and name not in tasks:
-                continue
-            res = task.evaluate(self.engine)
+        for name in names:
+            res = results[name]
             scores[name] = float(res.quality)
             seconds[f"eval_{name}"] = float(res.seconds)
             if record:

@@ -1,17 +1,26 @@
 """The transformers engine: batched greedy generation with a resident model.
 
 Requests are templated (chat messages through the tokenizer's own chat template,
-raw prompts as they are), sorted by length, grouped by stop strings, left-padded
-into batches of ``batch_size`` and decoded greedily by a loop of our own over the
-model's forward (the inputs ``generate`` would build, so the tokens are the same).
-Each row leaves the batch as soon as it ends (end token, stop string, token limit),
-the KV cache grows in place, and only tokens that could complete a stop string
-cost a decode; the output is cut at the first stop string. New weights are copied into the same model in place, so
-a worker evaluating many merged models never re-instantiates it.
+raw prompts as they are), grouped by stop strings and decoded greedily by a loop of
+our own over the model's forward (the inputs ``generate`` would build, so the tokens
+are the same). The engine remembers each prompt's last completion and checks it as a
+draft when a model (a run's next child, a close relative) gets the same prompt: the
+prompt and draft go through one forward pass, the longest prefix the model agrees
+with is kept, and decoding goes on from there. That pass runs in chunks of similar
+length, and prompts that share leading tokens compute them once. Rows still writing
+decode together, each step also checking a few tokens guessed from the row's draft
+and prompt; a row leaves the batch as soon as it ends (end token, stop string, token
+limit), the KV cache grows in place, and only tokens that could complete a stop
+string cost a decode. Every token is the model's own argmax after the tokens before
+it, so drafts and guesses change the cost, never the output. New weights are copied
+into the same model in place, so a worker evaluating many merged models never
+re-instantiates it.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+from array import array
 from pathlib import Path
 from typing import Sequence
 
@@ -133,6 +142,95 @@ class _StopCheck:
         return any(s in tail for s in self.stops)
 
 
+#: Prompts whose last completion the engine keeps as a draft, unless told otherwise.
+DRAFT_MEMORY = 16384
+# Tokens (rows x width) per chunk of the first forward pass: rows of similar length pad little,
+# and a chunk's activations stay in the core's cache.
+_CHUNK_TOKENS = 1024
+# Prompts that share at least this many leading tokens may share them in the cache; a group costs
+# about this many tokens' work more than it saves.
+_SHARED_MIN = 4
+_SHARED_COST = 8
+# A decode step checks guessed tokens too, up to this many per row, and this many in all.
+_GUESS_MAX = 8
+_GUESS_BUDGET = 96
+
+
+class _Guess:
+    """Tokens that may come next in a row: what follows its latest few generated tokens in its draft or prompt.
+
+    The longest suffix (3, 2, then 1 tokens) of the generated tokens that occurs in the draft
+    is looked up there, at the occurrence nearest to where the row is now, and the draft's
+    tokens after it are the guess; else (2 or 3 tokens) the last occurrence in the prompt,
+    since answers repeat names from their question.
+    """
+
+    def __init__(self, draft: list[int], prompt: list[int]):
+        self.draft = draft
+        self.in_draft: dict[tuple[int, ...], list[int]] = {}
+        self.in_prompt: dict[tuple[int, ...], int] = {}
+        for size in (1, 2, 3):  # each n-gram with a token after it -> where that token is
+            for i in range(len(draft) - size):
+                self.in_draft.setdefault(tuple(draft[i : i + size]), []).append(i + size)
+        for size in (2, 3):
+            for i in range(len(prompt) - size):
+                self.in_prompt[tuple(prompt[i : i + size])] = i + size
+        self.prompt = prompt
+
+    def __call__(self, generated: list[int], most: int) -> list[int]:
+        if most <= 0:
+            return []
+        for size in (3, 2, 1):
+            if len(generated) < size:
+                continue
+            tail = tuple(generated[-size:])
+            hits = self.in_draft.get(tail)
+            if hits:
+                start = min(hits, key=lambda i: abs(i - len(generated)))
+                return self.draft[start : start + most]
+            if tail in self.in_prompt:
+                start = self.in_prompt[tail]
+                return self.prompt[start : start + most]
+        return []
+
+
+class _Live:
+    """The generated tokens of a batch's rows, and the caches of the rows still writing, chunk by chunk."""
+
+    def __init__(self, eos: Sequence[int], check: "_StopCheck", limits: list[int]):
+        self.eos, self.check, self.limits = set(eos), check, limits
+        self.generated: list[list[int]] = [[] for _ in limits]
+        self.parts: list[tuple[DynamicCache, torch.Tensor]] = []
+
+    def append(self, row: int, token: int) -> bool:
+        """Add ``token`` to ``row``; whether the row has ended (end token, its token limit, a stop string)."""
+        g = self.generated[row]
+        g.append(token)
+        return token in self.eos or len(g) >= self.limits[row] or self.check.done(g)
+
+    def add(self, cache: DynamicCache, mask: torch.Tensor, slots: list[int]) -> None:
+        """Keep the rows ``slots`` of one chunk's cache and mask."""
+        if len(slots) < mask.shape[0]:
+            index = torch.tensor(slots, device=mask.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        self.parts.append((cache, mask))
+
+    def joined(self) -> tuple[DynamicCache, torch.Tensor]:
+        """One cache and mask for all kept rows, in the order added; shorter chunks are left-padded (hidden)."""
+        if len(self.parts) == 1:
+            return self.parts[0]
+        width = max(m.shape[1] for _, m in self.parts)
+        mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for _, m in self.parts])
+        cache = self.parts[0][0]
+        for i, layer in enumerate(cache.layers):
+            layers = [c.layers[i] for c, _ in self.parts]
+            layer.buf_k = torch.cat([torch.nn.functional.pad(x.keys, (0, 0, width - x.length, 0)) for x in layers])
+            layer.buf_v = torch.cat([torch.nn.functional.pad(x.values, (0, 0, width - x.length, 0)) for x in layers])
+            layer.length, layer.keys, layer.values = width, layer.buf_k, layer.buf_v
+        return cache, mask
+
+
 @register_engine("transformers")
 class HFEngine:
     """A Hugging Face causal LM with batched greedy generation.
@@ -142,9 +240,14 @@ class HFEngine:
         tokenizer: its tokenizer.
         batch_size: rows per generation batch.
         max_new_tokens: optional cap on every request's ``max_new_tokens``.
+        draft_memory: how many prompts' last completions are kept as drafts for the next
+            model asked the same prompt (0: none; a config sets it as ``engine.options.draft_memory``).
+            They are kept by a digest of the prompt's ids, as 4-byte ids: 16,384 completions of
+            512 tokens take 32 MiB.
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, max_new_tokens: int | None = None):
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, max_new_tokens: int | None = None,
+                 draft_memory: int = DRAFT_MEMORY):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -156,6 +259,12 @@ class HFEngine:
         self.device: torch.device = first.device
         self.dtype: torch.dtype = first.dtype
         self._stop_checks: dict[tuple[str, ...], _StopCheck] = {}
+        # as in ``generate``: logits of the positions read only, where the model can skip the rest
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.draft_memory = draft_memory
+        self._drafts: dict[bytes, array] = {}
+        self._encoded: dict[str, list[int]] = {}
+        self._plain_cache: bool | None = None  # whether every cache layer is a plain growing one
 
     @classmethod
     def from_path(cls, path: str, engine_cfg: EngineConfig, dtype: str | None = None) -> "HFEngine":
@@ -171,7 +280,8 @@ class HFEngine:
             path, **{k: v for k, v in extra.items() if k in ("revision", "trust_remote_code")}
         )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra).to(device)
-        return cls(model, tokenizer, batch_size=engine_cfg.batch_size, max_new_tokens=engine_cfg.max_new_tokens)
+        return cls(model, tokenizer, batch_size=engine_cfg.batch_size, max_new_tokens=engine_cfg.max_new_tokens,
+                   draft_memory=int(engine_cfg.options.get("draft_memory", DRAFT_MEMORY)))
 
     # -- generation -------------------------------------------------------------------------
     def _limit(self, req: GenRequest) -> int:
@@ -190,62 +300,225 @@ class HFEngine:
             self._stop_checks[stops] = _StopCheck(self.tokenizer, stops)
         return self._stop_checks[stops]
 
-    @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], limits: list[int], stops: tuple[str, ...]) -> list[str]:
-        """Greedy decoding of one left-padded batch, token for token what ``model.generate`` gives.
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache, keep: int):
+        """Float logits ``(rows, keep, vocab)`` of the last ``keep`` positions (no mask where it hides nothing)."""
+        extra = {"logits_to_keep": keep} if self._keeps_logits else {}
+        out = self.model(input_ids=ids.to(self.device), attention_mask=None if bool(mask.all()) else mask,
+                         position_ids=position.to(self.device), past_key_values=cache, use_cache=True, **extra)
+        return out.logits[:, -keep:, :].float()
 
-        The inputs are the ones ``generate`` builds (positions from the padding mask, the
-        mask dropped when nothing is padded, logits of the last position only). A row
-        leaves the batch as soon as it ends (end token, stop string, its own token limit),
-        and its cache rows with it, so later steps cost only the rows still writing.
+    def _shared_prefixes(self, prompts: list[list[int]]) -> list[tuple[int, list[torch.Tensor]]]:
+        """Per row: how many leading prompt tokens it shares with its group, and their keys and values per layer.
+
+        Rows sorted by prompt fall into groups (chosen for the most tokens saved) whose common
+        prefix is computed once, in one pass over all groups; every row keeps at least one token
+        of its own. Rows in no group get ``(0, [])``.
         """
-        n, width = len(prompts), max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((n, width), pad, dtype=torch.long)
+        n = len(prompts)
+        order = sorted(range(n), key=lambda r: prompts[r])
+        seqs = [prompts[r] for r in order]
+        # common prefix of neighbours, capped so each row keeps a token of its own
+        near = []
+        for x, y in zip(seqs, seqs[1:]):
+            k, top = 0, min(len(x), len(y)) - 1
+            while k < top and x[k] == y[k]:
+                k += 1
+            near.append(k)
+        # best[j]: tokens saved by grouping the first j sorted rows; a group [i, j) shares min(near[i:j-1])
+        best, cut = [0] * (n + 1), [0] * (n + 1)
+        for j in range(1, n + 1):
+            best[j], cut[j], common = best[j - 1], j - 1, 1 << 30
+            for i in range(j - 2, -1, -1):
+                common = min(common, near[i])
+                if common < _SHARED_MIN:
+                    break
+                gain = best[i] + (j - i - 1) * common - _SHARED_COST
+                if gain > best[j]:
+                    best[j], cut[j] = gain, i
+        groups, j = [], n
+        while j > 0:
+            i = cut[j]
+            if j - i > 1:
+                groups.append((order[i:j], min(near[i : j - 1])))
+            j = i
+        shared: list[tuple[int, list[torch.Tensor]]] = [(0, [])] * n
+        if not groups:
+            return shared
+        heads = [prompts[rows[0]][:size] for rows, size in groups]
+        width = max(len(h) for h in heads)
+        ids = torch.full((len(heads), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        padded = not bool(mask.all())
-        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        eos = set(self._eos_ids())
-        check = self._stop_check(stops)
-        mask, position = mask.to(self.device), position.to(self.device)
+        for g, h in enumerate(heads):
+            ids[g, width - len(h) :] = torch.tensor(h, dtype=torch.long)
+            mask[g, width - len(h) :] = 1
         cache = _new_cache(self.model.config)
-        params = inspect.signature(self.model.forward).parameters
-        # as in ``generate``: only the last position's logits, where the model can skip the rest
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask if padded else None,
-                         position_ids=position, past_key_values=cache, use_cache=True, **keep)
-        position = position[:, -1:]
-        rows = list(range(n))  # batch slot -> request row
-        generated: list[list[int]] = [[] for _ in range(n)]
-        while rows:
-            token = out.logits[:, -1, :].float().argmax(-1)
+        self._forward(ids, mask.to(self.device), (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0), cache, 1)
+        for g, (rows, size) in enumerate(groups):
+            kv = [t[g, :, width - size :] for layer in cache.layers for t in (layer.keys, layer.values)]
+            for r in rows:
+                shared[r] = (size, kv)
+        return shared
+
+    def _first_pass(self, prompts, drafts, shared, rows, live: "_Live") -> list[tuple[int, int, int]]:
+        """Prompts and drafts of ``rows`` in one forward pass; each row's tokens until its draft is wrong.
+
+        Shared prompt prefixes (:meth:`_shared_prefixes`) enter the cache as they are, right-aligned;
+        the rest of each prompt and its draft follow, left-padded. Returns ``(row, next token,
+        its position)`` of the rows still writing; ``live`` gets their cache.
+        """
+        heads = [shared[r][0] for r in rows]
+        full = [prompts[r][h:] + drafts[r] for r, h in zip(rows, heads)]
+        front, width = max(heads), max(len(x) for x in full)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), front + width), dtype=torch.long)
+        for i, (x, h) in enumerate(zip(full, heads)):
+            ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[i, front + width - len(x) :] = 1
+            mask[i, front - h : front] = 1
+        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, front:]
+        cache = _new_cache(self.model.config)
+        if front:
+            some = next(shared[r][1] for r in rows if shared[r][0])
+            for li, layer in enumerate(cache.layers):
+                n_heads, dim = some[2 * li].shape[0], some[2 * li].shape[-1]
+                k = some[2 * li].new_zeros((len(rows), n_heads, front, dim))
+                v = torch.zeros_like(k)
+                for i, (r, h) in enumerate(zip(rows, heads)):
+                    if h:
+                        k[i, :, front - h :] = shared[r][1][2 * li]
+                        v[i, :, front - h :] = shared[r][1][2 * li + 1]
+                layer.update(k, v)
+        span = 1 + max(len(drafts[r]) for r in rows)
+        mask = mask.to(self.device)
+        greedy = self._forward(ids, mask, position, cache, span).argmax(-1).tolist()
+        going = []
+        for slot, r in enumerate(rows):
+            d = drafts[r]
+            # the greedy token after the prompt, then after each draft prefix
+            for j, t in enumerate(greedy[slot][span - 1 - len(d) :]):
+                if live.append(r, t):
+                    break
+                if j == len(d) or t != d[j]:
+                    going.append((slot, r, t, len(prompts[r]) + j))
+                    mask[slot, front + width - len(d) + j :] = 0  # the cache holds the draft's rejected rest: hidden
+                    break
+        if going:
+            live.add(cache, mask, [g[0] for g in going])
+        return [g[1:] for g in going]
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], limits: list[int], stops: tuple[str, ...],
+                        drafts: list[list[int]] | None = None) -> list[list[int]]:
+        """Greedy decoding of one batch, token for token what ``model.generate`` gives; the generated ids per row.
+
+        ``drafts`` (a guess of each row's tokens, possibly empty) ride along with the prompts in the
+        first forward pass: the greedy token after every draft prefix is read off that pass and the
+        longest prefix the model agrees with is kept. The rows go through that pass in chunks of
+        similar length (little padding, activations that stay in cache); the rows still writing
+        then decode together, each step also checking a few tokens guessed from the row's draft
+        and prompt (:class:`_Guess`), so one step can accept several. Every token is the model's
+        own argmax after the tokens before it, as in ``generate``: inputs are the ones ``generate``
+        builds (positions from the padding mask, logits of the positions read only), cache
+        positions of rejected guesses are masked out, and a row leaves the batch as soon as it
+        ends (end token, stop string, its own token limit).
+        """
+        n = len(prompts)
+        drafts = [list(d[: max(0, lim - 1)]) for d, lim in zip(drafts or [[]] * n, limits)]
+        live = _Live(self._eos_ids(), self._stop_check(stops), limits)
+        # chunks and shared prefixes only where caches can be joined (plain full-attention layers)
+        if self._plain_cache is None:
+            self._plain_cache = all(type(x) is _GrowingLayer for x in _new_cache(self.model.config).layers)
+        plain = self._plain_cache
+        shared = self._shared_prefixes(prompts) if plain else [(0, [])] * n
+        order = sorted(range(n), key=lambda r: len(prompts[r]) - shared[r][0] + len(drafts[r]), reverse=True)
+        nexts, k = [], 0
+        while k < n:
+            width = len(prompts[order[k]]) - shared[order[k]][0] + len(drafts[order[k]])
+            end = min(n, k + max(1, _CHUNK_TOKENS // width)) if plain else n
+            nexts += self._first_pass(prompts, drafts, shared, order[k:end], live)
+            k = end
+        if not nexts:
+            return live.generated
+        cache, mask = live.joined()
+        rows = [r for r, _, _ in nexts]
+        token = [t for _, t, _ in nexts]
+        position = [p for _, _, p in nexts]
+        guess: dict[int, _Guess] = {}
+        while True:
+            room = max(0, min(_GUESS_MAX, _GUESS_BUDGET // len(rows) - 1))
+            guesses = []
+            for r in rows:
+                if room and r not in guess:
+                    guess[r] = _Guess(drafts[r], prompts[r])
+                guesses.append(guess[r](live.generated[r], room) if room else [])
+            width = 1 + max(len(g) for g in guesses)
+            ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            block = torch.zeros_like(ids)
+            for slot, (t, g) in enumerate(zip(token, guesses)):
+                ids[slot, : 1 + len(g)] = torch.tensor([t, *g], dtype=torch.long)
+                block[slot, : 1 + len(g)] = 1
+            mask = torch.cat([mask, block.to(self.device)], dim=-1)
+            at = torch.tensor(position, dtype=torch.long)[:, None] + torch.arange(width)
+            greedy = self._forward(ids, mask, at, cache, width).argmax(-1).tolist()
             going = []
-            for slot, (r, t) in enumerate(zip(rows, token.tolist())):
-                g = generated[r]
-                g.append(t)
-                if t not in eos and len(g) < limits[r] and not check.done(g):
-                    going.append(slot)
+            for slot, (r, g) in enumerate(zip(rows, guesses)):
+                for j, t in enumerate(greedy[slot][: 1 + len(g)]):
+                    if live.append(r, t):
+                        break
+                    if j == len(g) or t != g[j]:
+                        going.append(slot)
+                        mask[slot, mask.shape[1] - width + 1 + j :] = 0
+                        token[slot], position[slot] = t, position[slot] + 1 + j
+                        break
             if not going:
-                break
+                return live.generated
             if len(going) < len(rows):
                 index = torch.tensor(going, device=self.device)
-                rows = [rows[k] for k in going]
-                token, mask, position = token[index], mask[index], position[index]
+                rows, token = [rows[k] for k in going], [token[k] for k in going]
+                position = [position[k] for k in going]
+                mask = mask[index]
                 cache.batch_select_indices(index)
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
-            position = position + 1
-            out = self.model(input_ids=token[:, None], attention_mask=mask if padded else None,
-                             position_ids=position, past_key_values=cache, use_cache=True, **keep)
-        texts = []
-        for r, g in enumerate(generated):
-            g = g[: limits[r]]
-            if g and g[-1] in eos:
-                g = g[:-1]
-            texts.append(cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), stops))
-        return texts
+
+    @staticmethod
+    def _key(prompt: list[int]) -> bytes:
+        # a digest, not the ids: chat prompts are long (a collision costs speed, never a token)
+        return hashlib.blake2b(array("l", prompt).tobytes(), digest_size=16).digest()
+
+    def _draft(self, prompt: list[int]) -> list[int]:
+        """The last completion remembered for ``prompt`` (empty if none)."""
+        found = self._drafts.get(self._key(prompt)) if self.draft_memory > 0 else None
+        return found.tolist() if found is not None else []
+
+    def _remember(self, prompt: list[int], tokens: list[int]) -> None:
+        """Keep ``tokens`` as the draft for ``prompt``; the oldest prompt goes when the memory is full."""
+        if self.draft_memory <= 0:
+            return
+        key = self._key(prompt)
+        self._drafts.pop(key, None)
+        self._drafts[key] = array("i", tokens)
+        while len(self._drafts) > self.draft_memory:
+            del self._drafts[next(iter(self._drafts))]
+
+    def _encode(self, req: GenRequest) -> list[int]:
+        """:func:`encode_request`, kept for raw prompts: every model of a run is asked the same ones."""
+        if req.prompt is None or req.messages is not None:
+            return encode_request(self.tokenizer, req)
+        ids = self._encoded.get(req.prompt)
+        if ids is None:
+            ids = self._encoded[req.prompt] = encode_request(self.tokenizer, req)
+            while len(self._encoded) > max(self.draft_memory, 1024):
+                del self._encoded[next(iter(self._encoded))]
+        return ids
+
+    def forget_drafts(self) -> None:
+        """Drop every remembered completion (the next model decodes without drafts)."""
+        self._drafts.clear()
+
+    def _text(self, tokens: list[int], limit: int, stops: tuple[str, ...]) -> str:
+        g = tokens[:limit]
+        if g and g[-1] in self._eos_ids():
+            g = g[:-1]
+        return cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), stops)
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions in request order, each cut at its first stop string.
@@ -253,7 +526,7 @@ class HFEngine:
         Raises:
             ValueError: a request sets both or neither of ``prompt`` and ``messages``.
         """
-        encoded = [encode_request(self.tokenizer, r) for r in requests]
+        encoded = [self._encode(r) for r in requests]
         outputs: list[str] = [""] * len(requests)
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, r in enumerate(requests):
@@ -263,11 +536,13 @@ class HFEngine:
             idx.sort(key=lambda i: (len(encoded[i]), self._limit(requests[i])), reverse=True)
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k : k + self.batch_size]
-                texts = self._generate_batch(
-                    [encoded[i] for i in chunk], [self._limit(requests[i]) for i in chunk], stops
+                tokens = self._generate_batch(
+                    [encoded[i] for i in chunk], [self._limit(requests[i]) for i in chunk], stops,
+                    [self._draft(encoded[i]) for i in chunk],
                 )
-                for i, t in zip(chunk, texts):
-                    outputs[i] = t
+                for i, t in zip(chunk, tokens):
+                    self._remember(encoded[i], t)
+                    outputs[i] = self._text(t, self._limit(requests[i]), stops)
         return outputs
 
     # -- scoring ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""The transformers engine: batching, stop strings, chat templates, in-place weights."""
+"""The transformers engine: batching, stop strings, drafts, chat templates, in-place weights."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,10 +82,15 @@ def _reference(engine: HFEngine, reqs: list[GenRequest]) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("batch_size", [3, 64])
-def test_same_tokens_as_transformers_generate(tiny_family, batch_size):
-    """Rows that stop early leave the batch; the others go on token for token as in ``generate``."""
-    engine = HFEngine.from_path(str(tiny_family["b"]), EngineConfig(device="cpu", batch_size=batch_size))
+@pytest.mark.parametrize("batch_size,drafts", [(3, 16384), (64, 16384), (64, 0)])
+def test_same_tokens_as_transformers_generate(tiny_family, batch_size, drafts):
+    """Rows that stop early leave the batch; the others go on token for token as in ``generate``.
+
+    With drafts on, every call after the first checks the previous call's completions (same
+    model, other stops and limits) as drafts.
+    """
+    engine = HFEngine.from_path(str(tiny_family["b"]), EngineConfig(device="cpu", batch_size=batch_size,
+                                                                      options={"draft_memory": drafts}))
     free = _reference(engine, _reqs(limits=(70,)))
     # stop strings the model does write, at different steps in different rows (one of two characters too)
     chars = sorted({c for t in free for c in t}, key=lambda c: -sum(t.count(c) for t in free))
@@ -94,6 +100,80 @@ def test_same_tokens_as_transformers_generate(tiny_family, batch_size):
         assert engine.generate(reqs) == _reference(engine, reqs), stops
     ended = [t for t in engine.generate(_reqs(limits=(70,), stop=(chars[0],)))]
     assert len({len(t) for t in ended}) > 1  # rows did end at different steps
+
+
+# prompts that share leading tokens in groups (the engine computes a shared prefix once)
+SHARED = ["select a from t;", "select a from u;", "select b from t;", "select * from t;", "def f(n): return n",
+          "def f(n): return 1", "def g(n):", "ls -la /tmp", "ls -la /var", "ls", "x"]
+
+
+def test_drafts_of_other_models_give_the_models_own_tokens(tiny_family):
+    """Each model's completions, with the last model's completions of the same prompts as drafts.
+
+    The models disagree (so drafts are partly wrong, and rows go on after a rejected draft token),
+    yet every output is what ``generate`` gives for the model that is loaded now.
+    """
+    engine = HFEngine.from_path(str(tiny_family["base"]), EngineConfig(device="cpu", batch_size=64))
+    reqs = [GenRequest(str(i), prompt=p, max_new_tokens=(40, 9, 25)[i % 3], stop=stop)
+            for stop in [(), ("e",)] for i, p in enumerate(SHARED + PROMPTS)]
+    seen = []
+    for name in ["a", "b", "c", "base", "b"]:
+        engine.load_weights(load_file(str(tiny_family[name] / "model.safetensors")))
+        got = engine.generate(reqs)
+        assert got == _reference(engine, reqs), name
+        seen.append(got)
+    assert seen[0] != seen[1] and seen[1] == seen[4]
+    assert sum(a == b for a, b in zip(seen[0], seen[1])) < len(reqs)
+
+
+def test_draft_memory_is_bounded_and_can_be_off(tiny_family):
+    path = str(tiny_family["a"])
+    small = HFEngine.from_path(path, EngineConfig(device="cpu", options={"draft_memory": 3}))
+    off = HFEngine.from_path(path, EngineConfig(device="cpu", options={"draft_memory": 0}))
+    reqs = _reqs(limits=(12,))
+    assert small.generate(reqs) == off.generate(reqs) == small.generate(reqs)
+    assert len(small._drafts) == 3 and not off._drafts
+    small.forget_drafts()
+    assert not small._drafts
+
+
+MINI = Path(__file__).resolve().parents[2] / ".cache" / "mini"
+
+
+def _mini_models(world: Path) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """Base, experts, and merges of them (weighted means of their weights), in an order where neighbours differ."""
+    names = ("base", "expert_code", "expert_sql", "expert_shell")
+    w = {n: load_file(str(world / n / "model.safetensors")) for n in names}
+    mix = lambda parts: {k: sum(c * w[n][k] for n, c in parts.items()) for k in w["base"]}  # noqa: E731
+    return [("expert_code", w["expert_code"]), ("expert_sql", w["expert_sql"]),
+            ("code+sql", mix({"expert_code": 0.5, "expert_sql": 0.5})), ("base", w["base"]),
+            ("all three", mix({"expert_code": 0.4, "expert_sql": 0.3, "expert_shell": 0.3})),
+            ("expert_shell", w["expert_shell"])]
+
+
+def _same_as_generate_on_mini_tasks(world: Path, n: int) -> None:
+    from cycleqd.registry import TASKS
+
+    engine = HFEngine.from_path(str(world / "base"), EngineConfig(device="cpu", batch_size=160))
+    tasks = [TASKS.get(k)(name=k, split="val", n=n) for k in ("mini_code", "mini_sql", "mini_shell")]
+    for name, weights in _mini_models(world):
+        engine.load_weights(weights)  # the drafts are the model before's completions
+        for t in tasks:
+            assert engine.generate(t.requests(t.items)) == _reference(engine, t.requests(t.items)), (name, t.name)
+    assert len(engine._drafts) == 3 * n
+
+
+def test_mini_prompts_with_drafts_match_generate(tmp_path):
+    """The mini tasks' prompts and char tokenizer, on the mini recipe's smallest (barely trained) models."""
+    from cycleqd.mini import build_mini_world
+
+    _same_as_generate_on_mini_tasks(build_mini_world(tmp_path, seed=0, size="tiny", progress=False), 20)
+
+
+@pytest.mark.skipif(not (MINI / "manifest.json").is_file(), reason="the default mini world is not built")
+def test_default_mini_world_with_drafts_matches_generate():
+    """The trained mini models (and merges of them) on val prompts, each with the model before as drafts."""
+    _same_as_generate_on_mini_tasks(MINI, 50)
 
 
 def test_cut_at_stop_earliest():

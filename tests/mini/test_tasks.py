@@ -110,7 +110,7 @@ EQUIVALENT = {  # right answers written differently from the gold line: these mu
 
 @pytest.mark.parametrize("kind", ["mini_code", "mini_shell"])
 def test_gold_runs_are_reused_with_the_same_verdicts(kind, monkeypatch):
-    """Answers equal to the gold line reuse its run; every verdict is what a fresh run gives."""
+    """Answers equal to the gold line, or checked cleanly before for the item, reuse that run; verdicts are a fresh run's."""
     import cycleqd.tasks.mini.code as code_mod
     import cycleqd.tasks.mini.shell as shell_mod
 
@@ -131,3 +131,20 @@ def test_gold_runs_are_reused_with_the_same_verdicts(kind, monkeypatch):
     first = fresh.evaluate(ScriptedEngine(fresh, mix(1)))
     assert [s.score for s in again.samples] == [s.score for s in first.samples]
     assert again.quality == pytest.approx(8 / 12)
+    third = warm.evaluate(ScriptedEngine(warm, mix(1)))  # the same answers as the second time
+    assert sent[3] == 0 and [s.score for s in third.samples] == [s.score for s in first.samples]
+    fourth = warm.evaluate(ScriptedEngine(warm, mix(0)))  # the first time's answers, two evaluations back
+    assert sent[4] == 0 and fourth.quality == pytest.approx(8 / 12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_answer_now_check_later_is_evaluate(kind):
+    """``answer`` asks the engine at once and checks when called; the verdicts are ``evaluate``'s."""
+    task = _task(kind, n=12)
+    engine = ScriptedEngine(task, lambda it: it.answer if int(it.id) % 2 else WRONG[kind](it))
+    check = task.answer(engine)
+    assert len(engine.requests) == 12  # generation happened before the check is called
+    res = check()
+    again = task.evaluate(engine)
+    assert [s.score for s in res.samples] == [s.score for s in again.samples]
+    assert res.quality == again.quality == pytest.approx(0.5) and res.seconds > 0

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +11,18 @@ from cycleqd.engine.base import Engine, GenRequest
 from cycleqd.mini.items import MiniItem
 from cycleqd.mini.skills import skill_items
 from cycleqd.tasks.base import SampleResult, TaskResult
+
+
+#: How many clean check runs of earlier answers a task keeps for reuse (see MiniCode, MiniShell).
+SEEN = 50_000
+
+
+def remember(seen: dict, key: Any, value: Any) -> None:
+    """Keep ``value`` under ``key``; past :data:`SEEN` entries the oldest goes."""
+    seen.pop(key, None)
+    seen[key] = value
+    while len(seen) > SEEN:
+        del seen[next(iter(seen))]
 
 
 class MiniTask:
@@ -77,6 +89,18 @@ class MiniTask:
             CodeExecutionNotAllowed: the task runs model-written code and the sandbox config does not allow it.
             KeyError: an unknown sample id.
         """
+        return self.answer(engine, ids)()
+
+    def answer(self, engine: Engine, ids: Sequence[str] | None = None) -> Callable[[], TaskResult]:
+        """Generate the answers now; the call returned checks them and gives the :class:`TaskResult`.
+
+        The check needs no engine, so it may run in another thread while the engine generates
+        for another task (the worker does this; the sandbox's processes then use a free core).
+
+        Raises:
+            CodeExecutionNotAllowed: the task runs model-written code and the sandbox config does not allow it.
+            KeyError: an unknown sample id.
+        """
         if self.executes_code:
             from cycleqd.sandbox import require_code_execution
 
@@ -84,9 +108,16 @@ class MiniTask:
         start = time.perf_counter()
         items = self.items if ids is None else [self._by_id[str(i)] for i in ids]
         outputs = engine.generate(self.requests(items))
-        samples = self.score_outputs(items, outputs)
-        quality = sum(s.score for s in samples) / len(samples) if samples else 0.0
-        return TaskResult(self.name, quality, len(samples), tuple(samples), time.perf_counter() - start)
+        generation = time.perf_counter() - start
+
+        def check() -> TaskResult:
+            begin = time.perf_counter()
+            samples = self.score_outputs(items, outputs)
+            quality = sum(s.score for s in samples) / len(samples) if samples else 0.0
+            return TaskResult(self.name, quality, len(samples), tuple(samples),
+                              generation + time.perf_counter() - begin)
+
+        return check
 
     def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
         """Check each output; a sample whose check fails to run scores 0 with an error."""

@@ -9,7 +9,7 @@ from cycleqd.mini.items import MiniItem
 from cycleqd.registry import register_task
 from cycleqd.sandbox import RunResult, run_python_batch
 from cycleqd.tasks.base import SampleResult
-from cycleqd.tasks.mini.base import MiniTask
+from cycleqd.tasks.mini.base import MiniTask, remember
 
 
 def _clean(r: RunResult) -> bool:
@@ -22,7 +22,11 @@ class MiniCode(MiniTask):
 
     The gold answer's own check program runs once per item (with the first candidates);
     an answer that is the gold answer itself makes that same program, so its run is
-    reused: good models write the gold line for most items.
+    reused: good models write the gold line for most items. So is the clean run of any
+    answer checked before for the same item (the program is the same, it runs in a fresh
+    folder): related models, as a run's children are, repeat most of their answers. The
+    last :data:`~cycleqd.tasks.mini.base.SEEN` such runs are kept; a timeout or a sandbox
+    error is run again.
     """
 
     skill = "code"
@@ -30,9 +34,12 @@ class MiniCode(MiniTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._gold_run: dict[str, RunResult] = {}
+        self._seen: dict[tuple[str, str], RunResult] = {}
 
-    def _reuses_gold(self, item: MiniItem, output: str) -> bool:
-        return output == item.answer and item.id in self._gold_run
+    def _known(self, item: MiniItem, output: str) -> RunResult | None:
+        if output == item.answer and item.id in self._gold_run:
+            return self._gold_run[item.id]
+        return self._seen.get((item.id, output))
 
     def _program(self, item: MiniItem, output: str) -> str:
         inputs = [tuple(a) for a in item.context["inputs"]]
@@ -40,7 +47,8 @@ class MiniCode(MiniTask):
 
     def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
         todo = list({it.id: it for it in items if it.id not in self._gold_run}.values())
-        ask = [k for k, (it, out) in enumerate(zip(items, outputs)) if not self._reuses_gold(it, out)]
+        known = [self._known(it, out) for it, out in zip(items, outputs)]
+        ask = [k for k, r in enumerate(known) if r is None]
         programs = [self._program(items[k], outputs[k]) for k in ask]
         programs += [self._program(it, it.answer) for it in todo]
         runs = run_python_batch(
@@ -49,8 +57,11 @@ class MiniCode(MiniTask):
         for it, r in zip(todo, runs[len(ask) :]):
             if _clean(r):  # a timeout may be the machine's load: run it again next time
                 self._gold_run[it.id] = r
+        for k, r in zip(ask, runs):
+            if _clean(r):
+                remember(self._seen, (items[k].id, outputs[k]), r)
         mine = dict(zip(ask, runs))
-        runs = [mine.get(k, self._gold_run.get(it.id)) for k, it in enumerate(items)]
+        runs = [mine.get(k, known[k]) for k in range(len(items))]
         results = []
         for it, out, r in zip(items, outputs, runs):
             ok = r.returncode == 0 and not r.timed_out and r.error is None

@@ -9,7 +9,11 @@ from cycleqd.mini.shell import same_output
 from cycleqd.registry import register_task
 from cycleqd.sandbox import RunResult, run_shell_batch
 from cycleqd.tasks.base import SampleResult
-from cycleqd.tasks.mini.base import MiniTask
+from cycleqd.tasks.mini.base import MiniTask, remember
+
+
+def _clean(r: RunResult) -> bool:
+    return not r.timed_out and r.error is None
 
 
 @register_task("mini_shell")
@@ -18,7 +22,10 @@ class MiniShell(MiniTask):
 
     The gold command runs once per item in the same sandbox as the candidates (same sort
     order, same tools); an answer that is the gold command itself is that same run, so it
-    is not run again.
+    is not run again. Nor is any command that ran cleanly for the same item before (same
+    files, a fresh folder): related models repeat most of their answers. The last
+    :data:`~cycleqd.tasks.mini.base.SEEN` such runs are kept; a timeout or a sandbox error
+    is run again.
     """
 
     skill = "shell"
@@ -26,15 +33,17 @@ class MiniShell(MiniTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._gold: dict[str, RunResult] = {}
+        self._seen: dict[tuple[str, str], RunResult] = {}
 
-    def _reuses_gold(self, item: MiniItem, output: str) -> bool:
-        # the gold's run stands for the answer only if it ran cleanly (a timeout may be load)
-        r = self._gold.get(item.id)
-        return output == item.answer and r is not None and not r.timed_out and r.error is None
+    def _known(self, item: MiniItem, output: str) -> RunResult | None:
+        # a run stands for the answer only if it ran cleanly (a timeout may be load)
+        r = self._gold.get(item.id) if output == item.answer else self._seen.get((item.id, output))
+        return r if r is not None and _clean(r) else None
 
     def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
         todo = list({it.id: it for it in items if it.id not in self._gold}.values())
-        ask = [k for k, (it, out) in enumerate(zip(items, outputs)) if not self._reuses_gold(it, out)]
+        known = [self._known(it, out) for it, out in zip(items, outputs)]
+        ask = [k for k, r in enumerate(known) if r is None]
         jobs = [(dict(items[k].context["files"]), outputs[k]) for k in ask]
         jobs += [(dict(it.context["files"]), it.answer) for it in todo]
         runs = run_shell_batch(
@@ -42,10 +51,13 @@ class MiniShell(MiniTask):
         )
         for it, r in zip(todo, runs[len(ask) :]):
             self._gold[it.id] = r
+        for k, r in zip(ask, runs):
+            if _clean(r):
+                remember(self._seen, (items[k].id, outputs[k]), r)
         mine = dict(zip(ask, runs))
         results = []
         for k, (it, out) in enumerate(zip(items, outputs)):
-            r = mine.get(k, self._gold[it.id])
+            r = mine.get(k, known[k])
             if r.timed_out or r.error is not None:
                 results.append(self._result(it, False, out, r.error or "timeout"))
                 continue
