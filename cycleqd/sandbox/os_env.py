@@ -221,6 +221,19 @@ def _descendants(pid: int) -> set[int]:
     return seen
 
 
+def read_pending(fd: int, out: bytearray, cap: int) -> None:
+    """Append to ``out`` (up to ``cap`` bytes) what the pipe ``fd`` holds now, without waiting.
+
+    A process can write its last output and exit between a reader's wait and its exit
+    check; that output is still in the pipe and belongs to the result.
+    """
+    while len(out) < cap and select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, min(65536, cap - len(out)))
+        if not chunk:
+            return
+        out += chunk
+
+
 class OSSession:
     """A root bash in its own Ubuntu-like layer (see module docstring). Close it when done.
 
@@ -506,7 +519,8 @@ class OSSession:
                         out += chunk
                 elif proc.poll() is not None:
                     # Done. Background processes it started live on (as after `docker exec`),
-                    # even while they hold its output open.
+                    # even while they hold its output open, so no end of file is waited for.
+                    read_pending(fd, out, 4 << 20)
                     break
         finally:
             if timed_out:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cycleqd.sandbox import bwrap_available, run_shell
-from cycleqd.sandbox.os_env import OSSession
+from cycleqd.sandbox.os_env import OSSession, read_pending
 
 pytestmark = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here")
 REPO = Path(__file__).resolve().parents[2]
@@ -198,3 +198,32 @@ def test_an_agent_in_a_root_of_its_own_does_not_move_the_checks(session: OSSessi
     check = ("python", "import sys\nsys.exit(0 if sys.argv[1].strip() == '42' else 1)")
     problem = OSProblem(id="0", description="d", check=(check,))
     assert not judge(problem, "41", session) and judge(problem, "42", session)
+
+
+def test_fresh_shell_output_written_just_before_it_exits_is_kept(session: OSSession) -> None:
+    """The last write and the exit can fall between the reader's wait and its exit check; the
+    output still in the pipe then is part of the result (a check that lost it failed answers
+    that were right). Delays around the reader's 50 ms wait put the exit in that window."""
+    lost = []
+    for k in range(60):
+        delay = 0.040 + (k % 21) * 0.001
+        r = session.run_script("bash", f"sleep {delay:.3f}; printf '%s\\n' 3", [], timeout=10)
+        if r.output != "3\n" or r.exit_code != 0:
+            lost.append((delay, r.output, r.exit_code))
+    assert lost == []
+
+
+def test_output_left_in_the_pipe_of_an_exited_process_is_read_without_waiting() -> None:
+    import subprocess
+
+    proc = subprocess.Popen(["sh", "-c", "printf 3; (sleep 30 &)"], stdout=subprocess.PIPE)
+    proc.wait()  # exited; its output unread, a background process still holds the pipe open
+    out = bytearray()
+    t = time.monotonic()
+    read_pending(proc.stdout.fileno(), out, 1 << 20)
+    assert bytes(out) == b"3" and time.monotonic() - t < 1
+    capped = bytearray()
+    proc = subprocess.Popen(["sh", "-c", "printf 12345"], stdout=subprocess.PIPE)
+    proc.wait()
+    read_pending(proc.stdout.fileno(), capped, 2)
+    assert bytes(capped) == b"12"
