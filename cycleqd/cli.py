@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     mb = msub.add_parser("build", help="(re)build the mini world's tokenizer, base and experts")
     mb.add_argument("--dir", default=".cache/mini")
     mb.add_argument("--seed", type=int, default=0)
-    mb.add_argument("--size", choices=["default", "tiny"], default="default")
+    mb.add_argument("--size", choices=["default", "small", "tiny"], default="default")
     mb.add_argument("--keep", action="store_true", help="reuse a matching cached build")
     mb.set_defaults(func=cmd_mini)
     mf = msub.add_parser("finetune", help="a new expert from the base, fine-tuned on `cycleqd trajectories` JSONL, "

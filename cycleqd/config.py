@@ -61,7 +61,7 @@ class MiniWorld(_Frozen):
 
     dir: str = ".cache/mini"
     seed: int = 0
-    size: Literal["default", "tiny"] = "default"
+    size: Literal["default", "small", "tiny"] = "default"
 
 
 class ModelsConfig(_Frozen):

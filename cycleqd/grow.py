@@ -52,7 +52,7 @@ class MiniExpert(BaseModel):
     skill: str
     dir: str = ".cache/mini"
     seed: int = 0
-    size: Literal["default", "tiny"] = "default"
+    size: Literal["default", "small", "tiny"] = "default"
 
 
 class GrowSpec(BaseModel):

@@ -92,13 +92,21 @@ def tiny_mini_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mini_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-child run over the default mini world in .cache/mini (skipped where it is not built),
-    episodes recorded: its experts solve most items, so teams and trajectories have real answers."""
-    from mini_run import DEFAULT_WORLD, make_mini_run
+def small_world(request: pytest.FixtureRequest) -> Path:
+    """The mini world's "small" size, built once into pytest's cache (reused while its recipe holds).
 
-    from cycleqd.mini.build import is_built
+    Its experts solve most items of their own skill's common families, so teams, trajectories
+    and the worker's checks see real, differing answers without the default world's build.
+    """
+    from cycleqd.mini.build import build_mini_world
 
-    if not is_built(DEFAULT_WORLD):
-        pytest.skip("the default mini world is not built (cycleqd mini build, or make evolve builds it)")
-    return make_mini_run(tmp_path_factory.mktemp("mini_run"), DEFAULT_WORLD.resolve(), "default", n=12)
+    return build_mini_world(request.config.cache.mkdir("mini_small"), seed=0, size="small", progress=False)
+
+
+@pytest.fixture(scope="session")
+def mini_run(tmp_path_factory: pytest.TempPathFactory, small_world: Path) -> Path:
+    """A 3-child run over the small mini world, episodes recorded: its experts solve many items,
+    so teams and trajectories have real answers."""
+    from mini_run import make_mini_run
+
+    return make_mini_run(tmp_path_factory.mktemp("mini_run"), small_world, "small", n=12)

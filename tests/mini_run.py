@@ -7,8 +7,6 @@ import yaml
 
 from cycleqd.config import parse_config, resolve_paths
 
-DEFAULT_WORLD = Path(".cache/mini")
-
 
 def make_mini_run(root: Path, world: Path, size: str, *, n: int = 8, generations: int = 3,
                   record: bool = True) -> Path:

@@ -161,7 +161,7 @@ def test_the_vote_groups_answers_by_their_execution_result(mini_run):
     team = choose_team(RunFolder(mini_run).snapshot(), "vote", size=3)
     residents, tasks = _residents(mini_run, team)
     results, engines = evaluate_team(team, residents, tasks)
-    disagreements = 0
+    disagreements = groups = 0
     for name, task in tasks.items():
         trace = engines["vote"][name].trace
         voters = team.plan[name]["voters"]
@@ -178,10 +178,12 @@ def test_the_vote_groups_answers_by_their_execution_result(mini_run):
                 assert len(rec["group"]) == max(sizes.values()) and rec["member"] in rec["group"]
                 assert all(again[g] == again[rec["member"]] for g in rec["group"])
             disagreements += len(set(rec["answers"].values())) > 1
+            groups += len(rec["group"]) > 1
         # what the team answered is what its winners said, and the task scored exactly that
         outputs = [s.detail["output"] for s in results["vote"][name].samples]
         assert outputs == [rec["answers"][rec["member"]] for rec in trace]
     assert disagreements > 0  # the voters are different models: there was something to vote on
+    assert groups > 0  # and answers that act alike were counted together
 
 
 def test_moa_gives_the_proposals_to_the_aggregator(tiny_mini_run):

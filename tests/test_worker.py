@@ -9,18 +9,15 @@ from cycleqd.config import parse_config
 from cycleqd.genome import Genome
 from cycleqd.worker import ChildWorker
 
-MINI = Path(__file__).resolve().parents[1] / ".cache" / "mini"
 SKILLS = ("sql", "code", "shell")  # SQL first in the config; its check runs in process, so it goes last
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory) -> ChildWorker:
-    """A worker over the default mini world (trained models: scores that differ) and 20 val items per task."""
-    if not (MINI / "manifest.json").is_file():
-        pytest.skip("the default mini world is not built")
+def worker(tmp_path_factory, small_world: Path) -> ChildWorker:
+    """A worker over the small mini world (trained models: scores that differ) and 20 val items per task."""
     cfg = {"name": "w", "seed": 0, "sandbox": {"allow_code_execution": True},
            "tasks": [{"name": k, "kind": f"mini_{k}", "options": {"split": "val", "n": 20}} for k in SKILLS],
-           "models": {"base": str(MINI / "base"), "experts": {k: str(MINI / f"expert_{k}") for k in SKILLS}},
+           "models": {"base": str(small_world / "base"), "experts": {k: str(small_world / f"expert_{k}") for k in SKILLS}},
            "evolution": {"generations": 1, "workers": 1}, "engine": {"device": "cpu", "batch_size": 64},
            "prepare_cache": str(tmp_path_factory.mktemp("cache"))}
     return ChildWorker(parse_config(cfg), threads=1)

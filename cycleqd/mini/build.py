@@ -63,6 +63,16 @@ class WorldRecipe:
 
 SIZES: dict[str, WorldRecipe] = {
     "default": WorldRecipe(),
+    # For tests that need models which solve items (teams, trajectories, the worker's checks):
+    # a smaller model trained briefly, each expert on every family of its own skill, so the
+    # experts clearly solve their skill's common families. Builds in about a minute on one core.
+    "small": WorldRecipe(
+        shape=ModelShape(hidden=64, layers=2, heads=2, intermediate=172),
+        base=TrainSpec(steps=500, lr=3e-3, batch_size=32),
+        expert=TrainSpec(steps=200, lr=1e-3, batch_size=32),
+        expert_mix="own",
+        eval_val_n=30,
+    ),
     # For tests: real training and scoring, just very little of it.
     "tiny": WorldRecipe(
         shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=86),

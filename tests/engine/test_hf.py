@@ -170,6 +170,11 @@ def test_mini_prompts_with_drafts_match_generate(tmp_path):
     _same_as_generate_on_mini_tasks(build_mini_world(tmp_path, seed=0, size="tiny", progress=False), 20)
 
 
+def test_small_mini_world_with_drafts_matches_generate(small_world):
+    """Trained mini models that solve items (the small world's, and merges of them), each with the model before as drafts."""
+    _same_as_generate_on_mini_tasks(small_world, 20)
+
+
 @pytest.mark.skipif(not (MINI / "manifest.json").is_file(), reason="the default mini world is not built")
 def test_default_mini_world_with_drafts_matches_generate():
     """The trained mini models (and merges of them) on val prompts, each with the model before as drafts."""

@@ -137,3 +137,15 @@ def test_every_rare_family_is_taught_by_exactly_one_expert_and_half_by_its_own()
     assert expert_families(replace(recipe, expert_mix="own"))["sql"] == {"sql": tuple(SKILLS["sql"].FAMILIES)}
     with pytest.raises(ValueError, match="expert_mix"):
         expert_families(replace(recipe, expert_mix="mixed"))
+
+
+def test_small_world_experts_solve_their_own_skill(small_world):
+    """The small world (the team, trajectory and worker tests' models): each expert clearly solves its
+    own skill, well above the base and every other expert there."""
+    manifest = json.loads((small_world / "manifest.json").read_text())
+    assert manifest["size"] == "small" and is_built(small_world, 0, "small")
+    val = manifest["scores"]["val"]
+    for skill in ("code", "sql", "shell"):
+        own = val[f"expert_{skill}"][skill]
+        assert own >= 0.6 and own >= val["base"][skill] + 0.3
+        assert all(own > val[f"expert_{o}"][skill] for o in ("code", "sql", "shell") if o != skill)
