@@ -96,17 +96,18 @@ def test_the_mini_trainer_reads_the_trajectories(harvested, tmp_path):
         read_trajectories(out, "regex")
 
 
-def test_mini_finetune_trains_a_fresh_expert_and_scores_it(harvested, tmp_path):
+def test_mini_finetune_trains_a_fresh_expert_and_scores_it(harvested, small_world, tmp_path):
     out, _ = harvested
     model = tmp_path / "ft"
     res = _cycleqd("mini", "finetune", "--trajectories", str(out), "--skill", "sql", "--out", str(model),
-                   "--steps", "3", "--test-n", "6")
+                   "--dir", str(small_world), "--steps", "3", "--test-n", "6")
     assert res.returncode == 0, res.stderr[-2000:]
     rec = json.loads((model / "finetune.json").read_text())
     assert rec["skill"] == "sql" and rec["train"]["steps"] == 3 and rec["items"] > 0
     assert set(rec["test"]["finetuned"]) == {"code", "sql", "shell"} and "expert_sql" in rec["test"]
     assert (model / "config.json").is_file() and "original expert" in res.stdout
-    res = _cycleqd("mini", "finetune", "--trajectories", str(out), "--skill", "sql", "--out", str(model))
+    res = _cycleqd("mini", "finetune", "--trajectories", str(out), "--skill", "sql", "--out", str(model),
+                   "--dir", str(small_world))
     assert res.returncode == 2 and "not an empty folder" in res.stderr
 
 
