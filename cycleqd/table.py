@@ -48,6 +48,8 @@ TEAM_SIZE = 3
 #: team variant -> its row in the table
 TEAM_ROWS = {"router_task": "team_router", "router_nll": "team_router_nll", "vote": "team_vote", "moa": "team_moa"}
 INTERVAL_KEY = "cycleqd_best_minus_task_arithmetic"
+#: the other evolved rows minus task arithmetic, paired the same way
+VERSUS_KEY = "minus_task_arithmetic"
 
 
 def split_config(cfg: Config, split: str, n: int | None = None, seed: int | None = None) -> Config:
@@ -243,6 +245,12 @@ def paired_interval(ours: Sequence[Mapping[str, Sequence[float]]], theirs: Mappi
             "paired": "per item, the same item index in every task; seeds averaged per item"}
 
 
+def conclusion(interval: Sequence[float], ours: str = "cycleqd_best", theirs: str = "task_arithmetic") -> str:
+    """What a paired interval of (ours - theirs) says: which side is better, or neither at its level."""
+    lo, hi = interval
+    return f"{ours} better" if lo > 0 else f"{theirs} better" if hi < 0 else "no difference"
+
+
 def _ensure_world(cfg: Config) -> Config:
     cfg = resolve_paths(cfg)
     if cfg.models.mini is not None:
@@ -380,8 +388,17 @@ def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> 
     table = {"split": "test", "test_n": test_n, "test_seed": test_seed, "generations": manifest["generations"],
              "evolve_n": manifest["evolve_n"], "select": manifest["select"], "world": manifest["world"],
              "rows": rows}
+    ta = items["task_arithmetic"][0]
     if "cycleqd_best" in items:
-        table[INTERVAL_KEY] = paired_interval(items["cycleqd_best"], items["task_arithmetic"][0])
+        table[INTERVAL_KEY] = paired_interval(items["cycleqd_best"], ta)
+        table[INTERVAL_KEY]["conclusion"] = conclusion(table[INTERVAL_KEY]["interval"])
+    # every other evolved row against the same rival, on the same items (for the record, not to choose)
+    table[VERSUS_KEY] = {}
+    for name in manifest["rows"]:
+        if name != "cycleqd_best":
+            d = paired_interval(items[name], ta)
+            table[VERSUS_KEY][name] = {"mean": d["mean"], "interval": d["interval"],
+                                       "conclusion": conclusion(d["interval"], name)}
     return table
 
 
@@ -427,7 +444,11 @@ def _print(table: dict) -> None:
     if INTERVAL_KEY in table:
         d = table[INTERVAL_KEY]
         print(f"cycleqd_best - task_arithmetic: {d['mean']:+.4f}, 95% interval "
-              f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}] (paired bootstrap over test items)")
+              f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}] (paired bootstrap over test items): "
+              f"{conclusion(d['interval'])}")
+    for name, d in table.get(VERSUS_KEY, {}).items():
+        print(f"{name} - task_arithmetic: {d['mean']:+.4f}, [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]: "
+              f"{d['conclusion']}")
 
 
 def main(argv: list[str] | None = None) -> int:

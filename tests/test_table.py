@@ -76,7 +76,7 @@ def test_a_run_made_with_other_settings_is_not_resumed(tmp_path):
 def test_paired_interval():
     import random
 
-    from cycleqd.table import paired_interval
+    from cycleqd.table import conclusion, paired_interval
 
     rng = random.Random(0)
     ta = {t: [float(rng.random() < 0.6) for _ in range(300)] for t in ("code", "sql", "shell")}
@@ -88,6 +88,8 @@ def test_paired_interval():
     better = paired_interval([up, up, up], ta)
     assert better["mean"] == pytest.approx(sum(gain.values()) / 3)
     assert 0 < better["interval"][0] < better["mean"] < better["interval"][1]
+    assert conclusion(better["interval"]) == "cycleqd_best better" and conclusion(same["interval"]) == "no difference"
+    assert conclusion(paired_interval([ta], up)["interval"], "team_vote") == "task_arithmetic better"
     assert paired_interval([up], ta) == paired_interval([up], ta)  # a fixed bootstrap seed
     # two seeds that disagree average per item: half the gain
     assert paired_interval([up, ta], ta)["mean"] == pytest.approx(better["mean"] / 2)

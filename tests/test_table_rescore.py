@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cycleqd.config import load_config
-from cycleqd.table import INTERVAL_KEY, MODELS_FILE, make_table, read_models
+from cycleqd.table import INTERVAL_KEY, MODELS_FILE, VERSUS_KEY, make_table, read_models
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,8 @@ def test_models_folder_holds_every_row(made):
     assert set(manifest["merges"]) == {"task_arithmetic", "ties"}
     lo, hi = table[INTERVAL_KEY]["interval"]
     assert lo <= table[INTERVAL_KEY]["mean"] <= hi and table[INTERVAL_KEY]["items_per_task"]["code"] == 6
+    assert table[INTERVAL_KEY]["conclusion"] in ("cycleqd_best better", "task_arithmetic better", "no difference")
+    assert set(table[VERSUS_KEY]) == set(manifest["rows"]) - {"cycleqd_best"}
 
 
 def test_rescore_writes_the_same_schema_on_a_fresh_draw(made):
