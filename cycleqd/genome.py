@@ -250,7 +250,13 @@ class Genome:
         from safetensors.torch import save
 
         tensors, meta = self._tensors_and_meta()
-        return save(tensors, metadata=meta)
+        blob = save(tensors, metadata=meta)
+        # safetensors writes the header's maps in hash order: rewrite it with sorted keys, so that
+        # one genome always has the same bytes (data offsets are relative to the data, unchanged)
+        n = int.from_bytes(blob[:8], "little")
+        header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        return len(header).to_bytes(8, "little") + header + blob[8 + n:]
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "Genome":

@@ -222,6 +222,25 @@ class TestStorage:
         assert _rel_err(materialize(back, factors), materialize(g, factors)) == 0.0
         assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"]
 
+    def test_one_genome_always_has_the_same_bytes(self, factors, tmp_path):
+        """The header is written with sorted keys, so reruns leave committed genomes byte-identical."""
+        import subprocess
+        import sys
+
+        from safetensors import safe_open
+
+        g = self._genome(factors)
+        blobs = {g.to_bytes() for _ in range(8)}
+        g.save(tmp_path / "g.safetensors")
+        # another process, another hash seed: the same genome read back and written again
+        code = ("import sys; from cycleqd.genome import Genome; "
+                "sys.stdout.buffer.write(Genome.load(sys.argv[1]).to_bytes())")
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "g.safetensors")], capture_output=True,
+                             check=True).stdout
+        assert len(blobs | {out}) == 1
+        with safe_open(tmp_path / "g.safetensors", "pt") as f:  # still a standard safetensors file
+            assert f.metadata()["layout"] == g.layout and torch.equal(f.get_tensor("a"), g.a.float())
+
     def test_not_a_genome(self, tmp_path):
         from safetensors.torch import save
 
