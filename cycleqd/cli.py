@@ -361,15 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(for fine-tuning the next expert)")
     tj.add_argument("run_dir")
     tj.add_argument("--out", required=True, help="JSONL file to write")
-    tj.add_argument("--regenerate", action="store_true",
-                    help="evaluate elites without recorded episodes again (or all of them, on --split items)")
+    rg = tj.add_mutually_exclusive_group()
+    rg.add_argument("--regenerate", action="store_true", default=None,
+                    help="evaluate the elites again: those without recorded episodes (the default), or all of "
+                         "them on --split / --n / --draw-seed items")
+    rg.add_argument("--recorded-only", dest="regenerate", action="store_false",
+                    help="use recorded episodes only; never evaluate an elite")
     tj.add_argument("--every-elite", action="store_true",
                     help="one line per elite that solved a sample (default: the best elite's only)")
     tj.add_argument("--tasks", help="comma-separated tasks to keep (and to regenerate)")
     tj.add_argument("--top", type=int, help="only the N best elites of each kept task's archive")
-    tj.add_argument("--split", choices=["train", "val", "test"], help="with --regenerate: items of this split")
-    tj.add_argument("--n", type=int, help="with --regenerate --split: items per task")
-    tj.add_argument("--draw-seed", type=int, help="with --regenerate: which items are drawn")
+    tj.add_argument("--split", choices=["train", "val", "test"], help="ask every elite about items of this split")
+    tj.add_argument("--n", type=int, help="with --split: items per task")
+    tj.add_argument("--draw-seed", type=int, help="with --split: which items are drawn")
     tj.set_defaults(func=cmd_trajectories)
 
     sc = sub.add_parser("score", help="score a model or recorded answers on one task")

@@ -13,11 +13,13 @@ that AgentBank and fine-tuning tools read::
 Roles map ``system`` -> ``system``, ``user`` -> ``human``, ``assistant`` -> ``gpt``. By
 default each (task, sample) appears once, from the elite with the best quality on that
 task; ``every_elite`` keeps one line per elite that solved it. Elites without a recording
-are evaluated again with ``regenerate`` (greedy decoding: the same conversations).
+(a run evolved without ``record_episodes``) are evaluated again on the run's own items (greedy
+decoding: the conversations a recording would have kept), unless ``regenerate`` is False.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,25 +85,30 @@ def _regenerated(run: Any, genomes: Sequence[str], tasks: Sequence[str] | None, 
     return out
 
 
-def harvest(run_dir: str | Path, out: str | Path, *, regenerate: bool = False, every_elite: bool = False,
+def harvest(run_dir: str | Path, out: str | Path, *, regenerate: bool | None = None, every_elite: bool = False,
             tasks: Sequence[str] | None = None, top: int | None = None, split: str | None = None,
             n: int | None = None, seed: int | None = None, progress: bool = True) -> dict:
     """Write the current elites' passing conversations to ``out`` (JSONL, ShareGPT form).
 
-    ``tasks`` keeps only those tasks' conversations (and regenerates only those); ``top`` only
-    the ``top`` best elites of each kept task's archive (by that task's quality).
+    ``regenerate``: None (default) evaluates the elites without a recording again, on the run's
+    own items; False uses recordings only; True as None, and with ``split`` / ``n`` / ``seed`` all
+    elites are asked about those items instead. ``tasks`` keeps only those tasks' conversations
+    (and regenerates only those); ``top`` only the ``top`` best elites of each kept task's archive
+    (by that task's quality).
 
     Returns ``{"lines", "per_task": {task: lines}, "elites", "recorded", "regenerated"}``.
 
     Raises:
-        ConfigError: no run; no elite has a recording and ``regenerate`` is off; ``split`` /
-            ``n`` / ``seed`` without ``regenerate``; an unknown task.
+        ConfigError: no run; no elite has a recording and ``regenerate`` is False; ``split`` /
+            ``n`` / ``seed`` with ``regenerate`` False; an unknown task.
     """
     from cycleqd.runfolder import RunFolder, best_by_mean
     from cycleqd.store import write_atomic
 
-    if (split is not None or n is not None or seed is not None) and not regenerate:
-        raise ConfigError("--split, --n and --draw-seed choose the items of --regenerate; add --regenerate")
+    other_items = split is not None or n is not None or seed is not None
+    if other_items and regenerate is False:
+        raise ConfigError("--split, --n and --draw-seed choose the items the elites are asked about again; "
+                          "drop --recorded-only")
     run = RunFolder(run_dir)
     unknown = [t for t in tasks or [] if t not in run.tasks]
     if unknown:
@@ -121,13 +128,17 @@ def harvest(run_dir: str | Path, out: str | Path, *, regenerate: bool = False, e
     recorded = {e["genome"]: run.store.episodes(e["genome"]) for e in elites}
     missing = [g for g, eps in recorded.items() if eps is None]
     todo: list[str] = []
-    if regenerate:
+    if regenerate is not False:
         # the recorded items are the run's own draw; other items are asked for by split / n / seed
-        todo = [e["genome"] for e in elites] if split is not None or n is not None or seed is not None else missing
-        recorded.update(_regenerated(run, todo, tasks, split, n, seed, progress))
+        todo = [e["genome"] for e in elites] if other_items else missing
+        if todo:
+            if progress:
+                print(f"evaluating {len(todo)} of {len(elites)} elites again ("
+                      f"{'on other items' if other_items else 'no recorded episodes'})", file=sys.stderr, flush=True)
+            recorded.update(_regenerated(run, todo, tasks, split, n, seed, progress))
     elif len(missing) == len(elites):
         raise ConfigError(f"run {str(run_dir)!r} recorded no episodes (evolve with evolution.record_episodes: true), "
-                          "or pass --regenerate to evaluate the elites again")
+                          "and --recorded-only keeps the elites from being evaluated again")
     lines: dict[tuple, dict] = {}
     for e in elites:  # best mean first: ties below go to the better elite overall
         for ep in recorded.get(e["genome"]) or []:

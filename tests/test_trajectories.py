@@ -111,18 +111,21 @@ def test_mini_finetune_trains_a_fresh_expert_and_scores_it(harvested, small_worl
     assert res.returncode == 2 and "not an empty folder" in res.stderr
 
 
-def test_a_run_without_recordings_needs_regenerate(tiny_mini_run, tmp_path):
+def test_a_run_without_recordings_is_evaluated_again_unless_recorded_only(tiny_mini_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_mini_run, run)
     shutil.rmtree(run / "episodes")
-    res = _cycleqd("trajectories", str(run), "--out", str(tmp_path / "t.jsonl"))
-    assert res.returncode == 2 and "--regenerate" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = _cycleqd("trajectories", str(run), "--out", str(tmp_path / "t.jsonl"), "--recorded-only")
+    assert res.returncode == 2 and "recorded no episodes" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "t.jsonl").exists()
-    res = _cycleqd("trajectories", str(run), "--out", str(tmp_path / "t.jsonl"), "--regenerate")
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = _cycleqd("trajectories", str(run), "--out", str(tmp_path / "t.jsonl"), "--recorded-only", "--split", "val")
+    assert res.returncode == 2 and "--recorded-only" in res.stderr
     elites = len(RunFolder(run).best_by_mean())
-    assert f"from {elites} elites (0 recorded, {elites} regenerated)" in res.stdout
-    assert (tmp_path / "t.jsonl").read_text() == ""  # the tiny world's models solve nothing
+    for extra in ([], ["--regenerate"]):  # the default evaluates the elites that recorded nothing
+        res = _cycleqd("trajectories", str(run), "--out", str(tmp_path / "t.jsonl"), *extra)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert f"from {elites} elites (0 recorded, {elites} regenerated)" in res.stdout
+        assert (tmp_path / "t.jsonl").read_text() == ""  # the tiny world's models solve nothing
 
 
 @pytest.mark.parametrize("key,value", [("record_episodes", "sometimes"), ("record_episode", True)])
