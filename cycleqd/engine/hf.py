@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from cycleqd.config import EngineConfig
 from cycleqd.engine.base import GenRequest, Weights, encode_request, weight_items
+from cycleqd.recent import Recent
 from cycleqd.registry import register_engine
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -262,8 +263,8 @@ class HFEngine:
         # as in ``generate``: logits of the positions read only, where the model can skip the rest
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.draft_memory = draft_memory
-        self._drafts: dict[bytes, array] = {}
-        self._encoded: dict[str, list[int]] = {}
+        self._drafts: Recent[bytes, array] = Recent(draft_memory)
+        self._encoded: Recent[str, list[int]] = Recent(max(draft_memory, 1024))
         self._plain_cache: bool | None = None  # whether every cache layer is a plain growing one
 
     @classmethod
@@ -491,13 +492,8 @@ class HFEngine:
 
     def _remember(self, prompt: list[int], tokens: list[int]) -> None:
         """Keep ``tokens`` as the draft for ``prompt``; the oldest prompt goes when the memory is full."""
-        if self.draft_memory <= 0:
-            return
-        key = self._key(prompt)
-        self._drafts.pop(key, None)
-        self._drafts[key] = array("i", tokens)
-        while len(self._drafts) > self.draft_memory:
-            del self._drafts[next(iter(self._drafts))]
+        if self.draft_memory > 0:
+            self._drafts[self._key(prompt)] = array("i", tokens)
 
     def _encode(self, req: GenRequest) -> list[int]:
         """:func:`encode_request`, kept for raw prompts: every model of a run is asked the same ones."""
@@ -506,8 +502,6 @@ class HFEngine:
         ids = self._encoded.get(req.prompt)
         if ids is None:
             ids = self._encoded[req.prompt] = encode_request(self.tokenizer, req)
-            while len(self._encoded) > max(self.draft_memory, 1024):
-                del self._encoded[next(iter(self._encoded))]
         return ids
 
     def forget_drafts(self) -> None:

@@ -50,6 +50,11 @@ class RunResult:
     seconds: float
     error: str | None
 
+    @property
+    def finished(self) -> bool:
+        """It ran to its end within its time (whatever its exit code): no timeout, no sandbox error."""
+        return not self.timed_out and self.error is None
+
 
 class SandboxUnavailable(RuntimeError):
     """The selected backend cannot run on this machine (e.g. no Docker engine)."""

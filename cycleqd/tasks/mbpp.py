@@ -617,7 +617,7 @@ class MBPPTask:
                                 backend=self.sandbox.backend) if programs else []
         samples = []
         for i, sol, run, completion in zip(chosen, solutions, runs, completions):
-            ok = run.returncode == 0 and not run.timed_out and run.error is None and passed in run.stdout
+            ok = run.returncode == 0 and run.finished and passed in run.stdout
             error = None
             if not ok:
                 tail = (run.stderr.strip().splitlines() or [""])[-1]
@@ -647,5 +647,5 @@ class MBPPTask:
         programs = [probe_program(self.solution(p, a), p.assertion) for p, a in zip(problems, answers)]
         runs = run_python_batch(programs, timeout=self.timeout, memory_mb=self.memory_mb,
                                 backend=self.sandbox.backend) if programs else []
-        return [r.stdout if r.returncode == 0 and not r.timed_out and r.error is None and r.stdout else None
+        return [r.stdout if r.returncode == 0 and r.finished and r.stdout else None
                 for r in runs]

@@ -17,14 +17,6 @@ from cycleqd.tasks.base import SampleResult, TaskResult
 SEEN = 50_000
 
 
-def remember(seen: dict, key: Any, value: Any) -> None:
-    """Keep ``value`` under ``key``; past :data:`SEEN` entries the oldest goes."""
-    seen.pop(key, None)
-    seen[key] = value
-    while len(seen) > SEEN:
-        del seen[next(iter(seen))]
-
-
 class MiniTask:
     """A procedurally generated mini task (see :mod:`cycleqd.mini`).
 

@@ -9,11 +9,8 @@ from cycleqd.mini.items import MiniItem
 from cycleqd.registry import register_task
 from cycleqd.sandbox import RunResult, run_python_batch
 from cycleqd.tasks.base import SampleResult
-from cycleqd.tasks.mini.base import MiniTask, remember
-
-
-def _clean(r: RunResult) -> bool:
-    return not r.timed_out and r.error is None
+from cycleqd.recent import Recent
+from cycleqd.tasks.mini.base import SEEN, MiniTask
 
 
 @register_task("mini_code")
@@ -34,7 +31,7 @@ class MiniCode(MiniTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._gold_run: dict[str, RunResult] = {}
-        self._seen: dict[tuple[str, str], RunResult] = {}
+        self._seen: Recent[tuple[str, str], RunResult] = Recent(SEEN)
 
     def _known(self, item: MiniItem, output: str) -> RunResult | None:
         if output == item.answer and item.id in self._gold_run:
@@ -55,16 +52,16 @@ class MiniCode(MiniTask):
             programs, timeout=self._timeout, memory_mb=min(self.sandbox.memory_mb, 512), backend=self.sandbox.backend
         )
         for it, r in zip(todo, runs[len(ask) :]):
-            if _clean(r):  # a timeout may be the machine's load: run it again next time
+            if r.finished:  # a timeout may be the machine's load: run it again next time
                 self._gold_run[it.id] = r
         for k, r in zip(ask, runs):
-            if _clean(r):
-                remember(self._seen, (items[k].id, outputs[k]), r)
+            if r.finished:
+                self._seen[items[k].id, outputs[k]] = r
         mine = dict(zip(ask, runs))
         runs = [mine.get(k, known[k]) for k in range(len(items))]
         results = []
         for it, out, r in zip(items, outputs, runs):
-            ok = r.returncode == 0 and not r.timed_out and r.error is None
+            ok = r.returncode == 0 and r.finished
             err = None if ok else (r.error or ("timeout" if r.timed_out else r.stderr.strip()[-300:] or "failed"))
             results.append(self._result(it, ok, out, err))
         return results
@@ -79,4 +76,4 @@ class MiniCode(MiniTask):
         runs = run_python_batch(
             programs, timeout=self._timeout, memory_mb=min(self.sandbox.memory_mb, 512), backend=self.sandbox.backend
         )
-        return [r.stdout if r.returncode == 0 and _clean(r) and a.strip() else None for r, a in zip(runs, answers)]
+        return [r.stdout if r.returncode == 0 and r.finished and a.strip() else None for r, a in zip(runs, answers)]

@@ -31,7 +31,7 @@ class MiniRegex(MiniTask):
         )
         results = []
         for it, out, r in zip(items, outputs, runs):
-            ok = bool(out.strip()) and r.returncode == 0 and not r.timed_out and r.error is None
+            ok = bool(out.strip()) and r.returncode == 0 and r.finished
             err = None if ok else (r.error or ("timeout" if r.timed_out else r.stderr.strip()[-300:] or "failed"))
             results.append(self._result(it, ok, out, err))
         return results

@@ -9,11 +9,8 @@ from cycleqd.mini.shell import same_output
 from cycleqd.registry import register_task
 from cycleqd.sandbox import RunResult, run_shell_batch
 from cycleqd.tasks.base import SampleResult
-from cycleqd.tasks.mini.base import MiniTask, remember
-
-
-def _clean(r: RunResult) -> bool:
-    return not r.timed_out and r.error is None
+from cycleqd.recent import Recent
+from cycleqd.tasks.mini.base import SEEN, MiniTask
 
 
 @register_task("mini_shell")
@@ -33,12 +30,12 @@ class MiniShell(MiniTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._gold: dict[str, RunResult] = {}
-        self._seen: dict[tuple[str, str], RunResult] = {}
+        self._seen: Recent[tuple[str, str], RunResult] = Recent(SEEN)
 
     def _known(self, item: MiniItem, output: str) -> RunResult | None:
         # a run stands for the answer only if it ran cleanly (a timeout may be load)
         r = self._gold.get(item.id) if output == item.answer else self._seen.get((item.id, output))
-        return r if r is not None and _clean(r) else None
+        return r if r is not None and r.finished else None
 
     def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
         todo = list({it.id: it for it in items if it.id not in self._gold}.values())
@@ -52,13 +49,13 @@ class MiniShell(MiniTask):
         for it, r in zip(todo, runs[len(ask) :]):
             self._gold[it.id] = r
         for k, r in zip(ask, runs):
-            if _clean(r):
-                remember(self._seen, (items[k].id, outputs[k]), r)
+            if r.finished:
+                self._seen[items[k].id, outputs[k]] = r
         mine = dict(zip(ask, runs))
         results = []
         for k, (it, out) in enumerate(zip(items, outputs)):
             r = mine.get(k, known[k])
-            if r.timed_out or r.error is not None:
+            if not r.finished:
                 results.append(self._result(it, False, out, r.error or "timeout"))
                 continue
             ok = bool(out.strip()) and same_output(r.stdout, self._gold[it.id].stdout)
@@ -75,5 +72,5 @@ class MiniShell(MiniTask):
                                timeout=self._timeout, memory_mb=min(self.sandbox.memory_mb, 512),
                                backend=self.sandbox.backend)
         norm = lambda s: "\n".join(line.rstrip() for line in s.rstrip().splitlines())  # noqa: E731
-        return [norm(r.stdout) if a.strip() and not r.timed_out and r.error is None else None
+        return [norm(r.stdout) if a.strip() and r.finished else None
                 for r, a in zip(runs, answers)]
