@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from cycleqd.config import CrossoverConfig, MutationConfig
-from cycleqd.crossover import linear
-from cycleqd.factors import Factors
-from cycleqd.genome import Genome, materialize
-from cycleqd.mutation import svd
+from cycleqd.search.crossover import linear
+from cycleqd.model.factors import Factors
+from cycleqd.model.genome import Genome, materialize
+from cycleqd.search.mutation import svd
 
 # SVD rank per expert and weight, used by both paths: ~8% of the 768 full rank;
 # mutation moves along each expert's top directions, where its task vector lives.

@@ -26,7 +26,7 @@ DATA = Path(os.environ.get("CYCLEQD_DATA", ROOT.parent / "shared" / "data"))
 
 def engine_requests(n_mbpp: int, n_db: int, max_new_tokens: int):
     """First-turn chat requests: ``n_mbpp`` MBPP problems (the official wording as chat turns) and ``n_db`` DBBench samples."""
-    from cycleqd.engine.base import GenRequest
+    from cycleqd.engine.protocol import GenRequest
     from cycleqd.tasks.dbbench import PROMPT
     from cycleqd.tasks.mbpp import SYSTEM, MBPPTask, official_instruction
 
@@ -94,8 +94,8 @@ def bench_engine(n_prompts: int = 64, max_new_tokens: int = 48) -> dict:
     from cycleqd.config import EngineConfig, parse_config
     from cycleqd.engine.hf import HFEngine
     from cycleqd.engine.vllm import VLLMEngine
-    from cycleqd.factors import Factors
-    from cycleqd.plan import memory_plan
+    from cycleqd.model.factors import Factors
+    from cycleqd.model.plan import memory_plan
 
     folder = _smollm2_folder()
     reqs = engine_requests(n_prompts // 2, n_prompts - n_prompts // 2, max_new_tokens)

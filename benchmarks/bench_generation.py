@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.base import GenRequest
+from cycleqd.engine.protocol import GenRequest
 from cycleqd.engine.hf import HFEngine
 from cycleqd.mini.skills import SKILLS, skill_items
 

@@ -32,8 +32,8 @@ import torch
 
 from cycleqd.config import load_config, resolve_paths
 from cycleqd.engine.hf import cut_at_stop
-from cycleqd.mini.code import check_program, gold_outputs
-from cycleqd.mini.shell import same_output
+from cycleqd.mini.generators.code import check_program, gold_outputs
+from cycleqd.mini.generators.shell import same_output
 from cycleqd.sandbox import run_python_batch, run_shell_batch
 
 
@@ -79,9 +79,9 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
     Raises:
         AssertionError: the two paths disagree on any answer or score.
     """
-    from cycleqd.genome import Genome, materialize
+    from cycleqd.model.genome import Genome, materialize
     from cycleqd.mini.build import ensure_mini_world
-    from cycleqd.worker import ChildSpec, ChildWorker, build_tasks, make_child
+    from cycleqd.evolve.worker import ChildSpec, ChildWorker, build_tasks, make_child
 
     cfg = resolve_paths(load_config(config))
     ensure_mini_world(cfg)

@@ -3,7 +3,7 @@
     python benchmarks/grow_compare.py RUN [--split val|test] [--n 100] [--json OUT]
 
 Rows: each seed expert, task_arithmetic over all K experts (mergekit; weight chosen
-on the validation split from cycleqd.table.MERGE_WEIGHTS), and the archive elite
+on the validation split from cycleqd.studies.table.MERGE_WEIGHTS), and the archive elite
 with the best K-task mean on the validation split. On ``--split val`` the experts'
 and elites' scores are the run's own logged ones; on ``test`` every row is scored
 again on the test split (never used for any choice).
@@ -17,8 +17,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cycleqd.store import RunStore
-    from cycleqd.table import MERGE_WEIGHTS, Scorer, _mean, mergekit_merge, split_config
+    from cycleqd.runs.store import RunStore
+    from cycleqd.studies.table import MERGE_WEIGHTS, Scorer, _mean, mergekit_merge, split_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run")

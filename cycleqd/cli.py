@@ -41,7 +41,7 @@ def _tasks(text: str | None) -> list[str] | None:
 def _print_summary(run: Path) -> None:
     import json as _json
 
-    from cycleqd.run import format_summary
+    from cycleqd.evolve.loop import format_summary
 
     print(format_summary(_json.loads((Path(run) / "summary.json").read_text())))
     print(f"\nrun folder: {run}  (plots in {Path(run) / 'plots'}; `cycleqd report {run}` for the HTML page)")
@@ -59,18 +59,18 @@ def cmd_evolve(a: argparse.Namespace) -> int:
         data["evolution"]["record_episodes"] = True
         cfg = parse_config(data)
     if a.run_dir and Path(a.run_dir).exists():
-        from cycleqd.runlock import RunLock
+        from cycleqd.runs.lock import RunLock
 
         RunLock.refuse_if_held(a.run_dir)
     if a.run_dir and Path(a.run_dir).exists() and any(Path(a.run_dir).iterdir()):
         hint = f"; continue it with `cycleqd resume {a.run_dir}`" if (Path(a.run_dir) / "config.yaml").exists() else ""
         raise ConfigError(f"run folder {a.run_dir!r} exists and is not empty{hint}")
-    from cycleqd.plan import check_plan
+    from cycleqd.model.plan import check_plan
 
     plan = check_plan(cfg)  # before Ray starts or anything is loaded or written
     if not a.quiet:
         print(plan.format(), flush=True)
-    from cycleqd.run import evolve
+    from cycleqd.evolve.loop import evolve
 
     run = evolve(cfg, a.run_dir, address=a.address, progress=not a.quiet)
     _print_summary(run)
@@ -78,12 +78,12 @@ def cmd_evolve(a: argparse.Namespace) -> int:
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
-    from cycleqd.runlock import RunLock
-    from cycleqd.store import RunStore
+    from cycleqd.runs.lock import RunLock
+    from cycleqd.runs.store import RunStore
 
     RunStore(a.run_dir)  # bad input before anything starts
     RunLock.refuse_if_held(a.run_dir)  # before the heavy imports; resume takes the lock itself
-    from cycleqd.run import resume
+    from cycleqd.evolve.loop import resume
 
     run = resume(a.run_dir, generations=a.generations, address=a.address, progress=not a.quiet)
     _print_summary(run)
@@ -91,8 +91,8 @@ def cmd_resume(a: argparse.Namespace) -> int:
 
 
 def cmd_grow(a: argparse.Namespace) -> int:
-    from cycleqd.grow import grow, load_grow_spec
-    from cycleqd.store import RunStore
+    from cycleqd.evolve.grow import grow, load_grow_spec
+    from cycleqd.runs.store import RunStore
 
     RunStore(a.run_dir)
     spec = load_grow_spec(a.task)  # bad input before anything is written
@@ -110,7 +110,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         from cycleqd.mini.build import ensure_mini_world
 
         ensure_mini_world(cfg)
-    from cycleqd.factors import prepare_command
+    from cycleqd.model.factors import prepare_command
 
     print(f"factors cached in {prepare_command(cfg)}")
     return 0
@@ -118,7 +118,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from cycleqd.config import load_config, with_overrides
-    from cycleqd.plan import memory_plan, parse_bytes
+    from cycleqd.model.plan import memory_plan, parse_bytes
 
     cfg = with_overrides(load_config(a.config, check_paths=False), workers=a.workers)
     plan = memory_plan(cfg, arch=a.arch, device_bytes=parse_bytes(a.device_memory) if a.device_memory else None,
@@ -131,7 +131,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_show(a: argparse.Namespace) -> int:
-    from cycleqd.runfolder import RunFolder
+    from cycleqd.runs.folder import RunFolder
 
     run = RunFolder(a.run_dir)
     if a.json:
@@ -141,14 +141,14 @@ def cmd_show(a: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
 
-    from cycleqd.show import render_show
+    from cycleqd.views.show import render_show
 
     render_show(run.path, Console())
     return 0
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from cycleqd.check import check_run
+    from cycleqd.runs.check import check_run
 
     report = check_run(a.run_dir, repair=a.repair)
     print(report.format())
@@ -156,12 +156,12 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def cmd_heatmap(a: argparse.Namespace) -> int:
-    from cycleqd.store import RunStore
+    from cycleqd.runs.store import RunStore
 
     store = RunStore(a.run_dir)
     if a.generation is not None and a.generation < 0:
         raise ConfigError(f"--generation must be >= 0, got {a.generation}")
-    from cycleqd.plots import write_heatmaps, write_history
+    from cycleqd.views.plots import write_heatmaps, write_history
 
     out = Path(a.out) if a.out else store.plots_dir
     files = write_heatmaps(store.path, out, a.generation) + write_history(store.path, out)
@@ -171,10 +171,10 @@ def cmd_heatmap(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from cycleqd.store import RunStore
+    from cycleqd.runs.store import RunStore
 
     store = RunStore(a.run_dir)
-    from cycleqd.report import write_report
+    from cycleqd.views.report import write_report
 
     print(write_report(store.path))
     return 0
@@ -184,15 +184,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     cell = _cell(a.cell) if a.cell is not None else None
     if (a.archive is None) != (cell is None):
         raise ConfigError("--archive and --cell go together")
-    from cycleqd.store import RunStore
+    from cycleqd.runs.store import RunStore
 
     store = RunStore(a.run_dir)
     if a.team is not None:
-        from cycleqd.export import export_team
+        from cycleqd.views.export import export_team
 
         print(export_team(store.path, a.team, out=Path(a.out), push_to_hub=a.push_to_hub, private=a.private))
         return 0
-    from cycleqd.export import export
+    from cycleqd.views.export import export
 
     out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),
                  push_to_hub=a.push_to_hub, private=a.private)
@@ -201,12 +201,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_team(a: argparse.Namespace) -> int:
-    from cycleqd.store import RunStore
+    from cycleqd.runs.store import RunStore
 
     RunStore(a.run_dir)
     if a.n is not None and a.n < 1:
         raise ConfigError(f"--n must be >= 1, got {a.n}")
-    from cycleqd.team import TEAM_FILE, format_team, make_team
+    from cycleqd.studies.team import TEAM_FILE, format_team, make_team
 
     out = make_team(a.run_dir, a.strategy, size=a.size, layers=a.layers, out=a.out, split=a.split, n=a.n,
                     seed=a.draw_seed, progress=not a.quiet)
@@ -216,12 +216,12 @@ def cmd_team(a: argparse.Namespace) -> int:
 
 
 def cmd_trajectories(a: argparse.Namespace) -> int:
-    from cycleqd.store import RunStore
+    from cycleqd.runs.store import RunStore
 
     RunStore(a.run_dir)
     if a.n is not None and a.n < 1:
         raise ConfigError(f"--n must be >= 1, got {a.n}")
-    from cycleqd.trajectories import harvest
+    from cycleqd.studies.trajectories import harvest
 
     res = harvest(a.run_dir, a.out, regenerate=a.regenerate, every_elite=a.every_elite, tasks=_tasks(a.tasks), top=a.top,
                   split=a.split, n=a.n, seed=a.draw_seed, progress=not a.quiet)
@@ -234,7 +234,7 @@ def cmd_trajectories(a: argparse.Namespace) -> int:
 def cmd_score(a: argparse.Namespace) -> int:
     if (a.model is None) == (a.answers is None):
         raise ConfigError("give exactly one of --model DIR or --answers FILE")
-    from cycleqd.score import score
+    from cycleqd.studies.score import score
 
     res = score(a.task, a.data, model=a.model, answers=a.answers, ids=a.ids, select=a.select, protocol=a.protocol)
     if a.json:
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from cycleqd.pool import local_ray_env
+    from cycleqd.evolve.pool import local_ray_env
 
     local_ray_env()
     try:
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cycleqd: interrupted; the run can be continued with `cycleqd resume`", file=sys.stderr)
         return 1
     except Exception as e:
-        run = sys.modules.get("cycleqd.run")  # only a loaded driver raises RunInterrupted
+        run = sys.modules.get("cycleqd.evolve.loop")  # only a loaded driver raises RunInterrupted
         if run is not None and isinstance(e, run.RunInterrupted):
             print(f"cycleqd: {e}", file=sys.stderr)
             return 1

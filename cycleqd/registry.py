@@ -71,13 +71,13 @@ class Registry(Generic[T]):
 
 
 CROSSOVERS: Registry = Registry(
-    "crossover", {"linear": "cycleqd.crossover", "layerwise": "cycleqd.crossover"}
+    "crossover", {"linear": "cycleqd.search.crossover", "layerwise": "cycleqd.search.crossover"}
 )
 MUTATIONS: Registry = Registry(
-    "mutation", {"svd": "cycleqd.mutation", "gaussian": "cycleqd.mutation"}
+    "mutation", {"svd": "cycleqd.search.mutation", "gaussian": "cycleqd.search.mutation"}
 )
 SAMPLERS: Registry = Registry(
-    "parent sampling", {"elite": "cycleqd.sampling", "uniform": "cycleqd.sampling"}
+    "parent sampling", {"elite": "cycleqd.search.sampling", "uniform": "cycleqd.search.sampling"}
 )
 TASKS: Registry = Registry(
     "task",
@@ -85,10 +85,10 @@ TASKS: Registry = Registry(
         "mbpp": "cycleqd.tasks.mbpp",
         "dbbench": "cycleqd.tasks.dbbench",
         "os_interaction": "cycleqd.tasks.os_interaction",
-        "mini_code": "cycleqd.tasks.mini",
-        "mini_sql": "cycleqd.tasks.mini",
-        "mini_shell": "cycleqd.tasks.mini",
-        "mini_regex": "cycleqd.tasks.mini.regex",
+        "mini_code": "cycleqd.tasks.mini_code",
+        "mini_sql": "cycleqd.tasks.mini_sql",
+        "mini_shell": "cycleqd.tasks.mini_shell",
+        "mini_regex": "cycleqd.tasks.mini_regex",
         "likelihood": "cycleqd.tasks.likelihood",
     },
 )
@@ -96,7 +96,7 @@ ENGINES: Registry = Registry(
     "engine",
     {
         "transformers": "cycleqd.engine.hf",
-        "replay": "cycleqd.engine.replay",
+        "replay": "cycleqd.engine.answers",
         "vllm": "cycleqd.engine.vllm",
     },
 )

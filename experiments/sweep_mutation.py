@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from cycleqd.config import load_config, parse_config
-from cycleqd.run import evolve
-from cycleqd.runfolder import RunFolder
-from cycleqd.store import RunStore
-from cycleqd.table import Scorer, _ensure_world, _mean, _quality, selection_config, variant_config
+from cycleqd.evolve.loop import evolve
+from cycleqd.runs.folder import RunFolder
+from cycleqd.runs.store import RunStore
+from cycleqd.studies.table import Scorer, _ensure_world, _mean, _quality, selection_config, variant_config
 
 
 def main(generations: int, rates: list[float], out: Path) -> list[dict]:

@@ -1,3 +1,3 @@
-from cycleqd.engine.base import Engine, GenRequest
+from cycleqd.engine.protocol import Engine, GenRequest
 
 __all__ = ["Engine", "GenRequest"]

@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import torch
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.base import GenRequest, Weights, encode_request, weight_items
+from cycleqd.engine.protocol import GenRequest, Weights, encode_request, weight_items
 from cycleqd.engine.hf import cut_at_stop
-from cycleqd.experts import read_model_config, resolve_model_dir, torch_dtype
+from cycleqd.model.experts import read_model_config, resolve_model_dir, torch_dtype
 from cycleqd.registry import register_engine
 
 _SHIMS = str(Path(__file__).parent / "_shims")

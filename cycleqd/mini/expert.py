@@ -27,7 +27,7 @@ BUILD_RECORD = "build.json"
 
 
 def _record(world: Path, skill: str, seed: int, size: str) -> dict:
-    from cycleqd.experts import model_fingerprint
+    from cycleqd.model.experts import model_fingerprint
 
     return {
         "skill": skill,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Mapping, Sequence
 
-from cycleqd.mini import code, regex, shell, sql
+from cycleqd.mini.generators import code, regex, shell, sql
 from cycleqd.mini.items import MiniItem, sample_items
 
 #: skill name -> generator module (with PREFIX and FAMILIES).

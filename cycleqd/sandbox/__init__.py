@@ -8,7 +8,7 @@ each in its own forked child with its own limits.
 Backends (``backend=``): ``auto`` (bwrap where it works, else subprocess),
 ``bwrap``, ``subprocess``, ``docker`` (see :mod:`cycleqd.sandbox.backends`).
 
-Model-written SQL is contained in :mod:`cycleqd.sandbox.sql` (SQLite, in process)
+Model-written SQL is contained in :mod:`cycleqd.sandbox.sqlite` (SQLite, in process)
 and :mod:`cycleqd.sandbox.mysql` (a MySQL / MariaDB server); model-written shell
 sessions of the OS task in :mod:`cycleqd.sandbox.os_env`.
 """

@@ -13,7 +13,7 @@ tear down; model SQL runs on a second connection as a throw-away user:
   past the limit (the user can change its own session variables; it cannot stop
   the watchdog);
 - memory: results are streamed and cut at the row and byte caps of
-  :class:`cycleqd.sandbox.sql.SQLLimits`; an unread remainder is killed on the
+  :class:`cycleqd.sandbox.sqlite.SQLLimits`; an unread remainder is killed on the
   server rather than read.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from cycleqd.sandbox.sql import DEFAULT_LIMITS, QueryResult, SQLLimits, fetch_capped, refusal
+from cycleqd.sandbox.sqlite import DEFAULT_LIMITS, QueryResult, SQLLimits, fetch_capped, refusal
 
 # Everything a DBBench answer needs inside its own database, nothing about the server.
 _RIGHTS = ("SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER, CREATE TEMPORARY TABLES, "

@@ -33,7 +33,7 @@ Backends: ``sqlite`` (in process, the default; emulates the MySQL behaviour the
 scoring depends on: the table hash with MySQL's 1024-byte ``group_concat``
 limit, case-insensitive text comparison, MySQL-style result rows) and ``mysql``
 (a MySQL / MariaDB server at ``url``, one throw-away database and user per sample).
-Model SQL runs contained on both (:mod:`cycleqd.sandbox.sql`, :mod:`cycleqd.sandbox.mysql`).
+Model SQL runs contained on both (:mod:`cycleqd.sandbox.sqlite`, :mod:`cycleqd.sandbox.mysql`).
 """
 from __future__ import annotations
 
@@ -51,13 +51,13 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cycleqd.config import ConfigError, SandboxConfig
-from cycleqd.engine.base import Engine
+from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox.mysql import MySQLSandbox
-from cycleqd.sandbox.sql import QueryResult, SQLiteSandbox, SQLLimits
-from cycleqd.tasks._agent import (ids_as_strings, read_rows, run_episodes, select_ids, task_options,
+from cycleqd.sandbox.sqlite import QueryResult, SQLiteSandbox, SQLLimits
+from cycleqd.tasks.dataset import (ids_as_strings, read_rows, run_episodes, select_ids, task_options,
                                   task_result)
-from cycleqd.tasks.base import SampleResult, TaskResult
+from cycleqd.tasks.protocol import SampleResult, TaskResult
 from cycleqd.tasks.official import official_samples
 
 PROMPT = """
@@ -169,7 +169,7 @@ def _mysql_like_sqlite(con: sqlite3.Connection) -> None:
 class SQLiteDatabase:
     """In-process SQLite table with TEXT columns compared case-insensitively (like MySQL's default collation).
 
-    Model SQL runs in :class:`cycleqd.sandbox.sql.SQLiteSandbox` (private in-memory
+    Model SQL runs in :class:`cycleqd.sandbox.sqlite.SQLiteSandbox` (private in-memory
     database, no files or extensions, time / work / memory limits, capped results).
     """
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.registry import register_task
-from cycleqd.tasks.base import SampleResult, TaskResult
+from cycleqd.tasks.protocol import SampleResult, TaskResult
 
 
 def _read_texts(path: str) -> list[tuple[str, str]]:

@@ -45,11 +45,11 @@ from typing import Any, ClassVar, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cycleqd.config import ConfigError, SandboxConfig
-from cycleqd.engine.base import Engine, GenRequest
+from cycleqd.engine.protocol import Engine, GenRequest
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution, run_python_batch
-from cycleqd.tasks._agent import ids_as_strings, read_rows, select_ids, task_options, task_result
-from cycleqd.tasks.base import SampleResult, TaskResult
+from cycleqd.tasks.dataset import ids_as_strings, read_rows, select_ids, task_options, task_result
+from cycleqd.tasks.protocol import SampleResult, TaskResult
 
 SYSTEM = ("You are an exceptionally intelligent coding assistant that consistently delivers accurate "
           "and reliable responses to user instructions.")

@@ -39,13 +39,13 @@ from typing import Any, ClassVar, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cycleqd.config import ConfigError, SandboxConfig
-from cycleqd.engine.base import Engine
+from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution
 from cycleqd.sandbox.os_env import OSSession
-from cycleqd.tasks._agent import (error_text, ids_as_strings, read_rows, run_episodes,
+from cycleqd.tasks.dataset import (error_text, ids_as_strings, read_rows, run_episodes,
                                   select_ids, task_options, task_result)
-from cycleqd.tasks.base import SampleResult, TaskResult
+from cycleqd.tasks.protocol import SampleResult, TaskResult
 from cycleqd.tasks.official import official_samples
 
 PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 

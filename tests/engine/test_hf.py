@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tiny_models import make_tiny_family
 from cycleqd.config import EngineConfig
-from cycleqd.engine.base import GenRequest
+from cycleqd.engine.protocol import GenRequest
 from cycleqd.engine.hf import HFEngine, cut_at_stop
 from cycleqd.registry import ENGINES
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.base import GenRequest
+from cycleqd.engine.protocol import GenRequest
 from cycleqd.engine.hf import HFEngine
-from cycleqd.factors import Factors
-from cycleqd.genome import Genome, materialize
+from cycleqd.model.factors import Factors
+from cycleqd.model.genome import Genome, materialize
 from cycleqd.mini.build import is_built
 from cycleqd.registry import ENGINES, TASKS
 
@@ -117,8 +117,8 @@ def test_round_trip_base_expert_base(engines, factors):
 def test_mutated_child_equals_transformers(engines, factors):
     """A child with SVD terms (one side derived at full rank) gives the same text through both engines."""
     from cycleqd.config import CrossoverConfig, MutationConfig
-    from cycleqd.crossover import linear
-    from cycleqd.mutation import svd
+    from cycleqd.search.crossover import linear
+    from cycleqd.search.mutation import svd
 
     vl, hf = engines
     gen = torch.Generator().manual_seed(3)

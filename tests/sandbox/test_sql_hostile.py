@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from cycleqd.sandbox.sql import QueryResult, SQLiteSandbox, SQLLimits
+from cycleqd.sandbox.sqlite import QueryResult, SQLiteSandbox, SQLLimits
 
 LIMITS = SQLLimits(seconds=1.0, max_rows=1000, max_bytes=64 << 10)
 SLACK = 3.0  # seconds on top of the limit a stopped statement may take on a loaded machine
@@ -258,7 +258,7 @@ def test_the_db_task_plays_hostile_sql_through_the_sandbox(backend: Backend, tmp
     """End to end: a DBBench episode of hostile operations ends in seconds, wrong, with nothing written."""
     import json
 
-    from cycleqd.engine.replay import ReplayEngine
+    from cycleqd.engine.answers import ReplayEngine
     from cycleqd.tasks.dbbench import DBBenchTask
 
     row = {"description": "How many?", "add_description": "Table t.", "type": ["counting"], "label": ["2"],

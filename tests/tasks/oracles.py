@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cycleqd.engine.base import GenRequest
+from cycleqd.engine.protocol import GenRequest
 from cycleqd.tasks.os_interaction import OSProblem
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from answers import dbbench_answers, write_jsonl
 from cycleqd.config import ConfigError
-from cycleqd.engine.replay import ReplayEngine
-from cycleqd.score import score
+from cycleqd.engine.answers import ReplayEngine
+from cycleqd.studies.score import score
 from cycleqd.tasks.dbbench import DBBenchTask, SQLiteDatabase, answer_is_correct, parse_answer, table_hash
 from cycleqd.tasks.official import official_samples
 

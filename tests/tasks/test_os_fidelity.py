@@ -7,8 +7,8 @@ import re
 import pytest
 
 from cycleqd.config import SandboxConfig
-from cycleqd.engine.base import GenRequest
-from cycleqd.engine.replay import ReplayEngine
+from cycleqd.engine.protocol import GenRequest
+from cycleqd.engine.answers import ReplayEngine
 from cycleqd.sandbox import bwrap_available
 from cycleqd.tasks.os_interaction import OSInteractionTask
 from answers import write_jsonl

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from cycleqd.config import ConfigError, SandboxConfig
-from cycleqd.engine.replay import ReplayEngine
+from cycleqd.engine.answers import ReplayEngine
 from cycleqd.sandbox import bwrap_available
 from cycleqd.tasks.os_interaction import OSInteractionTask, extract_action, os_feedback
 from oracles import OSOracleEngine

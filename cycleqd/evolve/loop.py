@@ -1,0 +1,401 @@
+"""evolve / resume: the CycleQD loop, top to bottom.
+
+check everything (preflight) -> lock the run folder -> seed experts ->
+(per child) scheduler.ask: quality task, parents from its archive -> a worker
+does crossover, mutation, materialize, evaluation on K tasks -> save the genome
+-> scheduler.tell: offer to all K archives -> log, snapshot, observers -> final
+merge. One generation is one finished child (see :mod:`cycleqd.search.child`).
+
+SIGTERM and SIGINT are handled alike: the loop stops asking, cancels the
+children in flight, keeps everything already written (every finished child is
+on disk before the next is asked) and raises :class:`RunInterrupted`; the CLI
+turns that into one line and exit 1, and ``cycleqd resume`` continues the run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+import numpy as np
+
+from cycleqd.search.archive import Archive
+from cycleqd.config import Config, ConfigError, dump_config, parse_config, resolve_paths
+from cycleqd.evolve.pool import LocalPool, RayPool, local_ray_env, start_ray
+from cycleqd.search.child import ChildRecord
+from cycleqd.runs.folder import RunFolder
+from cycleqd.runs.lock import RunLock
+from cycleqd.search.scheduler import Scheduler
+from cycleqd.runs.store import RunStore, check_models, default_run_dir, write_atomic
+
+if TYPE_CHECKING:
+    from cycleqd.evolve.worker import ChildResult
+
+__all__ = ["Observer", "RunInterrupted", "StopSignals", "evolve", "resume", "drive", "run_loop",
+           "final_merge", "summarize", "format_summary", "local_ray_env"]
+
+log = logging.getLogger("cycleqd")
+
+POLL_SECONDS = 0.5  # how often a waiting loop looks at the stop flag
+
+
+class RunInterrupted(Exception):
+    """The driver was stopped by a signal; everything finished is on disk and the run resumes."""
+
+    def __init__(self, signum: int, run_dir: Path | None = None, generation: int | None = None):
+        self.signum, self.run_dir, self.generation = signum, run_dir, generation
+        name = signal.Signals(signum).name
+        where = f" after {generation} children" if generation is not None else ""
+        hint = f"; continue with `cycleqd resume {run_dir}`" if run_dir is not None else ""
+        super().__init__(f"stopped by {name}{where}{hint}")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, handled alike while a driver runs.
+
+    Outside the steady-state loop a signal raises :class:`RunInterrupted` at once;
+    inside it (``polling``) the first signal only sets ``signum`` so the loop stops
+    asking at its next step, and a second one raises. Handlers are installed in the
+    main thread only (elsewhere the signals keep their handlers).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.polling = False
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """(Re)install the handlers: Ray installs its own SIGTERM handler on init, which exits mid-call."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in self.SIGNALS:
+            old = signal.signal(s, self._handle)
+            self._old.setdefault(s, old)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not self.polling or not first:
+            raise RunInterrupted(signum)
+
+    def restore(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+    def __enter__(self) -> "StopSignals":
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+class Observer(Protocol):
+    """What the loop tells the outside world (plots, progress bars); an observer never stops a run."""
+
+    def seeds_done(self, run_dir: Path, archive: Archive) -> None: ...
+
+    def child_done(self, run_dir: Path, record: ChildRecord, archive: Archive) -> None: ...
+
+    def run_done(self, run_dir: Path, archive: Archive) -> None: ...
+
+
+class _Progress:
+    """A tqdm bar over generations with each archive's best quality."""
+
+    def __init__(self, target: int, initial: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=target, initial=min(initial, target), desc="generations", dynamic_ncols=True)
+
+    def seeds_done(self, run_dir: Path, archive: Archive) -> None:
+        pass
+
+    def child_done(self, run_dir: Path, record: ChildRecord, archive: Archive) -> None:
+        best = {t: archive.stats(t)["best"] for t in archive.tasks}
+        self.bar.set_postfix({t: f"{v:.2f}" for t, v in best.items()}, refresh=False)
+        self.bar.update(1)
+
+    def run_done(self, run_dir: Path, archive: Archive) -> None:
+        self.bar.close()
+
+
+def _default_observers() -> list[Observer]:
+    from cycleqd.views.plots import PlotObserver
+
+    return [PlotObserver()]
+
+
+def _notify(observers: Sequence[Observer], event: str, *args: Any) -> None:
+    for o in observers:
+        try:
+            getattr(o, event)(*args)
+        except Exception as e:  # observers never stop a run
+            log.warning("observer %s failed on %s: %s", type(o).__name__, event, e)
+
+
+def _stats_line(archive: Archive, generation: int) -> dict:
+    return {"generation": generation, "archives": {t: archive.stats(t) for t in archive.tasks}}
+
+
+def _check_genomes(folder: RunFolder) -> None:
+    """Every genome the seeds and the log point at is there and whole (headers only, no archive replay),
+    so a damaged parent is named before any child is asked rather than failing its children one by one."""
+    for gid in [s["genome"] for s in folder.seeds.values()] + [c.id for c in folder.children if c.ok]:
+        folder.store.check_genome(gid)
+
+
+def evolve(cfg: Config, run_dir: str | os.PathLike | None = None, *, address: str | None = None,
+           progress: bool = True, observers: Sequence[Observer] | None = None) -> Path:
+    """Start a new run of ``cfg`` in ``run_dir`` (default archives/<name>-<time>) and drive it.
+
+    Every check (:func:`cycleqd.evolve.preflight.preflight`) runs before the folder is created.
+
+    Raises:
+        ConfigError: bad input (nothing written); RunLocked: another driver holds ``run_dir``;
+        RunInterrupted: SIGTERM / SIGINT (the run resumes).
+    """
+    cfg = resolve_paths(cfg)
+    _ready_models(cfg)
+    path = Path(run_dir or default_run_dir(cfg))
+    lock = RunLock(path)
+    store = RunStore.create(path, cfg, lock=lock)
+    try:
+        return drive(store, address=address, progress=progress, observers=observers)
+    finally:
+        lock.release()
+
+
+def resume(run_dir: str | os.PathLike, *, generations: int | None = None, address: str | None = None,
+           progress: bool = True, observers: Sequence[Observer] | None = None) -> Path:
+    """Continue a run (after a crash, a signal, a growth or to more generations) from its log.
+
+    The lock is taken first and the folder is read whole (log, seeds, the elites' genomes)
+    before anything is written; a growth that a kill interrupted is finished or discarded.
+
+    Raises:
+        ConfigError: bad input or a damaged folder (RunDamaged names the file), RunLocked.
+    """
+    from cycleqd.evolve.grow import finish_staged_growth
+
+    store = RunStore(run_dir)
+    with RunLock(store.path):
+        finish_staged_growth(store.path)
+        store = RunStore(store.path)
+        cfg = store.config()
+        if generations is not None:
+            if generations < 0:
+                raise ConfigError(f"--generations must be >= 0, got {generations}")
+            data = cfg.model_dump()
+            data["evolution"]["generations"] = generations
+            cfg = parse_config(data)
+        _check_genomes(RunFolder(store.path))
+        _ready_models(cfg)
+        if cfg != store.config():
+            write_atomic(store.path / RunStore.CONFIG, dump_config(cfg))
+        return drive(store, address=address, progress=progress, observers=observers)
+
+
+def _ready_models(cfg: Config) -> None:
+    """Preflight, the mini world built when absent, then the model files checked (headers only)."""
+    from cycleqd.evolve.preflight import CHECKS, check_model_files  # preflight() with the mini world built in between
+
+    for check in CHECKS:
+        if check is not check_model_files:
+            check(cfg)
+    # The mini world is built on first use, so `make evolve` works on a fresh clone.
+    if cfg.models.mini is not None:
+        from cycleqd.mini.build import ensure_mini_world
+
+        ensure_mini_world(cfg)
+    check_model_files(cfg)
+
+
+def drive(store: RunStore, *, address: str | None = None, progress: bool = True,
+          observers: Sequence[Observer] | None = None) -> Path:
+    """Set up and run the loop on Ray. Everything it needs is in the run folder, so it is also the resume path.
+
+    The caller holds the run folder's lock.
+    """
+    cfg = store.config()
+    observers = list(_default_observers() if observers is None else observers)
+    with StopSignals() as stop:
+        check_models(store, cfg)
+
+        # Task vectors and SVD factors once, on the driver, into the shared cache;
+        # the workers then load them instead of racing to compute them.
+        from cycleqd.model.factors import warm_cache
+
+        warm_cache(cfg, progress=progress)
+        if progress:
+            observers.append(_Progress(cfg.evolution.generations, len(store.children())))
+
+        ray = start_ray(address)
+        stop.install()  # after ray.init, which installs its own SIGTERM handler
+        pool = None
+        try:
+            pool = RayPool(ray, cfg, cfg.evolution.workers)
+            sched = run_loop(store, pool, observers, stop)
+            # The paper's last step: one model from the archives' best elites, beta = softmax(quality).
+            if cfg.evolution.final_merge and (store.final_merge() or {}).get("generation") != sched.generation:
+                final_merge(store, sched.archive, pool, sched.generation)
+        except RunInterrupted as e:
+            if pool is not None:
+                pool.cancel()
+            try:
+                ray.shutdown()
+            except BaseException:  # noqa: BLE001 - a second signal during shutdown: still a clean stop
+                pass
+            raise RunInterrupted(e.signum, store.path, len(store.children())) from None
+    _notify(observers, "run_done", store.path, sched.archive)
+    summarize(store)
+    return store.path
+
+
+def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Observer] = (),
+             stop: StopSignals | None = None) -> Scheduler:
+    """The loop: seed experts (generation 0), then ask / execute / tell until the target.
+
+    Works with any pool (a :class:`~cycleqd.evolve.pool.LocalPool` runs it in process). The
+    archives are rebuilt from the folder first, so a call on a half-finished run
+    resumes it. Returns the scheduler (its archive and generation).
+
+    Raises:
+        RunInterrupted: ``stop`` saw a signal; in-flight children are cancelled, all
+            finished ones are on disk.
+        RuntimeError: a seed expert could not be evaluated.
+    """
+    cfg = store.config()
+    tasks = cfg.task_names
+    folder = RunFolder(store.path)
+    archive, seeds = folder.archive(), dict(folder.seeds)
+
+    # Generation 0: the seed experts, evaluated like any child.
+    if len(seeds) < len(tasks):
+        genomes = pool.seed_genomes(len(tasks))
+        results = pool.run_genomes({f"seed_{t}": g for t, g in zip(tasks, genomes)})
+        for t in tasks:
+            r: ChildResult = results[f"seed_{t}"]
+            if r.error:
+                raise RuntimeError(f"seed expert {t} could not be evaluated: {r.error}")
+            store.save_genome(r.id, r.genome)
+            if r.episodes is not None:
+                store.save_episodes(r.id, r.episodes)
+            seeds[t] = {"genome": r.id, "scores": dict(r.scores)}
+            archive.offer(r.id, r.scores, 0)
+        store.save_seeds(seeds)
+        store.write_archives(archive.to_json(len(folder.children)))
+        store.append_stats(_stats_line(archive, 0))
+        _notify(observers, "seeds_done", store.path, archive)
+    elif folder.stale():
+        store.write_archives(archive.to_json(folder.generation))
+
+    # Steady state: every worker always has one child in flight; a finished child
+    # is saved, offered to all K archives and logged before the next one is asked.
+    sched = Scheduler(cfg, archive, folder.children)
+    parent_cache: dict[str, bytes] = {}
+
+    def genome_bytes(gid: str) -> bytes:
+        if gid not in parent_cache:
+            if len(parent_cache) > 256:
+                parent_cache.clear()
+            parent_cache[gid] = store.genome_path(gid).read_bytes()
+        return parent_cache[gid]
+
+    if stop is not None:
+        stop.polling = True
+    try:
+        while not sched.done():
+            if stop is not None and stop.signum is not None:
+                break
+            for slot in pool.free():
+                if not sched.wants_more():
+                    break
+                spec = sched.ask()
+                pool.submit(slot, spec, [genome_bytes(p) for p in spec.parents])
+            got = pool.wait(POLL_SECONDS if stop is not None else None)
+            if got is None:
+                continue
+            spec, res = got
+            t0 = time.perf_counter()
+            if res.error is None:
+                store.save_genome(spec.id, res.genome)  # the genome first: the log line points at it
+                parent_cache[spec.id] = res.genome
+            else:
+                log.warning("child %s failed: %s", spec.id, res.error)
+            record = sched.tell(spec, res, {"store": time.perf_counter() - t0})
+            if res.episodes is not None and record.inserted:  # only elites' conversations are kept (disk)
+                store.save_episodes(spec.id, res.episodes)
+            store.append_child(record)
+            store.write_archives(archive.to_json(sched.generation))
+            store.append_stats(_stats_line(archive, sched.generation))
+            _notify(observers, "child_done", store.path, record, archive)
+    finally:
+        if stop is not None:
+            stop.polling = False
+    if stop is not None and stop.signum is not None:
+        pool.cancel()
+        sched.forget_in_flight()
+        raise RunInterrupted(stop.signum, store.path, sched.generation)
+    pool.cancel()  # none in flight at the target; kept so no stray child outlives the loop
+    return sched
+
+
+def final_merge(store: RunStore, archive: Archive, pool: RayPool | LocalPool, generation: int) -> dict:
+    """theta = theta_base + sum_k beta_k tau_k over the best elite of each archive; beta = softmax(f)."""
+    from cycleqd.model.genome import Genome
+
+    best = [max(archive.elites(t), key=lambda e: e.quality) for t in archive.tasks]
+    f = np.array([e.quality for e in best])
+    beta = np.exp(f - f.max())
+    beta = beta / beta.sum()
+    merged = Genome.combine([store.load_genome(e.genome) for e in best], [float(b) for b in beta])
+    r: ChildResult = pool.run_genomes({"final_merge": merged.to_bytes()})["final_merge"]
+    record = {
+        "genome": "final_merge",
+        "generation": generation,
+        "sources": {t: e.genome for t, e in zip(archive.tasks, best)},
+        "weights": {t: float(b) for t, b in zip(archive.tasks, beta)},
+        "scores": dict(r.scores),
+        "mean": float(np.mean(list(r.scores.values()))) if r.scores else math.nan,
+        "error": r.error,
+    }
+    if r.error is None:
+        store.save_genome("final_merge", r.genome)
+    store.write_final_merge(record)
+    return record
+
+
+def summarize(store: RunStore) -> dict:
+    """The run at a glance (:meth:`RunFolder.summary`), written to RUN/summary.json."""
+    return RunFolder(store.path).write_summary()
+
+
+def format_summary(s: dict) -> str:
+    """A plain-text table of :func:`summarize`'s result."""
+    tasks = list(s["archives"])
+    head = f"{'model':24s}" + "".join(f"{t:>10s}" for t in tasks) + f"{'mean':>10s}"
+    lines = [f"generation {s['generation']}", head, "-" * len(head)]
+
+    def row(name: str, scores: dict) -> str:
+        return f"{name:24s}" + "".join(f"{scores[t]:10.3f}" for t in tasks) + f"{scores['mean']:10.3f}"
+
+    for t, sc in s["experts"].items():
+        lines.append(row(f"expert {t}", sc))
+    if s["best_mean"]:
+        lines.append(row(f"best elite {s['best_mean']['genome']}", s["best_mean"]))
+    fm = s["final_merge"]
+    if fm and fm.get("scores"):
+        lines.append(row("final merge", {**fm["scores"], "mean": fm["mean"]}))
+    lines.append("")
+    lines.append("archive  " + "  ".join(
+        f"{t}: coverage {a['coverage']:.2f} best {a['best']:.3f}" for t, a in s["archives"].items()))
+    return "\n".join(lines)

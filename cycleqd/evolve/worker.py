@@ -1,0 +1,176 @@
+"""A worker: child spec -> crossover -> mutation -> materialize -> evaluate on K tasks.
+
+A worker keeps the base, the experts' task vectors, their SVD factors, one
+engine and the K tasks resident; a child costs one pass over the weights,
+streamed into the engine tensor by tensor, plus the evaluations, and no
+checkpoint is read from disk. The factors live where the memory plan puts them
+(``factors.device``): the engine's device when they fit there, else host memory. The same class runs
+as a Ray actor (``run.py``) or in process (tests, replay of one child).
+Domain errors inside a child become a failed result; they never crash the run.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from cycleqd.config import Config, parse_config
+from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, TASKS
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """Everything a worker needs to rebuild one child exactly (the seed travels with it)."""
+
+    index: int
+    id: str
+    quality_task: str
+    q: int
+    parents: tuple[str, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    """A worker's answer: the child's genome bytes and scores, or the error that stopped it."""
+
+    id: str
+    genome: bytes | None
+    scores: Mapping[str, float]
+    seconds: Mapping[str, float] = field(default_factory=dict)
+    error: str | None = None
+    worker: int = 0
+    episodes: tuple[dict, ...] | None = None  # passing conversations, when evolution.record_episodes is on
+
+
+def _short_error(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def make_child(spec: ChildSpec, parents: Sequence[Any], cfg: Config, factors: Any) -> tuple[Any, dict[str, float]]:
+    """Crossover then mutation of ``parents`` (Genomes), all randomness from ``spec.seed``."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    evo = cfg.evolution
+    t0 = time.perf_counter()
+    child = CROSSOVERS.get(evo.crossover.name)(parents, evo.crossover, gen, factors)
+    t1 = time.perf_counter()
+    child = MUTATIONS.get(evo.mutation.name)(child, spec.q, evo.mutation, gen, factors)
+    t2 = time.perf_counter()
+    return child, {"crossover": t1 - t0, "mutation": t2 - t1}
+
+
+def build_tasks(cfg: Config) -> dict[str, Any]:
+    """Instantiate the configured tasks (name -> Task)."""
+    return {
+        t.name: TASKS.get(t.kind)(name=t.name, data=t.data, sandbox=cfg.sandbox, **t.options)
+        for t in cfg.tasks
+    }
+
+
+class ChildWorker:
+    """Holds the resident tensors, one engine and the tasks; executes child specs.
+
+    Args:
+        cfg: the resolved experiment config (a Config or its dump).
+        index: worker number, for logs.
+        threads: torch CPU threads (default: cores / workers, at least 1).
+    """
+
+    def __init__(self, cfg: Config | dict, index: int = 0, threads: int | None = None):
+        from cycleqd.model.factors import Factors
+        from cycleqd.model.plan import factors_device
+
+        self.cfg = cfg if isinstance(cfg, Config) else parse_config(cfg)
+        self.index = index
+        if threads is None:
+            threads = max(1, (os.cpu_count() or 1) // self.cfg.evolution.workers)
+        torch.set_num_threads(threads)
+        engine_cls = ENGINES.get(self.cfg.engine.name)
+        self.engine = engine_cls.from_path(self.cfg.models.base, self.cfg.engine, dtype=self.cfg.models.dtype)
+        where = factors_device(self.cfg, self.engine.device)
+        self.factors = Factors.prepare(self.cfg, device=where, progress=False).pin_memory()
+        self.tasks = build_tasks(self.cfg)
+
+    def ping(self) -> int:
+        return self.index
+
+    def seed_genome(self, k: int) -> bytes:
+        from cycleqd.model.genome import Genome
+
+        return Genome.seed(k, self.factors).to_bytes()
+
+    def evaluate(self, genome: Any, tasks: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+        """Stream ``genome``'s weights into the engine and score it on every task (or only ``tasks``)."""
+        scores, seconds, _ = self.evaluate_recorded(genome, tasks, record=False)
+        return scores, seconds
+
+    def evaluate_recorded(self, genome: Any, tasks: Sequence[str] | None = None, *, record: bool | None = None
+                          ) -> tuple[dict[str, float], dict[str, float], list[dict]]:
+        """:meth:`evaluate`, plus the passing samples' conversations when ``record`` (default:
+        ``evolution.record_episodes``); see :func:`cycleqd.studies.trajectories.episodes_of`.
+
+        A task that answers first and checks later (``answer``, as the mini tasks do) has its
+        check run in a second thread while the engine generates for the next task; tasks whose
+        checks run in sandbox processes go first, so those processes use a free core meanwhile.
+        ``eval_<task>`` seconds are each task's generation plus its check.
+        """
+        from cycleqd.model.genome import materialize
+        from cycleqd.studies.trajectories import episodes_of
+
+        record = self.cfg.evolution.record_episodes if record is None else record
+        kinds = {t.name: t.kind for t in self.cfg.tasks}
+        episodes: list[dict] = []
+
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            materialize(genome, self.factors, into=self.engine)
+        seconds["materialize"] = time.perf_counter() - t0
+        names = [n for n in self.tasks if tasks is None or n in tasks]
+        results: dict[str, Any] = {}
+        with ThreadPoolExecutor(max_workers=1) as checks:
+            for name in sorted(names, key=lambda n: not getattr(self.tasks[n], "executes_code", False)):
+                task = self.tasks[name]
+                if hasattr(task, "answer"):
+                    results[name] = checks.submit(task.answer(self.engine))
+                else:
+                    results[name] = task.evaluate(self.engine)
+            results = {n: r.result() if isinstance(r, Future) else r for n, r in results.items()}
+        scores = {}
+        for name in names:
+            res = results[name]
+            scores[name] = float(res.quality)
+            seconds[f"eval_{name}"] = float(res.seconds)
+            if record:
+                episodes += episodes_of(name, kinds[name], res)
+        return scores, seconds, episodes
+
+    def run(self, spec: ChildSpec, parents: Sequence[bytes]) -> ChildResult:
+        """Build the child of ``spec`` from parent genome bytes and evaluate it."""
+        from cycleqd.model.genome import Genome
+
+        try:
+            child, seconds = make_child(spec, [Genome.from_bytes(p) for p in parents], self.cfg, self.factors)
+            scores, more, episodes = self.evaluate_recorded(child)
+            return ChildResult(spec.id, child.to_bytes(), scores, {**seconds, **more}, None, self.index,
+                               tuple(episodes) if self.cfg.evolution.record_episodes else None)
+        except Exception as e:  # the worker boundary: a bad child is a logged failure
+            return ChildResult(spec.id, None, {}, {}, _short_error(e), self.index)
+
+    def run_genome(self, genome_id: str, data: bytes) -> ChildResult:
+        """Evaluate a given genome (seed experts, the final merge)."""
+        from cycleqd.model.genome import Genome
+
+        try:
+            scores, seconds, episodes = self.evaluate_recorded(Genome.from_bytes(data))
+            return ChildResult(genome_id, data, scores, seconds, None, self.index,
+                               tuple(episodes) if self.cfg.evolution.record_episodes else None)
+        except Exception as e:
+            return ChildResult(genome_id, None, {}, {}, _short_error(e), self.index)

@@ -1,0 +1,389 @@
+"""The run folder: resolved config, genomes, children.jsonl, archive snapshots.
+
+``children.jsonl`` is the write-ahead log of a run: a child's genome file is
+written first, then its line (flushed and fsynced), then the archive snapshot.
+The archives are a pure function of the seed experts and the log (offer in
+order), so a driver killed at any moment resumes without losing an elite or a
+finished child; a half-written last line is dropped. Anything else that cannot
+be read (a bad line in the middle of the log, an unreadable genome or JSON
+file) raises :class:`RunDamaged` naming the file (and line); ``cycleqd check
+RUN --repair`` moves such files aside. :class:`cycleqd.runs.folder.RunFolder` is
+the read model built on this store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from pydantic import ValidationError
+
+from cycleqd.config import Config, ConfigError, dump_config, load_config
+from cycleqd.search.child import ChildRecord
+from cycleqd.runs.lock import LOCK_NAME, RunLock
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class RunNotFound(ConfigError):
+    """The path is not a cycleqd run folder (bad input)."""
+
+
+class RunDamaged(ConfigError):
+    """A file of the run folder cannot be trusted; the message names it (and the line).
+
+    Bad input (exit 2): nothing is written, and ``cycleqd check RUN --repair`` moves
+    what cannot be trusted into RUN/quarantine/ so the run resumes.
+    """
+
+    def __init__(self, path: Path, what: str, line: int | None = None):
+        self.file, self.line = Path(path), line
+        where = f"{path}:{line}" if line is not None else str(path)
+        run = self.file.parent if self.file.parent.name != "genomes" else self.file.parent.parent
+        super().__init__(f"{where}: {what}; `cycleqd check {run} --repair` moves it into quarantine/")
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per line of a JSONL log; a torn last line (no newline) is dropped.
+
+    Raises:
+        RunDamaged: a complete line that is not a JSON object, naming the file and line.
+    """
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                return  # torn last line of a killed writer
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise RunDamaged(path, f"not a JSON line ({e})", n) from None
+            if not isinstance(obj, dict):
+                raise RunDamaged(path, f"not a JSON object (got {type(obj).__name__})", n)
+            yield n, obj
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunDamaged(path, f"not valid JSON ({e})") from None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, from its header alone (None if it looks whole).
+
+    Parses the 8-byte header length and the JSON header, and checks that the file is as long
+    as the header's largest data offset says, so a truncated file is caught without reading
+    its tensors.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "truncated (no safetensors header)"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                return f"truncated or not safetensors (header of {n} bytes in a {size}-byte file)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"unreadable safetensors header ({e})"
+    if not isinstance(header, dict):
+        return "unreadable safetensors header (not a JSON object)"
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            return f"unreadable safetensors header (tensor {name!r} has no data_offsets)"
+        end = max(end, int(offsets[1]))
+    if 8 + n + end > size:
+        return f"truncated ({size} bytes, the header needs {8 + n + end})"
+    return None
+
+
+class RunStore:
+    """A run folder on disk (see DESIGN.md section 7).
+
+    Args:
+        path: an existing run folder. Raises RunNotFound if it holds no run.
+    """
+
+    CONFIG = "config.yaml"
+    ARCHIVES = "archives.json"
+    CHILDREN = "children.jsonl"
+    STATS = "stats.jsonl"
+    SEEDS = "seeds.json"
+    FINAL = "final_merge.json"
+    MODELS = "models.json"
+    EPISODES = "episodes"  # episodes/<genome>.jsonl: an elite's passing conversations (evolution.record_episodes)
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / self.CONFIG).is_file():
+            raise RunNotFound(f"{str(path)!r} is not a cycleqd run folder (no {self.CONFIG})")
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, cfg: Config, lock: RunLock | None = None) -> "RunStore":
+        """Start a new run folder holding the resolved ``cfg``.
+
+        With ``lock`` (a :class:`~cycleqd.runs.lock.RunLock` of ``path``), it is taken before the
+        folder is checked and written, so two drivers never start the same folder.
+
+        Raises:
+            ConfigError: the folder holds a run or other files; RunLocked: another driver holds it.
+        """
+        p = Path(path)
+        made = not p.exists()
+        p.mkdir(parents=True, exist_ok=True)
+        try:
+            if lock is not None:
+                lock.acquire()
+            if (p / cls.CONFIG).exists():
+                raise ConfigError(f"{str(path)!r} already holds a run; continue it with `cycleqd resume {path}`")
+            if any(q.name != LOCK_NAME for q in p.iterdir()):
+                raise ConfigError(f"run folder {str(path)!r} exists and is not empty")
+        except BaseException:
+            if lock is not None and lock.held:
+                lock.release()
+                if made:
+                    (p / LOCK_NAME).unlink(missing_ok=True)
+            if made and not any(p.iterdir()):
+                p.rmdir()  # nothing written: not even the folder stays
+            raise
+        (p / "genomes").mkdir(exist_ok=True)
+        (p / "plots").mkdir(exist_ok=True)
+        write_atomic(p / cls.CONFIG, dump_config(cfg))
+        return cls(p)
+
+    # -- reading ---------------------------------------------------------------
+    def config(self) -> Config:
+        return load_config(self.path / self.CONFIG, check_paths=False)
+
+    def archives(self) -> dict[str, Any] | None:
+        """The archive snapshot file as written (None if missing or unreadable).
+
+        It is a cache of a pure function of the seeds and the log;
+        :meth:`cycleqd.runs.folder.RunFolder.snapshot` rebuilds it when it is missing or stale.
+        """
+        f = self.path / self.ARCHIVES
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) and "archives" in data and "generation" in data else None
+
+    def children(self) -> list[ChildRecord]:
+        """Every finished child, in log order (record ``generation`` = its line's rank).
+
+        Raises:
+            RunDamaged: a line that is not a valid record, naming the file and line.
+        """
+        f = self.path / self.CHILDREN
+        out = []
+        for n, obj in read_jsonl(f):
+            try:
+                out.append(ChildRecord.model_validate(obj))
+            except ValidationError as e:
+                err = e.errors()[0]
+                loc = ".".join(str(x) for x in err["loc"]) or "record"
+                raise RunDamaged(f, f"not a child record ({loc}: {err['msg']})", n) from None
+        return out
+
+    def growths(self) -> list[dict]:
+        """growth.jsonl: one record per task ``cycleqd grow`` added (see :mod:`cycleqd.runs.history`)."""
+        from cycleqd.runs.history import GROWTH_LOG
+
+        return [obj for _, obj in read_jsonl(self.path / GROWTH_LOG)]
+
+    def stats(self) -> list[dict]:
+        """stats.jsonl (a derived progress log for plots); unreadable lines are skipped."""
+        out = []
+        try:
+            for _, obj in read_jsonl(self.path / self.STATS):
+                out.append(obj)
+        except RunDamaged:
+            pass
+        return out
+
+    def seeds(self) -> dict[str, dict]:
+        """{task: {"genome": id, "scores": {...}}} for the seed experts (generation 0).
+
+        Raises:
+            RunDamaged: seeds.json is not valid JSON of that shape.
+        """
+        f = self.path / self.SEEDS
+        if not f.exists():
+            return {}
+        data = _read_json(f)
+        if not isinstance(data, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("genome"), str) and isinstance(v.get("scores"), dict)
+                for v in data.values()):
+            raise RunDamaged(f, 'not a map of task -> {"genome": id, "scores": {...}}')
+        return data
+
+    def final_merge(self) -> dict | None:
+        f = self.path / self.FINAL
+        return _read_json(f) if f.exists() else None
+
+    def models(self) -> dict[str, str] | None:
+        """Fingerprints of the base and experts the run was started on (None before the first drive)."""
+        f = self.path / self.MODELS
+        return _read_json(f) if f.exists() else None
+
+    def episodes_path(self, genome_id: str) -> Path:
+        return self.path / self.EPISODES / f"{genome_id}.jsonl"
+
+    def episodes(self, genome_id: str) -> list[dict] | None:
+        """The passing conversations recorded for ``genome_id`` (None when none were recorded).
+
+        Raises:
+            RunDamaged: a line that is not a JSON object.
+        """
+        f = self.episodes_path(genome_id)
+        return [obj for _, obj in read_jsonl(f)] if f.is_file() else None
+
+    def genome_path(self, genome_id: str) -> Path:
+        return self.path / "genomes" / f"{genome_id}.safetensors"
+
+    def load_genome(self, genome_id: str):
+        from cycleqd.model.genome import Genome
+
+        p = self.genome_path(genome_id)
+        if not p.exists():
+            raise RunDamaged(p, f"genome {genome_id!r} is missing")
+        try:
+            return Genome.load(p)
+        except Exception as e:  # the genome format's own errors do not name the file
+            raise RunDamaged(p, f"not a readable genome ({e})") from None
+
+    def check_genome(self, genome_id: str) -> None:
+        """Check that a genome file is there and whole, reading its header only (fast).
+
+        Raises:
+            RunDamaged: missing, or the safetensors header or data length is wrong.
+        """
+        p = self.genome_path(genome_id)
+        if not p.is_file():
+            raise RunDamaged(p, f"genome {genome_id!r} is missing")
+        problem = safetensors_problem(p)
+        if problem:
+            raise RunDamaged(p, problem)
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    # -- writing ---------------------------------------------------------------
+    def save_genome(self, genome_id: str, data: bytes) -> None:
+        write_atomic(self.genome_path(genome_id), data)
+
+    def save_episodes(self, genome_id: str, episodes: Sequence[dict]) -> None:
+        """Write an elite's passing conversations, one JSON object a line (atomically)."""
+        write_atomic(self.episodes_path(genome_id), "".join(json.dumps(e) + "\n" for e in episodes))
+
+    def save_seeds(self, seeds: dict[str, dict]) -> None:
+        write_atomic(self.path / self.SEEDS, json.dumps(seeds, indent=1))
+
+    def save_models(self, fingerprints: dict[str, str]) -> None:
+        write_atomic(self.path / self.MODELS, json.dumps(fingerprints, indent=1))
+
+    def _append(self, name: str, record: dict) -> None:
+        f = self.path / name
+        # drop a torn tail first so the new line starts on a line boundary
+        if f.exists() and f.stat().st_size:
+            with open(f, "rb+") as h:
+                h.seek(-1, os.SEEK_END)
+                if h.read(1) != b"\n":
+                    data = f.read_bytes()
+                    h.truncate(data.rfind(b"\n") + 1)
+        with open(f, "a") as h:
+            h.write(json.dumps(record) + "\n")
+            h.flush()
+            os.fsync(h.fileno())
+
+    def append_child(self, record: ChildRecord) -> None:
+        """Append one child's line (fsynced): the write-ahead log entry of a finished child."""
+        self._append(self.CHILDREN, json.loads(record.to_line()))
+
+    def append_stats(self, record: dict) -> None:
+        self._append(self.STATS, record)
+
+    def write_archives(self, snapshot: dict) -> None:
+        write_atomic(self.path / self.ARCHIVES, json.dumps(snapshot))
+
+    def write_final_merge(self, record: dict) -> None:
+        write_atomic(self.path / self.FINAL, json.dumps(record, indent=1))
+
+
+def model_fingerprints(cfg: Config) -> dict[str, str]:
+    """{"base": ..., "expert_<task>": ...}: fingerprints of the weights a run's genomes are written against."""
+    from cycleqd.model.experts import model_fingerprint
+
+    m = cfg.models
+    now = {"base": model_fingerprint(m.base, m.revision)}
+    now.update({f"expert_{t}": model_fingerprint(path, m.revision) for t, path in m.experts.items()})
+    return now
+
+
+def check_models(store: RunStore, cfg: Config) -> None:
+    """Record the run's model fingerprints on its first drive; refuse to go on if they changed.
+
+    A run's genomes are coefficients over the task vectors of these exact models, so
+    continuing it on other weights (a rebuilt mini world, a re-uploaded expert) would mix
+    two experiments.
+
+    Raises:
+        ConfigError: the models differ from the ones the run started on.
+    """
+    now = model_fingerprints(cfg)
+    before = store.models()
+    if before is None:
+        store.save_models(now)
+        return
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(
+            f"{store.path}: the weights of {', '.join(changed)} changed since this run started "
+            f"(see {RunStore.MODELS}); start a new run instead of resuming this one"
+        )
+
+
+def default_run_dir(cfg: Config, root: str | os.PathLike = "archives") -> Path:
+    """archives/<experiment>-<yyyymmdd-hhmmss>[-n] (never an existing folder)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    p = Path(root) / f"{cfg.name}-{stamp}"
+    n = 1
+    while p.exists():
+        n += 1
+        p = Path(root) / f"{cfg.name}-{stamp}-{n}"
+    return p

@@ -1,0 +1,497 @@
+"""The paper's table in miniature: `make table` -> experiments/results/mini_table.json.
+
+Rows, all scored on a test draw (never used for any choice):
+base, expert_<task>, task_arithmetic and ties (mergekit, merge weight chosen on
+val), cycleqd_best (the archive model with the best mean on val items evolution
+never scored), cycleqd_merged (the final merge), teams of each CycleQD run's elites
+(team_router: the best elite of each task's archive answers that task; team_router_nll:
+the prompt's lowest-NLL member of those answers; team_vote and team_moa: the 3 best of
+each archive vote by execution result / propose to an aggregator; members chosen on the
+run's own scores, see :mod:`cycleqd.studies.team`), and the ablations fixed_axes,
+gaussian_mutation and uniform_sampling, each CycleQD variant over several seeds.
+The JSON holds a paired bootstrap 95% interval of cycleqd_best - task_arithmetic.
+
+The table is made in two steps with one home each:
+
+- :func:`choose_models` evolves (or resumes) the runs, ordinary run folders under
+  archives/table/, and makes every choice on val; it writes the chosen models to a
+  models folder (experiments/results/mini_table_models/): each seed's genomes, the
+  merge weights and the world's fingerprints.
+- :func:`score_models` scores that folder on a test draw (``test_seed``, ``test_n``
+  items per task). ``make table-rescore TEST_SEED=S`` runs only this step, on a
+  fresh draw, and refuses a world other than the one the genomes were made on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from cycleqd.config import Config, ConfigError, load_config, parse_config, resolve_paths
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "cycleqd": {},
+    "fixed_axes": {"fixed_quality_task": "__first__"},
+    "gaussian_mutation": {"mutation": {"name": "gaussian"}},
+    "uniform_sampling": {"sampling": {"name": "uniform"}},
+}
+MERGE_WEIGHTS = [0.3, 0.4, 0.5, 0.6, 0.8]
+TIES_DENSITY = 0.5
+MODELS_FILE = "models.json"
+TEAM_SIZE = 3
+#: team variant -> its row in the table
+TEAM_ROWS = {"router_task": "team_router", "router_nll": "team_router_nll", "vote": "team_vote", "moa": "team_moa"}
+INTERVAL_KEY = "cycleqd_best_minus_task_arithmetic"
+#: the other evolved rows minus task arithmetic, paired the same way
+VERSUS_KEY = "minus_task_arithmetic"
+
+
+def split_config(cfg: Config, split: str, n: int | None = None, seed: int | None = None) -> Config:
+    """``cfg`` with every task reading ``split`` (and ``n`` items, drawn with ``seed``, if given)."""
+    data = cfg.model_dump()
+    for t in data["tasks"]:
+        t["options"] = {**t["options"], "split": split, **({"n": n} if n else {}),
+                        **({"seed": seed} if seed is not None else {})}
+    return parse_config(data)
+
+
+def selection_config(evolve_cfg: Config, n: int) -> Config:
+    """``n`` val items per task that the evolution never saw: the same draw, past its items.
+
+    Choosing which elite is "best" on the items evolution optimised would favour the
+    elites that were lucky on them, so choices are made on the next ``n`` items of the
+    evolution's own draw (``skip`` = the evolution's ``n``).
+    """
+    data = evolve_cfg.model_dump()
+    for t in data["tasks"]:
+        opts = t["options"]
+        if "n" not in opts:
+            raise ConfigError(f"task {t['name']}: the table needs options.n (items scored during evolution)")
+        t["options"] = {**opts, "skip": int(opts.get("skip", 0)) + int(opts["n"]), "n": n}
+    return parse_config(data)
+
+
+def variant_config(cfg: Config, variant: str, seed: int, generations: int | None,
+                   evolve_n: int | None = None) -> Config:
+    data = split_config(cfg, "val", evolve_n).model_dump()
+    data["seed"] = seed
+    data["name"] = f"{cfg.name}-{variant}"
+    evo = data["evolution"]
+    for key, value in VARIANTS[variant].items():
+        if value == "__first__":
+            value = cfg.task_names[0]
+        evo[key] = {**evo[key], **value} if isinstance(value, dict) else value
+    if generations is not None:
+        evo["generations"] = generations
+    return parse_config(data)
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """'path: old -> new' for every leaf where two config dumps differ."""
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        a, b = dict(enumerate(a)), dict(enumerate(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{path}.{k}".lstrip("."))]
+    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
+
+
+def check_same_experiment(stored: Config, wanted: Config, run: Path) -> None:
+    """A table run folder is resumed only if it holds the same experiment (generations aside).
+
+    Raises:
+        ConfigError: the folder was made with other settings (e.g. the YAML changed since).
+    """
+    a, b = resolve_paths(stored).model_dump(mode="json"), resolve_paths(wanted).model_dump(mode="json")
+    a["evolution"]["generations"] = b["evolution"]["generations"]
+    diff = _differences(a, b)
+    if diff:
+        raise ConfigError(f"{run} was made with other settings ({'; '.join(diff[:3])}); "
+                          "remove it or pass --runs-root to make the table in a new folder")
+
+
+class Scorer:
+    """One resident model and the tasks of a split; scores genomes or plain state dicts.
+
+    Both return {task: per-item scores (0/1), in the task's item order}.
+    """
+
+    def __init__(self, cfg: Config):
+        from cycleqd.evolve.worker import ChildWorker
+
+        self.worker = ChildWorker(cfg, threads=torch.get_num_threads())
+        self.factors = self.worker.factors
+
+    def _score(self) -> dict[str, list[float]]:
+        return {n: [s.score for s in t.evaluate(self.worker.engine).samples] for n, t in self.worker.tasks.items()}
+
+    def genome(self, genome) -> dict[str, list[float]]:
+        from cycleqd.model.genome import materialize
+
+        with torch.no_grad():
+            return self.state(materialize(genome, self.factors))
+
+    def state(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
+        self.worker.engine.load_weights(state)
+        return self._score()
+
+    def team(self, file: Path) -> dict[str, list[float]]:
+        """A team row's file (written by :func:`save_teams`): its variant over its member genomes."""
+        from cycleqd.model.genome import Genome
+        from cycleqd.studies.team import Residents, Team, evaluate_team
+
+        row = json.loads(Path(file).read_text())
+        team = Team.from_json(row["team"])
+        genomes = {m.genome: Genome.load(Path(file).parent / row["dir"] / f"{m.genome}.safetensors")
+                   for m in team.members}
+        results, _ = evaluate_team(team, Residents(self.worker.engine, self.factors, genomes), self.worker.tasks,
+                                   [row["variant"]])
+        return {n: [s.score for s in r.samples] for n, r in results[row["variant"]].items()}
+
+
+def save_teams(snap: Any, store: Any, models_dir: Path, seed: int) -> dict[str, str]:
+    """Each team row's file for one run: members chosen on the run's archive scores (val only).
+
+    The members' genomes go to ``models_dir/team-s<seed>/``; a row's JSON (variant, team, that
+    folder) to ``models_dir/<row>-s<seed>.json``. Returns {row: file name}.
+    """
+    from cycleqd.runs.store import write_atomic
+    from cycleqd.studies.team import STRATEGIES, choose_team
+
+    folder = models_dir / f"team-s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for strategy, variants in STRATEGIES.items():
+        team = choose_team(snap, strategy, TEAM_SIZE)
+        for m in team.members:
+            shutil.copyfile(store.genome_path(m.genome), folder / f"{m.genome}.safetensors")
+        for v in variants:
+            name = f"{TEAM_ROWS[v]}-s{seed}.json"
+            write_atomic(models_dir / name, json.dumps({"variant": v, "team": team.to_json(), "dir": folder.name},
+                                                       indent=1))
+            files[TEAM_ROWS[v]] = name
+    return files
+
+
+def _quality(items: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    return {t: sum(v) / len(v) for t, v in items.items()}
+
+
+def _mean(scores: Mapping[str, float]) -> float:
+    return float(sum(scores.values()) / len(scores))
+
+
+def mergekit_merge(factors, method: str, weight: float) -> dict[str, torch.Tensor]:
+    """task_arithmetic / ties over the experts with mergekit's in-memory API."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    from cycleqd.model.genome import Genome, materialize
+
+    models = {"base": materialize(Genome.base(factors), factors)}
+    for k, t in enumerate(factors.task_names):
+        models[t] = materialize(Genome.seed(k, factors), factors)
+    params: dict[str, Any] = {"weight": weight}
+    if method == "ties":
+        params["density"] = TIES_DENSITY
+    return merge_state_dicts(models, method, parameters=params, base="base")
+
+
+def _row(model: str, per_seed: list[dict[str, float]]) -> dict:
+    tasks = list(per_seed[0])
+    means = [_mean(s) for s in per_seed]
+    return {
+        "model": model,
+        "scores": {t: statistics.fmean(s[t] for s in per_seed) for t in tasks},
+        "mean": statistics.fmean(means),
+        "std": statistics.stdev(means) if len(means) > 1 else 0.0,
+        "seeds": len(per_seed),
+    }
+
+
+def paired_interval(ours: Sequence[Mapping[str, Sequence[float]]], theirs: Mapping[str, Sequence[float]], *,
+                    resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
+    """Paired bootstrap interval of mean(ours) - mean(theirs) over test items.
+
+    ``ours`` holds one {task: per-item scores} per seed, ``theirs`` one for a single model,
+    all on the same items. The statistic is the 3-task mean of the per-item difference,
+    ours averaged over seeds first. Items are resampled with replacement, paired: item
+    ``i`` of every task is drawn together (tasks of equal size; else each task alone).
+
+    Raises:
+        ValueError: the two sides do not cover the same tasks and item counts.
+    """
+    tasks = list(theirs)
+    if not ours or any(set(s) != set(tasks) or any(len(s[t]) != len(theirs[t]) for t in tasks) for s in ours):
+        raise ValueError("paired_interval: both sides need the same tasks and items")
+    import numpy as np
+
+    diff = [np.mean([s[t] for s in ours], axis=0) - np.asarray(theirs[t], dtype=float) for t in tasks]
+    rng = np.random.default_rng(seed)
+    if len({len(d) for d in diff}) == 1:
+        # one draw of item indices serves every task: item i is paired across the tasks
+        idx = rng.integers(0, len(diff[0]), size=(resamples, len(diff[0])))
+        draws = np.mean([d[idx].mean(axis=1) for d in diff], axis=0)
+    else:
+        draws = np.mean([d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1) for d in diff], axis=0)
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(np.mean([d.mean() for d in diff])), "interval": [float(lo), float(hi)], "level": level,
+            "resamples": resamples, "seeds": len(ours), "items_per_task": {t: len(d) for t, d in zip(tasks, diff)},
+            "paired": "per item, the same item index in every task; seeds averaged per item"}
+
+
+def conclusion(interval: Sequence[float], ours: str = "cycleqd_best", theirs: str = "task_arithmetic") -> str:
+    """What a paired interval of (ours - theirs) says: which side is better, or neither at its level."""
+    lo, hi = interval
+    return f"{ours} better" if lo > 0 else f"{theirs} better" if hi < 0 else "no difference"
+
+
+def _ensure_world(cfg: Config) -> Config:
+    cfg = resolve_paths(cfg)
+    if cfg.models.mini is not None:
+        from cycleqd.mini.build import ensure_mini_world
+
+        ensure_mini_world(cfg)
+    return cfg
+
+
+def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations: int | None = None,
+                  runs_root: Path = Path("archives/table"), variants: list[str] | None = None,
+                  evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5) -> dict:
+    """Evolve (or resume) every run, choose each row's models on val, write them to ``models_dir``.
+
+    Returns the manifest written to ``models_dir/models.json``. Nothing here reads a test item.
+
+    Raises:
+        ConfigError: an existing run folder holds another experiment.
+    """
+    from cycleqd.model.genome import Genome
+    from cycleqd.evolve.loop import evolve, resume
+    from cycleqd.runs.folder import RunFolder
+    from cycleqd.runs.store import RunStore, model_fingerprints, write_atomic
+
+    unresolved = cfg
+    for v in variants or []:
+        if v not in VARIANTS:
+            raise ConfigError(f"unknown variant {v!r} (known: {', '.join(VARIANTS)})")
+    cfg = _ensure_world(cfg)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # Model choices (merge weights, which elite) are made on val items that evolution never
+    # scored: picking the best of many elites on the evolution's own noisy scores would
+    # favour lucky ones.
+    val = Scorer(selection_config(variant_config(cfg, "cycleqd", 0, generations, evolve_n), select_n))
+    f = val.factors
+    merges = {}
+    for method in ("task_arithmetic", "ties"):
+        best_w = max(MERGE_WEIGHTS, key=lambda w: _mean(_quality(val.state(mergekit_merge(f, method, w)))))
+        merges[method] = {"weight": best_w, **({"density": TIES_DENSITY} if method == "ties" else {})}
+        print(f"{method}: weight {best_w} (chosen on val)", flush=True)
+    rows: dict[str, list[str]] = {}
+    for variant in variants or list(VARIANTS):
+        name = "cycleqd_best" if variant == "cycleqd" else variant
+        for seed in range(seeds):
+            vcfg = variant_config(cfg, variant, seed, generations, evolve_n)
+            run = runs_root / f"{variant}-s{seed}"
+            if (run / "config.yaml").exists():
+                check_same_experiment(RunStore(run).config(), vcfg, run)
+                resume(run, generations=vcfg.evolution.generations, progress=True)
+            else:
+                evolve(vcfg, run, progress=True)
+            store = RunStore(run)
+            # the run's top elites by its own mean, re-scored on the selection sample
+            snap = RunFolder(run).snapshot()
+            elites = {e["genome"]: e for a in snap.archives.values() for e in a["elites"]}
+            shortlist = sorted(elites.values(), key=lambda e: -_mean(e["scores"]))[:shortlist_k]
+            top = max(shortlist, key=lambda e: _mean(_quality(val.genome(store.load_genome(e["genome"])))))
+            file = f"{name}-s{seed}.safetensors"
+            shutil.copyfile(store.genome_path(top["genome"]), models_dir / file)
+            rows.setdefault(name, []).append(file)
+            fm = store.final_merge()
+            if variant == "cycleqd" and fm and fm.get("error") is None:
+                shutil.copyfile(store.genome_path(fm["genome"]), models_dir / f"cycleqd_merged-s{seed}.safetensors")
+                rows.setdefault("cycleqd_merged", []).append(f"cycleqd_merged-s{seed}.safetensors")
+            if variant == "cycleqd":  # teams of this run's elites, chosen on its own (val) scores
+                for row, team_file in save_teams(snap, store, models_dir, seed).items():
+                    rows.setdefault(row, []).append(team_file)
+            print(f"{variant} seed {seed}: chose {top['genome']} of {run}", flush=True)
+    for k in range(len(cfg.task_names)):  # the seed experts and base are genomes too: one way to score all
+        Genome.seed(k, f).save(models_dir / f"expert_{cfg.task_names[k]}.safetensors")
+    Genome.base(f).save(models_dir / "base.safetensors")
+    manifest = {
+        "config": unresolved.model_dump(mode="json"),
+        "world": model_fingerprints(cfg),
+        "mini": cfg.models.mini.model_dump(mode="json") if cfg.models.mini else None,
+        "generations": generations or cfg.evolution.generations,
+        "seeds": seeds,
+        "evolve_n": evolve_n,
+        "select": {"split": "val", "n": select_n, "disjoint_from_evolution": True, "shortlist": shortlist_k},
+        "merges": merges,
+        "rows": rows,
+    }
+    write_atomic(models_dir / MODELS_FILE, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_models(models_dir: Path) -> dict:
+    """The manifest of a models folder.
+
+    Raises:
+        ConfigError: no such folder or no manifest in it.
+    """
+    f = Path(models_dir) / MODELS_FILE
+    if not f.is_file():
+        raise ConfigError(f"{models_dir}: no {MODELS_FILE} (make the table first: make table)")
+    return json.loads(f.read_text())
+
+
+def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> dict:
+    """Score every row of a models folder on a test draw; the table object (rows, interval).
+
+    The world is built when absent (deterministic in its seed and recipe).
+
+    Raises:
+        ConfigError: no manifest, or the world's weights differ from the ones the genomes were made on.
+    """
+    from cycleqd.model.genome import Genome
+    from cycleqd.runs.store import model_fingerprints
+
+    manifest = read_models(models_dir)
+    cfg = _ensure_world(parse_config(manifest["config"]))
+    now = model_fingerprints(cfg)
+    if now != manifest["world"]:
+        changed = sorted(k for k in set(now) | set(manifest["world"]) if now.get(k) != manifest["world"].get(k))
+        raise ConfigError(f"{models_dir}: the world's {', '.join(changed)} differ from the ones these genomes "
+                          f"were made on (fingerprints in {MODELS_FILE}); rebuild that world or make the table again")
+    test = Scorer(split_config(cfg, "test", test_n, test_seed))
+    f = test.factors
+    load = lambda file: Genome.load(Path(models_dir) / file)  # noqa: E731
+    items: dict[str, list[dict[str, list[float]]]] = {"base": [test.genome(load("base.safetensors"))]}
+    for t in cfg.task_names:
+        items[f"expert_{t}"] = [test.genome(load(f"expert_{t}.safetensors"))]
+    for method, m in manifest["merges"].items():
+        items[method] = [test.state(mergekit_merge(f, method, m["weight"]))]
+    for name, files in manifest["rows"].items():
+        items[name] = [test.team(Path(models_dir) / file) if file.endswith(".json") else test.genome(load(file))
+                       for file in files]
+        print(f"{name}: {[round(_mean(_quality(s)), 3) for s in items[name]]}", flush=True)
+    rows = []
+    for name, per_seed in items.items():
+        row = _row(name, [_quality(s) for s in per_seed])
+        if name in manifest["merges"]:
+            row["weight"] = manifest["merges"][name]["weight"]
+        rows.append(row)
+    table = {"split": "test", "test_n": test_n, "test_seed": test_seed, "generations": manifest["generations"],
+             "evolve_n": manifest["evolve_n"], "select": manifest["select"], "world": manifest["world"],
+             "rows": rows}
+    ta = items["task_arithmetic"][0]
+    if "cycleqd_best" in items:
+        table[INTERVAL_KEY] = paired_interval(items["cycleqd_best"], ta)
+        table[INTERVAL_KEY]["conclusion"] = conclusion(table[INTERVAL_KEY]["interval"])
+    # every other evolved row against the same rival, on the same items (for the record, not to choose)
+    table[VERSUS_KEY] = {}
+    for name in manifest["rows"]:
+        if name != "cycleqd_best":
+            d = paired_interval(items[name], ta)
+            table[VERSUS_KEY][name] = {"mean": d["mean"], "interval": d["interval"],
+                                       "conclusion": conclusion(d["interval"], name)}
+    return table
+
+
+def make_table(cfg: Config, out: Path, *, models_dir: Path | None = None, seeds: int = 3,
+               generations: int | None = None, runs_root: Path = Path("archives/table"),
+               test_n: int | None = 300, test_seed: int = 0, variants: list[str] | None = None,
+               evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5) -> dict:
+    """:func:`choose_models` then :func:`score_models`; writes the table JSON to ``out``."""
+    from cycleqd.runs.store import write_atomic
+
+    models_dir = models_dir or out.parent / f"{out.stem}_models"
+    choose_models(cfg, models_dir, seeds=seeds, generations=generations, runs_root=runs_root, variants=variants,
+                  evolve_n=evolve_n, select_n=select_n, shortlist_k=shortlist_k)
+    table = score_models(models_dir, test_n=test_n or 300, test_seed=test_seed)
+    write_atomic(out, json.dumps(table, indent=2))
+    return table
+
+
+def plot_table(table: dict, path: Path) -> None:
+    """Bar chart of the 3-task mean (error bars: std over seeds) per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table["rows"]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    colors = ["#27a" if r["model"].startswith("team") else
+              "#2a7" if r["model"].startswith(("cycleqd", "fixed", "gauss", "uniform")) else "#999" for r in rows]
+    ax.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["std"] for r in rows], color=colors, capsize=3)
+    ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=35, ha="right")
+    ax.set_ylabel("mean over tasks (test)")
+    ax.set_title("mini world: CycleQD vs experts and merges")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _print(table: dict) -> None:
+    for r in table["rows"]:
+        print(f"{r['model']:20s} mean {r['mean']:.3f} ± {r['std']:.3f}  " +
+              "  ".join(f"{t} {v:.3f}" for t, v in r["scores"].items()))
+    if INTERVAL_KEY in table:
+        d = table[INTERVAL_KEY]
+        print(f"cycleqd_best - task_arithmetic: {d['mean']:+.4f}, 95% interval "
+              f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}] (paired bootstrap over test items): "
+              f"{conclusion(d['interval'])}")
+    for name, d in table.get(VERSUS_KEY, {}).items():
+        print(f"{name} - task_arithmetic: {d['mean']:+.4f}, [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]: "
+              f"{d['conclusion']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="experiments/mini.yaml")
+    ap.add_argument("--out", default="experiments/results/mini_table.json")
+    ap.add_argument("--models", help="folder of the chosen models (default: <out>_models next to --out)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="only score the models folder on a fresh test draw (--test-seed); no evolution")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--generations", type=int)
+    ap.add_argument("--test-n", type=int, default=300, help="test items per task (default 300)")
+    ap.add_argument("--test-seed", type=int, default=0, help="which test items are drawn (default 0)")
+    ap.add_argument("--evolve-n", type=int, help="val items per task scored during evolution (default: config)")
+    ap.add_argument("--select-n", type=int, default=200,
+                    help="val items per task, unseen by evolution, for choosing models (default 200)")
+    ap.add_argument("--runs-root", default="archives/table", help="folder of the table's runs")
+    ap.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS))
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    models = Path(a.models) if a.models else None
+    try:
+        if min(a.seeds, a.test_n, a.select_n) < 1 or (a.generations is not None and a.generations < 1):
+            raise ConfigError("--seeds, --generations, --test-n and --select-n must be >= 1")
+        if a.rescore:
+            if models is None:
+                raise ConfigError("--rescore needs --models (the folder `make table` wrote)")
+            from cycleqd.runs.store import write_atomic
+
+            table = score_models(models, test_n=a.test_n, test_seed=a.test_seed)
+            write_atomic(out, json.dumps(table, indent=2))
+        else:
+            table = make_table(load_config(a.config), out, models_dir=models, seeds=a.seeds,
+                               generations=a.generations, test_n=a.test_n, test_seed=a.test_seed,
+                               variants=a.variants.split(",") if a.variants else None, evolve_n=a.evolve_n,
+                               select_n=a.select_n, runs_root=Path(a.runs_root))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    plot_table(table, out.with_suffix(".png"))
+    _print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

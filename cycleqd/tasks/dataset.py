@@ -1,0 +1,159 @@
+"""Helpers shared by the real tasks: reading data, picking samples, and the
+round-by-round multi-turn loop (one ``engine.generate`` call per round for every
+live episode)."""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from pydantic import BaseModel, ValidationError
+
+from cycleqd.config import ConfigError, one_line_error
+from cycleqd.engine.protocol import Engine, GenRequest
+from cycleqd.tasks.protocol import SampleResult, TaskResult
+
+
+def read_rows(data: str | None, *, hf_split: str = "test") -> list[dict]:
+    """Rows of a JSONL / JSON file, or of a Hub dataset given as ``hf://owner/name``.
+
+    Raises:
+        ConfigError: no data given, file missing, not JSON, or the Hub dataset cannot be loaded.
+    """
+    if not data:
+        raise ConfigError("task needs `data` (a JSONL/JSON file or hf://owner/name)")
+    if data.startswith("hf://"):
+        name = data.removeprefix("hf://")
+        try:
+            import datasets  # optional, heavy: only for Hub data
+        except ImportError:
+            raise ConfigError(f"{data}: loading Hub datasets needs `pip install datasets`") from None
+        try:
+            return [dict(r) for r in datasets.load_dataset(name, split=hf_split)]
+        except Exception as e:  # network / name errors are the user's input
+            raise ConfigError(f"{data}: could not load dataset ({type(e).__name__}: {e})") from None
+    path = Path(data)
+    if not path.is_file():
+        raise ConfigError(f"data file {data!r} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            rows = json.loads(text)
+            rows = rows if isinstance(rows, list) else [rows]
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{data}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"{data}: every record must be a JSON object")
+    return rows
+
+
+def task_options(model: type[BaseModel], kind: str, **values: Any) -> Any:
+    """``model(**values)``: a task's typed options, validated.
+
+    Raises:
+        ConfigError: a value of the wrong type or out of range (one line naming the option).
+    """
+    try:
+        return model(**values)
+    except ValidationError as e:
+        raise ConfigError(f"task {kind}: options.{one_line_error(e, model)}") from None
+
+
+def ids_as_strings(value: Any) -> Any:
+    """Sample ids as strings (a config may list them as numbers); for ``ids`` option validators."""
+    if value is None or isinstance(value, (str, bytes)):
+        return value
+    try:
+        return [str(v) for v in value]
+    except TypeError:
+        return value
+
+
+def select_ids(all_ids: Sequence[str], ids: Iterable[Any] | None, limit: int | None) -> list[str]:
+    """``ids`` (any order, as strings) restricted to known ones, then the first ``limit``.
+
+    Raises:
+        ConfigError: an id that is not a sample of the task.
+    """
+    if ids is None:
+        chosen = list(all_ids)
+    else:
+        known = set(all_ids)
+        chosen = [str(i) for i in ids]
+        bad = [i for i in chosen if i not in known]
+        if bad:
+            raise ConfigError(f"unknown sample id(s) {bad[:5]} (the task has {len(all_ids)} samples)")
+    return chosen[:limit] if limit is not None else chosen
+
+
+def task_result(task: str, samples: Sequence[SampleResult], start: float) -> TaskResult:
+    """TaskResult with quality = mean sample score (0 for no samples)."""
+    n = len(samples)
+    quality = sum(s.score for s in samples) / n if n else 0.0
+    return TaskResult(task=task, quality=quality, n=n, samples=tuple(samples), seconds=time.monotonic() - start)
+
+
+def error_text(e: BaseException) -> str:
+    """One line naming an exception (the traceback's last frame included)."""
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+class Episode(Protocol):
+    """One multi-turn sample: the conversation so far, and what to do with a reply."""
+
+    sample_id: str
+    messages: list[dict[str, str]]
+    done: bool
+    turn: int
+
+    def step(self, reply: str) -> None:
+        """Act on the model's reply (run SQL / bash); set ``done`` when the episode ends."""
+        ...
+
+
+def run_episodes(engine: Engine, episodes: Sequence[Episode], *, max_new_tokens: int,
+                 workers: int = 8, prompt: Callable[[Episode], dict] | None = None) -> dict[str, str]:
+    """Drive episodes round by round: one generate call per round for all live episodes.
+
+    Replies are acted on in parallel threads (each episode owns its own database or
+    shell). An episode whose step raises is ended with the error recorded.
+
+    Returns:
+        sample_id -> error text for the episodes that failed with an exception.
+    """
+    errors: dict[str, str] = {}
+
+    def act(pair: tuple[Episode, str]) -> None:
+        ep, reply = pair
+        try:
+            ep.step(reply)
+        except Exception as e:  # one broken episode must not end the others
+            errors[ep.sample_id] = error_text(e)
+            ep.done = True
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        while True:
+            live = [ep for ep in episodes if not ep.done]
+            if not live:
+                break
+            requests = []
+            for ep in live:
+                extra = prompt(ep) if prompt else {"messages": tuple(dict(m) for m in ep.messages)}
+                requests.append(GenRequest(sample_id=ep.sample_id, turn=ep.turn,
+                                           max_new_tokens=max_new_tokens, **extra))
+            try:
+                replies = engine.generate(requests)
+            except Exception as e:  # the model failing ends every live episode as failed
+                for ep in live:
+                    errors[ep.sample_id] = f"generation failed: {error_text(e)}"
+                    ep.done = True
+                break
+            list(pool.map(act, zip(live, replies)))
+    return errors

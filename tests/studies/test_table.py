@@ -1,0 +1,97 @@
+"""The table's protocol: what evolution sees, what chooses models, and what scores them never overlap."""
+from __future__ import annotations
+
+import pytest
+
+from cycleqd.config import load_config
+from cycleqd.registry import TASKS
+from cycleqd.studies.table import _row, selection_config, split_config, variant_config
+
+MINI = "experiments/mini.yaml"
+
+
+def _prompts(cfg) -> dict[str, list[str]]:
+    out = {}
+    for t in cfg.tasks:
+        task = TASKS.get(t.kind)(name=t.name, data=None, **t.options)
+        out[t.name] = [it.prompt for it in task.items]
+    return out
+
+
+def test_selection_items_are_unseen_by_evolution_and_test_is_apart():
+    cfg = load_config(MINI)
+    evolve = _prompts(variant_config(cfg, "cycleqd", 0, None, evolve_n=40))
+    select = _prompts(selection_config(variant_config(cfg, "cycleqd", 0, None, evolve_n=40), 60))
+    test = _prompts(split_config(cfg, "test", 50))
+    for name in cfg.task_names:
+        assert len(evolve[name]) == 40 and len(select[name]) == 60 and len(test[name]) == 50
+        assert not set(evolve[name]) & set(select[name]), name
+        assert not (set(evolve[name]) | set(select[name])) & set(test[name]), name
+
+
+def test_variants_change_only_their_operator():
+    cfg = load_config(MINI)
+    base = variant_config(cfg, "cycleqd", 2, 7, evolve_n=40)
+    assert base.seed == 2 and base.evolution.generations == 7
+    assert all(t.options["split"] == "val" and t.options["n"] == 40 for t in base.tasks)
+    fixed = variant_config(cfg, "fixed_axes", 2, 7, evolve_n=40)
+    assert fixed.evolution.fixed_quality_task == cfg.task_names[0]
+    gauss = variant_config(cfg, "gaussian_mutation", 2, 7, evolve_n=40)
+    assert gauss.evolution.mutation.name == "gaussian" and base.evolution.mutation.name == "svd"
+    uni = variant_config(cfg, "uniform_sampling", 2, 7, evolve_n=40)
+    assert uni.evolution.sampling.name == "uniform" and base.evolution.sampling.name == "elite"
+    for v in (fixed, gauss, uni):
+        assert v.evolution.crossover == base.evolution.crossover and v.tasks == base.tasks
+
+
+def test_row_mean_and_std_over_seeds():
+    row = _row("x", [{"a": 0.2, "b": 0.4}, {"a": 0.4, "b": 0.6}])
+    assert row["mean"] == pytest.approx(0.4) and row["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert row["scores"] == pytest.approx({"a": 0.3, "b": 0.5}) and row["seeds"] == 2
+
+
+def test_selection_needs_the_evolution_sample_size():
+    cfg = load_config(MINI)
+    data = variant_config(cfg, "cycleqd", 0, None).model_dump()
+    del data["tasks"][0]["options"]["n"]
+    from cycleqd.config import parse_config
+
+    with pytest.raises(ValueError, match="options.n"):
+        selection_config(parse_config(data), 10)
+
+
+def test_a_run_made_with_other_settings_is_not_resumed(tmp_path):
+    from cycleqd.config import ConfigError
+    from cycleqd.studies.table import check_same_experiment
+
+    cfg = load_config(MINI)
+    wanted = variant_config(cfg, "cycleqd", 0, 60, evolve_n=100)
+    check_same_experiment(variant_config(cfg, "cycleqd", 0, 30, evolve_n=100), wanted, tmp_path)  # generations aside
+    with pytest.raises(ConfigError, match="n: 50 -> 100"):
+        check_same_experiment(variant_config(cfg, "cycleqd", 0, 60, evolve_n=50), wanted, tmp_path)
+    with pytest.raises(ConfigError, match="sampling"):
+        check_same_experiment(variant_config(cfg, "uniform_sampling", 0, 60, evolve_n=100), wanted, tmp_path)
+
+
+def test_paired_interval():
+    import random
+
+    from cycleqd.studies.table import conclusion, paired_interval
+
+    rng = random.Random(0)
+    ta = {t: [float(rng.random() < 0.6) for _ in range(300)] for t in ("code", "sql", "shell")}
+    same = paired_interval([ta, ta], ta)
+    assert same["mean"] == 0.0 and same["interval"] == [0.0, 0.0]
+    # better on every 10th item of every task, in every seed: +0.1 exactly, and clearly above 0
+    up = {t: [1.0 if i % 10 == 0 else v for i, v in enumerate(vals)] for t, vals in ta.items()}
+    gain = {t: sum(a - b for a, b in zip(up[t], ta[t])) / 300 for t in ta}
+    better = paired_interval([up, up, up], ta)
+    assert better["mean"] == pytest.approx(sum(gain.values()) / 3)
+    assert 0 < better["interval"][0] < better["mean"] < better["interval"][1]
+    assert conclusion(better["interval"]) == "cycleqd_best better" and conclusion(same["interval"]) == "no difference"
+    assert conclusion(paired_interval([ta], up)["interval"], "team_vote") == "task_arithmetic better"
+    assert paired_interval([up], ta) == paired_interval([up], ta)  # a fixed bootstrap seed
+    # two seeds that disagree average per item: half the gain
+    assert paired_interval([up, ta], ta)["mean"] == pytest.approx(better["mean"] / 2)
+    with pytest.raises(ValueError):
+        paired_interval([{t: v[:10] for t, v in up.items()}], ta)
