@@ -23,8 +23,8 @@ import ctypes
 import ctypes.util
 import json
 import os
-import struct
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from cycleqd.config import CrossoverConfig, MutationConfig
-from cycleqd.search.crossover import linear
 from cycleqd.model.factors import Factors
 from cycleqd.model.genome import Genome, materialize
+from cycleqd.search.crossover import linear
 from cycleqd.search.mutation import svd
 
 # SVD rank per expert and weight, used by both paths: ~8% of the 768 full rank;

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.protocol import GenRequest
 from cycleqd.engine.hf import HFEngine
+from cycleqd.engine.protocol import GenRequest
 from cycleqd.mini.skills import SKILLS, skill_items
 
 

@@ -79,9 +79,10 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
     Raises:
         AssertionError: the two paths disagree on any answer or score.
     """
-    from cycleqd.model.genome import Genome, materialize
+    from cycleqd.evolve.worker import ChildWorker, build_tasks, make_child
     from cycleqd.mini.build import ensure_mini_world
-    from cycleqd.evolve.worker import ChildSpec, ChildWorker, build_tasks, make_child
+    from cycleqd.model.genome import Genome, materialize
+    from cycleqd.search.child import ChildSpec
 
     cfg = resolve_paths(load_config(config))
     ensure_mini_world(cfg)

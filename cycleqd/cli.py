@@ -47,17 +47,22 @@ def _print_summary(run: Path) -> None:
     print(f"\nrun folder: {run}  (plots in {Path(run) / 'plots'}; `cycleqd report {run}` for the HTML page)")
 
 
+def _observers() -> list:
+    """What the CLI's runs show besides the progress bar: RUN/plots, redrawn as the run goes."""
+    from cycleqd.views.plots import PlotObserver
+
+    return [PlotObserver()]
+
+
 def cmd_evolve(a: argparse.Namespace) -> int:
     from cycleqd.config import load_config, with_overrides
 
     cfg = with_overrides(load_config(a.config), tasks=_tasks(a.tasks), generations=a.generations,
                          workers=a.workers, seed=a.seed)
     if a.record_episodes:
-        from cycleqd.config import parse_config
+        from cycleqd.config import edit_config
 
-        data = cfg.model_dump()
-        data["evolution"]["record_episodes"] = True
-        cfg = parse_config(data)
+        cfg = edit_config(cfg, lambda data: data["evolution"].update(record_episodes=True))
     if a.run_dir and Path(a.run_dir).exists():
         from cycleqd.runs.lock import RunLock
 
@@ -72,7 +77,7 @@ def cmd_evolve(a: argparse.Namespace) -> int:
         print(plan.format(), flush=True)
     from cycleqd.evolve.loop import evolve
 
-    run = evolve(cfg, a.run_dir, address=a.address, progress=not a.quiet)
+    run = evolve(cfg, a.run_dir, address=a.address, progress=not a.quiet, observers=_observers())
     _print_summary(run)
     return 0
 
@@ -85,7 +90,8 @@ def cmd_resume(a: argparse.Namespace) -> int:
     RunLock.refuse_if_held(a.run_dir)  # before the heavy imports; resume takes the lock itself
     from cycleqd.evolve.loop import resume
 
-    run = resume(a.run_dir, generations=a.generations, address=a.address, progress=not a.quiet)
+    run = resume(a.run_dir, generations=a.generations, address=a.address, progress=not a.quiet,
+                 observers=_observers())
     _print_summary(run)
     return 0
 
@@ -96,20 +102,17 @@ def cmd_grow(a: argparse.Namespace) -> int:
 
     RunStore(a.run_dir)
     spec = load_grow_spec(a.task)  # bad input before anything is written
-    run = grow(a.run_dir, spec, progress=not a.quiet)
+    run = grow(a.run_dir, spec, progress=not a.quiet, observers=_observers())
     print(f"grown: {run} now has tasks {', '.join(RunStore(run).config().task_names)}; "
           f"continue with `cycleqd resume {run} --generations N`")
     return 0
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from cycleqd.config import load_config, resolve_paths
+    from cycleqd.config import load_config
+    from cycleqd.evolve.worker import ready_config
 
-    cfg = resolve_paths(load_config(a.config))
-    if cfg.models.mini is not None:
-        from cycleqd.mini.build import ensure_mini_world
-
-        ensure_mini_world(cfg)
+    cfg = ready_config(load_config(a.config))
     from cycleqd.model.factors import prepare_command
 
     print(f"factors cached in {prepare_command(cfg)}")

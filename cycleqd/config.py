@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -345,6 +345,31 @@ def load_config(path: str | os.PathLike, *, check_paths: bool = True) -> Config:
     return cfg
 
 
+def edit_config(cfg: Config, edit: Callable[[dict], None], source: str = "config") -> Config:
+    """``cfg`` changed by ``edit`` (a function that changes the config's dict in place), validated again.
+
+    The one way a config is changed after it was loaded (CLI overrides, splits, table
+    variants, growth), so every change goes through the same checks as a YAML file.
+
+    Raises:
+        ConfigError: the edited config is not valid, in one line.
+    """
+    data = cfg.model_dump()
+    edit(data)
+    return parse_config(data, source)
+
+
+def split_config(cfg: Config, split: str, n: int | None = None, seed: int | None = None) -> Config:
+    """``cfg`` with every task reading ``split`` (and ``n`` items, drawn with ``seed``, if given)."""
+
+    def edit(data: dict) -> None:
+        for t in data["tasks"]:
+            t["options"] = {**t["options"], "split": split, **({"n": n} if n else {}),
+                            **({"seed": seed} if seed is not None else {})}
+
+    return edit_config(cfg, edit)
+
+
 def with_overrides(
     cfg: Config,
     *,
@@ -354,7 +379,11 @@ def with_overrides(
     seed: int | None = None,
 ) -> Config:
     """Apply CLI overrides and re-validate. Raises ConfigError."""
-    data = cfg.model_dump()
+    return edit_config(cfg, lambda data: _override(data, cfg, tasks, generations, workers, seed))
+
+
+def _override(data: dict, cfg: Config, tasks: list[str] | None, generations: int | None, workers: int | None,
+              seed: int | None) -> None:
     if tasks is not None:
         known = cfg.task_names
         bad = [t for t in tasks if t not in known]
@@ -377,7 +406,6 @@ def with_overrides(
         if seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {seed}")
         data["seed"] = seed
-    return parse_config(data, "config")
 
 
 def dump_config(cfg: Config) -> str:
@@ -397,12 +425,14 @@ def resolve_paths(cfg: Config, root: str | os.PathLike | None = None) -> Config:
             return str(q.resolve())
         return p
 
-    data = cfg.model_dump()
     mini = cfg.models.mini is not None
-    data["models"]["base"] = fix(cfg.models.base, mini)
-    data["models"]["experts"] = {k: fix(v, mini) for k, v in cfg.models.experts.items()}
-    if mini:
-        data["models"]["mini"]["dir"] = fix(cfg.models.mini.dir, True)
-    data["tasks"] = [{**t, "data": fix(t["data"])} for t in data["tasks"]]
-    data["prepare_cache"] = fix(cfg.prepare_cache, True)
-    return parse_config(data, "config")
+
+    def edit(data: dict) -> None:
+        data["models"]["base"] = fix(cfg.models.base, mini)
+        data["models"]["experts"] = {k: fix(v, mini) for k, v in cfg.models.experts.items()}
+        if mini:
+            data["models"]["mini"]["dir"] = fix(cfg.models.mini.dir, True)
+        data["tasks"] = [{**t, "data": fix(t["data"])} for t in data["tasks"]]
+        data["prepare_cache"] = fix(cfg.prepare_cache, True)
+
+    return edit_config(cfg, edit)

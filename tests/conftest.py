@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from tiny_models import make_tiny_family
 
 

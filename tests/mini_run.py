@@ -14,11 +14,11 @@ def make_mini_run(root: Path, world: Path, size: str, *, n: int = 8, generations
 
     Tasks score ``n`` val items each; archives have 4 bins per axis; episodes are recorded.
     """
-    from cycleqd.mini.build import ensure_mini_world
-    from cycleqd.evolve.pool import LocalPool
     from cycleqd.evolve.loop import run_loop, summarize
-    from cycleqd.runs.store import RunStore, check_models
+    from cycleqd.evolve.pool import LocalPool
     from cycleqd.evolve.worker import ChildWorker
+    from cycleqd.mini.build import ensure_mini_world
+    from cycleqd.runs.store import RunStore, check_models
 
     data = yaml.safe_load(Path("experiments/mini.yaml").read_text())
     data["models"] = {"base": str(world / "base"), "dtype": "float32",

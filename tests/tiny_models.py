@@ -11,7 +11,7 @@ _SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 def _save_char_tokenizer(path: Path, vocab_size: int) -> None:
     """A character-level WordLevel tokenizer that ``AutoTokenizer`` loads, with pad/bos/eos/unk."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(string.ascii_lowercase + string.digits + " .,:;()[]=+-*/_'\"\n<>!?#")

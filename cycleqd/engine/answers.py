@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from cycleqd.config import ConfigError
-from cycleqd.engine.protocol import GenRequest
+from cycleqd.engine.protocol import Engine, GenRequest
 from cycleqd.registry import register_engine
 
 
@@ -17,7 +17,7 @@ class ReplayError(ConfigError):
 
 
 @register_engine("replay")
-class ReplayEngine:
+class ReplayEngine(Engine):
     """Returns ``turns[request.turn]`` recorded for ``request.sample_id``.
 
     The file is JSONL, one ``{"id": sample id, "turns": [text of turn 1, ...]}`` per

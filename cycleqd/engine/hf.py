@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.protocol import GenRequest, Weights, encode_request, weight_items
+from cycleqd.engine.protocol import Engine, GenRequest, Weights, encode_request, weight_items
 from cycleqd.recent import Recent
 from cycleqd.registry import register_engine
 
@@ -233,7 +233,7 @@ class _Live:
 
 
 @register_engine("transformers")
-class HFEngine:
+class HFEngine(Engine):
     """A Hugging Face causal LM with batched greedy generation.
 
     Args:

@@ -7,9 +7,13 @@ caller (``materialize``) never needs a second full copy of the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Mapping, NoReturn, Sequence, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from cycleqd.model.factors import Factors
+    from cycleqd.model.genome import Genome
 
 
 @dataclass(frozen=True)
@@ -42,20 +46,31 @@ def weight_items(weights: Weights) -> Iterable[tuple[str, torch.Tensor]]:
     return weights.items() if isinstance(weights, Mapping) else weights
 
 
-class Engine(Protocol):
+class EngineUnsupported(NotImplementedError):
+    """An engine was asked for a capability it does not have (e.g. log-probabilities of recorded answers)."""
+
+
+class Engine:
     """A text generator that owns its model's weights and replaces them in place.
+
+    Every capability a caller may use is declared here; an engine overrides the ones it
+    has, and the others raise :class:`EngineUnsupported` naming the engine and the call,
+    so no caller probes an engine with ``hasattr``.
 
     Attributes:
         device: where the model's weights live (a child is best built there).
         dtype: the model's weight dtype.
     """
 
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    def _unsupported(self, what: str) -> NoReturn:
+        raise EngineUnsupported(f"engine {type(self).__name__} cannot {what}")
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions, one per request, cut at the first stop string."""
-        ...
+        self._unsupported("generate text")
 
     def load_weights(self, weights: Weights) -> None:
         """Take new weights under Hugging Face names, one tensor at a time, in place.
@@ -63,7 +78,27 @@ class Engine(Protocol):
         Each tensor is consumed (copied into the model) before the next one is
         drawn, so a producer may reuse one buffer for every tensor.
         """
-        ...
+        self._unsupported("load weights")
+
+    def load_genome(self, genome: "Genome", factors: "Factors") -> None:
+        """Build ``genome``'s weights from the resident ``factors`` on this engine's device, in its
+        dtype, and stream them into :meth:`load_weights` (one scratch tensor: no second full copy)."""
+        from cycleqd.model.genome import iter_weights
+
+        with torch.no_grad():
+            self.load_weights(iter_weights(genome, factors, device=self.device, dtype=self.dtype))
+
+    def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
+        """(sum of token log-probabilities, token count) of each whole text (likelihood tasks)."""
+        self._unsupported("score sequences")
+
+    def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:
+        """(sum of log-probabilities, token count) of each request's prompt tokens (the NLL router)."""
+        self._unsupported("score prompts")
+
+    def resident_bytes(self) -> int:
+        """Bytes the engine's model holds on its device."""
+        self._unsupported("report its resident bytes")
 
 
 def encode_request(tokenizer, req: GenRequest) -> list[int]:

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import torch
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.protocol import GenRequest, Weights, encode_request, weight_items
 from cycleqd.engine.hf import cut_at_stop
+from cycleqd.engine.protocol import Engine, GenRequest, Weights, encode_request, weight_items
 from cycleqd.model.experts import read_model_config, resolve_model_dir, torch_dtype
 from cycleqd.registry import register_engine
 
@@ -79,7 +79,7 @@ def _weights_bytes(worker: Any) -> int:
 
 
 @register_engine("vllm")
-class VLLMEngine:
+class VLLMEngine(Engine):
     """A vLLM ``LLM`` behind the Engine protocol.
 
     Args:

@@ -27,13 +27,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cycleqd.config import ArchiveConfig, ConfigError, TaskConfig, dump_config, parse_config
-from cycleqd.runs.history import GROWTH_LOG, replay_models
+from cycleqd.config import ArchiveConfig, ConfigError, TaskConfig, dump_config, edit_config
+from cycleqd.evolve.events import Observer, notify
+from cycleqd.runs.folder import RunFolder
+from cycleqd.runs.history import GROWTH_LOG
 from cycleqd.runs.store import RunStore, write_atomic
 
 log = logging.getLogger("cycleqd")
@@ -159,7 +161,8 @@ def finish_staged_growth(run_dir: str | os.PathLike) -> str | None:
 # ----------------------------------------------------------------------------------------- the step
 
 
-def grow(run_dir: str | os.PathLike, spec: GrowSpec, *, progress: bool = True) -> Path:
+def grow(run_dir: str | os.PathLike, spec: GrowSpec, *, progress: bool = True,
+         observers: Sequence[Observer] = ()) -> Path:
     """Add ``spec``'s task and expert to the run in ``run_dir`` (see the module docstring).
 
     Holds the run folder's lock throughout, so no driver resumes a half-grown run.
@@ -173,16 +176,17 @@ def grow(run_dir: str | os.PathLike, spec: GrowSpec, *, progress: bool = True) -
 
     store = RunStore(run_dir)
     with RunLock(store.path):
-        return _grow(store, spec, progress=progress)
+        run = _grow(store, spec, progress=progress)
+    notify(observers, "run_done", run, RunFolder(run).archive())
+    return run
 
 
 def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
-    from cycleqd.search.archive import Archive
     from cycleqd.config import resolve_paths
+    from cycleqd.evolve.worker import ChildWorker
     from cycleqd.model.experts import model_fingerprint
     from cycleqd.model.factors import Factors
     from cycleqd.model.genome import Genome
-    from cycleqd.evolve.worker import ChildWorker
 
     run = store.path
     finish_staged_growth(run)
@@ -194,12 +198,13 @@ def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
         raise ConfigError(f"{run}: the run has not evaluated its seed experts yet; resume it before growing")
 
     # The grown config: the new task and expert last, so the first K coefficient columns stay put.
-    data = old_cfg.model_dump()
-    data["tasks"].append(spec.task.model_dump())
-    data["models"]["experts"][name] = spec.expert
-    if spec.archive is not None:
-        data["archive"] = spec.archive.model_dump()
-    new_cfg = resolve_paths(parse_config(data, "grown config"))
+    def grown(data: dict) -> None:
+        data["tasks"].append(spec.task.model_dump())
+        data["models"]["experts"][name] = spec.expert
+        if spec.archive is not None:
+            data["archive"] = spec.archive.model_dump()
+
+    new_cfg = resolve_paths(edit_config(old_cfg, grown, "grown config"))
 
     # The new expert exists before anything is staged (a mini skill is trained on first use).
     if spec.mini is not None:
@@ -228,11 +233,8 @@ def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
     (stage / "genomes" / f"{seed_id}.safetensors").write_bytes(new_seed.to_bytes())
 
     # Score the new task on the seeds and every elite; the new expert on all K + 1 tasks.
-    seeds = store.seeds()
-    children = store.children()
-    growths = RunStore(run).growths()
-    old_arch = Archive.replay(old_cfg.task_names, {t.name: t.bins for t in old_cfg.tasks},
-                              replay_models(old_cfg.task_names, seeds, children, growths), old_cfg.archive)
+    folder = RunFolder(run)
+    seeds, old_arch = folder.seeds, folder.archive()
     todo = list(dict.fromkeys([s["genome"] for s in seeds.values()] + [e.genome for e in old_arch.all_elites()]))
     worker = ChildWorker(new_cfg, 0)
     new_scores, _ = worker.evaluate(new_seed)
@@ -244,14 +246,13 @@ def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
         scored[gid] = float(worker.evaluate(g, tasks=[name])[0][name])
     seeds = {t: {"genome": s["genome"], "scores": {**s["scores"], name: scored[s["genome"]]}} for t, s in seeds.items()}
     seeds[name] = {"genome": seed_id, "scores": dict(new_scores)}
-    finished = len(children)
+    finished = folder.generation
     growth = {"task": name, "generation": finished, "expert": new_cfg.models.experts[name],
               "fingerprint": models[f"expert_{name}"], "scores": scored,
               "seconds": round(time.perf_counter() - t0, 2)}
 
     # The K + 1 archives from the log as it will be, by the same replay every resume makes.
-    grown = Archive.replay(new_cfg.task_names, {t.name: t.bins for t in new_cfg.tasks},
-                           replay_models(new_cfg.task_names, seeds, children, [*growths, growth]), new_cfg.archive)
+    grown = folder.archive_if_grown(new_cfg, seeds, growth)
     snapshot = grown.to_json(finished)
     stats_line = {"generation": finished, "grown": name,
                   "archives": {t: grown.stats(t) for t in grown.tasks}}
@@ -266,12 +267,6 @@ def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
     write_atomic(stage / READY, json.dumps({"task": name}))
     finish_staged_growth(run)
     log.info("grew %s by task %s: %d models scored, %d elites", run, name, len(todo), len(grown.all_elites()))
-    try:
-        from cycleqd.views.plots import refresh_plots
-
-        refresh_plots(run)
-    except Exception as e:  # plots never stop a run
-        log.warning("plots not refreshed: %s", e)
     return run
 
 

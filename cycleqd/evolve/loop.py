@@ -16,25 +16,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from cycleqd.search.archive import Archive
-from cycleqd.config import Config, ConfigError, dump_config, parse_config, resolve_paths
+from cycleqd.config import Config, dump_config, resolve_paths, with_overrides
+from cycleqd.evolve.events import Observer, notify
 from cycleqd.evolve.pool import LocalPool, RayPool, local_ray_env, start_ray
-from cycleqd.search.child import ChildRecord
+from cycleqd.evolve.signals import RunInterrupted, StopSignals
 from cycleqd.runs.folder import RunFolder
 from cycleqd.runs.lock import RunLock
-from cycleqd.search.scheduler import Scheduler
 from cycleqd.runs.store import RunStore, check_models, default_run_dir, write_atomic
+from cycleqd.search.archive import Archive
+from cycleqd.search.child import ChildRecord, SeedRecord
+from cycleqd.search.scheduler import Scheduler
 
 if TYPE_CHECKING:
-    from cycleqd.evolve.worker import ChildResult
+    from cycleqd.search.child import ChildResult
 
 __all__ = ["Observer", "RunInterrupted", "StopSignals", "evolve", "resume", "drive", "run_loop",
            "final_merge", "summarize", "format_summary", "local_ray_env"]
@@ -42,70 +41,6 @@ __all__ = ["Observer", "RunInterrupted", "StopSignals", "evolve", "resume", "dri
 log = logging.getLogger("cycleqd")
 
 POLL_SECONDS = 0.5  # how often a waiting loop looks at the stop flag
-
-
-class RunInterrupted(Exception):
-    """The driver was stopped by a signal; everything finished is on disk and the run resumes."""
-
-    def __init__(self, signum: int, run_dir: Path | None = None, generation: int | None = None):
-        self.signum, self.run_dir, self.generation = signum, run_dir, generation
-        name = signal.Signals(signum).name
-        where = f" after {generation} children" if generation is not None else ""
-        hint = f"; continue with `cycleqd resume {run_dir}`" if run_dir is not None else ""
-        super().__init__(f"stopped by {name}{where}{hint}")
-
-
-class StopSignals:
-    """SIGTERM and SIGINT, handled alike while a driver runs.
-
-    Outside the steady-state loop a signal raises :class:`RunInterrupted` at once;
-    inside it (``polling``) the first signal only sets ``signum`` so the loop stops
-    asking at its next step, and a second one raises. Handlers are installed in the
-    main thread only (elsewhere the signals keep their handlers).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.polling = False
-        self._old: dict[int, Any] = {}
-
-    def install(self) -> None:
-        """(Re)install the handlers: Ray installs its own SIGTERM handler on init, which exits mid-call."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for s in self.SIGNALS:
-            old = signal.signal(s, self._handle)
-            self._old.setdefault(s, old)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        first = self.signum is None
-        self.signum = signum
-        if not self.polling or not first:
-            raise RunInterrupted(signum)
-
-    def restore(self) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        self._old.clear()
-
-    def __enter__(self) -> "StopSignals":
-        self.install()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-
-class Observer(Protocol):
-    """What the loop tells the outside world (plots, progress bars); an observer never stops a run."""
-
-    def seeds_done(self, run_dir: Path, archive: Archive) -> None: ...
-
-    def child_done(self, run_dir: Path, record: ChildRecord, archive: Archive) -> None: ...
-
-    def run_done(self, run_dir: Path, archive: Archive) -> None: ...
 
 
 class _Progress:
@@ -126,24 +61,6 @@ class _Progress:
 
     def run_done(self, run_dir: Path, archive: Archive) -> None:
         self.bar.close()
-
-
-def _default_observers() -> list[Observer]:
-    from cycleqd.views.plots import PlotObserver
-
-    return [PlotObserver()]
-
-
-def _notify(observers: Sequence[Observer], event: str, *args: Any) -> None:
-    for o in observers:
-        try:
-            getattr(o, event)(*args)
-        except Exception as e:  # observers never stop a run
-            log.warning("observer %s failed on %s: %s", type(o).__name__, event, e)
-
-
-def _stats_line(archive: Archive, generation: int) -> dict:
-    return {"generation": generation, "archives": {t: archive.stats(t) for t in archive.tasks}}
 
 
 def _check_genomes(folder: RunFolder) -> None:
@@ -192,12 +109,8 @@ def resume(run_dir: str | os.PathLike, *, generations: int | None = None, addres
         store = RunStore(store.path)
         cfg = store.config()
         if generations is not None:
-            if generations < 0:
-                raise ConfigError(f"--generations must be >= 0, got {generations}")
-            data = cfg.model_dump()
-            data["evolution"]["generations"] = generations
-            cfg = parse_config(data)
-        _check_genomes(RunFolder(store.path))
+            cfg = with_overrides(cfg, generations=generations)
+        _check_genomes(RunFolder(store))
         _ready_models(cfg)
         if cfg != store.config():
             write_atomic(store.path / RunStore.CONFIG, dump_config(cfg))
@@ -226,7 +139,7 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True,
     The caller holds the run folder's lock.
     """
     cfg = store.config()
-    observers = list(_default_observers() if observers is None else observers)
+    observers = list(observers or ())
     with StopSignals() as stop:
         check_models(store, cfg)
 
@@ -255,7 +168,7 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True,
             except BaseException:  # noqa: BLE001 - a second signal during shutdown: still a clean stop
                 pass
             raise RunInterrupted(e.signum, store.path, len(store.children())) from None
-    _notify(observers, "run_done", store.path, sched.archive)
+    notify(observers, "run_done", store.path, sched.archive)
     summarize(store)
     return store.path
 
@@ -275,26 +188,21 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
     """
     cfg = store.config()
     tasks = cfg.task_names
-    folder = RunFolder(store.path)
-    archive, seeds = folder.archive(), dict(folder.seeds)
+    folder = RunFolder(store)
+    archive = folder.archive()
 
-    # Generation 0: the seed experts, evaluated like any child.
-    if len(seeds) < len(tasks):
-        genomes = pool.seed_genomes(len(tasks))
-        results = pool.run_genomes({f"seed_{t}": g for t, g in zip(tasks, genomes)})
-        for t in tasks:
+    # Generation 0: the seed experts, evaluated like any child and committed one by one.
+    missing = [t for t in tasks if t not in folder.seeds]
+    if missing:
+        genomes = dict(zip(tasks, pool.seed_genomes(len(tasks))))
+        results = pool.run_genomes({f"seed_{t}": genomes[t] for t in missing})
+        for t in missing:
             r: ChildResult = results[f"seed_{t}"]
             if r.error:
                 raise RuntimeError(f"seed expert {t} could not be evaluated: {r.error}")
-            store.save_genome(r.id, r.genome)
-            if r.episodes is not None:
-                store.save_episodes(r.id, r.episodes)
-            seeds[t] = {"genome": r.id, "scores": dict(r.scores)}
             archive.offer(r.id, r.scores, 0)
-        store.save_seeds(seeds)
-        store.write_archives(archive.to_json(len(folder.children)))
-        store.append_stats(_stats_line(archive, 0))
-        _notify(observers, "seeds_done", store.path, archive)
+            store.commit(SeedRecord(task=t, genome=r.id, scores=dict(r.scores)), r.genome, r.episodes, archive)
+        notify(observers, "seeds_done", store.path, archive)
     elif folder.stale():
         store.write_archives(archive.to_json(folder.generation))
 
@@ -325,19 +233,14 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
             if got is None:
                 continue
             spec, res = got
-            t0 = time.perf_counter()
             if res.error is None:
-                store.save_genome(spec.id, res.genome)  # the genome first: the log line points at it
                 parent_cache[spec.id] = res.genome
             else:
                 log.warning("child %s failed: %s", spec.id, res.error)
-            record = sched.tell(spec, res, {"store": time.perf_counter() - t0})
-            if res.episodes is not None and record.inserted:  # only elites' conversations are kept (disk)
-                store.save_episodes(spec.id, res.episodes)
-            store.append_child(record)
-            store.write_archives(archive.to_json(sched.generation))
-            store.append_stats(_stats_line(archive, sched.generation))
-            _notify(observers, "child_done", store.path, record, archive)
+            record = sched.tell(spec, res)
+            # only elites' conversations are kept (disk)
+            store.commit(record, res.genome, res.episodes if record.inserted else None, archive)
+            notify(observers, "child_done", store.path, record, archive)
     finally:
         if stop is not None:
             stop.polling = False
@@ -376,7 +279,7 @@ def final_merge(store: RunStore, archive: Archive, pool: RayPool | LocalPool, ge
 
 def summarize(store: RunStore) -> dict:
     """The run at a glance (:meth:`RunFolder.summary`), written to RUN/summary.json."""
-    return RunFolder(store.path).write_summary()
+    return RunFolder(store).write_summary()
 
 
 def format_summary(s: dict) -> str:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from cycleqd.config import Config
 
 if TYPE_CHECKING:  # the worker imports torch; the CLI imports this module before any heavy work
-    from cycleqd.evolve.worker import ChildResult, ChildSpec, ChildWorker
+    from cycleqd.evolve.worker import ChildWorker
+    from cycleqd.search.child import ChildResult, ChildSpec
 
 log = logging.getLogger("cycleqd")
 

@@ -20,7 +20,7 @@ def check_code_execution(cfg: Config) -> None:
     """Tasks whose class says ``executes_code`` need ``sandbox.allow_code_execution: true``."""
     if cfg.sandbox.allow_code_execution:
         return
-    runs_code = [t.name for t in cfg.tasks if getattr(TASKS.get(t.kind), "executes_code", False)]
+    runs_code = [t.name for t in cfg.tasks if TASKS.get(t.kind).executes_code]
     if runs_code:
         raise ConfigError(
             f"task(s) {', '.join(runs_code)} run model-written code; set sandbox.allow_code_execution: true "

@@ -13,39 +13,14 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
 
 import torch
 
-from cycleqd.config import Config, parse_config
+from cycleqd.config import Config, parse_config, resolve_paths, split_config
 from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, TASKS
-
-
-@dataclass(frozen=True)
-class ChildSpec:
-    """Everything a worker needs to rebuild one child exactly (the seed travels with it)."""
-
-    index: int
-    id: str
-    quality_task: str
-    q: int
-    parents: tuple[str, ...]
-    seed: int
-
-
-@dataclass(frozen=True)
-class ChildResult:
-    """A worker's answer: the child's genome bytes and scores, or the error that stopped it."""
-
-    id: str
-    genome: bytes | None
-    scores: Mapping[str, float]
-    seconds: Mapping[str, float] = field(default_factory=dict)
-    error: str | None = None
-    worker: int = 0
-    episodes: tuple[dict, ...] | None = None  # passing conversations, when evolution.record_episodes is on
+from cycleqd.search.child import ChildResult, ChildSpec
 
 
 def _short_error(e: BaseException) -> str:
@@ -72,6 +47,30 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
         t.name: TASKS.get(t.kind)(name=t.name, data=t.data, sandbox=cfg.sandbox, **t.options)
         for t in cfg.tasks
     }
+
+
+def ready_config(cfg: Config, *, split: str | None = None, n: int | None = None, seed: int | None = None) -> Config:
+    """The one recipe before a worker loads models: ``cfg`` on ``split`` (``n`` items drawn with
+    ``seed``) when any is given, local paths made absolute, and the mini world built when the
+    config names it (so every command works on a fresh clone).
+
+    Raises:
+        ConfigError: the split's options are not valid for a task (one line, nothing loaded).
+    """
+    if split is not None or n is not None or seed is not None:
+        cfg = split_config(cfg, split or "val", n, seed)
+    cfg = resolve_paths(cfg)
+    if cfg.models.mini is not None:
+        from cycleqd.mini.build import ensure_mini_world
+
+        ensure_mini_world(cfg)
+    return cfg
+
+
+def local_worker(cfg: Config, *, split: str | None = None, n: int | None = None, seed: int | None = None
+                 ) -> "ChildWorker":
+    """A :class:`ChildWorker` in this process over :func:`ready_config`, using all of torch's threads."""
+    return ChildWorker(ready_config(cfg, split=split, n=n, seed=seed), threads=torch.get_num_threads())
 
 
 class ChildWorker:
@@ -114,15 +113,14 @@ class ChildWorker:
     def evaluate_recorded(self, genome: Any, tasks: Sequence[str] | None = None, *, record: bool | None = None
                           ) -> tuple[dict[str, float], dict[str, float], list[dict]]:
         """:meth:`evaluate`, plus the passing samples' conversations when ``record`` (default:
-        ``evolution.record_episodes``); see :func:`cycleqd.studies.trajectories.episodes_of`.
+        ``evolution.record_episodes``); see :func:`cycleqd.tasks.protocol.episodes_of`.
 
         A task that answers first and checks later (``answer``, as the mini tasks do) has its
         check run in a second thread while the engine generates for the next task; tasks whose
         checks run in sandbox processes go first, so those processes use a free core meanwhile.
         ``eval_<task>`` seconds are each task's generation plus its check.
         """
-        from cycleqd.model.genome import materialize
-        from cycleqd.studies.trajectories import episodes_of
+        from cycleqd.tasks.protocol import episodes_of
 
         record = self.cfg.evolution.record_episodes if record is None else record
         kinds = {t.name: t.kind for t in self.cfg.tasks}
@@ -131,18 +129,14 @@ class ChildWorker:
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         with torch.no_grad():
-            materialize(genome, self.factors, into=self.engine)
+            self.engine.load_genome(genome, self.factors)
         seconds["materialize"] = time.perf_counter() - t0
         names = [n for n in self.tasks if tasks is None or n in tasks]
         results: dict[str, Any] = {}
         with ThreadPoolExecutor(max_workers=1) as checks:
-            for name in sorted(names, key=lambda n: not getattr(self.tasks[n], "executes_code", False)):
-                task = self.tasks[name]
-                if hasattr(task, "answer"):
-                    results[name] = checks.submit(task.answer(self.engine))
-                else:
-                    results[name] = task.evaluate(self.engine)
-            results = {n: r.result() if isinstance(r, Future) else r for n, r in results.items()}
+            for name in sorted(names, key=lambda n: not self.tasks[n].executes_code):
+                results[name] = checks.submit(self.tasks[name].answer(self.engine))
+            results = {n: r.result() for n, r in results.items()}
         scores = {}
         for name in names:
             res = results[name]

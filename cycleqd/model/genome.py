@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence, Union
 import torch
 
 if TYPE_CHECKING:
-    from cycleqd.engine.protocol import Engine
     from cycleqd.model.factors import Factors
 
 _FORMAT = "cycleqd-genome"
@@ -406,27 +405,22 @@ def materialize(
     genome: Genome,
     factors: "Factors",
     *,
-    into: "Engine | dict[str, torch.Tensor] | None" = None,
+    into: "dict[str, torch.Tensor] | None" = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> "dict[str, torch.Tensor] | Engine":
+) -> dict[str, torch.Tensor]:
     """Build the model weights of ``genome`` from the resident factors, in one pass.
 
     Args:
-        into: an engine (the weights stream into ``into.load_weights``, built on the
-            engine's device in its dtype, one scratch tensor at a time: no second
-            full copy), or tensors to overwrite in place (must hold every tensor of
-            the factors; extra keys such as a tied ``lm_head`` are left alone).
-            Returned as given.
+        into: tensors to overwrite in place (must hold every tensor of the factors;
+            extra keys such as a tied ``lm_head`` are left alone). Returned as given.
+            An engine takes a genome with :meth:`~cycleqd.engine.protocol.Engine.load_genome`.
         device, dtype: of new tensors when ``into`` is None (default: the factors').
 
     Raises:
         ValueError: genome made for other factors, or a shape mismatch.
         KeyError: ``into`` lacks a tensor.
     """
-    if into is not None and hasattr(into, "load_weights"):
-        into.load_weights(iter_weights(genome, factors, device=into.device, dtype=into.dtype))
-        return into
     if into is None:
         dev = torch.device(device) if device is not None else factors.device
         return {n: w for n, w in iter_weights(genome, factors, device=dev, dtype=dtype, reuse=False)}

@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from cycleqd.config import ConfigError
 
@@ -323,7 +323,7 @@ def _gpus_per_process(cfg: "Config") -> int:
 
 def _advice(cfg: "Config", plan: MemoryPlan, items_for, problem_of, arch: str | None) -> str:
     """The first single change that makes the plan fit: placement, rank, dtype, then fewer workers."""
-    from cycleqd.config import parse_config
+    from cycleqd.config import edit_config
 
     n = plan.workers
     if plan.factors_device != "cpu" and problem_of(items_for("cpu"), n) is None:
@@ -336,14 +336,15 @@ def _advice(cfg: "Config", plan: MemoryPlan, items_for, problem_of, arch: str | 
     if cfg.models.dtype == "float32":
         trials.append(("use models.dtype: bfloat16 (half the bytes)", ("models", "dtype"), "bfloat16"))
     for text, path, value in trials:
-        data = cfg.model_dump()
-        node = data
-        for key in path[:-1]:
-            node = node[key]
-        node[path[-1]] = value
-        if path[0] == "models" and cfg.engine.dtype is None:
-            data["engine"]["dtype"] = value
-        trial = memory_plan(parse_config(data), workers=n, device_bytes=plan.device_bytes,
+        def change(data: dict, path: tuple = path, value: Any = value) -> None:
+            node = data
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            if path[0] == "models" and cfg.engine.dtype is None:
+                data["engine"]["dtype"] = value
+
+        trial = memory_plan(edit_config(cfg, change), workers=n, device_bytes=plan.device_bytes,
                             host_bytes=plan.host_bytes, arch=arch, factors_device="auto")
         if trial.fits:
             return text

@@ -29,9 +29,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from cycleqd.search.child import ChildRecord
 from cycleqd.runs.lock import RunLock
 from cycleqd.runs.store import RunDamaged, RunStore, safetensors_problem, write_atomic
+from cycleqd.search.child import ChildRecord
 
 __all__ = ["CheckReport", "Finding", "check_run"]
 
@@ -277,7 +277,7 @@ def _rebuild(store: RunStore, kept: list[ChildRecord], rebuild_stats: bool) -> N
     """archives.json (and, if asked, stats.jsonl) from the seeds and the repaired log."""
     from cycleqd.runs.folder import RunFolder
 
-    folder = RunFolder(store.path)
+    folder = RunFolder(store)
     archive = folder.archive(0)
     stats = [{"generation": 0, "archives": {t: archive.stats(t) for t in archive.tasks}}]
     for rec in kept:

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from cycleqd.search.archive import Archive, Elite
 from cycleqd.config import Bins, Config, ConfigError
-from cycleqd.search.child import ChildRecord
 from cycleqd.runs.store import RunNotFound, RunStore, write_atomic
+from cycleqd.search.archive import Archive, Elite
+from cycleqd.search.child import ChildRecord
 
 __all__ = ["ArchiveSnapshot", "RunFolder", "MAX_LINEAGE_DEPTH", "best_by_mean", "lineage"]
 
@@ -120,8 +120,8 @@ class RunFolder:
     Damaged files raise :class:`~cycleqd.runs.store.RunDamaged` naming the file (and line).
     """
 
-    def __init__(self, path: str | Path):
-        self.store = RunStore(path)
+    def __init__(self, path: str | Path | RunStore):
+        self.store = path if isinstance(path, RunStore) else RunStore(path)
         self.path = self.store.path
 
     @classmethod
@@ -174,6 +174,14 @@ class RunFolder:
     def archive(self, generation: int | None = None) -> Archive:
         """The archives at ``generation`` (default now), replayed from the seeds and the log."""
         return Archive.replay(self.tasks, self.bins, self.history(generation), self.config.archive)
+
+    def archive_if_grown(self, cfg: Config, seeds: dict[str, dict], growth: dict) -> Archive:
+        """The archives a resume would replay once ``growth`` (a growth-log record) is added
+        under the grown ``cfg`` and ``seeds``: what ``cycleqd grow`` stages."""
+        from cycleqd.runs.history import replay_models
+
+        models = replay_models(cfg.task_names, seeds, self.children, [*self.store.growths(), growth])
+        return Archive.replay(cfg.task_names, {t.name: t.bins for t in cfg.tasks}, models, cfg.archive)
 
     def stale(self) -> str | None:
         """Why archives.json cannot be used as it is (None if it matches the seeds and the log)."""

@@ -22,9 +22,9 @@ from typing import Any, Iterator, Sequence
 from pydantic import ValidationError
 
 from cycleqd.config import Config, ConfigError, dump_config, load_config
-from cycleqd.search.child import ChildRecord
 from cycleqd.runs.lock import LOCK_NAME, RunLock
-
+from cycleqd.search.archive import Archive
+from cycleqd.search.child import ChildRecord, SeedRecord
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -304,12 +304,40 @@ class RunStore:
         return self.path / "plots"
 
     # -- writing ---------------------------------------------------------------
+    def commit(self, record: ChildRecord | SeedRecord, genome: bytes | None,
+               episodes: Sequence[dict] | None, archive: Archive) -> None:
+        """Make one evaluated model durable, in write-ahead order; the one write per child.
+
+        1. its genome file (when it was built) and its passing conversations (``episodes``,
+           when given), so that what the log points at exists;
+        2. the log entry: a child's line in children.jsonl, flushed and fsynced, or a seed
+           expert's entry in seeds.json (in task order);
+        3. the derived files: the snapshot of ``archive`` (the archives after this model
+           was offered) and a stats line (for seeds, once every seed is in).
+
+        A kill between any two steps loses nothing: a resume replays the archives from the
+        seeds and the log, and a genome without a line is overwritten by the child's re-run.
+        """
+        gid = record.genome if isinstance(record, SeedRecord) else record.id
+        if genome is not None and (isinstance(record, SeedRecord) or record.ok):
+            write_atomic(self.genome_path(gid), genome)
+        if episodes is not None:
+            write_atomic(self.episodes_path(gid), "".join(json.dumps(e) + "\n" for e in episodes))
+        if isinstance(record, SeedRecord):
+            order = self.config().task_names
+            seeds = {**self.seeds(), record.task: {"genome": record.genome, "scores": dict(record.scores)}}
+            write_atomic(self.path / self.SEEDS, json.dumps({t: seeds[t] for t in order if t in seeds}, indent=1))
+            generation, stats = 0, len(seeds) == len(order)
+        else:
+            self._append(self.CHILDREN, json.loads(record.to_line()))
+            generation, stats = record.generation, True
+        self.write_archives(archive.to_json(generation))
+        if stats:
+            self._append(self.STATS, {"generation": generation,
+                                      "archives": {t: archive.stats(t) for t in archive.tasks}})
+
     def save_genome(self, genome_id: str, data: bytes) -> None:
         write_atomic(self.genome_path(genome_id), data)
-
-    def save_episodes(self, genome_id: str, episodes: Sequence[dict]) -> None:
-        """Write an elite's passing conversations, one JSON object a line (atomically)."""
-        write_atomic(self.episodes_path(genome_id), "".join(json.dumps(e) + "\n" for e in episodes))
 
     def save_seeds(self, seeds: dict[str, dict]) -> None:
         write_atomic(self.path / self.SEEDS, json.dumps(seeds, indent=1))
@@ -330,13 +358,6 @@ class RunStore:
             h.write(json.dumps(record) + "\n")
             h.flush()
             os.fsync(h.fileno())
-
-    def append_child(self, record: ChildRecord) -> None:
-        """Append one child's line (fsynced): the write-ahead log entry of a finished child."""
-        self._append(self.CHILDREN, json.loads(record.to_line()))
-
-    def append_stats(self, record: dict) -> None:
-        self._append(self.STATS, record)
 
     def write_archives(self, snapshot: dict) -> None:
         write_atomic(self.path / self.ARCHIVES, json.dumps(snapshot))

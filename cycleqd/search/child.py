@@ -1,4 +1,6 @@
-"""ChildRecord: one line of children.jsonl, the typed record of one finished child.
+"""A child's three records: the spec ``ask()`` gives, the result a worker returns, and the
+:class:`ChildRecord` that ``tell()`` makes: one line of children.jsonl, the typed record of
+one finished child.
 
 The scheduler's ``tell`` makes it, the store appends it, and every reader of a
 run folder (resume, show, plots, report, export, check) loads it back; nothing
@@ -15,10 +17,47 @@ need not equal ``generation``.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
 _ID = re.compile(r"g(\d+)")
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """Everything a worker needs to rebuild one child exactly (the seed travels with it)."""
+
+    index: int
+    id: str
+    quality_task: str
+    q: int
+    parents: tuple[str, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    """A worker's answer: the child's genome bytes and scores, or the error that stopped it."""
+
+    id: str
+    genome: bytes | None
+    scores: Mapping[str, float]
+    seconds: Mapping[str, float] = field(default_factory=dict)
+    error: str | None = None
+    worker: int = 0
+    episodes: tuple[dict, ...] | None = None  # passing conversations, when evolution.record_episodes is on
+
+
+class SeedRecord(BaseModel):
+    """A seed expert of generation 0: its task, genome id and scores (an entry of seeds.json)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: str
+    genome: str
+    scores: dict[str, float]
 
 
 class ChildRecord(BaseModel):

@@ -18,9 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from cycleqd.search.archive import Elite
 from cycleqd.config import SamplingConfig
 from cycleqd.registry import register_sampler
+from cycleqd.search.archive import Elite
 
 
 def _draw(elites: Sequence[Elite], weights: np.ndarray, n: int, rng: np.random.Generator) -> list[Elite]:

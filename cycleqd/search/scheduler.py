@@ -11,17 +11,14 @@ guarded: telling a spec that was never asked, or telling it twice, raises
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from cycleqd.search.archive import Archive
 from cycleqd.config import Config
-from cycleqd.search.child import ChildRecord
 from cycleqd.registry import SAMPLERS
-
-if TYPE_CHECKING:  # the worker module imports torch; a resume checks its folder before that
-    from cycleqd.evolve.worker import ChildResult, ChildSpec
+from cycleqd.search.archive import Archive
+from cycleqd.search.child import ChildRecord, ChildResult, ChildSpec
 
 
 class OrderError(RuntimeError):
@@ -79,8 +76,6 @@ class Scheduler:
 
     def ask(self) -> ChildSpec:
         """The next child's spec: quality task, two parents drawn from its archive, seed."""
-        from cycleqd.evolve.worker import ChildSpec
-
         index = self.next_index
         q_name = quality_task(self.cfg, index)
         rng = np.random.default_rng([self.cfg.seed, index, 1])

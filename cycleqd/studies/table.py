@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from cycleqd.config import Config, ConfigError, load_config, parse_config, resolve_paths
+from cycleqd.config import Config, ConfigError, edit_config, load_config, parse_config, resolve_paths, split_config
+from cycleqd.evolve.worker import ChildWorker, ready_config
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "cycleqd": {},
@@ -52,15 +53,6 @@ INTERVAL_KEY = "cycleqd_best_minus_task_arithmetic"
 VERSUS_KEY = "minus_task_arithmetic"
 
 
-def split_config(cfg: Config, split: str, n: int | None = None, seed: int | None = None) -> Config:
-    """``cfg`` with every task reading ``split`` (and ``n`` items, drawn with ``seed``, if given)."""
-    data = cfg.model_dump()
-    for t in data["tasks"]:
-        t["options"] = {**t["options"], "split": split, **({"n": n} if n else {}),
-                        **({"seed": seed} if seed is not None else {})}
-    return parse_config(data)
-
-
 def selection_config(evolve_cfg: Config, n: int) -> Config:
     """``n`` val items per task that the evolution never saw: the same draw, past its items.
 
@@ -68,28 +60,30 @@ def selection_config(evolve_cfg: Config, n: int) -> Config:
     elites that were lucky on them, so choices are made on the next ``n`` items of the
     evolution's own draw (``skip`` = the evolution's ``n``).
     """
-    data = evolve_cfg.model_dump()
-    for t in data["tasks"]:
-        opts = t["options"]
-        if "n" not in opts:
-            raise ConfigError(f"task {t['name']}: the table needs options.n (items scored during evolution)")
-        t["options"] = {**opts, "skip": int(opts.get("skip", 0)) + int(opts["n"]), "n": n}
-    return parse_config(data)
+    def edit(data: dict) -> None:
+        for t in data["tasks"]:
+            opts = t["options"]
+            if "n" not in opts:
+                raise ConfigError(f"task {t['name']}: the table needs options.n (items scored during evolution)")
+            t["options"] = {**opts, "skip": int(opts.get("skip", 0)) + int(opts["n"]), "n": n}
+
+    return edit_config(evolve_cfg, edit)
 
 
 def variant_config(cfg: Config, variant: str, seed: int, generations: int | None,
                    evolve_n: int | None = None) -> Config:
-    data = split_config(cfg, "val", evolve_n).model_dump()
-    data["seed"] = seed
-    data["name"] = f"{cfg.name}-{variant}"
-    evo = data["evolution"]
-    for key, value in VARIANTS[variant].items():
-        if value == "__first__":
-            value = cfg.task_names[0]
-        evo[key] = {**evo[key], **value} if isinstance(value, dict) else value
-    if generations is not None:
-        evo["generations"] = generations
-    return parse_config(data)
+    def edit(data: dict) -> None:
+        data["seed"] = seed
+        data["name"] = f"{cfg.name}-{variant}"
+        evo = data["evolution"]
+        for key, value in VARIANTS[variant].items():
+            if value == "__first__":
+                value = cfg.task_names[0]
+            evo[key] = {**evo[key], **value} if isinstance(value, dict) else value
+        if generations is not None:
+            evo["generations"] = generations
+
+    return edit_config(split_config(cfg, "val", evolve_n), edit)
 
 
 def _differences(a: Any, b: Any, path: str = "") -> list[str]:
@@ -123,8 +117,6 @@ class Scorer:
     """
 
     def __init__(self, cfg: Config):
-        from cycleqd.evolve.worker import ChildWorker
-
         self.worker = ChildWorker(cfg, threads=torch.get_num_threads())
         self.factors = self.worker.factors
 
@@ -251,15 +243,6 @@ def conclusion(interval: Sequence[float], ours: str = "cycleqd_best", theirs: st
     return f"{ours} better" if lo > 0 else f"{theirs} better" if hi < 0 else "no difference"
 
 
-def _ensure_world(cfg: Config) -> Config:
-    cfg = resolve_paths(cfg)
-    if cfg.models.mini is not None:
-        from cycleqd.mini.build import ensure_mini_world
-
-        ensure_mini_world(cfg)
-    return cfg
-
-
 def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations: int | None = None,
                   runs_root: Path = Path("archives/table"), variants: list[str] | None = None,
                   evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5) -> dict:
@@ -270,8 +253,8 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
     Raises:
         ConfigError: an existing run folder holds another experiment.
     """
-    from cycleqd.model.genome import Genome
     from cycleqd.evolve.loop import evolve, resume
+    from cycleqd.model.genome import Genome
     from cycleqd.runs.folder import RunFolder
     from cycleqd.runs.store import RunStore, model_fingerprints, write_atomic
 
@@ -279,7 +262,7 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
     for v in variants or []:
         if v not in VARIANTS:
             raise ConfigError(f"unknown variant {v!r} (known: {', '.join(VARIANTS)})")
-    cfg = _ensure_world(cfg)
+    cfg = ready_config(cfg)
     models_dir.mkdir(parents=True, exist_ok=True)
     # Model choices (merge weights, which elite) are made on val items that evolution never
     # scored: picking the best of many elites on the evolution's own noisy scores would
@@ -361,7 +344,7 @@ def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> 
     from cycleqd.runs.store import model_fingerprints
 
     manifest = read_models(models_dir)
-    cfg = _ensure_world(parse_config(manifest["config"]))
+    cfg = ready_config(parse_config(manifest["config"]))
     now = model_fingerprints(cfg)
     if now != manifest["world"]:
         changed = sorted(k for k in set(now) | set(manifest["world"]) if now.get(k) != manifest["world"].get(k))

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cycleqd.config import ConfigError
-from cycleqd.engine.protocol import GenRequest
+from cycleqd.engine.protocol import Engine, EngineUnsupported, GenRequest
+from cycleqd.tasks.protocol import text_signatures
 
 __all__ = ["STRATEGIES", "VARIANTS", "Member", "Team", "Residents", "TeamEngine", "choose_team", "vote",
            "with_proposals", "evaluate_team", "make_team", "read_team"]
@@ -168,12 +169,10 @@ class Residents:
         if genome != self.current:
             import torch
 
-            from cycleqd.model.genome import materialize
-
             t0 = time.perf_counter()
             self.current = None  # a failed load leaves no member named as loaded
             with torch.no_grad():
-                materialize(self.genomes[genome], self.factors, into=self.engine)
+                self.engine.load_genome(self.genomes[genome], self.factors)
             self.current = genome
             self.switches += 1
             self.seconds += time.perf_counter() - t0
@@ -188,11 +187,11 @@ class Residents:
         Raises:
             ConfigError: the engine cannot score prompts (only the transformers engine can).
         """
-        engine = self.load(genome)
-        if not hasattr(engine, "prompt_logprobs"):
-            raise ConfigError(f"the NLL router needs an engine that scores prompts (transformers), "
-                              f"not {type(engine).__name__}")
-        return [-s / n if n else math.inf for s, n in engine.prompt_logprobs(requests)]
+        try:
+            scored = self.load(genome).prompt_logprobs(requests)
+        except EngineUnsupported as e:
+            raise ConfigError(f"the NLL router needs an engine that scores prompts (transformers): {e}") from None
+        return [-s / n if n else math.inf for s, n in scored]
 
     def first(self, genomes: Sequence[str]) -> list[str]:
         """``genomes`` with the loaded one first (one switch fewer)."""
@@ -234,7 +233,14 @@ def with_proposals(req: GenRequest, proposals: Sequence[str]) -> GenRequest:
     return replace(req, messages=tuple(messages))
 
 
-class TeamEngine:
+def _resident_bytes(engine: Engine) -> int | None:
+    try:
+        return int(engine.resident_bytes())
+    except EngineUnsupported:
+        return None
+
+
+class TeamEngine(Engine):
     """A team as one Engine for one task: routes, votes or aggregates across its members.
 
     Args:
@@ -274,8 +280,7 @@ class TeamEngine:
         return float(self.team.member(genome).scores.get(self.task_name, 0.0))
 
     def _signatures(self, requests: Sequence[GenRequest], answers: Sequence[str]) -> list[str | None]:
-        sign = getattr(self.task, "answer_signatures", None)
-        return list(sign(requests, answers)) if sign else [a.strip() or None for a in answers]
+        return list(self.task.answer_signatures(requests, answers)) if self.task else text_signatures(answers)
 
     def _router_task(self, requests: list[GenRequest]) -> list[str]:
         genome = self.plan["router"]
@@ -391,7 +396,6 @@ def make_team(run_dir: str | Path, strategy: str, *, size: int = 3, layers: int 
     """
     import torch
 
-    from cycleqd.config import resolve_paths
     from cycleqd.runs.folder import RunFolder, best_by_mean
     from cycleqd.runs.store import write_atomic
 
@@ -405,25 +409,11 @@ def make_team(run_dir: str | Path, strategy: str, *, size: int = 3, layers: int 
     out = Path(out) if out is not None else run.path / "teams" / strategy
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder")
-    cfg = run.config
-    if split is not None or n is not None or seed is not None:
-        from cycleqd.studies.table import split_config
+    from cycleqd.evolve.worker import ChildWorker, ready_config
 
-        from cycleqd.config import check_task_options
-
-        cfg = split_config(cfg, split or "val", n, seed)
-        for t in cfg.tasks:  # options the tasks do not take are bad input, before any model loads
-            check_task_options(t)
-    cfg = resolve_paths(cfg)
-    if cfg.models.mini is not None:
-        from cycleqd.mini.build import ensure_mini_world
-
-        ensure_mini_world(cfg)
+    cfg = ready_config(run.config, split=split, n=n, seed=seed)
     for m in team.members:
         run.store.check_genome(m.genome)
-
-    from cycleqd.evolve.worker import ChildWorker
-
     t0 = time.perf_counter()
     worker = ChildWorker(cfg, threads=torch.get_num_threads())
     load_seconds = time.perf_counter() - t0
@@ -448,8 +438,7 @@ def make_team(run_dir: str | Path, strategy: str, *, size: int = 3, layers: int 
         "cost": {"switches": residents.switches, "materialize_seconds": round(residents.seconds, 3),
                  "seconds_per_switch": round(residents.seconds / max(1, residents.switches), 4),
                  "team_seconds": round(team_seconds, 2), "engine_load_seconds": round(load_seconds, 2),
-                 "resident_model_bytes": int(worker.engine.resident_bytes())
-                 if hasattr(worker.engine, "resident_bytes") else None,
+                 "resident_model_bytes": _resident_bytes(worker.engine),
                  "member_genome_bytes": sum(genome_bytes[m.genome] for m in team.members)},
     }
     out.mkdir(parents=True, exist_ok=True)

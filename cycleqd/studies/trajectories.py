@@ -24,31 +24,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cycleqd.config import ConfigError
+from cycleqd.tasks.protocol import episodes_of
 
 __all__ = ["ROLES", "episodes_of", "to_sharegpt", "harvest"]
 
 ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
-
-
-def episodes_of(task: str, kind: str, result: Any) -> list[dict]:
-    """The passing samples of a :class:`~cycleqd.tasks.protocol.TaskResult` with their conversations.
-
-    One record per solved sample, ``{"task", "kind", "id", "score", "conversation"}``, the
-    conversation as chat messages; a task run several times (OS ``runs``) gives the first
-    passing run's. Samples without a conversation (e.g. likelihood tasks) give nothing.
-    """
-    out = []
-    for s in result.samples:
-        detail = s.detail or {}
-        if isinstance(detail.get("runs"), list) and isinstance(detail.get("scores"), list):
-            convs = [d.get("conversation") for d, sc in zip(detail["runs"], detail["scores"]) if sc >= 1.0]
-        else:
-            convs = [detail.get("conversation")] if s.score >= 1.0 else []
-        convs = [c for c in convs if c]
-        if convs:
-            out.append({"task": task, "kind": kind, "id": str(s.id), "score": float(s.score),
-                        "conversation": [{"role": m["role"], "content": m["content"]} for m in convs[0]]})
-    return out
 
 
 def to_sharegpt(conversation: Sequence[dict]) -> list[dict[str, str]]:
@@ -58,27 +38,11 @@ def to_sharegpt(conversation: Sequence[dict]) -> list[dict[str, str]]:
 
 def _regenerated(run: Any, genomes: Sequence[str], tasks: Sequence[str] | None, split: str | None, n: int | None,
                  seed: int | None, progress: bool) -> dict[str, list[dict]]:
-    import torch
     from tqdm.auto import tqdm
 
-    from cycleqd.config import resolve_paths
-    from cycleqd.evolve.worker import ChildWorker
+    from cycleqd.evolve.worker import local_worker
 
-    cfg = run.config
-    if split is not None or n is not None or seed is not None:
-        from cycleqd.studies.table import split_config
-
-        from cycleqd.config import check_task_options
-
-        cfg = split_config(cfg, split or "val", n, seed)
-        for t in cfg.tasks:
-            check_task_options(t)
-    cfg = resolve_paths(cfg)
-    if cfg.models.mini is not None:
-        from cycleqd.mini.build import ensure_mini_world
-
-        ensure_mini_world(cfg)
-    worker = ChildWorker(cfg, threads=torch.get_num_threads())
+    worker = local_worker(run.config, split=split, n=n, seed=seed)
     out = {}
     for g in tqdm(genomes, desc="regenerate", disable=not progress, leave=False):
         out[g] = worker.evaluate_recorded(run.store.load_genome(g), tasks, record=True)[2]

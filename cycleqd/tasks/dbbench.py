@@ -55,10 +55,9 @@ from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox.mysql import MySQLSandbox
 from cycleqd.sandbox.sqlite import QueryResult, SQLiteSandbox, SQLLimits
-from cycleqd.tasks.dataset import (ids_as_strings, read_rows, run_episodes, select_ids, task_options,
-                                  task_result)
-from cycleqd.tasks.protocol import SampleResult, TaskResult
+from cycleqd.tasks.dataset import ids_as_strings, read_rows, run_episodes, select_ids, task_options, task_result
 from cycleqd.tasks.official import official_samples
+from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
 
 PROMPT = """
 I will ask you a question, then you should help me operate a MySQL database with SQL to answer the question.
@@ -472,7 +471,7 @@ def official_ids(rows: Sequence[tuple[str, int, dict]], data: str | None) -> lis
 
 
 @register_task("dbbench")
-class DBBenchTask:
+class DBBenchTask(Task):
     """AgentBench DBBench on SQLite (default) or a MySQL / MariaDB server.
 
     Args:

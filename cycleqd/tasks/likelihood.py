@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.registry import register_task
-from cycleqd.tasks.protocol import SampleResult, TaskResult
+from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
 
 
 def _read_texts(path: str) -> list[tuple[str, str]]:
@@ -39,7 +39,7 @@ def _read_texts(path: str) -> list[tuple[str, str]]:
 
 
 @register_task("likelihood")
-class Likelihood:
+class Likelihood(Task):
     """Scores exp(mean token log-likelihood) of fixed texts, through ``engine.sequence_logprobs``."""
 
     class Options(BaseModel):

@@ -49,7 +49,7 @@ from cycleqd.engine.protocol import Engine, GenRequest
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution, run_python_batch
 from cycleqd.tasks.dataset import ids_as_strings, read_rows, select_ids, task_options, task_result
-from cycleqd.tasks.protocol import SampleResult, TaskResult
+from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
 
 SYSTEM = ("You are an exceptionally intelligent coding assistant that consistently delivers accurate "
           "and reliable responses to user instructions.")
@@ -523,7 +523,7 @@ def build_test_program(problem: Problem, solution: str, passed: str = "") -> str
 
 
 @register_task("mbpp")
-class MBPPTask:
+class MBPPTask(Task):
     """MBPP(+) pass@1 on the base tests (see module docstring for the protocols).
 
     Args:

@@ -6,11 +6,11 @@ from typing import Sequence
 from cycleqd.engine.protocol import GenRequest
 from cycleqd.mini.generators.code import check_program, gold_outputs, probe_program
 from cycleqd.mini.items import MiniItem
+from cycleqd.recent import Recent
 from cycleqd.registry import register_task
 from cycleqd.sandbox import RunResult, run_python_batch
-from cycleqd.tasks.protocol import SampleResult
-from cycleqd.recent import Recent
 from cycleqd.tasks.mini_task import SEEN, MiniTask
+from cycleqd.tasks.protocol import SampleResult
 
 
 @register_task("mini_code")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cycleqd.mini.items import MiniItem
 from cycleqd.mini.generators.regex import check_program, gold_matches
+from cycleqd.mini.items import MiniItem
 from cycleqd.registry import register_task
 from cycleqd.sandbox import run_python_batch
-from cycleqd.tasks.protocol import SampleResult
 from cycleqd.tasks.mini_task import MiniTask
+from cycleqd.tasks.protocol import SampleResult
 
 
 @register_task("mini_regex")

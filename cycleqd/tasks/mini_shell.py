@@ -4,13 +4,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from cycleqd.engine.protocol import GenRequest
-from cycleqd.mini.items import MiniItem
 from cycleqd.mini.generators.shell import same_output
+from cycleqd.mini.items import MiniItem
+from cycleqd.recent import Recent
 from cycleqd.registry import register_task
 from cycleqd.sandbox import RunResult, run_shell_batch
-from cycleqd.tasks.protocol import SampleResult
-from cycleqd.recent import Recent
 from cycleqd.tasks.mini_task import SEEN, MiniTask
+from cycleqd.tasks.protocol import SampleResult
 
 
 @register_task("mini_shell")

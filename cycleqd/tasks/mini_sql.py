@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import Sequence
 
 from cycleqd.engine.protocol import GenRequest
-from cycleqd.mini.items import MiniItem
 from cycleqd.mini.generators.sql import QueryError, run_query, same_result
+from cycleqd.mini.items import MiniItem
 from cycleqd.registry import register_task
-from cycleqd.tasks.protocol import SampleResult
 from cycleqd.tasks.mini_task import MiniTask
+from cycleqd.tasks.protocol import SampleResult
 
 
 @register_task("mini_sql")

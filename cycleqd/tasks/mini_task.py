@@ -10,14 +10,13 @@ from cycleqd.config import SandboxConfig
 from cycleqd.engine.protocol import Engine, GenRequest
 from cycleqd.mini.items import MiniItem
 from cycleqd.mini.skills import skill_items
-from cycleqd.tasks.protocol import SampleResult, TaskResult
-
+from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
 
 #: How many clean check runs of earlier answers a task keeps for reuse (see MiniCode, MiniShell).
 SEEN = 50_000
 
 
-class MiniTask:
+class MiniTask(Task):
     """A procedurally generated mini task (see :mod:`cycleqd.mini`).
 
     Args:

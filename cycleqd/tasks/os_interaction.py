@@ -43,10 +43,17 @@ from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution
 from cycleqd.sandbox.os_env import OSSession
-from cycleqd.tasks.dataset import (error_text, ids_as_strings, read_rows, run_episodes,
-                                  select_ids, task_options, task_result)
-from cycleqd.tasks.protocol import SampleResult, TaskResult
+from cycleqd.tasks.dataset import (
+    error_text,
+    ids_as_strings,
+    read_rows,
+    run_episodes,
+    select_ids,
+    task_options,
+    task_result,
+)
 from cycleqd.tasks.official import official_samples
+from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
 
 PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
 
@@ -355,7 +362,7 @@ class OSInteractionOptions(BaseModel):
 
 
 @register_task("os_interaction")
-class OSInteractionTask:
+class OSInteractionTask(Task):
     """AgentBench OS interaction in the bubblewrap sandbox (see module docstring).
 
     Args:

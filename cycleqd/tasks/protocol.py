@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 from cycleqd.engine.protocol import Engine, GenRequest
 
@@ -32,16 +32,68 @@ class TaskResult:
         return [s.id for s in self.samples if s.score < 1.0]
 
 
-class Task(Protocol):
-    """A skill benchmark. ``evaluate`` never raises for a bad sample: it records a failed sample."""
+def episodes_of(task: str, kind: str, result: TaskResult) -> list[dict]:
+    """The passing samples of a :class:`~cycleqd.tasks.protocol.TaskResult` with their conversations.
+
+    One record per solved sample, ``{"task", "kind", "id", "score", "conversation"}``, the
+    conversation as chat messages; a task run several times (OS ``runs``) gives the first
+    passing run's. Samples without a conversation (e.g. likelihood tasks) give nothing.
+    """
+    out = []
+    for s in result.samples:
+        detail = s.detail or {}
+        if isinstance(detail.get("runs"), list) and isinstance(detail.get("scores"), list):
+            convs = [d.get("conversation") for d, sc in zip(detail["runs"], detail["scores"]) if sc >= 1.0]
+        else:
+            convs = [detail.get("conversation")] if s.score >= 1.0 else []
+        convs = [c for c in convs if c]
+        if convs:
+            out.append({"task": task, "kind": kind, "id": str(s.id), "score": float(s.score),
+                        "conversation": [{"role": m["role"], "content": m["content"]} for m in convs[0]]})
+    return out
+
+
+def text_signatures(answers: Sequence[str]) -> list[str | None]:
+    """Signatures by exact (stripped) answer text: the vote of tasks that cannot say what an answer does."""
+    return [a.strip() or None for a in answers]
+
+
+class Task:
+    """A skill benchmark that scores a model (an :class:`~cycleqd.engine.protocol.Engine`).
+
+    ``evaluate`` never raises for a bad sample: it records a failed sample. Every
+    capability a caller uses is declared here, so nothing probes a task with ``getattr``.
+
+    Attributes:
+        name: the task's name in the config (its archive axis).
+        executes_code: True if scoring runs model-written code (needs
+            ``sandbox.allow_code_execution``, checked before any model loads).
+    """
 
     name: str
+    executes_code: ClassVar[bool] = False
 
     def sample_ids(self) -> list[str]:
-        ...
+        """The ids of the samples ``evaluate`` scores by default."""
+        raise NotImplementedError
 
     def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
-        ...
+        """Score ``engine`` on the samples ``ids`` (default: all)."""
+        raise NotImplementedError
+
+    def answer(self, engine: Engine, ids: Sequence[str] | None = None) -> Callable[[], TaskResult]:
+        """Generate now, check later: the returned call gives the :class:`TaskResult` and needs no engine.
+
+        A task whose checks do not need the engine overrides this, so a worker can check one
+        task's answers in another thread while the engine generates for the next; the default
+        evaluates at once.
+        """
+        result = self.evaluate(engine, ids)
+        return lambda: result
+
+    def answer_signatures(self, requests: Sequence[GenRequest], answers: Sequence[str]) -> list[str | None]:
+        """What each answer *does*, for a team's vote (see :class:`Votable`); default: its stripped text."""
+        return text_signatures(answers)
 
 
 class Votable(Protocol):

@@ -232,13 +232,13 @@ def _materialized_engine(cfg, genome_path: Path):
     from cycleqd.config import EngineConfig
     from cycleqd.engine.hf import HFEngine
     from cycleqd.model.factors import Factors
-    from cycleqd.model.genome import Genome, materialize
+    from cycleqd.model.genome import Genome
 
     factors = Factors.prepare(cfg, device="cpu", progress=False)
     genome = Genome.load(genome_path)
     options = {"revision": cfg.models.revision} if cfg.models.revision else {}
     engine = HFEngine.from_path(cfg.models.base, EngineConfig(device="cpu", options=options), dtype=cfg.models.dtype)
-    materialize(genome, factors, into=engine)
+    engine.load_genome(genome, factors)
     return engine
 
 

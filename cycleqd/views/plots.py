@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cycleqd.search.archive import bin_index
 from cycleqd.config import Bins
 from cycleqd.runs.folder import SEED_PREFIX, ArchiveSnapshot, RunFolder
+from cycleqd.search.archive import bin_index
 
 __all__ = [
     "ArchiveSnapshot",

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from tiny_models import make_tiny_family
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny_models import make_tiny_family
+
 from cycleqd.config import EngineConfig
-from cycleqd.engine.protocol import GenRequest
 from cycleqd.engine.hf import HFEngine, cut_at_stop
+from cycleqd.engine.protocol import GenRequest
 from cycleqd.registry import ENGINES
 
 PROMPTS = ["ab", "hello world", "x", "def f(n): return", "select * from t;", "q" * 30, "1+1=", "the cat"]

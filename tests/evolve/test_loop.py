@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from cycleqd.config import parse_config
+from cycleqd.evolve.worker import ChildWorker
 from cycleqd.runs.store import RunStore
-from cycleqd.evolve.worker import ChildSpec, ChildWorker
+from cycleqd.search.child import ChildSpec
 
 TEXTS = {
     "a": ["def add(a, b): return a + b", "for i in range(3): print(i)"],

@@ -2,33 +2,13 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
+from run_helpers import cli
 from tiny_models import make_tiny_family
-
-_PROBE = """
-import json, sys
-from cycleqd.cli import main
-code = main(sys.argv[1:])
-print(json.dumps({"code": code, "ray": "ray" in sys.modules}))
-"""
-
-
-def cli(*argv: str) -> tuple[int, bool, str]:
-    """Run the CLI in a fresh process: (exit code, whether Ray was imported, stderr)."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    out = subprocess.run([sys.executable, "-c", _PROBE, "-q", *argv], capture_output=True, text=True, env=env,
-                         timeout=300)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    return res["code"], res["ray"], out.stderr.strip()
 
 
 @pytest.fixture(scope="module")

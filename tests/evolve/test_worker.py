@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from cycleqd.config import parse_config
-from cycleqd.model.genome import Genome
 from cycleqd.evolve.worker import ChildWorker
+from cycleqd.model.genome import Genome
 
 SKILLS = ("sql", "code", "shell")  # SQL first in the config; its check runs in process, so it goes last
 

@@ -6,14 +6,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from run_helpers import ScriptedEngine
 
 from cycleqd.config import SandboxConfig
 from cycleqd.mini.build import build_mini_world
 from cycleqd.mini.items import split_of
 from cycleqd.mini.skills import SKILLS, skill_items
 from cycleqd.registry import TASKS
-
-from test_tasks import ScriptedEngine
 
 ALLOW = SandboxConfig(allow_code_execution=True)
 

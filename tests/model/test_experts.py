@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import make_tiny_family
 
 from cycleqd.config import ConfigError
 from cycleqd.model.experts import check_compatible, inspect_model, load_state_dict, weight_files
-from tiny_models import make_tiny_family
 
 
 def _hf_state_dict(path: Path) -> dict[str, torch.Tensor]:

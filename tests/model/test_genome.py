@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from cycleqd.config import CrossoverConfig, MutationConfig
-from cycleqd.search.crossover import linear
 from cycleqd.model.experts import load_state_dict
 from cycleqd.model.factors import Factors
 from cycleqd.model.genome import DeltaTerm, Genome, NoiseTerm, materialize
+from cycleqd.search.crossover import linear
 from cycleqd.search.mutation import gaussian, svd
 
 TASKS = ("a", "b", "c")

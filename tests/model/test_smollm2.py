@@ -120,10 +120,10 @@ def test_genomes_on_real_llama_names(folder, engine):
     from safetensors.torch import load_file
 
     from cycleqd.config import CrossoverConfig, MutationConfig
-    from cycleqd.search.crossover import linear
     from cycleqd.engine.protocol import GenRequest
     from cycleqd.model.factors import Factors
     from cycleqd.model.genome import Genome, materialize
+    from cycleqd.search.crossover import linear
     from cycleqd.search.mutation import svd
 
     base = load_file(str(folder / "model.safetensors"))
@@ -172,8 +172,8 @@ def test_genomes_on_real_llama_names(folder, engine):
 def test_one_mbpp_problem_end_to_end(engine):
     """Real greedy generation, sanitizing and sandboxed tests for one MBPP problem."""
     from cycleqd.config import SandboxConfig
-    from cycleqd.tasks.protocol import TaskResult
     from cycleqd.tasks.mbpp import MBPPTask
+    from cycleqd.tasks.protocol import TaskResult
 
     task = MBPPTask(data=str(MBPP), sandbox=SandboxConfig(allow_code_execution=True), ids=["11"],
                     max_new_tokens=96)
@@ -190,8 +190,8 @@ def test_one_mbpp_problem_end_to_end(engine):
 def test_engine_gives_generate_tokens_on_a_real_tokenizer(engine):
     """Byte-level BPE, a chat template and multi-character stop strings: the engine's own loop
     (rows leave the batch when they stop) writes what ``model.generate`` writes, cut at the stop."""
-    from cycleqd.engine.protocol import GenRequest, encode_request
     from cycleqd.engine.hf import cut_at_stop
+    from cycleqd.engine.protocol import GenRequest, encode_request
 
     asks = ["Name a colour.", "Write a Python function that adds two numbers.", "What is 2+2?", "Say hi."]
     stops = [("\n",), ("```", "\n\n"), (" is",), ()]

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from run_helpers import cli as cli_process
+from run_helpers import real_run
 
 from cycleqd.runs.folder import RunFolder
 from cycleqd.runs.lock import RunLock, RunLocked
-from test_plots import real_run
-from test_preflight import cli as cli_process
 
 
 def cli(*argv: str) -> tuple[int, bool, str]:

@@ -5,8 +5,9 @@ import os
 import pytest
 
 from cycleqd.config import ConfigError, parse_config
-from cycleqd.search.child import ChildRecord
 from cycleqd.runs.store import RunNotFound, RunStore, write_atomic
+from cycleqd.search.archive import Archive
+from cycleqd.search.child import ChildRecord, SeedRecord
 
 
 @pytest.fixture
@@ -31,13 +32,17 @@ def _rec(generation: int, cid: str) -> ChildRecord:
                        scores={"a": 0.5, "b": 0.5}, seed=generation)
 
 
+def _archive(cfg) -> Archive:
+    return Archive(cfg.task_names, {t.name: t.bins for t in cfg.tasks})
+
+
 def test_torn_last_line_is_ignored_and_repaired(cfg, tmp_path):
     store = RunStore.create(tmp_path / "run", cfg)
-    store.append_child(_rec(1, "g000001"))
+    store.commit(_rec(1, "g000001"), b"genome 1", None, _archive(cfg))
     with open(store.path / RunStore.CHILDREN, "a") as f:
         f.write('{"generation": 2, "id": "g2", "sco')  # a writer killed mid-line
     assert [c.id for c in store.children()] == ["g000001"]
-    store.append_child(_rec(2, "g000003"))
+    store.commit(_rec(2, "g000003"), b"genome 3", None, _archive(cfg))
     assert [c.id for c in store.children()] == ["g000001", "g000003"]
     assert [c.index for c in store.children()] == [0, 2]  # the ask order, from the id
     lines = (store.path / RunStore.CHILDREN).read_text().splitlines()
@@ -87,3 +92,43 @@ def test_a_run_refuses_to_go_on_over_changed_models(tiny_family, tmp_path):
     with pytest.raises(ConfigError, match="expert_b changed"):
         check_models(store, cfg)
     assert store.models() == recorded  # the record is not overwritten
+
+
+def test_one_commit_writes_the_genome_then_the_log_line_then_the_derived_files(cfg, tmp_path):
+    """The store owns the write-ahead order: a line is never on disk before the genome it names,
+    seeds and children go through the same call, and the stats line waits for every seed."""
+    store = RunStore.create(tmp_path / "run", cfg)
+    archive = _archive(cfg)
+    seen: list[str] = []
+    real_write, real_append = write_atomic, store._append
+
+    def spy_write(path, data):
+        seen.append(os.path.basename(path))
+        real_write(path, data)
+
+    import cycleqd.runs.store as store_module
+    store_module.write_atomic, store._append = spy_write, lambda name, rec: (seen.append(name), real_append(name, rec))
+    try:
+        for t in cfg.task_names:
+            archive.offer(f"seed_{t}", {"a": 0.2, "b": 0.3}, 0)
+            store.commit(SeedRecord(task=t, genome=f"seed_{t}", scores={"a": 0.2, "b": 0.3}), b"seed",
+                         [{"id": "1"}], archive)
+        archive.offer("g000001", {"a": 0.5, "b": 0.5}, 1)
+        store.commit(_rec(1, "g000001"), b"child", None, archive)
+    finally:
+        store_module.write_atomic = real_write
+    assert seen == ["seed_a.safetensors", "seed_a.jsonl", "seeds.json", "archives.json",
+                    "seed_b.safetensors", "seed_b.jsonl", "seeds.json", "archives.json", "stats.jsonl",
+                    "g000001.safetensors", "children.jsonl", "archives.json", "stats.jsonl"]
+    assert list(store.seeds()) == ["a", "b"] and store.episodes("seed_a") == [{"id": "1"}]
+    assert store.genome_path("g000001").read_bytes() == b"child"
+    assert [s["generation"] for s in store.stats()] == [0, 1]
+
+
+def test_a_failed_child_is_logged_without_a_genome(cfg, tmp_path):
+    store = RunStore.create(tmp_path / "run", cfg)
+    failed = ChildRecord(generation=1, id="g000001", quality_task="a", parents=("seed_a", "seed_b"), seed=1,
+                         error="RuntimeError: out of memory")
+    store.commit(failed, None, None, _archive(cfg))
+    assert not store.genome_path("g000001").exists()
+    assert [c.error for c in store.children()] == ["RuntimeError: out of memory"]

@@ -1,8 +1,8 @@
 """Archive: (lo, hi] bins with clamping, insertion rule, replay, JSON snapshot."""
 import pytest
 
-from cycleqd.search.archive import Archive, bin_index
 from cycleqd.config import Bins
+from cycleqd.search.archive import Archive, bin_index
 
 
 class TestBins:

@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from cycleqd.search.archive import Archive
 from cycleqd.config import ArchiveConfig, Bins, ConfigError, parse_config
+from cycleqd.search.archive import Archive
 
 TASKS = ["a", "b", "c"]
 COUNT = 4

@@ -7,8 +7,8 @@ import torch
 from cycleqd.config import CrossoverConfig, MutationConfig
 from cycleqd.model.factors import Factors
 from cycleqd.model.genome import Genome, materialize
-from cycleqd.search.mutation import svd
 from cycleqd.registry import CROSSOVERS
+from cycleqd.search.mutation import svd
 
 TASKS = ("a", "b", "c")
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from cycleqd.search.archive import Elite
 from cycleqd.config import SamplingConfig
+from cycleqd.search.archive import Elite
 from cycleqd.search.sampling import elite, uniform
 
 

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import pytest
 
-from cycleqd.search.archive import Archive
 from cycleqd.config import parse_config
-from cycleqd.evolve.pool import LocalPool
 from cycleqd.evolve.loop import run_loop
+from cycleqd.evolve.pool import LocalPool
+from cycleqd.evolve.worker import ChildWorker
 from cycleqd.runs.folder import RunFolder
-from cycleqd.search.scheduler import OrderError, Scheduler
 from cycleqd.runs.store import RunStore
-from cycleqd.evolve.worker import ChildResult, ChildWorker
+from cycleqd.search.archive import Archive
+from cycleqd.search.child import ChildResult
+from cycleqd.search.scheduler import OrderError, Scheduler
 
 TEXTS = {"a": "def f(x): return x + 1\n", "b": "select name from t\n", "c": "ls -la /tmp\n"}
 BINS = {"lo": 0.0150, "hi": 0.0165, "count": 6}

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cycleqd.config import ConfigError
-from cycleqd.engine.protocol import GenRequest
 from cycleqd.engine.answers import ReplayEngine
+from cycleqd.engine.protocol import GenRequest
 from cycleqd.registry import ENGINES
 from cycleqd.studies.score import score, summary
 

@@ -250,8 +250,8 @@ def test_a_multi_turn_vote_is_taken_per_turn_on_the_proposed_action(tmp_path):
     """DBBench on SQLite, three members replaying recorded replies: the best member alone answers at
     once and wrongly; the two others propose the same statement (worded apart), then the right answer."""
     from cycleqd.engine.answers import ReplayEngine
-    from cycleqd.tasks.dbbench import DBBenchTask
     from cycleqd.studies.team import Member, Team
+    from cycleqd.tasks.dbbench import DBBenchTask
 
     row = {"description": "How many rows have a = 1?", "add_description": "The table is t.",
            "table": {"table_name": "t", "table_info": {"columns": [{"name": "a"}, {"name": "b"}],

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from answers import dbbench_answers, write_jsonl
+
 from cycleqd.config import ConfigError
 from cycleqd.engine.answers import ReplayEngine
 from cycleqd.studies.score import score

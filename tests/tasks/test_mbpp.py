@@ -6,14 +6,22 @@ import inspect
 import json
 
 import pytest
-
 from answers import mbpp_answers, mbpp_official_answers, write_jsonl
+
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.answers import ReplayEngine
 from cycleqd.sandbox import CodeExecutionNotAllowed
 from cycleqd.studies.score import score
-from cycleqd.tasks.mbpp import (STOP, MBPPTask, _from_row, evalplus_message, extract_code, official_prompt,
-                                official_sanitize, sanitize)
+from cycleqd.tasks.mbpp import (
+    STOP,
+    MBPPTask,
+    _from_row,
+    evalplus_message,
+    extract_code,
+    official_prompt,
+    official_sanitize,
+    sanitize,
+)
 
 ALLOW = SandboxConfig(allow_code_execution=True, timeout=10)
 SYSTEM = ("You are an exceptionally intelligent coding assistant that consistently delivers accurate and reliable "
@@ -195,8 +203,8 @@ def test_plain_protocol_reads_a_continued_block(tmp_path) -> None:
 def test_engine_prefill_opens_the_assistant_turn(tiny_family) -> None:
     """A chat request's prefill is generated from, as if the model had written it."""
     from cycleqd.config import EngineConfig
-    from cycleqd.engine.protocol import GenRequest
     from cycleqd.engine.hf import HFEngine
+    from cycleqd.engine.protocol import GenRequest
 
     engine = HFEngine.from_path(str(tiny_family["base"]), EngineConfig(device="cpu", batch_size=2))
     engine.tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"

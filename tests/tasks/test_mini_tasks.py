@@ -1,12 +1,10 @@
 """The mini tasks through their real checkers: gold answers solve, wrong answers fail."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import pytest
+from run_helpers import ScriptedEngine
 
 from cycleqd.config import SandboxConfig
-from cycleqd.engine.protocol import GenRequest
 from cycleqd.registry import TASKS
 from cycleqd.sandbox import CodeExecutionNotAllowed
 
@@ -14,20 +12,6 @@ KINDS = ["mini_code", "mini_sql", "mini_shell"]
 ALLOW = SandboxConfig(allow_code_execution=True)
 
 
-class ScriptedEngine:
-    """Answers each request with a function of its item (no model needed to test the checker)."""
-
-    def __init__(self, task, answer):
-        self.by_id = {it.id: it for it in task.items}
-        self.answer = answer
-        self.requests: list[GenRequest] = []
-
-    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
-        self.requests.extend(requests)
-        return [self.answer(self.by_id[r.sample_id]) for r in requests]
-
-    def load_weights(self, state) -> None:  # pragma: no cover - never called
-        raise NotImplementedError
 
 
 def _task(kind, n=40, split="test", sandbox=ALLOW):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from cycleqd.config import SandboxConfig
-from cycleqd.engine.protocol import GenRequest
-from cycleqd.engine.answers import ReplayEngine
-from cycleqd.sandbox import bwrap_available
-from cycleqd.tasks.os_interaction import OSInteractionTask
 from answers import write_jsonl
 from oracles import OSOracleEngine
+
+from cycleqd.config import SandboxConfig
+from cycleqd.engine.answers import ReplayEngine
+from cycleqd.engine.protocol import GenRequest
+from cycleqd.sandbox import bwrap_available
+from cycleqd.tasks.os_interaction import OSInteractionTask
 
 pytestmark = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here")
 ALLOW = SandboxConfig(allow_code_execution=True)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from answers import write_jsonl
+from oracles import OSOracleEngine
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.answers import ReplayEngine
 from cycleqd.sandbox import bwrap_available
 from cycleqd.tasks.os_interaction import OSInteractionTask, extract_action, os_feedback
-from oracles import OSOracleEngine
-from answers import write_jsonl
 
 needs_bwrap = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here")
 ALLOW = SandboxConfig(allow_code_execution=True)

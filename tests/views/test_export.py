@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from run_helpers import BINS, real_run
 
 from cycleqd.config import ConfigError
-from test_plots import BINS, real_run
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,8 @@ def test_exported_logits_equal_the_runs_model(exported, run):
 
 def test_exported_model_rescores_the_same(exported, run):
     from cycleqd.engine.hf import HFEngine
-    from cycleqd.runs.store import RunStore
     from cycleqd.evolve.worker import build_tasks
+    from cycleqd.runs.store import RunStore
 
     cfg = RunStore(run).config()
     engine = HFEngine.from_path(str(exported), cfg.engine)
@@ -326,9 +326,9 @@ def test_push_public_repo(run, tmp_path, local_hub):
 
 
 def test_card_metadata_takes_license_from_the_base_card(run, tmp_path):
+    from cycleqd.runs.store import RunStore
     from cycleqd.views.export import Selection, _base_card_metadata, model_card
     from cycleqd.views.report import lineage
-    from cycleqd.runs.store import RunStore
 
     base = tmp_path / "base"
     base.mkdir()

@@ -12,64 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import BINS, local_ray, real_run  # noqa: F401 (BINS: used by the bins tests)
 
 from cycleqd.config import ConfigError
-
-_RUNS: dict[tuple, Path] = {}
-
-# A random tiny Llama with a 64-token vocabulary scores likelihood ~ 1/64 on any text; the
-# experts move it by a few percent, so the bins span that neighbourhood.
-BINS = {"lo": 0.0150, "hi": 0.0165, "count": 6}
-TEXTS = {
-    "a": ["def f(x): return x + 1", "print(sorted(xs))", "for i in range(3): pass"],
-    "b": ["select name from users where id = 3", "insert into t values (1)", "select count(*) from t"],
-    "c": ["ls -la /tmp", "cat a.txt | grep x", "echo hi > out.txt"],
-    "d": ["the cat sat on the mat", "a b c d e f", "hello world again"],
-}
-
-
-def real_run(tmp_path_factory: pytest.TempPathFactory, tasks: str = "abc", generations: int = 8,
-             workers: int = 2) -> Path:
-    """A finished run folder of ``cycleqd.evolve.loop.evolve`` (cached per process)."""
-    key = (tasks, generations, workers)
-    if key in _RUNS:
-        return _RUNS[key]
-    from tiny_models import make_tiny_family
-
-    from cycleqd.config import parse_config
-    from cycleqd.evolve.loop import evolve
-
-    root = tmp_path_factory.mktemp(f"run_{tasks}")
-    family = make_tiny_family(root / "family", tasks=tuple(tasks))
-    data = {}
-    for t in tasks:
-        p = root / f"{t}.txt"
-        p.write_text("\n".join(TEXTS[t]) + "\n")
-        data[t] = str(p)
-    cfg = parse_config({
-        "name": f"test-{tasks}",
-        "seed": 3,
-        "models": {"base": str(family["base"]), "experts": {t: str(family[t]) for t in tasks}},
-        "tasks": [{"name": t, "kind": "likelihood", "data": data[t], "bins": BINS} for t in tasks],
-        "evolution": {"generations": generations, "workers": workers},
-        "engine": {"device": "cpu"},
-        "prepare_cache": str(root / "cache"),
-    })
-    _local_ray()
-    _RUNS[key] = evolve(cfg, root / "run", progress=False)
-    return _RUNS[key]
-
-
-def _local_ray() -> None:
-    """A private local Ray, even when another cluster on this machine was started with `ray start`."""
-    from cycleqd.evolve.loop import local_ray_env
-
-    local_ray_env()
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-                 log_to_driver=False)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +64,8 @@ def test_grid_matches_archives_json(run3):
 def test_seed_cells_are_outlined(run3):
     from matplotlib.patches import Rectangle
 
-    from cycleqd.search.archive import bin_index
     from cycleqd.config import Bins
+    from cycleqd.search.archive import bin_index
     from cycleqd.views.plots import heatmap_figure, load_snapshot
 
     snap = load_snapshot(run3)

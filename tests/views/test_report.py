@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import real_run
 
 from cycleqd.config import ConfigError
-from test_plots import real_run
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_report_is_one_offline_page_with_inlined_images(report, run):
 
 
 def test_report_content_comes_from_the_run(report, run):
-    from cycleqd.views.report import best_by_mean, lineage
     from cycleqd.views.plots import load_snapshot
+    from cycleqd.views.report import best_by_mean, lineage
 
     page = report.read_text()
     snap = json.loads((run / "archives.json").read_text())

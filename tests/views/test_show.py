@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from run_helpers import real_run
 
 from cycleqd.config import ConfigError
-from test_plots import real_run
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,100 @@
+"""Helpers several test modules share: a finished run folder, the CLI in a fresh process, a scripted engine."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+from cycleqd.engine.protocol import Engine, GenRequest
+
+_RUNS: dict[tuple, Path] = {}
+
+# A random tiny Llama with a 64-token vocabulary scores likelihood ~ 1/64 on any text; the
+# experts move it by a few percent, so the bins span that neighbourhood.
+BINS = {"lo": 0.0150, "hi": 0.0165, "count": 6}
+TEXTS = {
+    "a": ["def f(x): return x + 1", "print(sorted(xs))", "for i in range(3): pass"],
+    "b": ["select name from users where id = 3", "insert into t values (1)", "select count(*) from t"],
+    "c": ["ls -la /tmp", "cat a.txt | grep x", "echo hi > out.txt"],
+    "d": ["the cat sat on the mat", "a b c d e f", "hello world again"],
+}
+
+
+def real_run(tmp_path_factory: pytest.TempPathFactory, tasks: str = "abc", generations: int = 8,
+             workers: int = 2) -> Path:
+    """A finished run folder of ``cycleqd.evolve.loop.evolve`` (cached per process)."""
+    key = (tasks, generations, workers)
+    if key in _RUNS:
+        return _RUNS[key]
+    from tiny_models import make_tiny_family
+
+    from cycleqd.config import parse_config
+    from cycleqd.evolve.loop import evolve
+    from cycleqd.views.plots import PlotObserver
+
+    root = tmp_path_factory.mktemp(f"run_{tasks}")
+    family = make_tiny_family(root / "family", tasks=tuple(tasks))
+    data = {}
+    for t in tasks:
+        p = root / f"{t}.txt"
+        p.write_text("\n".join(TEXTS[t]) + "\n")
+        data[t] = str(p)
+    cfg = parse_config({
+        "name": f"test-{tasks}",
+        "seed": 3,
+        "models": {"base": str(family["base"]), "experts": {t: str(family[t]) for t in tasks}},
+        "tasks": [{"name": t, "kind": "likelihood", "data": data[t], "bins": BINS} for t in tasks],
+        "evolution": {"generations": generations, "workers": workers},
+        "engine": {"device": "cpu"},
+        "prepare_cache": str(root / "cache"),
+    })
+    local_ray()
+    _RUNS[key] = evolve(cfg, root / "run", progress=False, observers=[PlotObserver()])
+    return _RUNS[key]
+
+
+def local_ray() -> None:
+    """A private local Ray, even when another cluster on this machine was started with `ray start`."""
+    from cycleqd.evolve.loop import local_ray_env
+
+    local_ray_env()
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+                 log_to_driver=False)
+
+
+_PROBE = """
+import json, sys
+from cycleqd.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "ray": "ray" in sys.modules}))
+"""
+
+
+def cli(*argv: str) -> tuple[int, bool, str]:
+    """Run the CLI in a fresh process: (exit code, whether Ray was imported, stderr)."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    out = subprocess.run([sys.executable, "-c", _PROBE, "-q", *argv], capture_output=True, text=True, env=env,
+                         timeout=300)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return res["code"], res["ray"], out.stderr.strip()
+
+
+class ScriptedEngine(Engine):
+    """Answers each request with a function of its item (no model needed to test the checker)."""
+
+    def __init__(self, task, answer):
+        self.by_id = {it.id: it for it in task.items}
+        self.answer = answer
+        self.requests: list[GenRequest] = []
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        self.requests.extend(requests)
+        return [self.answer(self.by_id[r.sample_id]) for r in requests]
