@@ -88,7 +88,7 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
     ensure_mini_world(cfg)
     worker = ChildWorker(cfg)  # the threads a run's worker gets
     f = worker.factors
-    spec = ChildSpec(index=0, id="bench", quality_task=cfg.task_names[0], q=0, parents=("s0", "s1"), seed=12345)
+    spec = ChildSpec(index=0, id="bench", quality_task=cfg.task_names[0], parents=("s0", "s1"), seed=12345)
     child, _ = make_child(spec, [Genome.seed(0, f), Genome.seed(1, f)], cfg, f)
     sibling, _ = make_child(replace(spec, id="sibling", seed=999), [Genome.seed(0, f), Genome.seed(1, f)], cfg, f)
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from cycleqd.config import ConfigError
+from cycleqd.runs import layout
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +44,7 @@ def _print_summary(run: Path) -> None:
 
     from cycleqd.evolve.loop import format_summary
 
-    print(format_summary(_json.loads((Path(run) / "summary.json").read_text())))
+    print(format_summary(_json.loads((Path(run) / layout.SUMMARY).read_text())))
     print(f"\nrun folder: {run}  (plots in {Path(run) / 'plots'}; `cycleqd report {run}` for the HTML page)")
 
 
@@ -68,7 +69,7 @@ def cmd_evolve(a: argparse.Namespace) -> int:
 
         RunLock.refuse_if_held(a.run_dir)
     if a.run_dir and Path(a.run_dir).exists() and any(Path(a.run_dir).iterdir()):
-        hint = f"; continue it with `cycleqd resume {a.run_dir}`" if (Path(a.run_dir) / "config.yaml").exists() else ""
+        hint = f"; continue it with `cycleqd resume {a.run_dir}`" if (Path(a.run_dir) / layout.CONFIG).exists() else ""
         raise ConfigError(f"run folder {a.run_dir!r} exists and is not empty{hint}")
     from cycleqd.model.plan import check_plan
 

@@ -224,7 +224,8 @@ class Config(_Frozen):
         return [self.models.experts[t] for t in self.task_names]
 
 
-def _looks_like_hub_id(s: str) -> bool:
+def looks_like_hub_id(s: str) -> bool:
+    """``owner/name`` as the Hugging Face Hub spells a repository id (the one pattern every check uses)."""
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not s.startswith((".", "/"))
 
 
@@ -234,7 +235,7 @@ def _check_model_path(p: str, what: str, base_dir: Path, mini: MiniWorld | None)
     path = Path(p) if os.path.isabs(p) else base_dir / p
     if Path(p).exists() or path.exists():
         return
-    if _looks_like_hub_id(p) and not Path(p).parent.exists():
+    if looks_like_hub_id(p) and not Path(p).parent.exists():
         return
     raise ConfigError(f"{what}: path {p!r} does not exist")
 
@@ -253,29 +254,36 @@ def _check_names(cfg: Config) -> None:
         check_task_options(t)
 
 
-def check_task_options(task: TaskConfig) -> BaseModel | None:
+def check_task_options(task: TaskConfig) -> BaseModel:
     """Validate ``task.options`` against its task class's ``Options`` model (imports the task module).
 
     Every task class declares ``Options``: a frozen pydantic model (extra="forbid") of the
     keyword options its constructor takes, so a typo is bad input here, not a TypeError
-    inside a worker. Returns the validated options (None for a class without ``Options``).
+    inside a worker. Returns the validated options.
 
     Raises:
         ConfigError: an unknown option (with "did you mean ...") or a bad value, in one line.
     """
-    options_model = getattr(TASKS.get(task.kind), "Options", None)
-    if options_model is None:
-        return None
-    fields = list(options_model.model_fields)
-    for key in task.options:
+    return validate_options(TASKS.get(task.kind).Options, f"{task.name} ({task.kind})", task.options)
+
+
+def validate_options(model: type[BaseModel], task: str, options: dict[str, Any]) -> BaseModel:
+    """``options`` as the task's typed ``model``; the one check of a task's options, at load and in a worker.
+
+    Raises:
+        ConfigError: an unknown option (with "did you mean ...") or a bad value, in one line.
+    """
+    renamed = getattr(model, "renamed", {})  # old option names a run folder may still hold
+    options = {renamed.get(k, k): v for k, v in options.items()}
+    fields = list(model.model_fields)
+    for key in options:
         if key not in fields:
-            raise ConfigError(
-                f"task {task.name} ({task.kind}): unknown option {key!r}{did_you_mean(key, fields)} "
-                f"(options: {', '.join(fields) or 'none'})")
+            raise ConfigError(f"task {task}: unknown option {key!r}{did_you_mean(key, fields)} "
+                              f"(options: {', '.join(fields) or 'none'})")
     try:
-        return options_model.model_validate(task.options)
+        return model.model_validate(options)
     except ValidationError as e:
-        raise ConfigError(f"task {task.name} ({task.kind}): options.{one_line_error(e)}") from None
+        raise ConfigError(f"task {task}: options.{one_line_error(e, model)}") from None
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -337,7 +345,7 @@ def load_config(path: str | os.PathLike, *, check_paths: bool = True) -> Config:
     if check_paths:
         for t in cfg.tasks:
             if t.data is not None and not t.data.startswith(("hf://", "mini://")):
-                if not Path(t.data).exists() and not _looks_like_hub_id(t.data):
+                if not Path(t.data).exists() and not looks_like_hub_id(t.data):
                     raise ConfigError(f"task {t.name}: data path {t.data!r} does not exist")
         _check_model_path(cfg.models.base, "models.base", Path.cwd(), cfg.models.mini)
         for task, e in cfg.models.experts.items():
@@ -421,7 +429,7 @@ def resolve_paths(cfg: Config, root: str | os.PathLike | None = None) -> Config:
         if p is None or p.startswith(("hf://", "mini://")) or os.path.isabs(p):
             return p
         q = root / p
-        if local or q.exists() or not _looks_like_hub_id(p):
+        if local or q.exists() or not looks_like_hub_id(p):
             return str(q.resolve())
         return p
 

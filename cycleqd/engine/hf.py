@@ -30,10 +30,10 @@ from transformers.cache_utils import DynamicLayer
 
 from cycleqd.config import EngineConfig
 from cycleqd.engine.protocol import Engine, GenRequest, Weights, encode_request, weight_items
+from cycleqd.model.experts import torch_dtype
 from cycleqd.recent import Recent
 from cycleqd.registry import register_engine
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Engine options passed on to ``from_pretrained`` as they are.
 _MODEL_OPTIONS = ("attn_implementation", "revision", "trust_remote_code")
 
@@ -275,12 +275,12 @@ class HFEngine(Engine):
         ``engine_cfg.device`` "auto" is CUDA when available, else CPU.
         """
         device = resolve_device(engine_cfg.device)
-        torch_dtype = _DTYPES[dtype or engine_cfg.dtype or "float32"]
+        weights_dtype = torch_dtype(dtype or engine_cfg.dtype or "float32")
         extra = {k: engine_cfg.options[k] for k in _MODEL_OPTIONS if k in engine_cfg.options}
         tokenizer = AutoTokenizer.from_pretrained(
             path, **{k: v for k, v in extra.items() if k in ("revision", "trust_remote_code")}
         )
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=weights_dtype, **extra).to(device)
         return cls(model, tokenizer, batch_size=engine_cfg.batch_size, max_new_tokens=engine_cfg.max_new_tokens,
                    draft_memory=int(engine_cfg.options.get("draft_memory", DRAFT_MEMORY)))
 

@@ -32,18 +32,19 @@ from typing import Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from cycleqd.atomic import fsync_dir, write_atomic
 from cycleqd.config import ArchiveConfig, ConfigError, TaskConfig, dump_config, edit_config
 from cycleqd.evolve.events import Observer, notify
+from cycleqd.runs import layout
 from cycleqd.runs.folder import RunFolder
-from cycleqd.runs.history import GROWTH_LOG
-from cycleqd.runs.store import RunStore, write_atomic
+from cycleqd.runs.store import RunStore
 
 log = logging.getLogger("cycleqd")
 
 STAGE = ".grow"
 READY = "READY"
-_REPLACED = ("config.yaml", "models.json", "seeds.json", GROWTH_LOG, "archives.json", "stats.jsonl")
-_REMOVED = ("final_merge.json", "summary.json")  # of the K-task run: redone by the next resume
+_REPLACED = (layout.CONFIG, layout.MODELS, layout.SEEDS, layout.GROWTH_LOG, layout.ARCHIVES, layout.STATS)
+_REMOVED = (layout.FINAL, layout.SUMMARY)  # of the K-task run: redone by the next resume
 
 
 class MiniExpert(BaseModel):
@@ -145,10 +146,10 @@ def finish_staged_growth(run_dir: str | os.PathLike) -> str | None:
     if not (stage / READY).is_file():
         shutil.rmtree(stage)
         return "discarded"
-    if (stage / "genomes").exists():
-        if (run / "genomes").exists() and not (stage / "genomes.old").exists():
-            os.rename(run / "genomes", stage / "genomes.old")
-        os.rename(stage / "genomes", run / "genomes")
+    if (stage / layout.GENOMES).exists():
+        if (run / layout.GENOMES).exists() and not (stage / "genomes.old").exists():
+            os.rename(run / layout.GENOMES, stage / "genomes.old")
+        os.rename(stage / layout.GENOMES, run / layout.GENOMES)
     for name in _REPLACED:
         if (stage / name).exists():
             os.replace(stage / name, run / name)
@@ -224,13 +225,13 @@ def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
     stage.mkdir()
     t0 = time.perf_counter()
     # Every genome gains a zero column for the new expert: same weights, the grown layout.
-    (stage / "genomes").mkdir()
-    for p in sorted((run / "genomes").glob("*.safetensors")):
+    (stage / layout.GENOMES).mkdir()
+    for p in sorted((run / layout.GENOMES).glob("*.safetensors")):
         widened = widen_genome(Genome.load(p), old_f, new_f)
-        (stage / "genomes" / p.name).write_bytes(widened.to_bytes())
+        (stage / layout.GENOMES / p.name).write_bytes(widened.to_bytes())
     seed_id = f"seed_{name}"
     new_seed = Genome.seed(new_cfg.task_names.index(name), new_f)
-    (stage / "genomes" / f"{seed_id}.safetensors").write_bytes(new_seed.to_bytes())
+    (stage / layout.GENOMES / f"{seed_id}.safetensors").write_bytes(new_seed.to_bytes())
 
     # Score the new task on the seeds and every elite; the new expert on all K + 1 tasks.
     folder = RunFolder(run)
@@ -242,7 +243,7 @@ def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
     from tqdm import tqdm
 
     for gid in tqdm(todo, desc=f"scoring {name}", disable=not progress, dynamic_ncols=True):
-        g = Genome.load(stage / "genomes" / f"{gid}.safetensors")
+        g = Genome.load(stage / layout.GENOMES / f"{gid}.safetensors")
         scored[gid] = float(worker.evaluate(g, tasks=[name])[0][name])
     seeds = {t: {"genome": s["genome"], "scores": {**s["scores"], name: scored[s["genome"]]}} for t, s in seeds.items()}
     seeds[name] = {"genome": seed_id, "scores": dict(new_scores)}
@@ -257,13 +258,13 @@ def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
     stats_line = {"generation": finished, "grown": name,
                   "archives": {t: grown.stats(t) for t in grown.tasks}}
 
-    write_atomic(stage / "config.yaml", dump_config(new_cfg))
-    write_atomic(stage / "models.json", json.dumps(models, indent=1))
-    write_atomic(stage / "seeds.json", json.dumps(seeds, indent=1))
-    write_atomic(stage / "archives.json", json.dumps(snapshot))
-    _copy_plus_line(run / GROWTH_LOG, stage / GROWTH_LOG, growth)
-    _copy_plus_line(run / "stats.jsonl", stage / "stats.jsonl", stats_line)
-    _fsync_dir(stage / "genomes")
+    write_atomic(stage / layout.CONFIG, dump_config(new_cfg))
+    write_atomic(stage / layout.MODELS, json.dumps(models, indent=1))
+    write_atomic(stage / layout.SEEDS, json.dumps(seeds, indent=1))
+    write_atomic(stage / layout.ARCHIVES, json.dumps(snapshot))
+    _copy_plus_line(run / layout.GROWTH_LOG, stage / layout.GROWTH_LOG, growth)
+    _copy_plus_line(run / layout.STATS, stage / layout.STATS, stats_line)
+    fsync_dir(stage / layout.GENOMES)
     write_atomic(stage / READY, json.dumps({"task": name}))
     finish_staged_growth(run)
     log.info("grew %s by task %s: %d models scored, %d elites", run, name, len(todo), len(grown.all_elites()))
@@ -277,14 +278,3 @@ def _copy_plus_line(src: Path, dst: Path, record: dict) -> None:
     raw = src.read_bytes() if src.exists() else b""
     raw = raw[: raw.rfind(b"\n") + 1]
     write_atomic(dst, raw + (json.dumps(record) + "\n").encode())
-
-
-def _fsync_dir(path: Path) -> None:
-    for p in path.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from cycleqd.atomic import write_atomic
 from cycleqd.config import Config, dump_config, resolve_paths, with_overrides
 from cycleqd.evolve.events import Observer, notify
 from cycleqd.evolve.pool import LocalPool, RayPool, local_ray_env, start_ray
 from cycleqd.evolve.signals import RunInterrupted, StopSignals
 from cycleqd.runs.folder import RunFolder
 from cycleqd.runs.lock import RunLock
-from cycleqd.runs.store import RunStore, check_models, default_run_dir, write_atomic
+from cycleqd.runs.store import RunStore, check_models, default_run_dir
 from cycleqd.search.archive import Archive
 from cycleqd.search.child import ChildRecord, SeedRecord
 from cycleqd.search.scheduler import Scheduler

@@ -36,7 +36,8 @@ def make_child(spec: ChildSpec, parents: Sequence[Any], cfg: Config, factors: An
     t0 = time.perf_counter()
     child = CROSSOVERS.get(evo.crossover.name)(parents, evo.crossover, gen, factors)
     t1 = time.perf_counter()
-    child = MUTATIONS.get(evo.mutation.name)(child, spec.q, evo.mutation, gen, factors)
+    q = cfg.task_names.index(spec.quality_task)  # the expert whose directions mutate this child
+    child = MUTATIONS.get(evo.mutation.name)(child, q, evo.mutation, gen, factors)
     t2 = time.perf_counter()
     return child, {"crossover": t1 - t0, "mutation": t2 - t1}
 

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence, Union
 
 import torch
 
+from cycleqd.atomic import write_atomic
+
 if TYPE_CHECKING:
     from cycleqd.model.factors import Factors
 
@@ -290,10 +292,7 @@ class Genome:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to ``path`` (a .safetensors file) atomically."""
-        p = Path(path)
-        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, p)
+        write_atomic(Path(path), self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Genome":

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from cycleqd.config import Config
 
 GiB = 1024**3
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Resident size of a worker process before any model (interpreter, torch, Ray, the engine's runtime),
 # measured on CPU: about 0.4 GiB with transformers, 1.2 GiB with vLLM.
 _PROCESS_BYTES = {"transformers": int(0.5 * GiB), "vllm": int(1.5 * GiB)}
@@ -245,6 +244,8 @@ def memory_plan(
     Raises:
         ConfigError: the base cannot be planned offline (see :func:`model_shapes`).
     """
+    from cycleqd.model.experts import torch_dtype
+
     workers = workers or cfg.evolution.workers
     eng_dev = _engine_device(cfg)
     dev_cap = device_bytes if device_bytes is not None else _device_capacity(eng_dev)
@@ -252,8 +253,8 @@ def memory_plan(
     found = model_shapes(cfg, arch)
     shapes, mconfig = found if found is not None else ({}, {})
     K = len(cfg.tasks)
-    fb = _BYTES[cfg.models.dtype]
-    eb = _BYTES[cfg.engine.dtype or cfg.models.dtype]
+    fb = torch_dtype(cfg.models.dtype).itemsize
+    eb = torch_dtype(cfg.engine.dtype or cfg.models.dtype).itemsize
     numel = sum(math.prod(s) for s in shapes.values())
     rank = cfg.evolution.mutation.rank
     svd = sum(_svd_bytes(s[0], s[1], rank, K, fb) for n, s in shapes.items() if len(s) == 2 and "norm" not in n)

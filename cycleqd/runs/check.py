@@ -29,8 +29,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cycleqd.atomic import write_atomic
+from cycleqd.runs import layout
 from cycleqd.runs.lock import RunLock
-from cycleqd.runs.store import RunDamaged, RunStore, safetensors_problem, write_atomic
+from cycleqd.runs.store import RunDamaged, RunStore, safetensors_problem
 from cycleqd.search.child import ChildRecord
 
 __all__ = ["CheckReport", "Finding", "check_run"]
@@ -134,7 +136,7 @@ def _check_seeds(store: RunStore, report: CheckReport, scan: _Scan) -> None:
         problem = _genome_problem(store, s["genome"])
         if problem:
             scan.bad_seeds.append(t)
-            report.findings.append(Finding(f"genomes/{s['genome']}.safetensors", problem, again))
+            report.findings.append(Finding(layout.genome_file(s['genome']), problem, again))
 
 
 def _check_log(store: RunStore, report: CheckReport, scan: _Scan) -> None:
@@ -162,7 +164,7 @@ def _check_log(store: RunStore, report: CheckReport, scan: _Scan) -> None:
         seen.add(rec.id)
         problem = _genome_problem(store, rec.id) if rec.ok else None
         if problem:
-            report.findings.append(Finding(f"genomes/{rec.id}.safetensors", problem,
+            report.findings.append(Finding(layout.genome_file(rec.id), problem,
                                            f"move aside; mark child {rec.id} failed", n))
             rec = rec.model_copy(update={"error": f"genome quarantined by cycleqd check: {problem}",
                                          "scores": {}, "inserted": ()})
@@ -203,7 +205,7 @@ def _check_derived(store: RunStore, report: CheckReport, scan: _Scan) -> None:
     scan.bad_stats = any(line.endswith(b"\n") and not _json_ok(line) for _, line in _lines(run / RunStore.STATS))
     if scan.bad_stats:
         report.findings.append(Finding(RunStore.STATS, "unreadable lines", "rebuild from seeds and log"))
-    scan.temps = sorted([*run.glob(".*.tmp"), *(run / "genomes").glob(".*.tmp")])
+    scan.temps = sorted([*run.glob(".*.tmp"), *(run / layout.GENOMES).glob(".*.tmp")])
     for p in scan.temps:
         report.findings.append(Finding(str(p.relative_to(run)), "temp file of a killed writer", "move aside"))
 
@@ -211,7 +213,7 @@ def _check_derived(store: RunStore, report: CheckReport, scan: _Scan) -> None:
 def _repair(store: RunStore, report: CheckReport, scan: _Scan) -> None:
     """Move what cannot be trusted into quarantine/<time>/ first, then write the trusted rest."""
     run = store.path
-    q = run / "quarantine" / time.strftime("%Y%m%d-%H%M%S")
+    q = run / layout.QUARANTINE / time.strftime("%Y%m%d-%H%M%S")
     n = 1
     while q.exists():
         n += 1
@@ -231,7 +233,7 @@ def _repair(store: RunStore, report: CheckReport, scan: _Scan) -> None:
         aside(RunStore.SEEDS)
     if scan.bad_seeds:
         for t in scan.bad_seeds:
-            aside(f"genomes/{scan.seeds[t]['genome']}.safetensors")
+            aside(layout.genome_file(scan.seeds[t]['genome']))
         aside(RunStore.SEEDS, copy=True)
         store.save_seeds({t: s for t, s in scan.seeds.items() if t not in scan.bad_seeds})
     for f in flagged:
@@ -244,7 +246,7 @@ def _repair(store: RunStore, report: CheckReport, scan: _Scan) -> None:
         write_atomic(run / RunStore.CHILDREN, "".join(r.to_line() + "\n" for r in kept))
     if scan.bad_final:
         aside(RunStore.FINAL)
-        aside("genomes/final_merge.safetensors")
+        aside(layout.genome_file("final_merge"))
     if RunStore.MODELS in flagged:
         aside(RunStore.MODELS)
     if RunStore.ARCHIVES in flagged:

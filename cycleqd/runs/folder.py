@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from cycleqd.atomic import write_atomic
 from cycleqd.config import Bins, Config, ConfigError
-from cycleqd.runs.store import RunNotFound, RunStore, write_atomic
+from cycleqd.runs import layout
+from cycleqd.runs.store import RunNotFound, RunStore
 from cycleqd.search.archive import Archive, Elite
 from cycleqd.search.child import ChildRecord
 
@@ -261,5 +263,5 @@ class RunFolder:
         import json
 
         out = self.summary()
-        write_atomic(self.path / "summary.json", json.dumps(out, indent=1))
+        write_atomic(self.path / layout.SUMMARY, json.dumps(out, indent=1))
         return out

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
-#: The growth log's file name inside a run folder.
-GROWTH_LOG = "growth.jsonl"
+from cycleqd.runs.layout import GROWTH_LOG  # noqa: F401 (the growth log's name, for readers of this module)
 
 #: One model offered to the archives: (genome id, scores per task, generation).
 Offer = tuple[str, dict[str, float], int]

@@ -11,8 +11,7 @@ import os
 from pathlib import Path
 
 from cycleqd.config import ConfigError
-
-LOCK_NAME = ".lock"
+from cycleqd.runs.layout import LOCK as LOCK_NAME  # noqa: E402
 
 
 class RunLocked(ConfigError):

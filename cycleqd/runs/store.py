@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from pydantic import ValidationError
 
+from cycleqd.atomic import write_atomic
 from cycleqd.config import Config, ConfigError, dump_config, load_config
+from cycleqd.runs import layout
 from cycleqd.runs.lock import LOCK_NAME, RunLock
 from cycleqd.search.archive import Archive
 from cycleqd.search.child import ChildRecord, SeedRecord
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class RunNotFound(ConfigError):
@@ -44,26 +42,8 @@ class RunDamaged(ConfigError):
     def __init__(self, path: Path, what: str, line: int | None = None):
         self.file, self.line = Path(path), line
         where = f"{path}:{line}" if line is not None else str(path)
-        run = self.file.parent if self.file.parent.name != "genomes" else self.file.parent.parent
+        run = self.file.parent if self.file.parent.name != layout.GENOMES else self.file.parent.parent
         super().__init__(f"{where}: {what}; `cycleqd check {run} --repair` moves it into quarantine/")
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -138,14 +118,14 @@ class RunStore:
         path: an existing run folder. Raises RunNotFound if it holds no run.
     """
 
-    CONFIG = "config.yaml"
-    ARCHIVES = "archives.json"
-    CHILDREN = "children.jsonl"
-    STATS = "stats.jsonl"
-    SEEDS = "seeds.json"
-    FINAL = "final_merge.json"
-    MODELS = "models.json"
-    EPISODES = "episodes"  # episodes/<genome>.jsonl: an elite's passing conversations (evolution.record_episodes)
+    CONFIG = layout.CONFIG
+    ARCHIVES = layout.ARCHIVES
+    CHILDREN = layout.CHILDREN
+    STATS = layout.STATS
+    SEEDS = layout.SEEDS
+    FINAL = layout.FINAL
+    MODELS = layout.MODELS
+    EPISODES = layout.EPISODES  # episodes/<genome>.jsonl: an elite's passing conversations (evolution.record_episodes)
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -180,8 +160,8 @@ class RunStore:
             if made and not any(p.iterdir()):
                 p.rmdir()  # nothing written: not even the folder stays
             raise
-        (p / "genomes").mkdir(exist_ok=True)
-        (p / "plots").mkdir(exist_ok=True)
+        (p / layout.GENOMES).mkdir(exist_ok=True)
+        (p / layout.PLOTS).mkdir(exist_ok=True)
         write_atomic(p / cls.CONFIG, dump_config(cfg))
         return cls(p)
 
@@ -221,9 +201,7 @@ class RunStore:
 
     def growths(self) -> list[dict]:
         """growth.jsonl: one record per task ``cycleqd grow`` added (see :mod:`cycleqd.runs.history`)."""
-        from cycleqd.runs.history import GROWTH_LOG
-
-        return [obj for _, obj in read_jsonl(self.path / GROWTH_LOG)]
+        return [obj for _, obj in read_jsonl(self.path / layout.GROWTH_LOG)]
 
     def stats(self) -> list[dict]:
         """stats.jsonl (a derived progress log for plots); unreadable lines are skipped."""
@@ -273,7 +251,7 @@ class RunStore:
         return [obj for _, obj in read_jsonl(f)] if f.is_file() else None
 
     def genome_path(self, genome_id: str) -> Path:
-        return self.path / "genomes" / f"{genome_id}.safetensors"
+        return self.path / layout.genome_file(genome_id)
 
     def load_genome(self, genome_id: str):
         from cycleqd.model.genome import Genome
@@ -301,7 +279,7 @@ class RunStore:
 
     @property
     def plots_dir(self) -> Path:
-        return self.path / "plots"
+        return self.path / layout.PLOTS
 
     # -- writing ---------------------------------------------------------------
     def commit(self, record: ChildRecord | SeedRecord, genome: bytes | None,

@@ -32,7 +32,6 @@ class ChildSpec:
     index: int
     id: str
     quality_task: str
-    q: int
     parents: tuple[str, ...]
     seed: int
 

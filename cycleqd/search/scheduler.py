@@ -82,7 +82,7 @@ class Scheduler:
         sampler = SAMPLERS.get(self.cfg.evolution.sampling.name)
         parents = sampler(self.archive.elites(q_name), 2, self.cfg.evolution.sampling, rng)
         spec = ChildSpec(index=index, id=f"g{index + 1:06d}", quality_task=q_name,
-                         q=self.cfg.task_names.index(q_name), parents=tuple(p.genome for p in parents),
+                         parents=tuple(p.genome for p in parents),
                          seed=child_seed(self.cfg, index))
         self.next_index += 1
         self._asked[index] = spec

@@ -35,6 +35,7 @@ import torch
 
 from cycleqd.config import Config, ConfigError, edit_config, load_config, parse_config, resolve_paths, split_config
 from cycleqd.evolve.worker import ChildWorker, ready_config
+from cycleqd.runs import layout
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "cycleqd": {},
@@ -153,7 +154,7 @@ def save_teams(snap: Any, store: Any, models_dir: Path, seed: int) -> dict[str, 
     The members' genomes go to ``models_dir/team-s<seed>/``; a row's JSON (variant, team, that
     folder) to ``models_dir/<row>-s<seed>.json``. Returns {row: file name}.
     """
-    from cycleqd.runs.store import write_atomic
+    from cycleqd.atomic import write_atomic
     from cycleqd.studies.team import STRATEGIES, choose_team
 
     folder = models_dir / f"team-s{seed}"
@@ -253,10 +254,11 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
     Raises:
         ConfigError: an existing run folder holds another experiment.
     """
+    from cycleqd.atomic import write_atomic
     from cycleqd.evolve.loop import evolve, resume
     from cycleqd.model.genome import Genome
     from cycleqd.runs.folder import RunFolder
-    from cycleqd.runs.store import RunStore, model_fingerprints, write_atomic
+    from cycleqd.runs.store import RunStore, model_fingerprints
 
     unresolved = cfg
     for v in variants or []:
@@ -280,7 +282,7 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
         for seed in range(seeds):
             vcfg = variant_config(cfg, variant, seed, generations, evolve_n)
             run = runs_root / f"{variant}-s{seed}"
-            if (run / "config.yaml").exists():
+            if (run / layout.CONFIG).exists():
                 check_same_experiment(RunStore(run).config(), vcfg, run)
                 resume(run, generations=vcfg.evolution.generations, progress=True)
             else:
@@ -390,7 +392,7 @@ def make_table(cfg: Config, out: Path, *, models_dir: Path | None = None, seeds:
                test_n: int | None = 300, test_seed: int = 0, variants: list[str] | None = None,
                evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5) -> dict:
     """:func:`choose_models` then :func:`score_models`; writes the table JSON to ``out``."""
-    from cycleqd.runs.store import write_atomic
+    from cycleqd.atomic import write_atomic
 
     models_dir = models_dir or out.parent / f"{out.stem}_models"
     choose_models(cfg, models_dir, seeds=seeds, generations=generations, runs_root=runs_root, variants=variants,
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.rescore:
             if models is None:
                 raise ConfigError("--rescore needs --models (the folder `make table` wrote)")
-            from cycleqd.runs.store import write_atomic
+            from cycleqd.atomic import write_atomic
 
             table = score_models(models, test_n=a.test_n, test_seed=a.test_seed)
             write_atomic(out, json.dumps(table, indent=2))

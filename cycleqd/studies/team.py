@@ -396,8 +396,8 @@ def make_team(run_dir: str | Path, strategy: str, *, size: int = 3, layers: int 
     """
     import torch
 
+    from cycleqd.atomic import write_atomic
     from cycleqd.runs.folder import RunFolder, best_by_mean
-    from cycleqd.runs.store import write_atomic
 
     run = RunFolder(run_dir)
     snap = run.snapshot()

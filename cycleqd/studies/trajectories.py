@@ -66,8 +66,8 @@ def harvest(run_dir: str | Path, out: str | Path, *, regenerate: bool | None = N
         ConfigError: no run; no elite has a recording and ``regenerate`` is False; ``split`` /
             ``n`` / ``seed`` with ``regenerate`` False; an unknown task.
     """
+    from cycleqd.atomic import write_atomic
     from cycleqd.runs.folder import RunFolder, best_by_mean
-    from cycleqd.runs.store import write_atomic
 
     other_items = split is not None or n is not None or seed is not None
     if other_items and regenerate is False:

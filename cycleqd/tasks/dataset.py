@@ -10,9 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from pydantic import BaseModel, ValidationError
-
-from cycleqd.config import ConfigError, one_line_error
+from cycleqd.config import ConfigError
 from cycleqd.engine.protocol import Engine, GenRequest
 from cycleqd.tasks.protocol import SampleResult, TaskResult
 
@@ -50,18 +48,6 @@ def read_rows(data: str | None, *, hf_split: str = "test") -> list[dict]:
     if not all(isinstance(r, dict) for r in rows):
         raise ConfigError(f"{data}: every record must be a JSON object")
     return rows
-
-
-def task_options(model: type[BaseModel], kind: str, **values: Any) -> Any:
-    """``model(**values)``: a task's typed options, validated.
-
-    Raises:
-        ConfigError: a value of the wrong type or out of range (one line naming the option).
-    """
-    try:
-        return model(**values)
-    except ValidationError as e:
-        raise ConfigError(f"task {kind}: options.{one_line_error(e, model)}") from None
 
 
 def ids_as_strings(value: Any) -> Any:

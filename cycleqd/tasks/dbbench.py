@@ -7,7 +7,7 @@ Follows the AgentBench protocol (``src/server/tasks/dbbench``):
   with the table description;
 - ``Action: Operation`` + a ```sql block runs the statement (newlines turned into
   spaces); the raw result (``str`` of the fetched rows, or the error text, cut at
-  800 characters) is the next user turn; up to ``max_round`` operations;
+  800 characters) is the next user turn; up to ``max_rounds`` operations;
 - ``Action: Answer`` + ``Final Answer: [...]`` ends the episode;
 - SELECT-type questions compare the answer list with the label (one value: as
   floats if both parse, else as strings; several: as sets); INSERT / UPDATE /
@@ -17,10 +17,10 @@ Follows the AgentBench protocol (``src/server/tasks/dbbench``):
 
 ``protocol`` picks where the official CycleQD code (fishfarm) and AgentBench differ:
 
-- ``official`` (default): up to ``max_round`` operations, then one more reply that must
+- ``official`` (default): up to ``max_rounds`` operations, then one more reply that must
   answer; an ``Operation`` reply without a ```sql block still has its ``Final Answer``
   read; row ``standard:4`` carries the official copy's label.
-- ``agentbench``: ``max_round`` replies in all (an operation in the last one ends the
+- ``agentbench``: ``max_rounds`` replies in all (an operation in the last one ends the
   episode unanswered); an ``Operation`` reply without a ```sql block fails the sample.
 
 Answers are read like ``list(eval(answer))`` in both harnesses, but safely
@@ -55,7 +55,7 @@ from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox.mysql import MySQLSandbox
 from cycleqd.sandbox.sqlite import QueryResult, SQLiteSandbox, SQLLimits
-from cycleqd.tasks.dataset import ids_as_strings, read_rows, run_episodes, select_ids, task_options, task_result
+from cycleqd.tasks.dataset import ids_as_strings, read_rows, run_episodes, select_ids, task_result
 from cycleqd.tasks.official import official_samples
 from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
 
@@ -278,8 +278,8 @@ class MySQLDatabase:
 class DBEpisode:
     """One DBBench sample played out round by round (see module docstring)."""
 
-    def __init__(self, sample_id: str, row: dict, db: Database, max_round: int, protocol: str = "official"):
-        self.sample_id, self.row, self.db, self.max_round = sample_id, row, db, max_round
+    def __init__(self, sample_id: str, row: dict, db: Database, max_rounds: int, protocol: str = "official"):
+        self.sample_id, self.row, self.db, self.max_rounds = sample_id, row, db, max_rounds
         self.protocol = protocol
         self.messages = [
             {"role": "user", "content": PROMPT},
@@ -297,13 +297,13 @@ class DBEpisode:
         self.messages.append({"role": "assistant", "content": reply})
         self.turn += 1
         action = _ACTION.search(reply)
-        if action and action.group(1) == "Operation" and self.rounds < self.max_round:
+        if action and action.group(1) == "Operation" and self.rounds < self.max_rounds:
             m = _SQL.search(reply)
             if m:
                 result = self.db.execute(m.group(1).strip().replace("\n", " "))
                 self.messages.append({"role": "user", "content": result or ""})
                 self.rounds += 1
-                if self.protocol == "agentbench" and self.turn >= self.max_round:
+                if self.protocol == "agentbench" and self.turn >= self.max_rounds:
                     self.status, self.done = "round limit", True
                 return
             if self.protocol == "agentbench":
@@ -312,7 +312,7 @@ class DBEpisode:
             # the official code falls through and reads the reply's final answer
         m = _ANSWER.search(reply)
         self.answer = m.group(1) if m else ""
-        self.status = "answered" if m else ("round limit" if self.rounds >= self.max_round else "no answer")
+        self.status = "answered" if m else ("round limit" if self.rounds >= self.max_rounds else "no answer")
         self.done = True
 
 
@@ -406,12 +406,14 @@ class DBBenchOptions(BaseModel):
     """Options of the ``dbbench`` task (see :class:`DBBenchTask`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    #: option names of earlier versions, still read from old run folders
+    renamed: ClassVar[dict[str, str]] = {"max_round": "max_rounds"}
 
     protocol: Literal["official", "agentbench"] = "official"
     select: Literal["all", "official"] = "all"
     backend: str = "sqlite"
     url: str | None = None
-    max_round: int = Field(5, ge=1)
+    max_rounds: int = Field(5, ge=1)
     ids: list[str] | None = None
     limit: int | None = Field(None, ge=0)
     max_new_tokens: int = Field(512, ge=1)
@@ -483,7 +485,7 @@ class DBBenchTask(Task):
         select: ``all`` rows, or the ``official`` selection (341 of AgentBench's 360).
         backend: ``sqlite`` or ``mysql``.
         url: ``mysql://user:password@127.0.0.1:3306/`` for the mysql backend.
-        max_round: SQL operations allowed per sample (AgentBench: 5).
+        max_rounds: SQL operations allowed per sample (AgentBench: 5).
         ids / limit: evaluate a subset (of the selection).
         max_new_tokens: per reply.
         workers: samples whose SQL runs at the same time.
@@ -492,28 +494,24 @@ class DBBenchTask(Task):
     Options: ClassVar[type[BaseModel]] = DBBenchOptions
     executes_code: ClassVar[bool] = False
 
-    def __init__(self, name: str = "dbbench", data: str | None = None, sandbox: SandboxConfig | None = None, *,
-                 protocol: str = "official", select: str = "all", backend: str = "sqlite", url: str | None = None,
-                 max_round: int = 5, ids: Sequence[Any] | None = None, limit: int | None = None,
-                 max_new_tokens: int = 512, workers: int = 8):
-        opts = task_options(DBBenchOptions, "dbbench", protocol=protocol, select=select, backend=backend, url=url,
-                            max_round=max_round, ids=None if ids is None else [str(i) for i in ids], limit=limit,
-                            max_new_tokens=max_new_tokens, workers=workers)
+    def __init__(self, name: str = "dbbench", data: str | None = None, sandbox: SandboxConfig | None = None,
+                 **options: Any):
+        super().__init__(name, data, sandbox, **options)
+        opts = self.options
         if opts.backend not in ("sqlite", "mysql"):
             raise ConfigError(f"dbbench backend must be 'sqlite' or 'mysql', got {opts.backend!r}")
         if opts.backend == "mysql":
             if not opts.url:
                 raise ConfigError("dbbench backend 'mysql' needs url: mysql://user:password@host:port/")
             parse_mysql_url(opts.url)
-        self.name, self.backend, self.url = name, opts.backend, opts.url
+        self.backend, self.url = opts.backend, opts.url
         self.protocol, self.select = opts.protocol, opts.select
-        self.sandbox = sandbox or SandboxConfig()
         loaded = load_dbbench(data)
         self.rows = [self._official_label(split, i, r) for split, i, r in loaded]
         self.sources = [(split, i) for split, i, _ in loaded]
         pool = official_ids(loaded, data) if self.select == "official" else [str(i) for i in range(len(self.rows))]
         self._ids = select_ids(pool, opts.ids, opts.limit)
-        self.max_round, self.max_new_tokens, self.workers = opts.max_round, opts.max_new_tokens, opts.workers
+        self.max_rounds, self.max_new_tokens, self.workers = opts.max_rounds, opts.max_new_tokens, opts.workers
 
     def answer_signatures(self, requests: Sequence[Any], answers: Sequence[str]) -> list[str | None]:
         """The action each reply proposes for its turn (see :func:`action_signature`)."""
@@ -548,7 +546,7 @@ class DBBenchTask(Task):
         failed: dict[str, str] = {}
         for i in chosen:
             try:
-                episodes.append(DBEpisode(i, self.rows[int(i)], self._open(self.rows[int(i)]), self.max_round,
+                episodes.append(DBEpisode(i, self.rows[int(i)], self._open(self.rows[int(i)]), self.max_rounds,
                                           self.protocol))
             except Exception as e:  # a table that cannot be built is that sample's failure
                 failed[i] = f"could not create the table: {type(e).__name__}: {e}"

@@ -11,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,12 +50,12 @@ class Likelihood(Task):
 
     executes_code: ClassVar[bool] = False
 
-    def __init__(self, name: str, data: str | None, sandbox: SandboxConfig | None = None, batch_size: int = 16):
+    def __init__(self, name: str, data: str | None, sandbox: SandboxConfig | None = None, **options: Any):
+        super().__init__(name, data, sandbox, **options)
         if data is None:
             raise ConfigError(f"task {name}: likelihood needs data")
-        self.name = name
         self.rows = _read_texts(data)
-        self.batch_size = batch_size
+        self.batch_size = self.options.batch_size
 
     def sample_ids(self) -> list[str]:
         return [i for i, _ in self.rows]

@@ -48,7 +48,7 @@ from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.protocol import Engine, GenRequest
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution, run_python_batch
-from cycleqd.tasks.dataset import ids_as_strings, read_rows, select_ids, task_options, task_result
+from cycleqd.tasks.dataset import ids_as_strings, read_rows, select_ids, task_result
 from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
 
 SYSTEM = ("You are an exceptionally intelligent coding assistant that consistently delivers accurate "
@@ -543,15 +543,10 @@ class MBPPTask(Task):
     Options: ClassVar[type[BaseModel]] = MBPPOptions
     executes_code: ClassVar[bool] = True
 
-    def __init__(self, name: str = "mbpp", data: str | None = None, sandbox: SandboxConfig | None = None, *,
-                 protocol: Protocol | None = None, select: str = "all", ids: Sequence[Any] | None = None,
-                 limit: int | None = None, max_new_tokens: int = 512, timeout: float | None = None,
-                 memory_mb: int | None = None):
-        opts = task_options(MBPPOptions, "mbpp", protocol=protocol, select=select,
-                            ids=None if ids is None else [str(i) for i in ids],
-                            limit=limit, max_new_tokens=max_new_tokens, timeout=timeout, memory_mb=memory_mb)
-        self.name = name
-        self.sandbox = sandbox or SandboxConfig()
+    def __init__(self, name: str = "mbpp", data: str | None = None, sandbox: SandboxConfig | None = None,
+                 **options: Any):
+        super().__init__(name, data, sandbox, **options)
+        opts = self.options
         problems = [_from_row(r) for r in read_rows(data)]
         self.problems = {p.id: p for p in problems}
         self._ids = select_ids([p.id for p in problems], opts.ids, opts.limit)

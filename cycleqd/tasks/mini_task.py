@@ -44,23 +44,11 @@ class MiniTask(Task):
     executes_code: ClassVar[bool] = True
     max_new_tokens: ClassVar[int] = 80
 
-    def __init__(
-        self,
-        name: str,
-        data: str | None = None,
-        sandbox: SandboxConfig | None = None,
-        *,
-        split: str = "val",
-        n: int = 200,
-        seed: int = 0,
-        skip: int = 0,
-    ):
-        self.name = name
-        self.sandbox = sandbox or SandboxConfig()
-        self.split = split
-        if int(skip) < 0:
-            raise ValueError(f"skip must be >= 0, got {skip}")
-        self.items: list[MiniItem] = skill_items(self.skill, split, int(skip) + int(n), int(seed))[int(skip):]
+    def __init__(self, name: str, data: str | None = None, sandbox: SandboxConfig | None = None, **options: Any):
+        super().__init__(name, data, sandbox, **options)
+        o = self.options
+        self.split = o.split
+        self.items: list[MiniItem] = skill_items(self.skill, o.split, o.skip + o.n, o.seed)[o.skip:]
         self._by_id = {it.id: it for it in self.items}
 
     def sample_ids(self) -> list[str]:

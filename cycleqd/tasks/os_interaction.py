@@ -43,15 +43,7 @@ from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution
 from cycleqd.sandbox.os_env import OSSession
-from cycleqd.tasks.dataset import (
-    error_text,
-    ids_as_strings,
-    read_rows,
-    run_episodes,
-    select_ids,
-    task_options,
-    task_result,
-)
+from cycleqd.tasks.dataset import error_text, ids_as_strings, read_rows, run_episodes, select_ids, task_result
 from cycleqd.tasks.official import official_samples
 from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
 
@@ -387,15 +379,9 @@ class OSInteractionTask(Task):
     executes_code: ClassVar[bool] = True
 
     def __init__(self, name: str = "os_interaction", data: str | None = None, sandbox: SandboxConfig | None = None,
-                 *, protocol: str = "official", select: str = "all", scripts: str | None = None, runs: int = 1,
-                 max_rounds: int = 5, command_timeout: float = 10.0, ids: Sequence[Any] | None = None,
-                 limit: int | None = None, max_new_tokens: int = 512, workers: int = 4, memory_mb: int | None = None):
-        opts = task_options(OSInteractionOptions, "os_interaction", protocol=protocol, select=select, scripts=scripts,
-                            runs=runs, max_rounds=max_rounds, command_timeout=command_timeout,
-                            ids=None if ids is None else [str(i) for i in ids], limit=limit,
-                            max_new_tokens=max_new_tokens, workers=workers, memory_mb=memory_mb)
-        self.name = name
-        self.sandbox = sandbox or SandboxConfig()
+                 **options: Any):
+        super().__init__(name, data, sandbox, **options)
+        opts = self.options
         self.protocol, self.select = opts.protocol, opts.select
         if not data:
             raise ConfigError("task needs `data` (an AgentBench OS problem file or data/os_interaction folder)")

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol, Sequence
 
+from pydantic import BaseModel, ConfigDict
+
+from cycleqd.config import SandboxConfig, validate_options
 from cycleqd.engine.protocol import Engine, GenRequest
 
 
@@ -70,8 +73,27 @@ class Task:
             ``sandbox.allow_code_execution``, checked before any model loads).
     """
 
+    class Options(BaseModel):
+        """A task's options (none by default); a task class declares its own, each option once."""
+
+        model_config = ConfigDict(frozen=True, extra="forbid")
+
     name: str
     executes_code: ClassVar[bool] = False
+
+    def __init__(self, name: str, data: str | None = None, sandbox: SandboxConfig | None = None, **options: Any):
+        """Args:
+            name: the task's name in the experiment (its archive axis).
+            data: where the task's samples are (a file, folder or ``hf://`` id), if it reads any.
+            sandbox: the experiment's sandbox settings (default: SandboxConfig()).
+            options: the config's ``options`` of the task, validated into ``self.options``.
+
+        Raises:
+            ConfigError: an unknown option or a bad value, in one line.
+        """
+        self.name, self.data = name, data
+        self.sandbox = sandbox or SandboxConfig()
+        self.options = validate_options(type(self).Options, name, options)
 
     def sample_ids(self) -> list[str]:
         """The ids of the samples ``evaluate`` scores by default."""

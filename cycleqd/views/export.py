@@ -20,8 +20,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from cycleqd.config import ConfigError
+from cycleqd.config import ConfigError, looks_like_hub_id
 from cycleqd.registry import did_you_mean
+from cycleqd.runs import layout
 from cycleqd.runs.folder import ArchiveSnapshot, RunFolder, best_by_mean
 
 __all__ = ["Selection", "export", "select", "parse_cell"]
@@ -149,7 +150,7 @@ def _base_card_metadata(base: str, revision: str | None) -> dict[str, Any]:
 
 
 def _is_hub_id(s: str) -> bool:
-    return not Path(s).exists() and bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s))
+    return not Path(s).exists() and looks_like_hub_id(s)
 
 
 def _tree_text(node: dict, depth: int = 0) -> list[str]:
@@ -313,7 +314,7 @@ def write_model(run: RunFolder, sel: Selection, genome_path: Path, out: Path, *,
         tokenizer.save_pretrained(tmp)
         (tmp / "cycleqd").mkdir()
         shutil.copyfile(genome_path, tmp / "cycleqd" / "genome.safetensors")
-        shutil.copyfile(store.path / store.CONFIG, tmp / "cycleqd" / "config.yaml")
+        shutil.copyfile(store.path / store.CONFIG, tmp / "cycleqd" / layout.CONFIG)
         provenance = {
             "run": str(store.path.resolve()), "genome": sel.genome, "how": sel.how, "generation": sel.generation,
             "scores": sel.scores, "tasks": tasks, "lineage": tree,

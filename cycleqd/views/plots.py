@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cycleqd.config import Bins
+from cycleqd.runs import layout
 from cycleqd.runs.folder import SEED_PREFIX, ArchiveSnapshot, RunFolder
 from cycleqd.search.archive import bin_index
 
@@ -232,9 +233,9 @@ def refresh_plots(run_dir: str | Path) -> list[Path]:
     Never raises for a run that has not written its files yet; returns what it wrote.
     """
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file() or not RunFolder(run).seeds:
+    if not (run / layout.CONFIG).is_file() or not RunFolder(run).seeds:
         return []
-    out = run / "plots"
+    out = run / layout.PLOTS
     return write_heatmaps(run, out, formats=("png",), per_archive=False) + write_history(run, out, formats=("png",))
 
 

@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 from typing import Iterable
 
+from cycleqd.atomic import write_atomic
 from cycleqd.runs.folder import RunFolder, best_by_mean, lineage
-from cycleqd.runs.store import write_atomic
 from cycleqd.views.plots import write_heatmaps, write_history
 
 __all__ = ["write_report", "best_by_mean", "lineage", "REPORT_NAME"]

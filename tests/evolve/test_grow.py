@@ -102,7 +102,7 @@ def test_widened_genome_materialises_to_exactly_the_same_weights(world):
 
     f3, f4 = Factors.prepare(world["cfg3"], progress=False), Factors.prepare(world["cfg4"], progress=False)
     seeds = [Genome.seed(k, f3) for k in range(3)]
-    child, _ = make_child(ChildSpec(0, "g1", "b", 1, ("seed_a", "seed_b"), 7), seeds[:2], world["cfg3"], f3)
+    child, _ = make_child(ChildSpec(0, "g1", "b", ("seed_a", "seed_b"), 7), seeds[:2], world["cfg3"], f3)
     # a stored term too: terms keep their per-tensor coefficients when growing
     noisy = child.with_term(NoiseTerm(seed=3, std=1e-3, coef=torch.full((f3.num_tensors,), 0.5)))
     for g in (seeds[2], child, noisy):

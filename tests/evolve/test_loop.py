@@ -120,8 +120,7 @@ def test_one_worker_and_one_seed_replay_a_child_exactly(killed_and_resumed):
     store = RunStore(run)
     cfg = store.config()
     child = next(c for c in store.children() if c.ok and c.generation > 5)
-    spec = ChildSpec(child.index, child.id, child.quality_task,
-                     cfg.task_names.index(child.quality_task), child.parents, child.seed)
+    spec = ChildSpec(child.index, child.id, child.quality_task, child.parents, child.seed)
     parents = [store.genome_path(p).read_bytes() for p in child.parents]
     res = ChildWorker(cfg, threads=1).run(spec, parents)
     assert res.error is None

@@ -4,8 +4,9 @@ import os
 
 import pytest
 
+from cycleqd.atomic import write_atomic
 from cycleqd.config import ConfigError, parse_config
-from cycleqd.runs.store import RunNotFound, RunStore, write_atomic
+from cycleqd.runs.store import RunNotFound, RunStore
 from cycleqd.search.archive import Archive
 from cycleqd.search.child import ChildRecord, SeedRecord
 

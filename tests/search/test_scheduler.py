@@ -83,8 +83,8 @@ def _loop(data: dict, run, generations: int, worker: ChildWorker) -> Scheduler:
     cfg = _cfg(data, generations)
     store = RunStore(run) if (run / "config.yaml").exists() else RunStore.create(run, cfg)
     if store.config() != cfg:
+        from cycleqd.atomic import write_atomic
         from cycleqd.config import dump_config
-        from cycleqd.runs.store import write_atomic
 
         write_atomic(run / "config.yaml", dump_config(cfg))
     worker.cfg = cfg
