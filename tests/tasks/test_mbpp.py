@@ -2,7 +2,6 @@
 protocols, and replays of reference solutions on all 974 problems."""
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -15,11 +14,11 @@ from cycleqd.studies.score import score
 from cycleqd.tasks.mbpp import (
     STOP,
     MBPPTask,
-    _from_row,
     evalplus_message,
     extract_code,
     official_prompt,
     official_sanitize,
+    problem_from_row,
     sanitize,
 )
 
@@ -36,7 +35,7 @@ class TestOfficialPrompt:
                "prompt": '"""\nWrite a function to find the shared elements from the given two lists.\n'
                          'assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))\n"""\n',
                "base_input": [[[1], [1]]]}
-        assert official_prompt(_from_row(row)) == (
+        assert official_prompt(problem_from_row(row)) == (
             f"{SYSTEM}\n\n@@ Instruction:\n"
             "Write a function to find the shared elements from the given two lists. "
             "Your code should satisfy the following assertion:\n```python\n"
@@ -48,7 +47,7 @@ class TestOfficialPrompt:
                                       "character from the string", "code": "def remove_Occ(s,ch):\n  return s",
                "test_list": ['assert remove_Occ("hello","l") == "heo"', 'assert remove_Occ("abcda","a") == "bcd"'],
                "test_setup_code": ""}
-        assert official_prompt(_from_row(row)) == (
+        assert official_prompt(problem_from_row(row)) == (
             f"{SYSTEM}\n\n@@ Instruction:\n"
             "Write a python function to remove first and last occurrence of a given character from the string. "
             "Your code should satisfy the following assertion:\n```python\n"
@@ -230,16 +229,17 @@ def test_hub_mbpp_plus_rows_read_like_mbpp(tmp_path) -> None:
     """``hf://evalplus/mbppplus`` rows hold MBPP's plain text as ``prompt`` and its test_list."""
     row = {"task_id": 2, "prompt": "Write a function to add one", "code": "import math\ndef add1(x):\n  return x + 1",
            "test_imports": ["import math"], "test_list": ["assert add1(1) == 2", "assert math.isclose(add1(0.5), 1.5)"]}
-    p = _from_row(row)
+    p = problem_from_row(row)
     assert (p.text, p.assertion, p.entry_point, p.setup, p.plus) == (
         "Write a function to add one", "assert add1(1) == 2", "add1", "import math", False)
     assert "Write a function to add one. Your code should satisfy" in official_prompt(p)
 
 
 def test_options_are_typed(tmp_path) -> None:
-    kw = [p.name for p in inspect.signature(MBPPTask.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    assert sorted(kw) == sorted(MBPPTask.Options.model_fields) and MBPPTask.executes_code is True
+    assert MBPPTask.executes_code is True
     data = str(write_jsonl(tmp_path / "p.jsonl", _plus_rows()))
+    with pytest.raises(ConfigError, match="unknown option 'limt'; did you mean 'limit'"):
+        MBPPTask(data=data, limt=3)  # the options are declared once, in MBPPTask.Options
     with pytest.raises(ConfigError, match="protocol"):
         MBPPTask(data=data, protocol="agentbench")
     with pytest.raises(ConfigError, match="max_new_tokens"):
