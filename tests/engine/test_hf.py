@@ -132,9 +132,9 @@ def test_draft_memory_is_bounded_and_can_be_off(tiny_family):
     off = HFEngine.from_path(path, EngineConfig(device="cpu", options={"draft_memory": 0}))
     reqs = _reqs(limits=(12,))
     assert small.generate(reqs) == off.generate(reqs) == small.generate(reqs)
-    assert len(small._drafts) == 3 and not off._drafts
+    assert len(small.decoder._drafts) == 3 and not off.decoder._drafts
     small.forget_drafts()
-    assert not small._drafts
+    assert not small.decoder._drafts
 
 
 MINI = Path(__file__).resolve().parents[2] / ".cache" / "mini"
@@ -163,7 +163,7 @@ def _differences_from_generate(world: Path, n: int) -> list[tuple[str, str]]:
         for t in tasks:
             if engine.generate(t.requests(t.items)) != _reference(engine, t.requests(t.items)):
                 differ.append((name, t.name))
-    assert len(engine._drafts) == 3 * n  # every prompt left a draft for the next model
+    assert len(engine.decoder._drafts) == 3 * n  # every prompt left a draft for the next model
     return differ
 
 

@@ -29,8 +29,8 @@ class Backend:
                 con.executemany("INSERT INTO t VALUES (?, ?)", [(str(i), i) for i in range(100)])
             sb = SQLiteSandbox(LIMITS, setup=setup)
         else:
+            from cycleqd.sandbox.databases import parse_mysql_url
             from cycleqd.sandbox.mysql import MySQLSandbox
-            from cycleqd.tasks.dbbench import parse_mysql_url
 
             sb = MySQLSandbox(parse_mysql_url(self.url), LIMITS)
             sb.setup([("CREATE TABLE t (a TEXT, b INTEGER)", None),
@@ -146,7 +146,7 @@ def test_mariadb_user_and_database_are_dropped(backend: Backend) -> None:
         pytest.skip("server-only")
     import pymysql
 
-    from cycleqd.tasks.dbbench import parse_mysql_url
+    from cycleqd.sandbox.databases import parse_mysql_url
 
     sb = backend.open()
     name = sb.name

@@ -8,8 +8,9 @@ from answers import dbbench_answers, write_jsonl
 
 from cycleqd.config import ConfigError
 from cycleqd.engine.answers import ReplayEngine
+from cycleqd.sandbox.databases import SQLiteDatabase, table_hash
 from cycleqd.studies.score import score
-from cycleqd.tasks.dbbench import DBBenchTask, SQLiteDatabase, answer_is_correct, parse_answer, table_hash
+from cycleqd.tasks.dbbench import DBBenchTask, answer_is_correct, parse_answer
 from cycleqd.tasks.official import official_samples
 
 
