@@ -153,13 +153,17 @@ class ServerUnavailable(RuntimeError):
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _pid_is_server(pid: int, root: Path) -> bool:
@@ -241,7 +245,7 @@ class MariaDBServer:
 
     @classmethod
     def start(cls, *, limits: ServerLimits | None = None, parent: str | Path | None = None,
-              timeout: float = 120.0) -> "MariaDBServer":
+              timeout: float = 120.0, extra_options: tuple[str, ...] = ()) -> "MariaDBServer":
         """Create a fresh data folder, start the server and lock its accounts down.
 
         Args:
@@ -249,6 +253,7 @@ class MariaDBServer:
             parent: where the private folder is made (default: the system temp folder;
                 the server user must be able to reach it).
             timeout: seconds to wait for ``install-db`` and for the server to answer.
+            extra_options: more ``mariadbd`` flags, after (and so over) the hardening ones.
 
         Raises:
             ServerUnavailable: MariaDB or pymysql is not installed, or the server did not start.
@@ -296,7 +301,7 @@ class MariaDBServer:
             proc = subprocess.Popen(
                 [exe, "--no-defaults", f"--datadir={root / 'data'}", f"--tmpdir={root / 'tmp'}",
                  f"--socket={root / 'mysqld.sock'}", "--skip-networking", f"--pid-file={root / 'mysqld.pid'}",
-                 f"--secure-file-priv={root / 'nofiles'}", *server_options(limits)],
+                 f"--secure-file-priv={root / 'nofiles'}", *server_options(limits), *extra_options],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=root,
                 start_new_session=True, **run_as)
             log.close()
@@ -332,11 +337,13 @@ class MariaDBServer:
                 return
             self._stopped = True
         try:
-            _stop_pid(self.pid)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
             atexit.unregister(self.stop)

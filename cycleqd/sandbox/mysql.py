@@ -335,13 +335,14 @@ class MySQLSandbox:
         self.close()
 
 
-def server_warnings(connect: dict[str, Any], *, heap_table_mb: int = 64, connect_timeout: float = 10.0) -> list[str]:
+def server_warnings(connect: dict[str, Any], *, heap_table_mb: int = 64, session_mem_mb: int = 1024,
+                    connect_timeout: float = 10.0) -> list[str]:
     """What a user-given server lacks of the hostile-tenant set-up (module docstring), one line each.
 
     Checks what can be seen over SQL with the URL's account: symbolic links (``DATA
     DIRECTORY``), ``secure_file_priv``, ``local_infile``, the temporary folder, the network,
     whether ``SET SESSION`` can raise ``max_heap_table_size`` / ``tmp_table_size`` /
-    ``max_session_mem_used`` past ``heap_table_mb`` (i.e. no ``--maximum-...``),
+    ``max_session_mem_used`` past ``heap_table_mb`` / ``session_mem_mb`` (no ``--maximum-...``),
     ``enforce_storage_engine``, a cap on the temporary tablespace, anonymous accounts,
     grants on ``test`` databases, and the account's own FILE / SUPER / PROCESS rights.
     An empty list: nothing seen to warn about (what runs the server, e.g. root, cannot be seen).
@@ -379,21 +380,24 @@ def server_warnings(connect: dict[str, Any], *, heap_table_mb: int = 64, connect
         if one("SELECT @@local_infile") in (1, "1", "ON"):
             out.append("local_infile is ON (cycleqd's client refuses it; set local-infile=0)")
         tmpdir = str(one("SELECT @@tmpdir") or "")
-        if any(p == "/tmp" or p.startswith(("/tmp/", "/dev/shm", "/var/tmp", "/run")) for p in tmpdir.split(":")):
+        shared = ("/tmp", "/var/tmp", "/dev/shm", "/run/shm", "/run/lock", "/run")
+        if any(p.rstrip("/") in shared for p in tmpdir.split(":")):
             out.append(f"tmpdir is {tmpdir}: sort files and on-disk temporary tables go to a shared host folder "
                        "(use a private folder of the server's own)")
         if one("SELECT @@skip_networking") in (0, "0", "OFF"):
             bind = str(one("SELECT @@bind_address") or "")
             if bind not in ("127.0.0.1", "::1", "localhost"):
                 out.append(f"the server listens on {bind or 'every address'}: bind 127.0.0.1 or use a unix socket")
-        cap = heap_table_mb << 20
-        for var in ("max_heap_table_size", "tmp_table_size") + (("max_session_mem_used",) if mariadb else ()):
+        caps = {"max_heap_table_size": heap_table_mb, "tmp_table_size": heap_table_mb}
+        if mariadb:
+            caps["max_session_mem_used"] = session_mem_mb
+        for var, cap_mb in caps.items():
             old = one(f"SELECT @@session.{var}")
             one(f"SET SESSION {var} = %s", (1 << 40,))
             got = one(f"SELECT @@session.{var}")
             if old is not None:
                 one(f"SET SESSION {var} = %s", (old,))
-            if got is not None and int(got) > cap:
+            if got is not None and int(got) > cap_mb << 20:
                 out.append(f"SET SESSION {var} can raise it to {int(got) >> 20} MB: start the server with "
                            f"--maximum-{var.replace('_', '-')}")
         if mariadb:
