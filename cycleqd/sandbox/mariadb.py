@@ -31,8 +31,9 @@ here, by how the server runs, not by screening statement text:
   owner was killed, at the next :meth:`MariaDBServer.start`.
 
 A server given by URL instead (``backend: mysql`` with ``url:``) must be set up
-the same way; :func:`cycleqd.sandbox.mysql.server_warnings` checks what it can
-at start-up. See :data:`USER_SERVER_SETTINGS`.
+the same way (the option file it needs is in :mod:`cycleqd.sandbox.mysql`'s
+docstring); :func:`cycleqd.sandbox.mysql.server_warnings` checks what it can at
+start-up.
 """
 from __future__ import annotations
 
@@ -52,32 +53,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 PREFIX = "cycleqd-mariadb-"
-
-#: What a server given by URL must be configured with (``[mysqld]`` section of its
-#: option file); :func:`cycleqd.sandbox.mysql.server_warnings` checks these.
-USER_SERVER_SETTINGS = """\
-[mysqld]
-user                         = mysql          # never root
-skip-symbolic-links                           # DATA / INDEX DIRECTORY ignored
-secure-file-priv             = /nonexistent   # or an empty folder the server cannot write
-local-infile                 = 0
-bind-address                 = 127.0.0.1      # or skip-networking and a unix socket
-tmpdir                       = /var/lib/mysql-tmp   # a private folder, not /tmp or /dev/shm
-enforce-storage-engine       = InnoDB         # no MEMORY / MyISAM / CSV tables
-max-heap-table-size          = 16M
-maximum-max-heap-table-size  = 16M
-tmp-table-size               = 16M
-maximum-tmp-table-size       = 16M
-tmp-disk-table-size          = 256M
-maximum-tmp-disk-table-size  = 256M
-max-session-mem-used         = 256M
-maximum-max-session-mem-used = 256M
-innodb-temp-data-file-path   = ibtmp1:12M:autoextend:max:512M
-# and: no anonymous users, no grants on `test` / `test\\_%`, an administrative
-# account for cycleqd that has CREATE USER, GRANT OPTION and PROCESS but is used by
-# nothing else.
-"""
-
 
 class ServerLimits(BaseModel):
     """What the whole server, and one session on it, may use.
@@ -105,7 +80,7 @@ class ServerLimits(BaseModel):
 
 
 def server_options(limits: ServerLimits) -> list[str]:
-    """The hardening options of :data:`USER_SERVER_SETTINGS`, as command-line flags."""
+    """The hardening flags (the option file in :mod:`cycleqd.sandbox.mysql`'s docstring, and more)."""
     heap, sess = f"{limits.heap_table_mb}M", f"{limits.session_mem_mb}M"
     capped = {
         "max-heap-table-size": heap, "tmp-table-size": heap,

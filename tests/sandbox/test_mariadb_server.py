@@ -20,9 +20,9 @@ pytestmark = pytest.mark.mariadb
 
 pymysql = pytest.importorskip("pymysql")
 
-from cycleqd.sandbox.mariadb import MariaDBServer  # noqa: E402
-from cycleqd.sandbox.mysql import MySQLSandbox, server_warnings  # noqa: E402
-from cycleqd.sandbox.sql import SQLLimits  # noqa: E402
+from cycleqd.sandbox.mariadb import MariaDBServer
+from cycleqd.sandbox.mysql import MySQLSandbox, server_warnings
+from cycleqd.sandbox.sql import SQLLimits
 
 LIMITS = SQLLimits(seconds=2.0)
 
@@ -300,3 +300,24 @@ def test_stop_ends_the_server_by_pid_and_removes_its_folder() -> None:
     time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists() or "mariadbd" not in Path(f"/proc/{pid}/cmdline").read_text()
     assert not root.exists()
+
+
+def test_a_dead_owners_server_folder_is_removed_at_the_next_start(mariadb_server: MariaDBServer,
+                                                                  tmp_path: Path) -> None:
+    """A folder whose owner died (SIGKILL) is removed; a live owner's server is left alone."""
+    import subprocess
+
+    from cycleqd.sandbox.mariadb import PREFIX, remove_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{PREFIX}stale"
+    (stale / "data").mkdir(parents=True)
+    (stale / "owner").write_text(str(dead.pid))
+    live = tmp_path / f"{PREFIX}live"
+    live.mkdir()
+    (live / "owner").write_text(str(os.getpid()))
+    assert remove_stale(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()
+    remove_stale(mariadb_server.root.parent)
+    assert mariadb_server.root.exists()
