@@ -163,6 +163,11 @@ def remove_stale(parent: str | Path | None = None) -> list[Path]:
             owner, spid = 0, 0
         if owner and _alive(owner):
             continue
+        try:
+            if not owner and time.time() - root.stat().st_mtime < 300:
+                continue  # another process may be writing its owner file right now
+        except OSError:
+            continue
         if spid and _pid_is_server(spid, root):
             _stop_pid(spid)
         shutil.rmtree(root, ignore_errors=True)
