@@ -51,6 +51,14 @@ def backend(request) -> Iterator[Backend]:
     b.close()
 
 
+@pytest.fixture
+def server(mariadb_url: str) -> Iterator[Backend]:
+    """The MariaDB backend alone, for attacks only a server has."""
+    b = Backend("mariadb", mariadb_url)
+    yield b
+    b.close()
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -107,11 +115,20 @@ FILE_ATTACKS = {
         "CREATE PROCEDURE p() SELECT 1",
         "INSTALL SONAME 'ha_connect'",
         "SHUTDOWN",
+        "CREATE TABLE d1 (a INT) ENGINE=MyISAM DATA DIRECTORY='{d}' INDEX DIRECTORY='{d}'",
+        "CREATE TABLE d2 (a INT) ENGINE=InnoDB DATA DIRECTORY='{d}'",
+        "CREATE TABLE d3 (a INT) ENGINE=MEMORY",
+        "CREATE TABLE d4 (a INT) ENGINE=CSV",
+        "CREATE TABLE d5 (a INT) ENGINE=MRG_MyISAM UNION=(t)",
+        "SET SESSION enforce_storage_engine = MEMORY",
+        "CREATE TABLE test.t (a INT)",
+        "CREATE DATABASE test_x",
     ],
 }
 
 
 def test_file_and_rights_attacks_are_refused(backend: Backend, tmp_path: Path) -> None:
+    """Files, extensions, other databases, global settings and storage engines: each refused, nothing written."""
     sb = backend.open()
     before = _files(tmp_path)
     for sql in FILE_ATTACKS[backend.kind]:
@@ -124,9 +141,9 @@ def test_file_and_rights_attacks_are_refused(backend: Backend, tmp_path: Path) -
 
 
 @pytest.mark.mariadb
-def test_mariadb_reads_no_files_and_no_other_database(backend: Backend) -> None:
-    if backend.kind != "mariadb":
-        pytest.skip("server-only attacks")
+def test_mariadb_reads_no_files_and_no_other_database(server: Backend) -> None:
+    """No file through LOAD_FILE, no other sample's tables or names, no right beyond its database."""
+    backend = server
     mine, other = backend.open(), backend.open()
     r = mine.run("SELECT LOAD_FILE('/etc/passwd'), LOAD_FILE('/etc/shadow')")
     assert r.error is not None or r.rows == [(None, None)]  # no FILE right: NULL, never the file
@@ -141,9 +158,9 @@ def test_mariadb_reads_no_files_and_no_other_database(backend: Backend) -> None:
 
 
 @pytest.mark.mariadb
-def test_mariadb_user_and_database_are_dropped(backend: Backend) -> None:
-    if backend.kind != "mariadb":
-        pytest.skip("server-only")
+def test_mariadb_user_and_database_are_dropped(server: Backend) -> None:
+    """Closing a sandbox drops its user and its database."""
+    backend = server
     import pymysql
 
     from cycleqd.sandbox.databases import parse_mysql_url
@@ -198,10 +215,9 @@ def test_runaway_statements_end_quickly_with_an_error(backend: Backend) -> None:
 
 
 @pytest.mark.mariadb
-def test_mariadb_timeout_survives_the_user_turning_it_off(backend: Backend) -> None:
-    if backend.kind != "mariadb":
-        pytest.skip("server-only")
-    sb = backend.open()
+def test_mariadb_timeout_survives_the_user_turning_it_off(server: Backend) -> None:
+    """The watchdog stops a statement even after the user turned the server's timeout off."""
+    sb = server.open()
     assert sb.run("SET SESSION max_statement_time = 0").error is None
     r, took = _run(sb, "SELECT SLEEP(100)")
     assert r.error is not None and took < LIMITS.seconds + SLACK
