@@ -29,7 +29,8 @@ Spec: {"n": int, "jobs_dir": dir | None, "jobs": [job] | None, "timeout": float,
 "memory_mb": int, "scratch_mb": int, "root": dir, "parallel": int, "max_output": int,
 "unshare_net": bool, "cgroup": {"memory": dir, "pids": dir | None} | None}.
 A job: {"kind": "python"|"shell"|"calls", "code": str, "files": {name: text},
-"init": str|null, "setup": str, "calls": [str], "inputs": encoded list, "call_timeout": float|null}.
+"init": str|null, "setup": str, "calls": [str], "inputs": encoded list,
+"call_timeout": float | [float] | null}.
 """
 from __future__ import annotations
 
@@ -84,11 +85,21 @@ class Unencodable(Exception):
 
 _type, _len, _list, _tuple, _set, _frozenset, _dict = type, len, list, tuple, set, frozenset, dict
 _int, _float, _complex, _str, _bytes, _bool = int, float, complex, str, bytes, bool
+# The standard library's own containers (exact types, held before any job code runs): their
+# contents travel, and the trusted side rebuilds them with its own classes.
+import collections as _collections  # noqa: E402
+
+_SEQUENCES = {_list: "l", _tuple: "t", _set: "s", _frozenset: "z", _collections.deque: "q"}
+_MAPPINGS = {_dict: "d", _collections.Counter: "C", _collections.OrderedDict: "O", _collections.defaultdict: "D"}
+_BUILD = {"l": _list, "t": _tuple, "s": _set, "z": _frozenset, "q": _collections.deque,
+          "d": _dict, "C": lambda pairs: _collections.Counter(_dict(pairs)), "O": _collections.OrderedDict,
+          "D": lambda pairs: _collections.defaultdict(None, pairs)}
 
 
 def encode_value(value, _budget=None, _depth=0):
     """``value`` as JSON-able tagged data: None, bool, int, float, complex, str, bytes and
-    list / tuple / dict / set / frozenset of them; exact types only (``type(v) is int``).
+    list / tuple / dict / set / frozenset of them (and the standard library's deque, Counter,
+    OrderedDict, defaultdict); exact types only (``type(v) is int``: no subclasses).
 
     Raises:
         Unencodable: another type (a subclass too), nesting past MAX_DEPTH, more than MAX_ITEMS.
@@ -103,7 +114,7 @@ def encode_value(value, _budget=None, _depth=0):
     if value is None or t is _bool or t is _str:
         return value
     if t is _int:
-        h = value.__index__().__format__("x") if value >= 0 else "-" + (-value).__format__("x")
+        h = _int.__format__(value, "x")
         if _len(h) > MAX_INT_HEX:
             raise Unencodable("int too large")
         return ["i", h]
@@ -113,14 +124,15 @@ def encode_value(value, _budget=None, _depth=0):
         return ["c", _float.hex(value.real), _float.hex(value.imag)]
     if t is _bytes:
         return ["y", base64.b64encode(value).decode("ascii")]
-    tag = {_list: "l", _tuple: "t", _set: "s", _frozenset: "z"}.get(t)
+    tag = _SEQUENCES.get(t)
     if tag is not None:
         out = [tag]
-        for v in _list(value):
+        for v in (_list(value) if t is not _collections.deque else _list(_collections.deque.__iter__(value))):
             out.append(encode_value(v, budget, _depth + 1))
         return out
-    if t is _dict:
-        out = ["d"]
+    tag = _MAPPINGS.get(t)
+    if tag is not None:
+        out = [tag]
         for k, v in _list(_dict.items(value)):
             out.append(encode_value(k, budget, _depth + 1))
             out.append(encode_value(v, budget, _depth + 1))
@@ -155,19 +167,19 @@ def decode_value(data, _budget=None, _depth=0):
             return _complex(_float.fromhex(rest[0]), _float.fromhex(rest[1]))
         if tag == "y" and _len(rest) == 1 and _type(rest[0]) is _str:
             return base64.b64decode(rest[0].encode("ascii"), validate=True)
-        if tag in ("l", "t", "s", "z"):
-            items = [decode_value(v, budget, _depth + 1) for v in rest]
-            return {"l": _list, "t": _tuple, "s": _set, "z": _frozenset}[tag](items)
-        if tag == "d" and _len(rest) % 2 == 0:
-            return {decode_value(rest[k], budget, _depth + 1): decode_value(rest[k + 1], budget, _depth + 1)
-                    for k in range(0, _len(rest), 2)}
+        if tag in ("l", "t", "s", "z", "q"):
+            return _BUILD[tag]([decode_value(v, budget, _depth + 1) for v in rest])
+        if tag in ("d", "C", "O", "D") and _len(rest) % 2 == 0:
+            return _BUILD[tag]([(decode_value(rest[k], budget, _depth + 1), decode_value(rest[k + 1], budget, _depth + 1))
+                                for k in range(0, _len(rest), 2)])
     except (TypeError, ValueError, OverflowError, UnicodeError) as e:  # unhashable key, bad digits
         raise ValueError(f"malformed value ({type(e).__name__})") from None
     raise ValueError("malformed value")
 
 
 def decode_results(text: str) -> list:
-    """A call job's result text as a list of ``("ok", value)`` / ``("raised", name)`` / ``("bad", why)``.
+    """A call job's result text as ``(status, value or reason, seconds)`` per call: status ``ok``
+    (then a value), ``raised`` (the exception's name) or ``bad`` (no plain value: why).
 
     Raises:
         ValueError: not a result list this runner writes (size, depth, shape).
@@ -183,12 +195,14 @@ def decode_results(text: str) -> list:
     budget = [MAX_ITEMS]
     out = []
     for item in data["r"]:
-        if _type(item) is not _list or _len(item) != 2 or item[0] not in ("ok", "raised", "bad"):
+        if _type(item) is not _list or _len(item) != 3 or item[0] not in ("ok", "raised", "bad") \
+                or _type(item[2]) not in (_int, _float):
             raise ValueError("malformed result")
+        seconds = _float(item[2])
         if item[0] == "ok":
-            out.append(("ok", decode_value(item[1], budget)))
+            out.append(("ok", decode_value(item[1], budget), seconds))
         elif _type(item[1]) is _str:
-            out.append((item[0], item[1][:200]))
+            out.append((item[0], item[1][:200], seconds))
         else:
             raise ValueError("malformed result")
     return out
@@ -378,10 +392,14 @@ def _run_calls(job: dict, glb: dict) -> int:
     except BaseException:
         traceback.print_exc()
         return 1
-    limit = job.get("call_timeout")
+    limits = job.get("call_timeout")
+    calls = job.get("calls") or []
+    if not isinstance(limits, list):
+        limits = [limits] * len(calls)
     signal.signal(signal.SIGALRM, _alarm)
     out = []
-    for expr in job.get("calls") or []:
+    for expr, limit in zip(calls, limits):
+        t0 = time.perf_counter()
         try:
             if limit:
                 signal.setitimer(signal.ITIMER_REAL, float(limit))
@@ -390,18 +408,21 @@ def _run_calls(job: dict, glb: dict) -> int:
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             try:
-                out.append(["ok", encode_value(value)])
+                item = ["ok", encode_value(value)]
             except Unencodable as e:
-                out.append(["bad", str(e)])
+                item = ["bad", str(e)]
             except RecursionError:
-                out.append(["bad", "value nested too deeply"])
+                item = ["bad", "value nested too deeply"]
         except _Late:
-            out.append(["raised", "TimeoutError"])
+            item = ["raised", "TimeoutError"]
         except BaseException as e:
-            out.append(["raised", _type(e).__name__ if isinstance(_type(e).__name__, str) else "Exception"])
+            name = _type(e).__name__
+            item = ["raised", name if _type(name) is _str else "Exception"]
+        item.append(time.perf_counter() - t0)
+        out.append(item)
     data = json.dumps({"r": out}).encode()
     if _len(data) > MAX_RESULT:
-        data = json.dumps({"r": [["bad", "result too large"]] * _len(out)}).encode()
+        data = json.dumps({"r": [["bad", "result too large", 0.0]] * _len(out)}).encode()
     os.ftruncate(RESULT_FD, 0)
     os.pwrite(RESULT_FD, data, 0)
     return 0
