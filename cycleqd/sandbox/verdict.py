@@ -129,7 +129,7 @@ def evaluate_calls_batch(jobs: Sequence[CallJob], *, timeout: float = 5.0, memor
     runs = get_backend(backend).run_batch(specs, timeout=timeout, memory_mb=memory_mb)
     out = []
     for job, run in zip(jobs, runs):
-        if run.result is None or not run.finished:
+        if not run.result or not run.finished:
             out.append(CallsResult(None, run, _why_no_values(run)))
             continue
         try:
