@@ -12,7 +12,8 @@ What each job gets, when the runner is root (bwrap and Docker start it so):
   in) whose limit counts shared memory, memfd and tmpfs pages too;
 - its own mount namespace in which ``/tmp``, ``/dev/shm`` and ``/var/tmp`` are fresh
   tmpfs mounts of ``scratch_mb`` each (its working folder is ``/tmp/job``): no job
-  sees another's files or can fill the space another needs;
+  sees another's files or can fill the space another needs; and a ``/proc`` that shows
+  its own processes only (``hidepid=2``: no other job's command line);
 - only its own descriptors: 0 is ``/dev/null``, 1 and 2 its output memfds, 3 (call
   jobs) its result memfd; every other descriptor is closed before its code runs.
 
@@ -27,7 +28,7 @@ The trusted side decodes them with :func:`decode_value` (see cycleqd.sandbox.ver
 
 Spec: {"n": int, "jobs_dir": dir | None, "jobs": [job] | None, "timeout": float,
 "memory_mb": int, "scratch_mb": int, "root": dir, "parallel": int, "max_output": int,
-"unshare_net": bool, "cgroup": {"memory": dir, "pids": dir | None} | None}.
+"unshare_net": bool, "uid_base": int, "cgroup": {"memory": dir, "pids": dir | None} | None}.
 A job: {"kind": "python"|"shell"|"calls", "code": str, "files": {name: text},
 "init": str|null, "setup": str, "calls": [str], "inputs": encoded list,
 "call_timeout": float | [float] | null}.
@@ -44,10 +45,10 @@ import signal
 import sys
 import time
 
-_UID_BASE = 200000  # unprivileged uids for jobs; need no passwd entry
+_UID_BASE = 200000  # unprivileged uids for jobs (need no passwd entry); spec["uid_base"] overrides
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
-_MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 2, 4, 0x4000, 1 << 18
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_DUMPABLE = 4
 RESULT_FD = 3
@@ -268,6 +269,12 @@ def _private_scratch(scratch_mb: int, unshare_net: bool) -> str:
     for d in ("/tmp", "/dev/shm", "/var/tmp"):
         if os.path.isdir(d):
             _mount("cycleqd-job", d, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={scratch_mb}m,mode=1777")
+    # A /proc of its own that lists only its own processes: other jobs' command lines (a shell
+    # job's code is in its argv) and the runner are out of sight.
+    try:
+        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=2")
+    except OSError:
+        pass
     return "/tmp/job"
 
 
@@ -555,6 +562,7 @@ def main() -> None:
     parallel = max(1, int(spec.get("parallel") or os.cpu_count() or 1))
     limit = int(spec.get("max_output", 65536))
     privileged = os.geteuid() == 0
+    uid_base = int(spec.get("uid_base") or _UID_BASE)  # per batch: concurrent batches share no uid
     kinds = spec.get("kinds") or []
     notes: list = []
     libc = _libc()
@@ -574,7 +582,7 @@ def main() -> None:
     while pending or running:
         while pending and len(running) < parallel:
             i = pending.pop()
-            uid = _UID_BASE + i if privileged else None
+            uid = uid_base + i if privileged else None
             try:
                 cgroups, memory_dir = _job_cgroups(spec, i)
             except OSError as e:
@@ -650,7 +658,7 @@ def main() -> None:
             nearest = min(entry[1] for entry in running.values()) + timeout
             signal.sigtimedwait([signal.SIGCHLD], max(0.0005, min(0.05, nearest - time.monotonic())))
     if privileged:
-        _sweep(_UID_BASE, _UID_BASE + n)
+        _sweep(uid_base, uid_base + n)
     for i in range(n):
         if outputs[i] is None:
             continue

@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -229,7 +230,10 @@ class _Batch:
             outputs = math.ceil(len(jobs) * (2 * max_output + MAX_RESULT) / (1 << 20))
             self.group = cgroups.make_group(CGROUP_PREFIX, memory_mb=parallel * memory_mb + 512 + outputs,
                                             pids=parallel * 256 + 64)
-        if self.group is None:
+        if os.geteuid() != 0:
+            _warn_once("sandbox: not root, so jobs of a batch share one uid and one /tmp and get no memory "
+                       "cgroup; run as root (or in a root container) for per-job isolation")
+        elif self.group is None:
             _warn_once("sandbox: no memory cgroup can be made here (needs root and a writable cgroup v1 memory "
                        "hierarchy or a delegated v2 one); jobs are held by RLIMIT_AS only, which does not count "
                        "shared memory (memfd, /dev/shm)")
@@ -245,7 +249,9 @@ def _spec(jobs: Sequence[dict], batch: _Batch, *, timeout: float, memory_mb: int
     return {"n": len(jobs), "jobs_dir": jobs_dir, "kinds": batch.kinds, "timeout": timeout,
             "memory_mb": memory_mb, "scratch_mb": max(16, min(scratch_mb, memory_mb // 2)),
             "root": "/tmp/sb", "parallel": parallel, "max_output": max_output,
-            "unshare_net": unshare_net, "cgroup": cgroup}
+            "unshare_net": unshare_net, "cgroup": cgroup,
+            # job uids of their own: two batches on one machine never share one (signals, files)
+            "uid_base": 200000 + secrets.randbelow(30000) * 65536}
 
 
 class Backend(Protocol):

@@ -175,3 +175,17 @@ def test_scratch_is_private_per_job_and_a_filler_cannot_starve_a_gold_run() -> N
     runs = run_python_batch([fill, fill, gold, fill, gold], timeout=15, memory_mb=256)
     for r in (runs[2], runs[4]):
         assert r.stdout == "['job'] [] []\ngold ok\n", r
+
+
+def test_a_job_sees_no_other_process() -> None:
+    """A shell job's code is in its command line: a job running beside it (or the runner) is not
+    listed in /proc, so a candidate cannot copy the gold command of its batch."""
+    from cycleqd.sandbox import run_shell_batch
+
+    gold = "sleep 1.5; echo gold-$((6 * 7))-secret > /dev/null; echo gold"
+    spy = ("sleep 0.5; for f in /proc/[0-9]*/cmdline; do tr '\\000' ' ' < $f; echo; done; "
+           "ls -d /proc/[0-9]* | wc -l")
+    runs = run_shell_batch([({}, gold), ({}, spy)], timeout=10, memory_mb=256)
+    assert runs[0].stdout == "gold\n"
+    assert "gold-" not in runs[1].stdout and "runner" not in runs[1].stdout, runs[1].stdout
+    assert int(runs[1].stdout.split()[-1]) <= 4, runs[1].stdout  # its own shell, loop, tr, ls
