@@ -5,8 +5,12 @@ writable, and a program that runs past its time is killed together with every
 process it started. Batches run many small programs in *one* sandbox launch,
 each in its own forked child with its own limits.
 
-Backends (``backend=``): ``auto`` (bwrap where it works, else subprocess),
-``bwrap``, ``subprocess``, ``docker`` (see :mod:`cycleqd.sandbox.backends`).
+Backends (``backend=``): ``auto`` (bwrap; an error where it cannot start, never an
+uncontained fallback), ``bwrap``, ``docker``; ``subprocess`` is refused (UnsafeBackend,
+a ValueError) unless explicitly opted in (see :mod:`cycleqd.sandbox.backends`).
+
+Checks that an answer cannot fake live in :mod:`cycleqd.sandbox.verdict`: the job only
+gives values for the calls of an assertion; the assertion itself is judged outside.
 
 Model-written SQL is contained in :mod:`cycleqd.sandbox.sqlite` (SQLite, in process)
 and :mod:`cycleqd.sandbox.mysql` (a MySQL / MariaDB server); model-written shell
@@ -23,9 +27,11 @@ from cycleqd.sandbox.backends import (
     RunResult,
     SandboxUnavailable,
     SubprocessBackend,
+    UnsafeBackend,
     bwrap_available,
     get_backend,
 )
+from cycleqd.sandbox.verdict import AssertJob, AssertVerdict, check_asserts, check_asserts_batch
 
 
 class CodeExecutionNotAllowed(Exception):
@@ -74,6 +80,8 @@ def run_shell(command: str, *, timeout: float = 10.0, memory_mb: int = 1024,
 
 
 __all__ = [
+    "AssertJob",
+    "AssertVerdict",
     "Backend",
     "BwrapBackend",
     "CodeExecutionNotAllowed",
@@ -81,7 +89,10 @@ __all__ = [
     "RunResult",
     "SandboxUnavailable",
     "SubprocessBackend",
+    "UnsafeBackend",
     "bwrap_available",
+    "check_asserts",
+    "check_asserts_batch",
     "get_backend",
     "require_code_execution",
     "run_python",

@@ -1,18 +1,28 @@
-"""Where sandboxed jobs run: bubblewrap, a plain subprocess, or Docker.
+"""Where sandboxed jobs run: bubblewrap, Docker, or (unsafe, opt-in only) a plain subprocess.
 
 Every backend runs a whole batch of jobs with one launch of
-``cycleqd/sandbox/_runner.py``; the runner forks one limited child per job.
+``cycleqd/sandbox/_runner.py``; the runner forks one limited child per job (its own
+uid, memory cgroup, mount namespace with private size-limited ``/tmp``, ``/dev/shm``
+and ``/var/tmp``, and only its own output descriptors; see the runner's docstring).
 
-- ``bwrap``: read-only view of the host, empty network, own PID/IPC/UTS
-  namespaces, a private size-limited ``/tmp`` and ``/dev/shm`` (tmpfs; ``/dev``
-  itself read-only), a clean environment from bwrap itself on (the sandbox's
-  PID 1 holds nothing of the worker's), killed with its parent.
-- ``subprocess``: the runner on the host in its own session and a private temp
-  folder; with root it still gives each job an unprivileged uid and an empty
-  network namespace and hides the host's ``/tmp``, ``/dev/shm`` and ``/var/tmp``
-  behind private size-limited ones; without root only rlimits and process groups apply.
-- ``docker``: the runner in a container (``--network none``), for machines with a
-  Docker engine (the AgentBench images); selecting it without one is a clear error.
+- ``bwrap``: an allow-list view of the host: ``/usr`` (and the ``/bin``, ``/lib*``,
+  ``/sbin`` links to it), ``/etc`` and the interpreter's own prefix, read-only; nothing
+  else of the host exists inside (no project folder, benchmark data, ``/opt``, ``/srv``,
+  ``/mnt``, ``/var``, homes, ``/root``). Empty network, own PID/IPC/UTS namespaces,
+  ``/dev`` read-only, a clean environment, killed with its parent. Where this process
+  may create cgroups (root, cgroup v1 memory hierarchy or a delegated v2 one), the batch
+  gets a memory cgroup and each job one of ``memory_mb`` under it, counting shared
+  memory and tmpfs pages; elsewhere a warning says that only the address-space rlimit
+  holds (shared memory is then not counted).
+- ``docker``: the runner in a container (``--network none``, ``--memory``), for machines
+  with a Docker engine (the AgentBench images); selecting it without one is a clear error.
+- ``subprocess``: **refused** by :func:`get_backend` with :class:`UnsafeBackend` (a
+  ValueError): the runner on the host sees the host's files (project folder, benchmark
+  data with reference solutions, ``/run``, ``/opt``), so it cannot keep the rules above.
+  It stays available only as an explicit opt-in, ``get_backend("subprocess",
+  allow_unsafe=True)``, for trusted code on a machine without bubblewrap. ``auto`` is
+  bwrap, and raises SandboxUnavailable where bwrap cannot start: it never falls back to
+  running model code uncontained.
 """
 from __future__ import annotations
 
@@ -20,19 +30,27 @@ import functools
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+from cycleqd.sandbox import cgroups
+
 RUNNER = Path(__file__).with_name("_runner.py")
-SANDBOX_RUNNER = "/tmp/.cycleqd_runner.py"  # where bwrap shows it
+SANDBOX_RUNNER = "/run/cycleqd/runner.py"  # where bwrap shows it
+SANDBOX_JOBS = "/run/cycleqd/jobs"         # the batch's job files, readable by the runner (root) only
+SANDBOX_CGROUP = "/run/cycleqd/cg"         # the batch's cgroup folders, one per controller
 _ENV_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CLEAN_ENV = {"PATH": _ENV_PATH, "LANG": "C.UTF-8"}  # all a sandbox process ever gets
+CGROUP_PREFIX = "cycleqd-sb"
+MAX_RESULT = 1 << 20  # the runner's cap on a call job's encoded values
 
 
 @dataclass(frozen=True)
@@ -40,7 +58,9 @@ class RunResult:
     """Outcome of one sandboxed program.
 
     ``error`` is None when the program ran to its end (whatever its exit code);
-    otherwise it says why not (timed out, killed by a signal, sandbox failure).
+    otherwise it says why not (timed out, out of memory, killed by a signal, sandbox
+    failure). ``result`` is what a ``calls`` job wrote to its result descriptor
+    (decode it with :func:`cycleqd.sandbox.verdict.decode_results`), else None.
     """
 
     returncode: int
@@ -49,6 +69,7 @@ class RunResult:
     timed_out: bool
     seconds: float
     error: str | None
+    result: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,7 +78,11 @@ class RunResult:
 
 
 class SandboxUnavailable(RuntimeError):
-    """The selected backend cannot run on this machine (e.g. no Docker engine)."""
+    """The selected backend cannot run on this machine (e.g. no Docker engine, no bubblewrap)."""
+
+
+class UnsafeBackend(ValueError):
+    """A backend that cannot contain model code was selected without the explicit unsafe opt-in."""
 
 
 def _python() -> str:
@@ -129,14 +154,36 @@ def docker_available() -> bool:
     return _exits_zero("docker", "info")
 
 
+@functools.lru_cache(maxsize=None)
+def _sweep_once() -> None:
+    """Batch cgroups a killed worker left behind go at the next start."""
+    cgroups.sweep_stale(CGROUP_PREFIX)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _failed(n: int, why: str) -> list[RunResult]:
     return [RunResult(-1, "", "", False, 0.0, why) for _ in range(n)]
 
 
-def _decode(results: Any, n: int) -> list[RunResult]:
+_FIELDS = ("returncode", "stdout", "stderr", "timed_out", "seconds", "error", "result")
+
+
+def _decode(answer: Any, n: int) -> list[RunResult]:
+    results = answer.get("results") if isinstance(answer, dict) else answer
     if not isinstance(results, list) or len(results) != n:
         return _failed(n, "sandbox runner returned a malformed answer")
-    return [RunResult(**r) for r in results]
+    for note in (answer.get("notes") or []) if isinstance(answer, dict) else []:
+        _warn_once(f"sandbox: {note}")
+    return [RunResult(**{k: r.get(k, "" if k in ("stdout", "stderr") else None) for k in _FIELDS})
+            for r in results]
 
 
 def _batch_limit(n: int, timeout: float, parallel: int) -> float:
@@ -168,6 +215,45 @@ def _launch(cmd: list[str], spec: dict, n: int, limit: float, env: dict | None =
         return _failed(n, "sandbox runner returned no results")
 
 
+class _Batch:
+    """Host-side state of one batch: its job files (root-only) and its cgroup."""
+
+    def __init__(self, jobs: Sequence[dict], memory_mb: int, parallel: int, max_output: int):
+        self.dir = Path(tempfile.mkdtemp(prefix="cycleqd-jobs-"))
+        os.chmod(self.dir, 0o700)  # job uids cannot read other jobs' code
+        for i, job in enumerate(jobs):
+            (self.dir / f"{i}.json").write_text(json.dumps(job))
+        self.kinds = [str(j.get("kind", "python")) for j in jobs]
+        self.group = None
+        if os.geteuid() == 0:
+            _sweep_once()
+            outputs = math.ceil(len(jobs) * (2 * max_output + MAX_RESULT) / (1 << 20))
+            self.group = cgroups.make_group(CGROUP_PREFIX, memory_mb=parallel * memory_mb + 512 + outputs,
+                                            pids=parallel * 256 + 64)
+        if os.geteuid() != 0:
+            _warn_once("sandbox: not root, so jobs of a batch share one uid and one /tmp and get no memory "
+                       "cgroup; run as root (or in a root container) for per-job isolation")
+        elif self.group is None:
+            _warn_once("sandbox: no memory cgroup can be made here (needs root and a writable cgroup v1 memory "
+                       "hierarchy or a delegated v2 one); jobs are held by RLIMIT_AS only, which does not count "
+                       "shared memory (memfd, /dev/shm)")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.group is not None:
+            self.group.remove()
+
+
+def _spec(jobs: Sequence[dict], batch: _Batch, *, timeout: float, memory_mb: int, max_output: int,
+          parallel: int, scratch_mb: int, jobs_dir: str, cgroup: dict | None, unshare_net: bool) -> dict:
+    return {"n": len(jobs), "jobs_dir": jobs_dir, "kinds": batch.kinds, "timeout": timeout,
+            "memory_mb": memory_mb, "scratch_mb": max(16, min(scratch_mb, memory_mb // 2)),
+            "root": "/tmp/sb", "parallel": parallel, "max_output": max_output,
+            "unshare_net": unshare_net, "cgroup": cgroup,
+            # job uids of their own: two batches on one machine never share one (signals, files)
+            "uid_base": 200000 + secrets.randbelow(30000) * 65536}
+
+
 class Backend(Protocol):
     """Runs a batch of jobs (dicts with kind/code/files/init) with per-job limits."""
 
@@ -179,17 +265,20 @@ class Backend(Protocol):
 
 
 class SubprocessBackend:
-    """The runner directly on the host, in a private temp folder and its own session.
+    """UNSAFE: the runner directly on the host (see the module docstring); explicit opt-in only.
 
-    With root (where a private tmpfs can be mounted), the runner gets a mount namespace
-    of its own in which ``/tmp``, ``/dev/shm`` and ``/var/tmp`` are fresh size-limited
-    tmpfs mounts: the host's shared scratch folders are out of the jobs' reach, and
-    what they write together has a quota.
+    With root, jobs still get their own uid, memory cgroup, network namespace and
+    private ``/tmp``, but they can read every world-readable host file.
+
+    Raises:
+        UnsafeBackend: constructed without ``unsafe=True``.
     """
 
     name = "subprocess"
 
-    def __init__(self, tmp_size_mb: int = 1024):
+    def __init__(self, tmp_size_mb: int = 1024, *, unsafe: bool = False):
+        if not unsafe:
+            raise UnsafeBackend(_SUBPROCESS_REFUSED)
         self.tmp_size_mb = tmp_size_mb
 
     def run_batch(self, jobs: Sequence[dict], *, timeout: float, memory_mb: int,
@@ -197,30 +286,53 @@ class SubprocessBackend:
         if not jobs:
             return []
         parallel = os.cpu_count() or 1
-        spec = {"jobs": list(jobs), "timeout": timeout, "memory_mb": memory_mb, "root": "/tmp/sb",
-                "parallel": parallel, "max_output": max_output, "unshare_net": os.geteuid() == 0}
-        limit = _batch_limit(len(jobs), timeout, parallel)
-        if private_tmpfs_works():
-            script = ('for d in /tmp /dev/shm /var/tmp; do [ -d "$d" ] || continue; '
-                      f'mount -t tmpfs -o size={self.tmp_size_mb}m,mode=1777 cycleqd-sb "$d" || exit 97; done; '
-                      'exec "$@"')
-            # The runner's source travels on the command line: the project itself may live
-            # under /tmp, which the new mount hides.
-            cmd = [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private",
-                   "/bin/sh", "-c", script, "sh", _host_python(), "-I", "-c", RUNNER.read_text()]
-            return _launch(cmd, spec, len(jobs), limit, dict(_CLEAN_ENV))
-        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # RAM-backed: job folders are cheap
-        root = tempfile.mkdtemp(prefix="cycleqd-sb-", dir=shm)
+        batch = _Batch(jobs, memory_mb, parallel, max_output)
+        root = tempfile.mkdtemp(prefix="cycleqd-sb-")
         try:
-            os.chmod(root, 0o711)  # job uids must traverse into their own folders
+            cg = {k: str(v) for k, v in batch.group.dirs.items()} if batch.group else None
+            spec = _spec(jobs, batch, timeout=timeout, memory_mb=memory_mb, max_output=max_output,
+                         parallel=parallel, scratch_mb=self.tmp_size_mb, jobs_dir=str(batch.dir), cgroup=cg,
+                         unshare_net=os.geteuid() == 0)
+            os.chmod(root, 0o711)
             spec["root"] = root
-            return _launch([_host_python(), "-I", str(RUNNER)], spec, len(jobs), limit, dict(_CLEAN_ENV))
+            return _launch([_host_python(), "-I", str(RUNNER)], spec, len(jobs),
+                           _batch_limit(len(jobs), timeout, parallel), dict(_CLEAN_ENV))
         finally:
             shutil.rmtree(root, ignore_errors=True)
+            batch.cleanup()
+
+
+_SUBPROCESS_REFUSED = (
+    "sandbox backend 'subprocess' cannot contain model-written code (a job on the host can read the "
+    "project, the benchmark data and every world-readable file); use backend 'bwrap' (Debian/Ubuntu: "
+    "apt-get install bubblewrap) or 'docker'")
+
+
+def _allowed_host_paths() -> list[str]:
+    """bwrap arguments that show the host's system folders and the interpreter, read-only."""
+    args: list[str] = []
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    args += ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
+    # The interpreter and its standard library, where they are installed outside /usr (pyenv
+    # under /root, conda under /opt): only that prefix comes back, nothing beside it.
+    keep: list[str] = []
+    for p in sorted({os.path.dirname(_python()), os.path.realpath(sys.base_prefix)}):
+        if not p.startswith(("/usr/", "/bin", "/lib")) and not any(p == k or p.startswith(k + "/") for k in keep):
+            keep.append(p)
+    for p in keep:
+        parts = Path(p).parts  # ("/", "root", ".pyenv", ...): open each folder on the way
+        for k in range(2, len(parts)):
+            args += ["--perms", "0755", "--dir", str(Path(*parts[:k]))]
+        args += ["--ro-bind", p, p]
+    return args
 
 
 class BwrapBackend:
-    """The runner inside bubblewrap: read-only host, no network, private /tmp."""
+    """The runner inside bubblewrap: allow-listed read-only host, no network, private scratch per job."""
 
     name = "bwrap"
 
@@ -231,32 +343,21 @@ class BwrapBackend:
         self.tmp_size_mb = tmp_size_mb
         self.shm_size_mb = shm_size_mb
 
-    def command(self) -> list[str]:
-        """The bwrap argument list up to (not including) the program to run."""
-        # Home folders are hidden (credentials live there); the interpreter is put back
-        # read-only when it is installed under one of them (pyenv, conda).
-        keep = []
-        for p in sorted({os.path.dirname(_python()), os.path.realpath(sys.base_prefix)}):
-            if p.startswith(("/root", "/home")) and not any(p.startswith(k + "/") for k in keep):
-                keep.append(p)
-        binds: list[str] = []
-        for p in keep:
-            parts = Path(p).parts  # ("/", "root", ".pyenv", ...): open each folder on the way
-            for k in range(3, len(parts)):
-                binds += ["--perms", "0755", "--dir", str(Path(*parts[:k]))]
-            binds += ["--ro-bind", p, p]
+    def command(self, binds: Sequence[str] = ()) -> list[str]:
+        """The bwrap argument list up to (not including) the program to run; ``binds`` are
+        extra bwrap arguments placed after the host view (e.g. the batch's job files)."""
         return [
             shutil.which("bwrap") or "bwrap",
-            "--ro-bind", "/", "/",
+            *_allowed_host_paths(),
             "--dev", "/dev",
             # every writable place has a quota; /dev itself (bwrap's tmpfs) is read-only
             "--perms", "01777", "--size", str(self.shm_size_mb << 20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
             "--proc", "/proc",
-            "--size", str(1 << 20), "--tmpfs", "/root", "--size", str(1 << 20), "--tmpfs", "/home", *binds,
             "--size", str(self.tmp_size_mb << 20), "--tmpfs", "/tmp",
-            # the runner is mounted into the private /tmp: the project itself may live under
-            # /tmp, /root or /home, which the sandbox hides
+            "--perms", "01777", "--dir", "/var/tmp",
             "--ro-bind", str(RUNNER), SANDBOX_RUNNER,
+            *binds,
+            "--remount-ro", "/",
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session",
             "--chdir", "/tmp",
@@ -267,16 +368,23 @@ class BwrapBackend:
                   max_output: int = 65536) -> list[RunResult]:
         if not jobs:
             return []
-        spec = _contained_spec(jobs, timeout, memory_mb, max_output)
-        parallel = spec["parallel"]
-        cmd = self.command() + [_python(), "-I", SANDBOX_RUNNER]
-        return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel), dict(_CLEAN_ENV))
-
-
-def _contained_spec(jobs: Sequence[dict], timeout: float, memory_mb: int, max_output: int) -> dict:
-    """The runner's input when the container (bwrap, Docker) already cuts the network and hides /tmp."""
-    return {"jobs": list(jobs), "timeout": timeout, "memory_mb": memory_mb, "root": "/tmp/sb",
-            "parallel": os.cpu_count() or 1, "max_output": max_output, "unshare_net": False}
+        parallel = os.cpu_count() or 1
+        batch = _Batch(jobs, memory_mb, parallel, max_output)
+        try:
+            binds = ["--ro-bind", str(batch.dir), SANDBOX_JOBS]
+            cg = None
+            if batch.group is not None:
+                cg = {}
+                for controller, d in batch.group.dirs.items():
+                    binds += ["--bind", str(d), f"{SANDBOX_CGROUP}/{controller}"]
+                    cg[controller] = f"{SANDBOX_CGROUP}/{controller}"
+            spec = _spec(jobs, batch, timeout=timeout, memory_mb=memory_mb, max_output=max_output,
+                         parallel=parallel, scratch_mb=self.tmp_size_mb, jobs_dir=SANDBOX_JOBS, cgroup=cg,
+                         unshare_net=False)
+            cmd = self.command(binds) + [_python(), "-I", SANDBOX_RUNNER]
+            return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel), dict(_CLEAN_ENV))
+        finally:
+            batch.cleanup()
 
 
 class DockerBackend:
@@ -288,35 +396,56 @@ class DockerBackend:
         if not docker_available():
             raise SandboxUnavailable("backend 'docker' selected but no Docker engine is reachable "
                                      "(is dockerd running and is `docker info` allowed?); "
-                                     "use backend 'bwrap' or 'subprocess'")
+                                     "use backend 'bwrap'")
         self.image = image
 
     def run_batch(self, jobs: Sequence[dict], *, timeout: float, memory_mb: int,
                   max_output: int = 65536) -> list[RunResult]:
         if not jobs:
             return []
-        spec = _contained_spec(jobs, timeout, memory_mb, max_output)
-        parallel = spec["parallel"]
-        cmd = ["docker", "run", "--rm", "-i", "--network", "none", "--pids-limit", "1024",
-               "--memory", f"{memory_mb * parallel + 256}m",
-               "-v", f"{RUNNER}:/cycleqd_runner.py:ro", self.image, "python", "-I", "/cycleqd_runner.py"]
-        return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel) + 60)
+        parallel = os.cpu_count() or 1
+        batch = _Batch.__new__(_Batch)  # the container's --memory is the batch's limit; no host cgroup
+        batch.dir = Path(tempfile.mkdtemp(prefix="cycleqd-jobs-"))
+        batch.group = None
+        batch.kinds = [str(j.get("kind", "python")) for j in jobs]
+        try:
+            for i, job in enumerate(jobs):
+                (batch.dir / f"{i}.json").write_text(json.dumps(job))
+            os.chmod(batch.dir, 0o700)
+            spec = _spec(jobs, batch, timeout=timeout, memory_mb=memory_mb, max_output=max_output,
+                         parallel=parallel, scratch_mb=1024, jobs_dir="/cycleqd_jobs", cgroup=None,
+                         unshare_net=False)
+            cmd = ["docker", "run", "--rm", "-i", "--network", "none", "--pids-limit", "1024",
+                   "--memory", f"{memory_mb * parallel + 256}m",
+                   "-v", f"{RUNNER}:/cycleqd_runner.py:ro", "-v", f"{batch.dir}:/cycleqd_jobs:ro",
+                   self.image, "python", "-I", "/cycleqd_runner.py"]
+            return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel) + 60)
+        finally:
+            batch.cleanup()
 
 
-def get_backend(name: str = "auto") -> Backend:
-    """Backend by name; ``auto`` = bwrap where it works, else subprocess.
+def get_backend(name: str = "auto", *, allow_unsafe: bool = False) -> Backend:
+    """Backend by name; ``auto`` = bwrap (never an uncontained fallback).
+
+    ``subprocess`` runs model code on the host and is refused unless ``allow_unsafe``.
 
     Raises:
-        SandboxUnavailable: the named backend cannot run here.
+        SandboxUnavailable: the named backend (or, for ``auto``, bwrap) cannot run here.
+        UnsafeBackend: ``subprocess`` without ``allow_unsafe`` (a ValueError: bad configuration).
         ValueError: unknown name.
     """
     if name == "auto":
-        return BwrapBackend() if bwrap_available() else SubprocessBackend()
+        if not bwrap_available():
+            raise SandboxUnavailable("no contained sandbox here: bubblewrap is missing or cannot start "
+                                     "(Debian/Ubuntu: apt-get install bubblewrap), and 'auto' does not fall "
+                                     "back to running model code on the host; or select backend 'docker'")
+        return BwrapBackend()
     if name == "bwrap":
         return BwrapBackend()
     if name == "subprocess":
-        return SubprocessBackend()
+        if not allow_unsafe:
+            raise UnsafeBackend(_SUBPROCESS_REFUSED)
+        return SubprocessBackend(unsafe=True)
     if name == "docker":
         return DockerBackend()
     raise ValueError(f"unknown sandbox backend {name!r} (known: auto, bwrap, subprocess, docker)")
-

@@ -11,6 +11,8 @@ import pytest
 from cycleqd.sandbox import (
     DockerBackend,
     SandboxUnavailable,
+    SubprocessBackend,
+    UnsafeBackend,
     bwrap_available,
     get_backend,
     run_python,
@@ -19,7 +21,7 @@ from cycleqd.sandbox import (
     run_shell_batch,
 )
 
-BACKENDS = ["subprocess", pytest.param("bwrap", marks=pytest.mark.skipif(
+BACKENDS = [pytest.param("bwrap", marks=pytest.mark.skipif(
     not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here"))]
 
 
@@ -70,8 +72,6 @@ def _leftovers(tag: str) -> list[str]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hostile_programs_fail_within_limits(backend: str, tmp_path) -> None:
-    if backend == "subprocess" and os.geteuid() != 0:
-        pytest.skip("without root the subprocess backend cannot keep a program from the user's own files")
     target = str(tmp_path / "pwned")
     tag = str(3000 + uuid.uuid4().int % 1000)
     progs = {k: v.format(path=target, tag=tag) for k, v in HOSTILE.items()}
@@ -100,6 +100,17 @@ def test_bwrap_has_no_network_and_private_tmp() -> None:
     lines = r.stdout.split()
     assert lines[0] == "lo" and "eth0" not in lines
     assert not os.path.exists("/tmp/x") or os.path.getmtime("/tmp/x") < time.time() - 60
+
+
+def test_subprocess_backend_is_refused_unless_explicitly_unsafe() -> None:
+    """'subprocess' cannot hide the host from a job: selecting it is a configuration error
+    (a ValueError the config layer turns into exit 2), and it exists only as an explicit opt-in."""
+    with pytest.raises(UnsafeBackend, match="cannot contain") as e:
+        get_backend("subprocess")
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(UnsafeBackend):
+        SubprocessBackend()
+    assert isinstance(get_backend("subprocess", allow_unsafe=True), SubprocessBackend)
 
 
 def test_shell_timeout_kills_the_whole_group() -> None:
@@ -148,8 +159,6 @@ def test_sandbox_works_when_the_project_lives_under_tmp(tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scratch_folders_are_private_and_have_a_quota(backend: str) -> None:
-    if backend == "subprocess" and os.geteuid() != 0:
-        pytest.skip("without root the subprocess backend cannot give jobs private scratch folders")
     tag = uuid.uuid4().hex[:12]
     names = [f"/tmp/cq-{tag}", f"/dev/shm/cq-{tag}", f"/var/tmp/cq-{tag}"]
     r = run_shell("; ".join(f"echo x > {n} 2>/dev/null" for n in names) + "; "
