@@ -120,6 +120,30 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(a: argparse.Namespace) -> int:
+    from cycleqd.config import load_config
+
+    if min(a.seeds, a.test_n, a.select_n) < 1 or (a.generations is not None and a.generations < 1):
+        raise ConfigError("--seeds, --generations, --test-n and --select-n must be >= 1")
+    if a.rescore and not a.models:
+        raise ConfigError("--rescore needs --models (the folder `make table` wrote)")
+    cfg = None if a.rescore else load_config(a.config)  # bad input before anything heavy
+    from cycleqd.atomic import write_atomic
+    from cycleqd.studies.table import make_table, plot_table, print_table, score_models
+
+    out, models = Path(a.out), Path(a.models) if a.models else None
+    if a.rescore:
+        table = score_models(models, test_n=a.test_n, test_seed=a.test_seed)
+        write_atomic(out, json.dumps(table, indent=2))
+    else:
+        table = make_table(cfg, out, models_dir=models, seeds=a.seeds, generations=a.generations, test_n=a.test_n,
+                           test_seed=a.test_seed, variants=a.variants.split(",") if a.variants else None,
+                           evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root))
+    plot_table(table, out.with_suffix(".png"))
+    print_table(table)
+    return 0
+
+
 def cmd_plan(a: argparse.Namespace) -> int:
     from cycleqd.config import load_config, with_overrides
     from cycleqd.model.plan import memory_plan, parse_bytes
@@ -392,6 +416,25 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--json", action="store_true")
     sc.set_defaults(func=cmd_score)
 
+    tb = sub.add_parser("table", help="the mini table: CycleQD and its ablations against task arithmetic, TIES "
+                                      "and teams, at equal budget, on held-out test items (make table)")
+    tb.add_argument("--config", default="experiments/mini.yaml")
+    tb.add_argument("--out", default="experiments/results/mini_table.json")
+    tb.add_argument("--models", help="folder of the chosen models (default: <out>_models next to --out)")
+    tb.add_argument("--rescore", action="store_true",
+                    help="only score the models folder on a fresh test draw (--test-seed); no evolution")
+    tb.add_argument("--seeds", type=int, default=3)
+    tb.add_argument("--generations", type=int)
+    tb.add_argument("--test-n", type=int, default=300, help="test items per task (default 300)")
+    tb.add_argument("--test-seed", type=int, default=0, help="which test items are drawn (default 0)")
+    tb.add_argument("--evolve-n", type=int, help="val items per task scored during evolution (default: config)")
+    tb.add_argument("--select-n", type=int, default=200,
+                    help="val items per task, unseen by evolution, for choosing models (default 200)")
+    tb.add_argument("--runs-root", default="archives/table", help="folder of the table's runs")
+    tb.add_argument("--variants", help="comma-separated subset of the ablations (cycleqd, fixed_axes, "
+                                       "gaussian_mutation, uniform_sampling)")
+    tb.set_defaults(func=cmd_table)
+
     m = sub.add_parser("mini", help="the embedded mini world")
     msub = m.add_subparsers(dest="mini_command", required=True, parser_class=_Parser)
     mb = msub.add_parser("build", help="(re)build the mini world's tokenizer, base and experts")
@@ -429,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         print("cycleqd: interrupted; the run can be continued with `cycleqd resume`", file=sys.stderr)
         return 1
     except Exception as e:
-        run = sys.modules.get("cycleqd.evolve.loop")  # only a loaded driver raises RunInterrupted
-        if run is not None and isinstance(e, run.RunInterrupted):
+        signals = sys.modules.get("cycleqd.evolve.signals")  # only a loaded driver raises RunInterrupted
+        if signals is not None and isinstance(e, signals.RunInterrupted):
             print(f"cycleqd: {e}", file=sys.stderr)
             return 1
         if args.verbose:

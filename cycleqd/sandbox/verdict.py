@@ -34,7 +34,7 @@ import ast
 import builtins
 import copy
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from cycleqd.sandbox import _runner

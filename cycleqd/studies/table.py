@@ -23,17 +23,15 @@ The table is made in two steps with one home each:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from cycleqd.config import Config, ConfigError, edit_config, load_config, parse_config, resolve_paths, split_config
+from cycleqd.config import Config, ConfigError, edit_config, parse_config, resolve_paths, split_config
 from cycleqd.evolve.worker import ChildWorker, ready_config
 from cycleqd.runs import layout
 
@@ -422,7 +420,7 @@ def plot_table(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _print(table: dict) -> None:
+def print_table(table: dict) -> None:
     for r in table["rows"]:
         print(f"{r['model']:20s} mean {r['mean']:.3f} ± {r['std']:.3f}  " +
               "  ".join(f"{t} {v:.3f}" for t, v in r["scores"].items()))
@@ -434,49 +432,3 @@ def _print(table: dict) -> None:
     for name, d in table.get(VERSUS_KEY, {}).items():
         print(f"{name} - task_arithmetic: {d['mean']:+.4f}, [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]: "
               f"{d['conclusion']}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="experiments/mini.yaml")
-    ap.add_argument("--out", default="experiments/results/mini_table.json")
-    ap.add_argument("--models", help="folder of the chosen models (default: <out>_models next to --out)")
-    ap.add_argument("--rescore", action="store_true",
-                    help="only score the models folder on a fresh test draw (--test-seed); no evolution")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--generations", type=int)
-    ap.add_argument("--test-n", type=int, default=300, help="test items per task (default 300)")
-    ap.add_argument("--test-seed", type=int, default=0, help="which test items are drawn (default 0)")
-    ap.add_argument("--evolve-n", type=int, help="val items per task scored during evolution (default: config)")
-    ap.add_argument("--select-n", type=int, default=200,
-                    help="val items per task, unseen by evolution, for choosing models (default 200)")
-    ap.add_argument("--runs-root", default="archives/table", help="folder of the table's runs")
-    ap.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS))
-    a = ap.parse_args(argv)
-    out = Path(a.out)
-    models = Path(a.models) if a.models else None
-    try:
-        if min(a.seeds, a.test_n, a.select_n) < 1 or (a.generations is not None and a.generations < 1):
-            raise ConfigError("--seeds, --generations, --test-n and --select-n must be >= 1")
-        if a.rescore:
-            if models is None:
-                raise ConfigError("--rescore needs --models (the folder `make table` wrote)")
-            from cycleqd.atomic import write_atomic
-
-            table = score_models(models, test_n=a.test_n, test_seed=a.test_seed)
-            write_atomic(out, json.dumps(table, indent=2))
-        else:
-            table = make_table(load_config(a.config), out, models_dir=models, seeds=a.seeds,
-                               generations=a.generations, test_n=a.test_n, test_seed=a.test_seed,
-                               variants=a.variants.split(",") if a.variants else None, evolve_n=a.evolve_n,
-                               select_n=a.select_n, runs_root=Path(a.runs_root))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    plot_table(table, out.with_suffix(".png"))
-    _print(table)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

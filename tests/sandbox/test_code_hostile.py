@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 import cycleqd
-from cycleqd.sandbox import bwrap_available, run_python_batch
-from cycleqd.sandbox import cgroups
+from cycleqd.sandbox import bwrap_available, cgroups, run_python_batch
 from cycleqd.sandbox.backends import CGROUP_PREFIX
 from cycleqd.sandbox.verdict import CallJob, evaluate_calls_batch
 

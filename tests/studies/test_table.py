@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from cycleqd.config import load_config
+from cycleqd.config import load_config, split_config
 from cycleqd.registry import TASKS
-from cycleqd.studies.table import _row, selection_config, split_config, variant_config
+from cycleqd.studies.table import _row, selection_config, variant_config
 
 MINI = "experiments/mini.yaml"
 

@@ -37,7 +37,7 @@ def made(tmp_path_factory) -> dict[str, Path]:
 
 
 def _rescore(models: Path, out: Path, seed: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cycleqd.studies.table", "--rescore", "--models", str(models),
+    return subprocess.run([sys.executable, "-m", "cycleqd.cli", "table", "--rescore", "--models", str(models),
                            "--test-seed", str(seed), "--test-n", "6", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
 

@@ -327,13 +327,14 @@ def test_push_public_repo(run, tmp_path, local_hub):
 
 def test_card_metadata_takes_license_from_the_base_card(run, tmp_path):
     from cycleqd.runs.store import RunStore
-    from cycleqd.views.export import Selection, _base_card_metadata, model_card
+    from cycleqd.views.card import base_card_metadata, model_card
+    from cycleqd.views.export import Selection
     from cycleqd.views.report import lineage
 
     base = tmp_path / "base"
     base.mkdir()
     (base / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: org/original\n---\n# a base\n")
-    meta = _base_card_metadata(str(base), None)
+    meta = base_card_metadata(str(base), None)
     assert meta == {"license": "apache-2.0", "base_model": "org/original"}
     cfg = RunStore(run).config()
     tasks = cfg.task_names
