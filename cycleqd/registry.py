@@ -101,6 +101,22 @@ ENGINES: Registry = Registry(
     },
 )
 
+def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
+    """``__getattr__`` and ``__dir__`` for a package that re-exports its public nouns lazily.
+
+    ``exports`` maps a name to the module that defines it; the module is imported on first
+    use, so ``from cycleqd.search import Archive`` works without importing torch for every
+    module of the package.
+    """
+
+    def getattr_(name: str) -> object:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}{did_you_mean(name, exports)}")
+        return getattr(importlib.import_module(exports[name]), name)
+
+    return getattr_, lambda: sorted(exports)
+
+
 register_crossover = CROSSOVERS.register
 register_mutation = MUTATIONS.register
 register_sampler = SAMPLERS.register
