@@ -101,20 +101,21 @@ ENGINES: Registry = Registry(
     },
 )
 
-def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
-    """``__getattr__`` and ``__dir__`` for a package that re-exports its public nouns lazily.
+def lazy_exports(package: str, **modules: str) -> tuple[Callable[[str], object], Callable[[], list[str]], list[str]]:
+    """``__getattr__``, ``__dir__`` and ``__all__`` of a package that re-exports its public nouns lazily.
 
-    ``exports`` maps a name to the module that defines it; the module is imported on first
-    use, so ``from cycleqd.search import Archive`` works without importing torch for every
-    module of the package.
+    ``modules`` maps a module of the package to the names it defines (space-separated); a
+    module is imported on first use of one of its names, so ``from cycleqd.search import
+    Archive`` does not import torch for the package's other modules.
     """
+    exports = {name: f"{package}.{module}" for module, names in modules.items() for name in names.split()}
 
     def getattr_(name: str) -> object:
         if name not in exports:
             raise AttributeError(f"module {package!r} has no attribute {name!r}{did_you_mean(name, exports)}")
         return getattr(importlib.import_module(exports[name]), name)
 
-    return getattr_, lambda: sorted(exports)
+    return getattr_, lambda: sorted(exports), sorted(exports)
 
 
 register_crossover = CROSSOVERS.register

@@ -5,14 +5,5 @@ recorded answers; one protocol (:class:`Engine`) that declares every call.
 """
 from cycleqd.registry import lazy_exports
 
-_EXPORTS = {
-    "Engine": "cycleqd.engine.protocol",
-    "EngineUnsupported": "cycleqd.engine.protocol",
-    "GenRequest": "cycleqd.engine.protocol",
-    "HFEngine": "cycleqd.engine.hf",
-    "VLLMEngine": "cycleqd.engine.vllm",
-    "ReplayEngine": "cycleqd.engine.answers",
-    "DraftedDecoder": "cycleqd.engine.drafted",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, protocol="Engine EngineUnsupported GenRequest", hf="HFEngine",
+                                                vllm="VLLMEngine", answers="ReplayEngine", drafted="DraftedDecoder")
