@@ -81,7 +81,7 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
     """
     from cycleqd.evolve.worker import ChildWorker, build_tasks, make_child
     from cycleqd.mini.build import ensure_mini_world
-    from cycleqd.model.genome import Genome, materialize
+    from cycleqd.model.genome import Genome
     from cycleqd.search.child import ChildSpec
 
     cfg = resolve_paths(load_config(config))
@@ -105,7 +105,7 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
 
     def plain() -> tuple[dict[str, float], dict[str, list[str]]]:
         with torch.no_grad():
-            materialize(child, f, into=worker.engine)
+            worker.engine.load_genome(child, f)
         scores, answers = {}, {}
         for name, task in worker.tasks.items():
             answers[name] = _plain_answers(worker.engine, task)
@@ -134,7 +134,7 @@ def bench_mini_child(repeats: int = 3, config: str = "experiments/mini.yaml") ->
     start_of_run()
     worker.evaluate(sibling)
     with torch.no_grad():
-        materialize(child, f, into=worker.engine)
+        worker.engine.load_genome(child, f)
     gen_plain = gen_ours = 0.0
     for name, task in worker.tasks.items():
         t0 = time.perf_counter()

