@@ -26,6 +26,7 @@ from cycleqd.config import Config, dump_config, resolve_paths, with_overrides
 from cycleqd.evolve.events import Observer, notify
 from cycleqd.evolve.pool import LocalPool, RayPool, local_ray_env, start_ray
 from cycleqd.evolve.signals import RunInterrupted, StopSignals
+from cycleqd.recent import Recent
 from cycleqd.runs.folder import RunFolder
 from cycleqd.runs.lock import RunLock
 from cycleqd.runs.store import RunStore, check_models, default_run_dir
@@ -207,15 +208,13 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
     elif folder.stale():
         store.write_archives(archive.to_json(folder.generation))
 
-    # Steady state: every worker always has one child in flight; a finished child
-    # is saved, offered to all K archives and logged before the next one is asked.
+    # Steady state: every worker always has one child in flight; a finished child is
+    # offered to all K archives and committed (genome, log line, snapshot) before the next is asked.
     sched = Scheduler(cfg, archive, folder.children)
-    parent_cache: dict[str, bytes] = {}
+    parent_cache: Recent[str, bytes] = Recent(256)  # parents are drawn again and again from the same elites
 
     def genome_bytes(gid: str) -> bytes:
         if gid not in parent_cache:
-            if len(parent_cache) > 256:
-                parent_cache.clear()
             parent_cache[gid] = store.genome_path(gid).read_bytes()
         return parent_cache[gid]
 
