@@ -104,7 +104,8 @@ _CHECK_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/
 # (-I: no script folder, user site or PYTHON* variables; -S: no site, so no .pth file runs.)
 _INTERPRETERS = {"bash": ["/bin/bash", "-c"], "python": ["/usr/bin/python3", "-I", "-S", "-c"]}
 # Descriptors above 2 closed before the payload runs (namespace handles of the harness).
-_CLOSE_FDS = 'for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n<&-"; done 2>/dev/null; unset f n'
+# (No redirection around the loop: bash would keep the saved descriptor among those closed.)
+_CLOSE_FDS = 'for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n<&-"; done; unset f n'
 _IPC_LIMITS = {  # per IPC namespace: shared memory and message queues outside any file system
     "kernel/shmmax": 64 << 20, "kernel/shmall": (64 << 20) // 4096, "kernel/shmmni": 64,
     "kernel/msgmax": 8192, "kernel/msgmnb": 65536, "kernel/msgmni": 32,
