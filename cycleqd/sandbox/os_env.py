@@ -100,9 +100,19 @@ _EXEC_ENV = {"PATH": _PATH, "HOME": "/root", "HOSTNAME": "ubuntu"}
 # the path of any Python the check starts.
 _CHECK_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin:/usr/local/bin", "HOME": "/root",
               "HOSTNAME": "ubuntu", "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1"}
+# Python scripts start without `site` (-S: no .pth file or sitecustomize runs; -I: no script
+# folder, user site or PYTHON* variables), given the two builtins of `site` that checks use
+# (`exit`, `quit`); the script is then the `-c` program, its arguments sys.argv[1:].
+_PY_BOOT = """def _cq():
+    import builtins, sys, _sitebuiltins as s, __main__
+    builtins.exit = s.Quitter("exit", "Ctrl-D (i.e. EOF)")
+    builtins.quit = s.Quitter("quit", "Ctrl-D (i.e. EOF)")
+    del __main__._cq
+    return compile(sys.argv.pop(1), "<string>", "exec")
+exec(_cq())
+"""
 # Interpreters of scripts run by the harness (absolute: /usr/local is the agent's to change).
-# (-I: no script folder, user site or PYTHON* variables; -S: no site, so no .pth file runs.)
-_INTERPRETERS = {"bash": ["/bin/bash", "-c"], "python": ["/usr/bin/python3", "-I", "-S", "-c"]}
+_INTERPRETERS = {"bash": ["/bin/bash", "-c"], "python": ["/usr/bin/python3", "-I", "-S", "-c", _PY_BOOT]}
 # Descriptors above 2 closed before the payload runs (namespace handles of the harness).
 # (No redirection around the loop: bash would keep the saved descriptor among those closed.)
 _CLOSE_FDS = 'for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n<&-"; done; unset f n'
