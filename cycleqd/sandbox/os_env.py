@@ -204,6 +204,15 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _alive(pid: int, start: int | None) -> bool:
     return start is not None and _start_time(pid) == start
 
@@ -844,31 +853,49 @@ class OSSession:
         return out
 
     def _kill_since(self, before: set[tuple[int, int]], keep: set[int] = frozenset()) -> None:
-        """Kill every process of the machine not in ``before`` (except ``keep``), the machine
-        frozen meanwhile so that none forks past the kill."""
+        """Kill every process the machine gained since ``before`` (except ``keep``), the machine
+        frozen meanwhile so that none forks past the kill.
+
+        A new process is spared only while its parent chain leads to a process that was
+        already running other than the shell and the machine's init: a child that an earlier
+        background job starts now. Anything detached (``setsid``, double fork, reparented to
+        init) cannot be told apart from the command's own and is killed.
+        """
         freezer = next((d for d in self.cgroups if (d / "freezer.state").exists() or (d / "cgroup.freeze").exists()),
                        None)
         frozen = freezer is not None and _freeze(freezer, True)
+        roots = {self._init_pid, self._shell_pid}
         try:
-            for pid, _ in self._processes() - before:
-                if pid not in keep:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
+            self._kill_new(before, keep, roots)
         finally:
-            if freezer is not None:
+            if frozen:
                 _freeze(freezer, False)
         for _ in range(50):
-            new = [pid for pid, _ in self._processes() - before if pid not in keep]
-            if not new:
+            if not self._kill_new(before, keep, roots):
                 return
-            for pid in new:
+            time.sleep(0.02)
+
+    def _kill_new(self, before: set[tuple[int, int]], keep: set[int], roots: set[int | None]) -> bool:
+        procs = self._processes()
+        old = {pid for pid, _ in procs & before}
+        new = {pid for pid, _ in procs - before}
+        killed = False
+        for pid in new - set(keep):
+            up, spared = pid, False
+            for _ in range(64):
+                up = _parent(up)
+                if up in old:
+                    spared = up not in roots
+                    break
+                if up not in new:
+                    break
+            if not spared:
                 try:
                     os.kill(pid, signal.SIGKILL)
+                    killed = True
                 except OSError:
                     pass
-            time.sleep(0.02)
+        return killed
 
     def _machine_alive(self) -> bool:
         return self.alive and self.proc is not None and self.proc.poll() is None
