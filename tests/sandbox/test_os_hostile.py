@@ -188,11 +188,11 @@ def test_checks_are_not_fooled_by_what_the_agent_planted(session: OSSession) -> 
     # the agent replaces the machine's /bin (a link in its own root folder) last
     session.run("rm -f /bin && mkdir /bin && printf '#!/tmp/fakeawk\\n' > /bin/bash; chmod +x /bin/bash", timeout=10)
 
-    py = ("python", "import sys, json, pwd\nok = sys.argv[1].strip() == open('/root/answer').read().strip() "
-                    "== open('/opt/app/v').read().strip()\npwd.getpwnam('alice')\nexit(0 if ok else 1)")
-    sh = ("bash", 'test "$(calc)" = "$1" && python3 -c "import sys; sys.exit(0 if \'$1\' == \'42\' else 1)" && '
-                  'echo "$1" | grep -qx 42 && [ "$(echo "$1" | awk \'{print $1 * 2}\')" = 84 ] && '
-                  'grep -q "^alice:" /etc/passwd && id alice >/dev/null')
+    py = ("python", ("import sys, json, pwd\nok = sys.argv[1].strip() == open('/root/answer').read().strip() "
+                     "== open('/opt/app/v').read().strip()\npwd.getpwnam('alice')\nexit(0 if ok else 1)"))
+    sh = ("bash", ('test "$(calc)" = "$1" && python3 -c "import sys; sys.exit(0 if \'$1\' == \'42\' else 1)" && '
+                   'echo "$1" | grep -qx 42 && [ "$(echo "$1" | awk \'{print $1 * 2}\')" = 84 ] && '
+                   'grep -q "^alice:" /etc/passwd && id alice >/dev/null'))
     for check in (py, sh):
         problem = OSProblem(id="0", description="d", check=(check,))
         assert not judge(problem, "41", session), check
