@@ -130,7 +130,8 @@ def test_fresh_shells_share_the_machine_not_the_agents_shell(session: OSSession)
     # the agent's capabilities plus CAP_IPC_LOCK, which keeps the agent from tracing a check
     assert int(out[7].split()[-1], 16) == int(agent_caps, 16) | 1 << 14 and out[8] == "one two words"
     env = session.run_script("bash", "env | cut -d= -f1 | sort | tr '\\n' ' '", []).output.split()
-    assert set(env) <= {"HOME", "PATH", "HOSTNAME", "PWD", "SHLVL", "_"}
+    # (a check's Pythons take no user site-packages and no script folder: the agent's files)
+    assert set(env) <= {"HOME", "PATH", "HOSTNAME", "PWD", "SHLVL", "_", "PYTHONNOUSERSITE", "PYTHONSAFEPATH"}
 
 
 def test_fresh_shell_limits_and_timeouts(session: OSSession) -> None:
