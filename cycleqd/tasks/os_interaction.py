@@ -326,7 +326,7 @@ def judge(problem: OSProblem, answer: str | None, session: OSSession, timeout: f
             script = problem.example
         if script is None:
             return False
-        r = session.run_script(script[0], script[1], params, timeout=timeout)
+        r = session.run_script(script[0], script[1], params, timeout=timeout, view="check")
         if r.exit_code != 0:
             return False
         params.append(r.output)
@@ -413,7 +413,7 @@ class OSInteractionTask(Task):
         session = session or OSSession(memory_mb=self.memory_mb)
         try:
             for lang, code in problem.init:
-                session.run_script(lang, code, [], timeout=60)
+                session.run_script(lang, code, [], timeout=60, view="machine")
             if problem.start is not None:
                 session.run(problem.start[1], timeout=self.command_timeout)
         except BaseException:
