@@ -5,7 +5,7 @@ engine and the K tasks resident; a child costs one pass over the weights,
 streamed into the engine tensor by tensor, plus the evaluations, and no
 checkpoint is read from disk. The factors live where the memory plan puts them
 (``factors.device``): the engine's device when they fit there, else host memory. The same class runs
-as a Ray actor (``run.py``) or in process (tests, replay of one child).
+as a Ray actor (:mod:`cycleqd.evolve.pool`) or in process (tests, replay of one child).
 Domain errors inside a child become a failed result; they never crash the run.
 """
 from __future__ import annotations
