@@ -32,12 +32,18 @@ official code scores (shipped in :mod:`cycleqd.tasks.official`).
 Backends: ``sqlite`` (in process, the default; emulates the MySQL behaviour the
 scoring depends on: the table hash with MySQL's 1024-byte ``group_concat``
 limit, case-insensitive text comparison, MySQL-style result rows) and ``mysql``
-(a MySQL / MariaDB server at ``url``, one throw-away database and user per sample).
+(one throw-away database and user per sample on a MariaDB server: cycleqd's own,
+started once per task object with :meth:`cycleqd.sandbox.mariadb.MariaDBServer.start`,
+or the server at ``url``, which is checked at start-up and warned about where it lacks
+the hostile-tenant set-up). Under ``protocol: agentbench`` a sample's database is
+dropped as soon as its episode is scored; under ``official`` after all are played.
 Model SQL runs contained on both (:mod:`cycleqd.sandbox.sqlite`, :mod:`cycleqd.sandbox.mysql`).
 """
 from __future__ import annotations
 
 import ast
+import logging
+from dataclasses import replace
 import operator
 import re
 import time
@@ -51,6 +57,7 @@ from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox.databases import Database, MySQLDatabase, SQLiteDatabase, parse_mysql_url
+from cycleqd.sandbox.mariadb import MariaDBServer, ServerUnavailable
 from cycleqd.tasks.dataset import ids_as_strings, read_rows, run_episodes, select_ids, task_result
 from cycleqd.tasks.official import official_samples
 from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
@@ -81,6 +88,7 @@ SPLITS = ("standard", "dev")  # AgentBench data/dbbench, in the order the offici
 # Labels the official copy of the data carries where AgentBench's file differs: (split, index) -> (AgentBench, official)
 OFFICIAL_LABELS = {("standard", 4): (["Vienna"], ["Vienna International Airport"])}
 
+log = logging.getLogger(__name__)
 _ACTION = re.compile(r"Action: (.*?)\n")
 _SQL = re.compile(r"```sql\n([\s\S]*?)\n```")
 _ANSWER = re.compile(r"\nFinal Answer:(.*)")
@@ -100,8 +108,18 @@ class DBEpisode:
         self.done = False
         self.answer = ""
         self.status = "running"
+        #: called once when a step ends the episode (scores it and drops its database early)
+        self.on_done: Callable[["DBEpisode"], None] | None = None
 
     def step(self, reply: str) -> None:
+        try:
+            self._step(reply)
+        finally:
+            if self.done and self.on_done is not None:
+                finish, self.on_done = self.on_done, None
+                finish(self)
+
+    def _step(self, reply: str) -> None:
         reply = reply or ""
         self.messages.append({"role": "assistant", "content": reply})
         self.turn += 1
@@ -141,16 +159,112 @@ def action_signature(reply: str) -> str | None:
     return "answer " + repr(parse_answer(m.group(1))) if m else None
 
 
+# Limits of answer parsing (it runs in the worker, on model text): every intermediate value
+# is bounded, so no answer can make the worker (or ``repr`` of its parse) compute for long
+# or fill its memory. A value's size counts all it holds, shared items once per reference
+# (``[[0] * 9] * 9`` is 81 zeros): what ``repr`` or a comparison walks through.
+MAX_ANSWER_CHARS = 4_000    # the answer text (labels are a few hundred characters)
+MAX_NODES = 2_000           # expression nodes
+MAX_DEPTH = 100             # nesting of the expression
+MAX_INT_BITS = 4096         # any int, intermediate or final
+MAX_SIZE = 100_000          # any value: characters of its strings, 64-bit words of its ints, items
+MAX_WORK = 1_000_000        # sizes of all values made during one parse, summed
+
+
+class AnswerTooLarge(ValueError):
+    """An answer whose parse would pass a limit above: a wrong answer."""
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int)  # bool too, as in eval
+
+
+def _is_seq(x: Any) -> bool:
+    return isinstance(x, (str, bytes, list, tuple))
+
+
+def _scalar_size(value: Any) -> int:
+    if _is_int(value):
+        if int(value).bit_length() > MAX_INT_BITS:
+            raise AnswerTooLarge("int too large")
+        return int(value).bit_length() // 64 + 1
+    if isinstance(value, (str, bytes)):
+        return len(value) + 1
+    return 1
+
+
+class _Reader:
+    """Evaluates one answer's expression within the limits, keeping each value's size."""
+
+    def __init__(self) -> None:
+        self.work = MAX_WORK
+
+    def _made(self, value: Any, size: int) -> tuple[Any, int]:
+        if size > MAX_SIZE:
+            raise AnswerTooLarge("value too large")
+        self.work -= size
+        if self.work < 0:
+            raise AnswerTooLarge("answer too large")
+        return value, size
+
+    def value(self, node: ast.AST) -> tuple[Any, int]:
+        """``(value, size)`` of a literal expression with arithmetic, as ``eval`` gives the value.
+
+        Raises:
+            AnswerTooLarge: a value would pass a limit; ValueError / TypeError / ArithmeticError:
+                not a literal expression, or one ``eval`` would fail on.
+        """
+        if isinstance(node, ast.Constant):
+            if not isinstance(node.value, (str, bytes, int, float, complex, type(None))):
+                raise ValueError("not a literal")  # Ellipsis
+            return self._made(node.value, _scalar_size(node.value))
+        if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+            parts = [self.value(e) for e in node.elts]
+            kind = {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)]
+            return self._made(kind(v for v, _ in parts), 1 + sum(n for _, n in parts))
+        if isinstance(node, ast.Dict):
+            if any(k is None for k in node.keys):
+                raise ValueError("dict unpacking")
+            pairs = [(self.value(k), self.value(v)) for k, v in zip(node.keys, node.values)]  # type: ignore[arg-type]
+            return self._made({k: v for (k, _), (v, _) in pairs}, 1 + sum(a + b for (_, a), (_, b) in pairs))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
+            operand, _ = self.value(node.operand)
+            out = _UNOPS[type(node.op)](operand)
+            return self._made(out, _scalar_size(out))
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            (a, sa), (b, sb) = self.value(node.left), self.value(node.right)
+            op = type(node.op)
+            if op is ast.Mult and (_is_seq(a) and _is_int(b) or _is_seq(b) and _is_int(a)):
+                (seq, size), n = ((a, sa), b) if _is_seq(a) else ((b, sb), a)
+                total = 1 + max(int(n), 0) * (size - 1)  # decided before repeating
+                if total > MAX_SIZE:
+                    raise AnswerTooLarge("repetition too large")
+                return self._made(operator.mul(seq, n), total)
+            if op is ast.Add and _is_seq(a) and _is_seq(b):
+                if sa + sb > MAX_SIZE:
+                    raise AnswerTooLarge("concatenation too large")
+                return self._made(operator.add(a, b), sa + sb)
+            if op is ast.Sub and isinstance(a, (set, frozenset)):
+                return self._made(operator.sub(a, b), sa)
+            if not all(isinstance(x, (int, float, complex)) for x in (a, b)):
+                # '%0999999d' % 1 is string formatting, not arithmetic; other mixes fail in eval too
+                raise TypeError("arithmetic on non-numbers")
+            out = _BINOPS[op](a, b)
+            return self._made(out, _scalar_size(out))
+        raise ValueError(f"not a literal: {type(node).__name__}")
+
+
 def _pow(a: Any, b: Any) -> Any:
-    if isinstance(b, (int, float)) and abs(b) > 1000:  # eval would compute it; an answer never needs it
-        raise ValueError("power too large")
+    if _is_int(a) and _is_int(b) and b > 0 and abs(a) > 1 and (int(a).bit_length() - 1) * b >= MAX_INT_BITS:
+        raise AnswerTooLarge("power too large")  # decided before computing it
+    if not _is_int(a) and isinstance(b, (int, float)) and abs(b) > 10_000:
+        raise AnswerTooLarge("power too large")  # float / complex bases: no answer needs it
     return operator.pow(a, b)
 
 
 def _mul(a: Any, b: Any) -> Any:
-    for seq, n in ((a, b), (b, a)):
-        if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int) and len(seq) * n > 100_000:
-            raise ValueError("repetition too large")
+    if _is_int(a) and _is_int(b) and int(a).bit_length() + int(b).bit_length() > MAX_INT_BITS + 1:
+        raise AnswerTooLarge("product too large")  # decided before computing it
     return operator.mul(a, b)
 
 
@@ -161,22 +275,35 @@ _UNOPS: dict[type, Callable[[Any], Any]] = {
     ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_, ast.Invert: operator.invert}
 
 
-def _value(node: ast.AST) -> Any:
-    """The value of a literal expression with arithmetic, as ``eval`` gives it; anything else raises."""
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
-        items = [_value(e) for e in node.elts]
-        return {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)](items)
-    if isinstance(node, ast.Dict):
-        if any(k is None for k in node.keys):
-            raise ValueError("dict unpacking")
-        return {_value(k): _value(v) for k, v in zip(node.keys, node.values)}  # type: ignore[arg-type]
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
-        return _UNOPS[type(node.op)](_value(node.operand))
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return _BINOPS[type(node.op)](_value(node.left), _value(node.right))
-    raise ValueError(f"not a literal: {type(node).__name__}")
+def _shape_ok(tree: ast.AST) -> None:
+    """Count nodes and depth without recursion. Raises AnswerTooLarge past MAX_NODES / MAX_DEPTH."""
+    stack, nodes = [(tree, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES or depth > MAX_DEPTH:
+            raise AnswerTooLarge("expression too large" if nodes > MAX_NODES else "expression nested too deeply")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+
+
+def read_answer(answer: str) -> list | None:
+    """``list(eval(answer))`` within the limits above; ``[answer]`` where ``eval`` would fail;
+    None for an answer past a limit (a wrong answer). Never raises, whatever the text."""
+    try:
+        if not isinstance(answer, str):
+            return None
+        if len(answer) > MAX_ANSWER_CHARS:
+            return None
+        with warnings.catch_warnings():  # answers hold invalid escape sequences
+            warnings.simplefilter("ignore")
+            tree = ast.parse(answer.lstrip(" \t"), mode="eval")
+        _shape_ok(tree)
+        value, _ = _Reader().value(tree.body)
+        return list(value)
+    except AnswerTooLarge:
+        return None
+    except (SyntaxError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError):
+        return [answer]
 
 
 def parse_answer(answer: str) -> list:
@@ -186,28 +313,33 @@ def parse_answer(answer: str) -> list:
     arithmetic on them are evaluated as ``eval`` would; any other expression (a name, a
     call) is what makes ``eval`` fail in practice, and gives ``[answer]`` as there. A
     string becomes its characters and a dict its keys, as ``list`` makes them.
+
+    Bounded: the text, the expression's size and depth, every intermediate int (bits) and
+    sequence (length), and the work of one parse (see the ``MAX_`` limits). An answer past
+    a limit gives ``[answer]`` here and is always wrong in :func:`answer_is_correct`.
+    Never raises.
     """
-    try:
-        with warnings.catch_warnings():  # answers hold invalid escape sequences
-            warnings.simplefilter("ignore")
-            tree = ast.parse(answer.lstrip(" \t"), mode="eval")
-        return list(_value(tree.body))
-    except (SyntaxError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError):
-        return [answer]
+    parsed = read_answer(answer)
+    return [answer] if parsed is None else parsed
 
 
 def answer_is_correct(answer: str, label: Sequence[Any]) -> bool:
-    """The SELECT check of both harnesses: one value compares as floats when both parse, several as sets."""
-    ans = parse_answer(answer)
+    """The SELECT check of both harnesses: one value compares as floats when both parse, several as sets.
+
+    An answer past a parse limit (:func:`parse_answer`) is wrong. Never raises.
+    """
+    ans = read_answer(answer)
+    if ans is None:
+        return False
     cor = list(label)
-    if len(ans) == 1 and len(cor) == 1:
-        try:
-            return float(ans[0]) == float(cor[0])
-        except (ValueError, TypeError, OverflowError):
-            return ans[0] == cor[0]
     try:
+        if len(ans) == 1 and len(cor) == 1:
+            try:
+                return float(ans[0]) == float(cor[0])
+            except (ValueError, TypeError, OverflowError):
+                return bool(ans[0] == cor[0])
         return set(ans) == set(cor)
-    except TypeError:
+    except Exception:  # unhashable items, a comparison that raises: not the label
         return False
 
 
@@ -309,11 +441,10 @@ class DBBenchTask(Task):
         opts = self.options
         if opts.backend not in ("sqlite", "mysql"):
             raise ConfigError(f"dbbench backend must be 'sqlite' or 'mysql', got {opts.backend!r}")
-        if opts.backend == "mysql":
-            if not opts.url:
-                raise ConfigError("dbbench backend 'mysql' needs url: mysql://user:password@host:port/")
-            parse_mysql_url(opts.url)
         self.backend, self.url = opts.backend, opts.url
+        self.server: MariaDBServer | None = None
+        if opts.backend == "mysql":
+            self.url = self._mysql_url(opts.url)
         self.protocol, self.select = opts.protocol, opts.select
         loaded = load_dbbench(data)
         self.rows = [self._official_label(split, i, r) for split, i, r in loaded]
@@ -321,6 +452,37 @@ class DBBenchTask(Task):
         pool = official_ids(loaded, data) if self.select == "official" else [str(i) for i in range(len(self.rows))]
         self._ids = select_ids(pool, opts.ids, opts.limit)
         self.max_rounds, self.max_new_tokens, self.workers = opts.max_rounds, opts.max_new_tokens, opts.workers
+
+    def _mysql_url(self, url: str | None) -> str:
+        """The server to use: ``url`` (checked, its shortcomings warned about) or cycleqd's own, started now.
+
+        Raises:
+            ConfigError: a malformed ``url``, or no server of cycleqd's own can start here.
+        """
+        from cycleqd.sandbox.mysql import server_warnings
+
+        if url:
+            connect = parse_mysql_url(url)
+            try:
+                lines = server_warnings(connect)
+            except ConnectionError as e:
+                lines = [f"could not check the server at start-up: {e}"]
+            for line in lines:
+                log.warning("dbbench %s: %s", self.name, line)
+                warnings.warn(f"dbbench {self.name}: MySQL server at url: {line}", stacklevel=3)
+            return url
+        try:
+            self.server = MariaDBServer.start()
+        except ServerUnavailable as e:
+            raise ConfigError(f"dbbench backend 'mysql' without url starts its own MariaDB server, which failed: {e} "
+                              "(or give url: mysql://user:password@host:port/)") from None
+        return self.server.url
+
+    def close(self) -> None:
+        """Stop the MariaDB server this task started (if any); also done at interpreter exit."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     def answer_signatures(self, requests: Sequence[Any], answers: Sequence[str]) -> list[str | None]:
         """The action each reply proposes for its turn (see :func:`action_signature`)."""
@@ -353,29 +515,47 @@ class DBBenchTask(Task):
         chosen = select_ids(self._ids, ids, None) if ids is not None else list(self._ids)
         episodes: list[DBEpisode] = []
         failed: dict[str, str] = {}
+        early: dict[str, SampleResult] = {}
+
+        def finish(ep: DBEpisode, error: str | None = None) -> SampleResult:
+            try:
+                return self._score(ep, error)
+            except Exception as e:  # scoring must not crash the task
+                return SampleResult(ep.sample_id, 0.0, f"scoring failed: {type(e).__name__}: {e}")
+            finally:
+                try:
+                    ep.db.close()  # drops the sample's database (and user) on a server
+                except Exception:
+                    pass
+
         for i in chosen:
             try:
-                episodes.append(DBEpisode(i, self.rows[int(i)], self._open(self.rows[int(i)]), self.max_rounds,
-                                          self.protocol))
+                ep = DBEpisode(i, self.rows[int(i)], self._open(self.rows[int(i)]), self.max_rounds, self.protocol)
             except Exception as e:  # a table that cannot be built is that sample's failure
                 failed[i] = f"could not create the table: {type(e).__name__}: {e}"
-        errors = run_episodes(engine, episodes, max_new_tokens=self.max_new_tokens, workers=self.workers)
+                continue
+            if self.protocol == "agentbench":  # scored, and its database dropped, when its episode ends
+                ep.on_done = lambda done: early.__setitem__(done.sample_id, finish(done))
+            episodes.append(ep)
+        try:
+            errors = run_episodes(engine, episodes, max_new_tokens=self.max_new_tokens, workers=self.workers)
+        except BaseException:
+            for ep in episodes:
+                if ep.sample_id not in early:
+                    try:
+                        ep.db.close()
+                    except Exception:
+                        pass
+            raise
         by_id = {ep.sample_id: ep for ep in episodes}
         samples = []
         for i in chosen:
             if i in failed:
                 samples.append(SampleResult(i, 0.0, failed[i]))
-                continue
-            ep = by_id[i]
-            try:
-                samples.append(self._score(ep, errors.get(i)))
-            except Exception as e:  # scoring must not crash the task
-                samples.append(SampleResult(i, 0.0, f"scoring failed: {type(e).__name__}: {e}"))
-            finally:
-                try:
-                    ep.db.close()
-                except Exception:
-                    pass
+            elif i in early:
+                samples.append(early[i] if i not in errors else replace(early[i], error=errors[i]))
+            else:  # the official order, or an episode that ended with an error
+                samples.append(finish(by_id[i], errors.get(i)))
         return task_result(self.name, samples, start)
 
     def _score(self, ep: DBEpisode, error: str | None) -> SampleResult:

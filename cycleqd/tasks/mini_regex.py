@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cycleqd.mini.generators.regex import check_program, gold_matches
+from cycleqd.mini.generators.regex import check_job, gold_matches, judge
 from cycleqd.mini.items import MiniItem
 from cycleqd.registry import register_task
-from cycleqd.sandbox import run_python_batch
+from cycleqd.sandbox.verdict import evaluate_calls_batch
 from cycleqd.tasks.mini_task import MiniTask
 from cycleqd.tasks.protocol import SampleResult
 
@@ -15,6 +15,9 @@ from cycleqd.tasks.protocol import SampleResult
 class MiniRegex(MiniTask):
     """Write one pattern; solved if ``re.search`` accepts exactly the gold pattern's test strings.
 
+    The pattern runs in the sandbox (it may backtrack for ever); which strings it accepts is
+    judged here, against the gold pattern's matches (:mod:`cycleqd.sandbox.verdict`).
+
     The fourth mini skill: not part of the default world, it grows a run (see docs/grow.md).
     """
 
@@ -22,16 +25,11 @@ class MiniRegex(MiniTask):
     max_new_tokens = 40
 
     def score_outputs(self, items: Sequence[MiniItem], outputs: Sequence[str]) -> list[SampleResult]:
-        programs = []
-        for it, out in zip(items, outputs):
-            strings = list(it.context["strings"])
-            programs.append(check_program(out, strings, gold_matches(it.answer, strings)))
-        runs = run_python_batch(
-            programs, timeout=self._timeout, memory_mb=min(self.sandbox.memory_mb, 512), backend=self.sandbox.backend
-        )
+        jobs = [check_job(out, list(it.context["strings"])) for it, out in zip(items, outputs)]
+        runs = evaluate_calls_batch(jobs, timeout=self._timeout, memory_mb=min(self.sandbox.memory_mb, 512),
+                                    backend=self.sandbox.backend)
         results = []
-        for it, out, r in zip(items, outputs, runs):
-            ok = bool(out.strip()) and r.returncode == 0 and r.finished
-            err = None if ok else (r.error or ("timeout" if r.timed_out else r.stderr.strip()[-300:] or "failed"))
-            results.append(self._result(it, ok, out, err))
+        for it, out, res in zip(items, outputs, runs):
+            err = judge(res, gold_matches(it.answer, list(it.context["strings"]))) if out.strip() else "empty answer"
+            results.append(self._result(it, err is None, out, err))
         return results

@@ -78,8 +78,8 @@ def test_round_limit_and_bad_input(tmp_path, shared_data) -> None:
     assert res.samples[0].score == 0.0 and res.samples[0].detail["rounds"] == 5
     with pytest.raises(ConfigError):
         DBBenchTask(data=data, backend="oracle")
-    with pytest.raises(ConfigError):
-        DBBenchTask(data=data, backend="mysql")
+    with pytest.raises(ConfigError, match="mysql://"):
+        DBBenchTask(data=data, backend="mysql", url="postgres://x@127.0.0.1/")
     with pytest.raises(ConfigError):
         DBBenchTask(data=data, ids=["999"])
 
@@ -235,3 +235,95 @@ class TestProtocols:
             DBBenchTask(data=data, protocol="evalplus")
         with pytest.raises(ConfigError, match="max_round"):
             DBBenchTask(data=data, max_round=0)
+
+
+class TestBoundedParser:
+    """The answer parser runs in the worker: no answer text can hang it, grow its memory or raise."""
+
+    CORPUS = (
+        " [((10**1000)**1000)**100]", " [10**1000**1000]", " [9**9**9**9]", " [2**4095*2**4095*2**4095]",
+        " [(2**4000)**2]", " [" + "*".join(["99999999"] * 2000) + "]", " [1.5**1e9]", " [(1+1j)**(10**300)]",
+        " 'a'*10**9", " [0]*10**9", " [[0]*100000]*100000", " [[[[0]*40]*40]*40]*40", " [b'x'*10**9]",
+        " [" + "[0]*100000," * 3000 + "]", " " + "+".join(["[0]*99999"] * 30), " [" + ",".join(["2**4000"] * 2000) + "]",
+        " {'a' * 50000: 1, 'b' * 50000: 2}", " '%099999999d' % 1", " ['%s' * 99999 % tuple(range(99999))]",
+        " " + "[" * 199 + "]" * 199, " " + "-" * 19000 + "1", " " + "not " * 5000 + "1", " " + "(" * 150 + "1" + ")" * 150,
+        " [" + ",".join(["1"] * 1999) + "]", " [\"" + "x" * 10**6 + "\"]", " " + "x" * 10**6,
+        " [" + ",".join(["2**4000"] * 500) + "]", " [" + ",".join(["'" + "y" * 99 + "'*999"] * 100) + "]",
+    )
+
+    def test_huge_deep_and_long_answers_are_wrong_quickly(self) -> None:
+        """Each answer of the corpus parses, scores and gives its signature within 0.1 s each (the
+        best of three tries, so a busy machine's pause is not counted), scores 0, raises nothing."""
+        import time
+
+        from cycleqd.tasks.dbbench import action_signature
+
+        def took(fn) -> float:
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            return best
+
+        for text in self.CORPUS:
+            assert isinstance(parse_answer(text), list)
+            assert not answer_is_correct(text, ["1"]) and not answer_is_correct(text, ["1", "2"]), text[:60]
+            for fn in (lambda: parse_answer(text), lambda: answer_is_correct(text, ["1"]),
+                       lambda: action_signature("Action: Answer\nFinal Answer:" + text)):
+                assert took(fn) < 0.1, text[:60]
+
+    def test_answer_past_a_limit_is_wrong_even_when_its_text_equals_the_label(self) -> None:
+        """A parse past a limit is a wrong answer, not a fall-back to comparing the raw text."""
+        text = " [2 ** 100000]"
+        assert parse_answer(text) == [text]
+        assert not answer_is_correct(text, [text])
+        assert answer_is_correct(" [2 ** 4000 // 2 ** 3990]", ["1024"])  # big intermediates within the limit
+
+
+@pytest.mark.mariadb
+def test_mysql_without_url_starts_its_own_server_and_drops_each_database_when_scored(tmp_path) -> None:
+    """``backend: mysql`` without ``url`` starts cycleqd's own MariaDB server (once per task object);
+    under ``protocol: agentbench`` a sample's database is gone as soon as its episode is scored,
+    while other samples still play."""
+    import pymysql
+
+    from cycleqd.sandbox.mariadb import mariadb_available
+
+    if not mariadb_available():
+        pytest.skip("MariaDB server not installed (apt-get install mariadb-server)")
+    row = {"description": "How many?", "add_description": "Table t.", "type": ["counting"], "label": ["2"],
+           "table": {"table_name": "t", "table_info": {"columns": [{"name": "a", "type": "TEXT"}],
+                                                       "rows": [["1"], ["2"]]}}}
+    data = write_jsonl(tmp_path / "d.jsonl", [row, row])
+    op = "Action: Operation\n```sql\nSELECT COUNT(*) FROM t\n```"
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"id": 0, "turns": ["Action: Answer\nFinal Answer: [\"2\"]"]},
+                                                 {"id": 1, "turns": [op, op, "Action: Answer\nFinal Answer: [\"2\"]"]}])
+    task = DBBenchTask(data=str(data), backend="mysql", protocol="agentbench")
+    try:
+        assert task.server is not None and task.url == task.server.url
+
+        def databases() -> set[str]:
+            con = pymysql.connect(**task.server.connect, autocommit=True)
+            try:
+                with con.cursor() as cur:
+                    cur.execute("SHOW DATABASES")
+                    return {r[0] for r in cur.fetchall()} - {"mysql", "information_schema", "performance_schema", "sys"}
+            finally:
+                con.close()
+
+        seen: list[tuple[int, int]] = []
+
+        class Spy(ReplayEngine):
+            def generate(self, requests):
+                seen.append((len(requests), len(databases())))
+                return super().generate(requests)
+
+        res = task.evaluate(Spy(answers))
+        assert [s.score for s in res.samples] == [1.0, 1.0]
+        # round 1: both samples' databases; rounds 2-3: sample 0 answered and its database is dropped
+        assert seen == [(2, 2), (1, 1), (1, 1)]
+        assert databases() == set()
+    finally:
+        task.close()
+    assert task.server is None

@@ -1,14 +1,16 @@
 """Mini code: write a one-line Python function ``f`` from a one-line spec.
 
-Answers are checked by behaviour: the candidate is executed with asserts
-comparing ``f(*args)`` to the gold function's results on a few inputs.
+Answers are checked by behaviour: the candidate's ``f`` is called on a few inputs in
+the sandbox (:func:`check_job`) and its values are compared with the gold function's
+results here, outside the candidate's process (:func:`judge`).
 """
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Sequence
 
 from cycleqd.mini.items import Family
+from cycleqd.sandbox.verdict import CallJob, CallsResult
 
 PREFIX = "py"
 # Names take an optional number suffix ("n", "n2", "n17"): every family then has a few hundred
@@ -109,8 +111,37 @@ def gold_outputs(answer: str, inputs: list[tuple]) -> list[Any]:
     return [scope["f"](*args) for args in inputs]
 
 
+def check_job(candidate: str, inputs: Sequence[tuple]) -> CallJob:
+    """The verdict job of ``candidate``: its ``f`` called on each input (values judged by :func:`judge`)."""
+    return CallJob(candidate, tuple(f"f(*_cq_inputs[{k}])" for k in range(len(inputs))),
+                   inputs=tuple(tuple(a) for a in inputs))
+
+
+def judge(result: CallsResult, expected: Sequence[Any]) -> str | None:
+    """None when the job's values equal ``expected`` (the gold results), else why not.
+
+    Both sides are plain values decoded here, so the comparison is the real ``==``.
+    """
+    if result.outcomes is None:
+        return result.error or "no values"
+    for k, (o, want) in enumerate(zip(result.outcomes, expected)):
+        if not o.ok:
+            return f"input {k}: {o.error}"
+        try:
+            same = bool(o.value == want)
+        except Exception:  # e.g. RecursionError on a self-nested list
+            same = False
+        if not same:
+            return f"input {k}: got {o.value!r:.100}, expected {want!r:.100}"
+    return None if len(result.outcomes) == len(expected) else "wrong number of values"
+
+
 def check_program(candidate: str, inputs: list[tuple], expected: list[Any]) -> str:
-    """A Python program that exits 0 iff ``candidate`` defines ``f`` matching ``expected``."""
+    """A Python program that exits 0 iff ``candidate`` defines ``f`` matching ``expected``.
+
+    For timing benchmarks only: the program's own exit status is no verdict (an answer can
+    exit 0 early); :class:`cycleqd.tasks.mini_code.MiniCode` scores with :func:`check_job`.
+    """
     lines = [candidate, ""]
     for args, out in zip(inputs, expected):
         lines.append(f"assert f(*{tuple(args)!r}) == {out!r}")

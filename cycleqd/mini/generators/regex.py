@@ -1,17 +1,18 @@
 """Mini regex: a Python regular expression from a one-line description.
 
 Answers are checked by behaviour: the candidate pattern is compiled and run in
-the sandbox over a few test strings, and ``re.search`` must accept exactly the
-strings the gold pattern accepts. The test strings are built around the item's
+the sandbox over a few test strings (:func:`check_job`), and ``re.search`` must accept
+exactly the strings the gold pattern accepts (judged here, :func:`judge`). The test strings are built around the item's
 words, so a pattern that ignores the description fails.
 """
 from __future__ import annotations
 
 import random
 import re
-from typing import Any
+from typing import Any, Sequence
 
 from cycleqd.mini.items import Family
+from cycleqd.sandbox.verdict import CallJob, CallsResult
 
 PREFIX = "re"
 #: Bump when the families change what they draw: a cached expert trained on old items is rebuilt.
@@ -70,11 +71,26 @@ def gold_matches(pattern: str, strings: list[str]) -> list[bool]:
     return [p.search(s) is not None for s in strings]
 
 
-def check_program(candidate: str, strings: list[str], expected: list[bool]) -> str:
-    """A Python program that exits 0 iff ``candidate`` accepts exactly the ``expected`` strings."""
-    return (
-        "import re\n"
-        f"p = re.compile({candidate!r})\n"
-        f"got = [p.search(s) is not None for s in {strings!r}]\n"
-        f"assert got == {expected!r}\n"
-    )
+def check_job(candidate: str, strings: Sequence[str]) -> CallJob:
+    """The verdict job of pattern ``candidate``: whether ``re.search`` accepts each string.
+
+    The pattern is data (a string literal), never code; it runs in the sandbox because a
+    pattern can backtrack for ever.
+    """
+    program = f"import re as _cq_re\n_cq_p = _cq_re.compile({candidate!r})\n"
+    return CallJob(program, tuple(f"_cq_p.search(_cq_inputs[{k}]) is not None" for k in range(len(strings))),
+                   inputs=tuple(strings))
+
+
+def judge(result: CallsResult, expected: Sequence[bool]) -> str | None:
+    """None when the job accepted exactly the ``expected`` strings, else why not."""
+    if result.outcomes is None:
+        return result.error or "no values"
+    if len(result.outcomes) != len(expected):
+        return "wrong number of values"
+    for k, (o, want) in enumerate(zip(result.outcomes, expected)):
+        if not o.ok:
+            return f"string {k}: {o.error}"
+        if type(o.value) is not bool or o.value is not want:
+            return f"string {k}: {'accepted' if o.value else 'rejected'}, the gold pattern {'does not' if o.value else 'does'}"
+    return None

@@ -27,11 +27,16 @@ id ``hf://evalplus/mbppplus`` (needs ``datasets`` and a network).
 
 The default is ``official`` for MBPP+ data (what the official code scores) and ``plain``
 for the original MBPP file, which the official code never scored.
-All of a call's test programs run in one sandbox batch.
+Verdicts come from :mod:`cycleqd.sandbox.verdict`: the solution's process gives values
+(the asserts' calls, or the entry point's outputs on the base inputs) and this process
+judges them, so nothing the solution does (exiting early, forging output, patching the
+checks, returning objects that equal everything) can pass a test it did not solve. The
+expected outputs of base inputs are the reference solution's, computed once per problem
+in its own sandbox job and kept by the task. All of a call's solutions run in one sandbox
+batch per kind of test (and the references it still needs in one more).
 """
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any, ClassVar, Literal, Sequence
 
@@ -41,9 +46,10 @@ from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.protocol import Engine, GenRequest
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution, run_python_batch
+from cycleqd.sandbox.verdict import check_asserts_batch, evaluate_calls_batch
 from cycleqd.tasks.dataset import ids_as_strings, read_rows, select_ids, task_result
 from cycleqd.tasks.mbpp.problems import Problem, problem_from_row
-from cycleqd.tasks.mbpp.programs import base_test_program, build_test_program, probe_program
+from cycleqd.tasks.mbpp.programs import assert_job, base_calls_job, probe_program, same_output, time_limits
 from cycleqd.tasks.mbpp.prompts import (
     EVALPLUS_PREFILL,
     PREFILL,
@@ -116,6 +122,8 @@ class MBPPTask(Task):
         self.max_new_tokens = opts.max_new_tokens
         self.timeout = float(opts.timeout if opts.timeout is not None else self.sandbox.timeout)
         self.memory_mb = int(opts.memory_mb if opts.memory_mb is not None else self.sandbox.memory_mb)
+        # problem id -> (the reference's outputs on the base inputs, the time limit of each input)
+        self._reference: dict[str, tuple[list, list[float]]] = {}
 
     def sample_ids(self) -> list[str]:
         return list(self._ids)
@@ -139,14 +147,94 @@ class MBPPTask(Task):
             opened = ""  # a recorded whole assistant turn opens its own block
         return sanitize(opened + reply)
 
-    def program(self, problem: Problem, solution: str, passed: str) -> str:
-        """The test program: EvalPlus base tests where the row has base inputs (not under ``plain``)."""
-        if problem.base_inputs is not None and (self.protocol != "plain" or not problem.tests):
-            return base_test_program(problem, solution, passed)
-        return build_test_program(problem, solution, passed)
+    def uses_base_inputs(self, problem: Problem) -> bool:
+        """Whether ``problem`` is judged on EvalPlus base inputs (not under ``plain`` where it has asserts)."""
+        return problem.base_inputs is not None and (self.protocol != "plain" or not problem.tests)
+
+    def _expected(self, problems: Sequence[Problem]) -> dict[str, str]:
+        """Compute and keep the reference outputs of ``problems`` not known yet (one sandbox launch).
+
+        A reference result is kept only when every call gave a value; the problems whose
+        reference failed are returned with the reason (their samples fail, and the reference
+        runs again next time: a timeout may be the machine's load).
+        """
+        todo = list({p.id: p for p in problems if p.id not in self._reference}.values())
+        jobs = [base_calls_job(p, p.reference) for p in todo]
+        failed: dict[str, str] = {}
+        for p, res in zip(todo, evaluate_calls_batch(jobs, timeout=self.timeout, memory_mb=self.memory_mb,
+                                                     backend=self.sandbox.backend)):
+            bad = res.error or next((f"base input {k}: {o.error}" for k, o in enumerate(res.outcomes or ())
+                                     if not o.ok), None)
+            if bad:
+                failed[p.id] = f"the reference solution failed: {bad}"
+            else:
+                outcomes = res.outcomes or []
+                self._reference[p.id] = ([o.value for o in outcomes], time_limits([o.seconds for o in outcomes]))
+        return failed
+
+    def _judge_base(self, problems: Sequence[Problem], solutions: Sequence[str]) -> list[tuple[bool, str | None]]:
+        failed = self._expected(problems)
+        ready = [k for k, p in enumerate(problems) if p.id not in failed]
+        jobs = [base_calls_job(problems[k], solutions[k], self._reference[problems[k].id][1]) for k in ready]
+        results = evaluate_calls_batch(jobs, timeout=self.timeout, memory_mb=self.memory_mb,
+                                       backend=self.sandbox.backend)
+        out: list[tuple[bool, str | None]] = [(False, failed.get(p.id)) for p in problems]
+        for k, res in zip(ready, results):
+            p = problems[k]
+            want, limits = self._reference[p.id]
+            if res.outcomes is None:
+                out[k] = (False, res.error)
+                continue
+            out[k] = (True, None)
+            for i, (o, exp, limit) in enumerate(zip(res.outcomes, want, limits)):
+                if not o.ok or o.seconds > limit:
+                    late = o.error == "raised TimeoutError" or o.seconds > limit
+                    out[k] = (False, f"timed out on base input {i} (limit {limit:.3f}s)" if late
+                              else f"base input {i}: {o.error}")
+                    break
+                if not same_output(o.value, exp, p.entry_point, p.atol):
+                    out[k] = (False, f"base input {i}: got {o.value!r:.200}, expected {exp!r:.200}")
+                    break
+        return out
+
+    def _judge_asserts(self, problems: Sequence[Problem], solutions: Sequence[str]) -> list[tuple[bool, str | None]]:
+        out: list[tuple[bool, str | None]] = [(False, None)] * len(problems)
+        jobs, where = [], []
+        for k, (p, sol) in enumerate(zip(problems, solutions)):
+            try:
+                jobs.append(assert_job(p, sol))
+                where.append(k)
+            except ValueError as e:  # the row's tests are not asserts: that sample cannot pass
+                out[k] = (False, f"bad test data: {e}")
+        verdicts = check_asserts_batch(jobs, timeout=self.timeout, memory_mb=self.memory_mb,
+                                       backend=self.sandbox.backend) if jobs else []
+        for k, vs in zip(where, verdicts):
+            bad = next((v for v in vs if not v.passed), None)
+            if bad is None:
+                out[k] = (bool(vs), None if vs else "no asserts")
+            elif bad.error == "assertion failed":
+                out[k] = (False, f"AssertionError: {bad.assertion[:200]}")
+            else:
+                out[k] = (False, bad.error)
+        return out
+
+    def judge(self, problems: Sequence[Problem], solutions: Sequence[str]) -> list[tuple[bool, str | None]]:
+        """``(passed, error)`` of each solution on its problem (see the module docstring).
+
+        Raises:
+            SandboxUnavailable, UnsafeBackend: the sandbox backend cannot be used.
+        """
+        base = [k for k, p in enumerate(problems) if self.uses_base_inputs(p)]
+        plain = [k for k, p in enumerate(problems) if not self.uses_base_inputs(p)]
+        out: list[tuple[bool, str | None]] = [(False, None)] * len(problems)
+        for chosen, fn in ((base, self._judge_base), (plain, self._judge_asserts)):
+            if chosen:
+                for k, verdict in zip(chosen, fn([problems[k] for k in chosen], [solutions[k] for k in chosen])):
+                    out[k] = verdict
+        return out
 
     def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
-        """Generate one completion per problem (one batch), then run all tests in one sandbox batch.
+        """Generate one completion per problem (one batch), then judge all solutions (see :meth:`judge`).
 
         Raises:
             CodeExecutionNotAllowed: ``sandbox.allow_code_execution`` is false.
@@ -159,23 +247,15 @@ class MBPPTask(Task):
         except Exception as e:  # the model failing is every sample failing, not a crash
             err = f"generation failed: {type(e).__name__}: {e}"
             return task_result(self.name, [SampleResult(i, 0.0, err) for i in chosen], start)
-        # The verdict is a line only the finished test program prints: model code that exits
-        # early (sys.exit(0), os._exit(0)) cannot pass.
-        passed = "cycleqd-passed-" + secrets.token_hex(8)
-        solutions = [self.solution(self.problems[i], c) for i, c in zip(chosen, completions)]
-        programs = [self.program(self.problems[i], s, passed) for i, s in zip(chosen, solutions)]
-        runs = run_python_batch(programs, timeout=self.timeout, memory_mb=self.memory_mb,
-                                backend=self.sandbox.backend) if programs else []
+        problems = [self.problems[i] for i in chosen]
+        solutions = [self.solution(p, c) for p, c in zip(problems, completions)]
+        verdicts = self.judge(problems, solutions)
         samples = []
-        for i, sol, run, completion in zip(chosen, solutions, runs, completions):
-            ok = run.returncode == 0 and run.finished and passed in run.stdout
-            error = None
-            if not ok:
-                tail = (run.stderr.strip().splitlines() or [""])[-1]
-                error = run.error or tail or ("empty solution" if not sol.strip() else f"exit code {run.returncode}")
-            samples.append(SampleResult(i, 1.0 if ok else 0.0, error,
-                                        {"solution": sol, "seconds": round(run.seconds, 4),
-                                         "conversation": self.conversation(self.problems[i], completion)}))
+        for p, sol, (ok, error), completion in zip(problems, solutions, verdicts, completions):
+            if not ok and not sol.strip():
+                error = "empty solution"
+            samples.append(SampleResult(p.id, 1.0 if ok else 0.0, None if ok else (error or "failed"),
+                                        {"solution": sol, "conversation": self.conversation(p, completion)}))
         return task_result(self.name, samples, start)
 
     def conversation(self, problem: Problem, reply: str) -> list[dict[str, str]]:
