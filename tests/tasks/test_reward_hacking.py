@@ -297,16 +297,13 @@ def test_os_exit_paths_and_answer_forgery_score_zero_then_gold_passes(tmp_path) 
 
 
 @needs_bwrap
-@pytest.mark.xfail(reason="a .pth start-up hook still runs in the OS checks until they run from a clean view of "
-                          "the image (cycleqd/sandbox/os_env.py, issue 20); remove this mark with that change",
-                   strict=False)
 def test_os_startup_injection_scores_zero_then_gold_passes(tmp_path) -> None:
     """The agent plants Python start-up hooks (.pth, sitecustomize / usercustomize), a ``python3``
     on an earlier PATH entry, environment files and a loader preload, then answers wrong; the
     check must not run any of it, so each scores 0, and the oracle then scores 1.
 
-    Covers: loader / start-up injection into the OS checks (depends on the checks running from
-    a clean view of the image, see docs/os_environment.md)."""
+    Covers: loader / start-up injection into the OS checks (they run from a clean view of the
+    image, see docs/os_environment.md)."""
     from oracles import OSOracleEngine
 
     names = list(OS_INJECTIONS)
