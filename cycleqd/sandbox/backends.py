@@ -44,6 +44,7 @@ from typing import Any, Protocol, Sequence
 from cycleqd.sandbox import cgroups
 
 RUNNER = Path(__file__).with_name("_runner.py")
+CGROUPS = Path(__file__).with_name("cgroups.py")  # the runner loads it from beside itself
 SANDBOX_RUNNER = "/run/cycleqd/runner.py"  # where bwrap shows it
 SANDBOX_JOBS = "/run/cycleqd/jobs"         # the batch's job files, readable by the runner (root) only
 SANDBOX_CGROUP = "/run/cycleqd/cg"         # the batch's cgroup folders, one per controller
@@ -356,6 +357,7 @@ class BwrapBackend:
             "--size", str(self.tmp_size_mb << 20), "--tmpfs", "/tmp",
             "--perms", "01777", "--dir", "/var/tmp",
             "--ro-bind", str(RUNNER), SANDBOX_RUNNER,
+            "--ro-bind", str(CGROUPS), str(Path(SANDBOX_RUNNER).with_name(CGROUPS.name)),
             *binds,
             "--remount-ro", "/",
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -417,8 +419,8 @@ class DockerBackend:
                          unshare_net=False)
             cmd = ["docker", "run", "--rm", "-i", "--network", "none", "--pids-limit", "1024",
                    "--memory", f"{memory_mb * parallel + 256}m",
-                   "-v", f"{RUNNER}:/cycleqd_runner.py:ro", "-v", f"{batch.dir}:/cycleqd_jobs:ro",
-                   self.image, "python", "-I", "/cycleqd_runner.py"]
+                   "-v", f"{RUNNER}:/cycleqd/runner.py:ro", "-v", f"{CGROUPS}:/cycleqd/{CGROUPS.name}:ro",
+                   "-v", f"{batch.dir}:/cycleqd_jobs:ro", self.image, "python", "-I", "/cycleqd/runner.py"]
             return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel) + 60)
         finally:
             batch.cleanup()

@@ -65,6 +65,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cycleqd.sandbox import cgroups
 from cycleqd.sandbox.backends import SandboxUnavailable, bwrap_available, private_tmpfs_works
 
 _CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
@@ -252,119 +253,6 @@ def read_pending(fd: int, out: bytearray, cap: int) -> None:
         out += chunk
 
 
-# -- cgroups -----------------------------------------------------------------------------------
-def _own_cgroup(controller: str) -> Path | None:
-    """This process's cgroup folder for ``controller`` (v1 hierarchy or the v2 unified one)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, ctrls, path = line.split(":", 2)
-        if controller in ctrls.split(","):
-            return Path("/sys/fs/cgroup") / controller / path.lstrip("/")
-    for line in lines:
-        if line.startswith("0::") and Path("/sys/fs/cgroup/cgroup.controllers").exists():
-            return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-    return None
-
-
-def _cgroup_bases() -> list[Path]:
-    """Folders the episode cgroups are made in (one per controller used)."""
-    out: list[Path] = []
-    for controller in ("memory", "pids", "freezer"):
-        base = _own_cgroup(controller)
-        if base is not None and base.is_dir() and base not in out:
-            out.append(base)
-    return out
-
-
-def _make_cgroups(name: str, memory_mb: int, pids: int) -> list[Path]:
-    """Best effort: memory, process-count and freezer cgroups for one episode.
-
-    Memory counts everything the episode's processes touch, files in its tmpfs and
-    anonymous shared memory included, so the episode as a whole is capped, not only
-    each process's address space. The freezer stops the whole episode while a time
-    limit's kill runs, so nothing forks past it.
-    """
-    made: list[Path] = []
-    for controller, settings in (
-        ("memory", {"memory.limit_in_bytes": memory_mb << 20, "memory.max": memory_mb << 20}),
-        ("pids", {"pids.max": pids}),
-        ("freezer", {}),
-    ):
-        base = _own_cgroup(controller)
-        if base is None or not base.is_dir():
-            continue
-        d = base / name
-        try:
-            d.mkdir(exist_ok=True)
-        except OSError:
-            continue
-        wrote = not settings and ((d / "freezer.state").exists() or (d / "cgroup.freeze").exists())
-        for key, value in settings.items():
-            try:
-                (d / key).write_text(str(value))
-                wrote = True
-            except OSError:
-                pass
-        if wrote and d not in made:
-            made.append(d)
-        elif not wrote and d not in made:
-            _remove_cgroups([d])
-    return made
-
-
-def _join_cgroups(dirs: list[Path]) -> None:
-    """In a child before exec: move this process into ``dirs`` (its descendants follow)."""
-    for d in dirs:
-        try:
-            with open(d / "cgroup.procs", "w") as f:
-                f.write("0")
-        except OSError:
-            pass
-
-
-def _freeze(d: Path, frozen: bool) -> bool:
-    """Freeze (or thaw) every process of cgroup ``d``; True once the state is reached."""
-    try:
-        if (d / "freezer.state").exists():  # v1
-            (d / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
-            want = "FROZEN" if frozen else "THAWED"
-            for _ in range(200):
-                if (d / "freezer.state").read_text().strip() == want:
-                    return True
-                time.sleep(0.005)
-            return False
-        (d / "cgroup.freeze").write_text("1" if frozen else "0")  # v2
-        for _ in range(200):
-            if f"frozen {int(frozen)}" in (d / "cgroup.events").read_text():
-                return True
-            time.sleep(0.005)
-    except OSError:
-        pass
-    return False
-
-
-def _cgroup_pids(d: Path) -> set[int]:
-    try:
-        return {int(x) for x in (d / "cgroup.procs").read_text().split()}
-    except (OSError, ValueError):
-        return set()
-
-
-def _remove_cgroups(dirs: list[Path]) -> None:
-    for d in dirs:
-        for _ in range(50):
-            try:
-                d.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.02)  # the last processes are still exiting
-
-
 def _scrub_passwords(path: Path) -> None:
     if not path.exists():
         return
@@ -399,32 +287,12 @@ def _owner_alive(folder: Path) -> bool:
         return False
 
 
-def _end_cgroup(d: Path) -> None:
-    """Kill every process left in cgroup ``d`` and remove it."""
-    if not d.is_dir():
-        return
-    _freeze(d, True)
-    for _ in range(20):
-        pids = _cgroup_pids(d)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        _freeze(d, False)
-        time.sleep(0.02)
-    _freeze(d, False)
-    _remove_cgroups([d])
-
-
 def sweep_stale_sessions() -> list[str]:
     """Remove what episodes of dead workers left: their folders (``/dev/shm/cycleqd-os-*``)
     and cgroups, killing any process still in those. A worker killed with SIGKILL cannot
     clean up; the next session started on the host does it. Returns the names removed."""
-    removed: list[str] = []
     live: set[str] = set()
+    dead: list[Path] = []
     for place in _session_places():
         try:
             entries = [e for e in place.iterdir() if e.name.startswith(_PREFIX)]
@@ -433,21 +301,19 @@ def sweep_stale_sessions() -> list[str]:
         for folder in entries:
             if _owner_alive(folder):
                 live.add(folder.name)
-                continue
-            for base in _cgroup_bases():
-                _end_cgroup(base / folder.name)
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-    for base in _cgroup_bases():  # cgroups whose folder is already gone
-        try:
-            stale = [d for d in base.iterdir() if d.name.startswith(_PREFIX) and d.name not in live]
-        except OSError:
-            continue
-        for d in stale:
-            if not any((p / d.name).exists() for p in _session_places()):
-                _end_cgroup(d)
-                removed.append(d.name)
-    return removed
+            else:
+                dead.append(folder)
+    gone = {folder.name for folder in dead}
+
+    def owner_alive(name: str) -> bool:  # a folder made since the scan above is a starting episode's
+        return name in live or (name not in gone and any((p / name).exists() for p in _session_places()))
+
+    # processes first (cgroups of dead episodes, and those whose folder is already gone), then files
+    removed = set(cgroups.sweep_stale(_PREFIX.rstrip("-"), owner_alive))
+    for folder in dead:
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.add(folder.name)
+    return sorted(removed)
 
 
 class OSSession:
@@ -484,7 +350,7 @@ class OSSession:
         self.mapped = os.geteuid() == 0
         self.layer = self.dir / "layer" if self.quota else self.prep
         self.disk_mb, self.max_processes = int(disk_mb), int(max_processes)
-        self.cgroups: list[Path] = []
+        self.cgroup = cgroups.Group(self.dir.name)  # the episode's (empty where the host has none)
         self.alive = False
         self.proc: subprocess.Popen | None = None  # the machine (bubblewrap holding its init)
         self.shell: subprocess.Popen | None = None  # the agent's shell
@@ -544,7 +410,8 @@ class OSSession:
             SandboxUnavailable: the machine does not start on this host.
         """
         # Processes, their memory and the layer's files together (the layer is charged to it).
-        self.cgroups = _make_cgroups(self.dir.name, self.memory_mb + self.disk_mb + 256, self.max_processes)
+        self.cgroup = cgroups.create(self.dir.name, cgroups.bases(), memory_mb=self.memory_mb + self.disk_mb + 256,
+                                     pids=self.max_processes, freezer=True)
         try:
             self._start_machine()
             self.alive = True
@@ -554,11 +421,11 @@ class OSSession:
             raise
 
     def _child_setup(self):
-        mem, groups = self.memory_mb, self.cgroups
+        mem, group = self.memory_mb, self.cgroup
 
         def child() -> None:
             _limit(mem)
-            _join_cgroups(groups)
+            group.join(strict=False)
         return child
 
     def _start_machine(self) -> None:
@@ -836,9 +703,7 @@ class OSSession:
     def _processes(self) -> set[tuple[int, int]]:
         """(pid, start time) of every process in the machine, wherever it was reparented."""
         out: set[tuple[int, int]] = set()
-        pids: set[int] = set()
-        for d in self.cgroups:
-            pids |= _cgroup_pids(d)
+        pids = set(self.cgroup.pids())
         for name in os.listdir("/proc"):
             if name.isdigit():
                 try:
@@ -861,15 +726,13 @@ class OSSession:
         background job starts now. Anything detached (``setsid``, double fork, reparented to
         init) cannot be told apart from the command's own and is killed.
         """
-        freezer = next((d for d in self.cgroups if (d / "freezer.state").exists() or (d / "cgroup.freeze").exists()),
-                       None)
-        frozen = freezer is not None and _freeze(freezer, True)
+        frozen = self.cgroup.freeze(True)
         roots = {self._init_pid, self._shell_pid}
         try:
             self._kill_new(before, keep, roots)
         finally:
             if frozen:
-                _freeze(freezer, False)
+                self.cgroup.freeze(False)
         for _ in range(50):
             if not self._kill_new(before, keep, roots):
                 return
@@ -1096,8 +959,7 @@ class OSSession:
             except OSError:
                 pass
         self._nsfds = {}
-        for d in self.cgroups:
-            _end_cgroup(d)
+        self.cgroup.remove()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "OSSession":
