@@ -116,6 +116,21 @@ _BUILD = {"l": _list, "t": _tuple, "s": _set, "z": _frozenset, "q": _collections
           "D": lambda pairs: _collections.defaultdict(None, pairs)}
 
 
+def _spend(budget, depth: int, error: type) -> list:
+    """One more value of at most MAX_ITEMS at nesting ``depth`` (a fresh budget when None).
+
+    Raises:
+        error: the budget is spent or ``depth`` is past MAX_DEPTH.
+    """
+    budget = budget if budget is not None else [MAX_ITEMS]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise error("value too large")
+    if depth > MAX_DEPTH:
+        raise error("value nested too deeply")
+    return budget
+
+
 def encode_value(value, _budget=None, _depth=0):
     """``value`` as JSON-able tagged data: None, bool, int, float, complex, str, bytes and
     list / tuple / dict / set / frozenset of them (and the standard library's deque, Counter,
@@ -124,12 +139,7 @@ def encode_value(value, _budget=None, _depth=0):
     Raises:
         Unencodable: another type (a subclass too), nesting past MAX_DEPTH, more than MAX_ITEMS.
     """
-    budget = _budget if _budget is not None else [MAX_ITEMS]
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise Unencodable("value too large")
-    if _depth > MAX_DEPTH:
-        raise Unencodable("value nested too deeply")
+    budget = _spend(_budget, _depth, Unencodable)
     t = _type(value)
     if value is None or t is _bool or t is _str:
         return value
@@ -166,12 +176,7 @@ def decode_value(data, _budget=None, _depth=0):
     Raises:
         ValueError: malformed, too deep or too large (never evaluates anything).
     """
-    budget = _budget if _budget is not None else [MAX_ITEMS]
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise ValueError("value too large")
-    if _depth > MAX_DEPTH:
-        raise ValueError("value nested too deeply")
+    budget = _spend(_budget, _depth, ValueError)
     t = _type(data)
     if data is None or t is _bool or t is _str:
         return data
