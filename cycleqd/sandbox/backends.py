@@ -219,13 +219,17 @@ def _launch(cmd: list[str], spec: dict, n: int, limit: float, env: dict | None =
 class _Batch:
     """Host-side state of one batch: its job files (root-only) and its cgroup."""
 
-    def __init__(self, jobs: Sequence[dict], memory_mb: int, parallel: int, max_output: int):
+    def __init__(self, jobs: Sequence[dict], memory_mb: int, parallel: int, max_output: int, *,
+                 host_cgroup: bool = True):
+        """Write the job files; with ``host_cgroup`` (and root) make the batch's cgroup here."""
         self.dir = Path(tempfile.mkdtemp(prefix="cycleqd-jobs-"))
         os.chmod(self.dir, 0o700)  # job uids cannot read other jobs' code
         for i, job in enumerate(jobs):
             (self.dir / f"{i}.json").write_text(json.dumps(job))
         self.kinds = [str(j.get("kind", "python")) for j in jobs]
         self.group = None
+        if not host_cgroup:  # a container's own limit holds the batch
+            return
         if os.geteuid() == 0:
             _sweep_once()
             outputs = math.ceil(len(jobs) * (2 * max_output + MAX_RESULT) / (1 << 20))
@@ -406,14 +410,9 @@ class DockerBackend:
         if not jobs:
             return []
         parallel = os.cpu_count() or 1
-        batch = _Batch.__new__(_Batch)  # the container's --memory is the batch's limit; no host cgroup
-        batch.dir = Path(tempfile.mkdtemp(prefix="cycleqd-jobs-"))
-        batch.group = None
-        batch.kinds = [str(j.get("kind", "python")) for j in jobs]
+        # the container's --memory is the batch's limit; no host cgroup
+        batch = _Batch(jobs, memory_mb, parallel, max_output, host_cgroup=False)
         try:
-            for i, job in enumerate(jobs):
-                (batch.dir / f"{i}.json").write_text(json.dumps(job))
-            os.chmod(batch.dir, 0o700)
             spec = _spec(jobs, batch, timeout=timeout, memory_mb=memory_mb, max_output=max_output,
                          parallel=parallel, scratch_mb=1024, jobs_dir="/cycleqd_jobs", cgroup=None,
                          unshare_net=False)
