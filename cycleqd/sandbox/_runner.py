@@ -44,6 +44,25 @@ import resource
 import signal
 import sys
 import time
+from pathlib import Path
+
+
+def _load_cgroups():
+    """cycleqd/sandbox/cgroups.py (standard library only): the package's where it is imported
+    on the host, else the copy the backends put beside this file in the sandbox."""
+    if __package__:
+        from cycleqd.sandbox import cgroups as module
+        return module
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cgroups.py")
+    spec = importlib.util.spec_from_file_location("cycleqd_cgroups", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+cgroups = _load_cgroups()
 
 _UID_BASE = 200000  # unprivileged uids for jobs (need no passwd entry); spec["uid_base"] overrides
 _CLONE_NEWNS = 0x00020000
@@ -97,6 +116,21 @@ _BUILD = {"l": _list, "t": _tuple, "s": _set, "z": _frozenset, "q": _collections
           "D": lambda pairs: _collections.defaultdict(None, pairs)}
 
 
+def _spend(budget, depth: int, error: type) -> list:
+    """One more value of at most MAX_ITEMS at nesting ``depth`` (a fresh budget when None).
+
+    Raises:
+        error: the budget is spent or ``depth`` is past MAX_DEPTH.
+    """
+    budget = budget if budget is not None else [MAX_ITEMS]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise error("value too large")
+    if depth > MAX_DEPTH:
+        raise error("value nested too deeply")
+    return budget
+
+
 def encode_value(value, _budget=None, _depth=0):
     """``value`` as JSON-able tagged data: None, bool, int, float, complex, str, bytes and
     list / tuple / dict / set / frozenset of them (and the standard library's deque, Counter,
@@ -105,12 +139,7 @@ def encode_value(value, _budget=None, _depth=0):
     Raises:
         Unencodable: another type (a subclass too), nesting past MAX_DEPTH, more than MAX_ITEMS.
     """
-    budget = _budget if _budget is not None else [MAX_ITEMS]
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise Unencodable("value too large")
-    if _depth > MAX_DEPTH:
-        raise Unencodable("value nested too deeply")
+    budget = _spend(_budget, _depth, Unencodable)
     t = _type(value)
     if value is None or t is _bool or t is _str:
         return value
@@ -147,12 +176,7 @@ def decode_value(data, _budget=None, _depth=0):
     Raises:
         ValueError: malformed, too deep or too large (never evaluates anything).
     """
-    budget = _budget if _budget is not None else [MAX_ITEMS]
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise ValueError("value too large")
-    if _depth > MAX_DEPTH:
-        raise ValueError("value nested too deeply")
+    budget = _spend(_budget, _depth, ValueError)
     t = _type(data)
     if data is None or t is _bool or t is _str:
         return data
@@ -278,12 +302,6 @@ def _private_scratch(scratch_mb: int, unshare_net: bool) -> str:
     return "/tmp/job"
 
 
-def _join_cgroup(path: str | None) -> None:
-    if path:
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write("0")
-
-
 def _load_job(spec: dict, i: int) -> dict:
     if spec.get("jobs") is not None:
         return spec["jobs"][i]
@@ -291,7 +309,7 @@ def _load_job(spec: dict, i: int) -> dict:
         return json.load(f)
 
 
-def _child(i: int, spec: dict, fds: tuple, uid: int | None, cgroups: list, fallback: str) -> None:
+def _child(i: int, spec: dict, fds: tuple, uid: int | None, group, fallback: str) -> None:
     """Runs in the forked child; never returns."""
     code = 1
     try:
@@ -306,8 +324,7 @@ def _child(i: int, spec: dict, fds: tuple, uid: int | None, cgroups: list, fallb
         if res_fd is not None:
             os.dup2(res_fd, RESULT_FD)
         _close_from(RESULT_FD + 1 if res_fd is not None else 3)
-        for path in cgroups:
-            _join_cgroup(path)
+        group.join()
         folder = fallback
         if uid is not None:
             try:
@@ -478,80 +495,19 @@ def _read(fd: int | None, limit: int, note: bool = True) -> str | None:
     return text + ("\n[output truncated]" if note and len(data) > limit else "")
 
 
-def _job_cgroups(spec: dict, i: int) -> tuple[list, str | None]:
-    """Per-job cgroup folders (memory limit, process limit) under the batch's, made by the runner."""
-    cg = spec.get("cgroup") or {}
-    made, memory = [], None
-    for controller, base in sorted(cg.items()):
-        if not base or not os.path.isdir(base):
-            continue
-        d = os.path.join(base, f"job{i}")
-        try:
-            os.mkdir(d)
-            if controller == "memory":
-                limit = str(int(spec["memory_mb"]) << 20)
-                if os.path.exists(os.path.join(d, "memory.max")):
-                    for name, value in (("memory.max", limit), ("memory.swap.max", "0"), ("memory.oom.group", "1")):
-                        try:
-                            with open(os.path.join(d, name), "w") as f:
-                                f.write(value)
-                        except OSError:
-                            if name == "memory.max":
-                                raise
-                else:
-                    with open(os.path.join(d, "memory.limit_in_bytes"), "w") as f:
-                        f.write(limit)
-                    try:
-                        with open(os.path.join(d, "memory.memsw.limit_in_bytes"), "w") as f:
-                            f.write(limit)
-                    except OSError:
-                        pass
-                memory = d
-            elif controller == "pids":
-                with open(os.path.join(d, "pids.max"), "w") as f:
-                    f.write("256")
-        except OSError:
-            _rm_cgroup(d)
-            if controller == "memory":
-                raise
-            continue
-        made.append(d)
-    return made, memory
+def _job_cgroup(spec: dict, i: int):
+    """The job's cgroup (memory limit, process limit) under the batch's, made by the runner;
+    an empty group where the batch has none.
 
-
-def _oom_kills(memory_dir: str | None) -> int:
-    if not memory_dir:
-        return 0
-    for name in ("memory.events", "memory.oom_control"):
-        try:
-            with open(os.path.join(memory_dir, name)) as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-        except (OSError, ValueError):
-            continue
-    return 0
-
-
-def _rm_cgroup(d: str) -> None:
-    for _ in range(100):
-        try:
-            with open(os.path.join(d, "cgroup.procs")) as f:
-                for pid in f.read().split():
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except (OSError, ValueError):
-                        pass
-        except OSError:
-            pass
-        try:
-            os.rmdir(d)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.01)
+    Raises:
+        OSError: the batch has a memory cgroup but the job's limit did not take.
+    """
+    where = {c: Path(d) for c, d in (spec.get("cgroup") or {}).items() if d}
+    group = cgroups.create(f"job{i}", where, memory_mb=int(spec["memory_mb"]), pids=256)
+    if "memory" in where and "memory" not in group.dirs:
+        group.remove()
+        raise OSError("the job's memory limit was refused")
+    return group
 
 
 def main() -> None:
@@ -573,7 +529,7 @@ def main() -> None:
     results: list = [None] * n
     outputs: list = [None] * n  # (out_fd, err_fd, res_fd): read only after the last job is forked
     pending = list(range(n))[::-1]
-    running: dict = {}  # pid -> [index, start, uid, timed_out, cgroup dirs, memory dir]
+    running: dict = {}  # pid -> [index, start, uid, timed_out, cgroup]
     sys.stdout.flush()
     sys.stderr.flush()
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # wait for children without polling
@@ -584,7 +540,7 @@ def main() -> None:
             i = pending.pop()
             uid = uid_base + i if privileged else None
             try:
-                cgroups, memory_dir = _job_cgroups(spec, i)
+                group = _job_cgroup(spec, i)
             except OSError as e:
                 results[i] = {"returncode": -1, "stdout": "", "stderr": "", "timed_out": False,
                               "seconds": 0.0, "error": f"setup failed: no memory cgroup ({e})"}
@@ -601,8 +557,8 @@ def main() -> None:
             start = time.monotonic()
             pid = os.fork()
             if pid == 0:
-                _child(i, spec, fds, uid, cgroups, os.path.join(root, f"job{i}"))
-            running[pid] = [i, start, uid, False, cgroups, memory_dir]
+                _child(i, spec, fds, uid, group, os.path.join(root, f"job{i}"))
+            running[pid] = [i, start, uid, False, group]
         progressed = False
         while running:
             try:
@@ -614,16 +570,15 @@ def main() -> None:
             progressed = True
             if pid not in running:
                 continue  # a reaped orphan
-            i, start, uid, timed_out, cgroups, memory_dir = running.pop(pid)
+            i, start, uid, timed_out, group = running.pop(pid)
             try:
                 os.killpg(pid, signal.SIGKILL)  # background leftovers in the job's group
             except OSError:
                 pass
-            if uid is not None and (timed_out or not cgroups):
+            if uid is not None and (timed_out or not group.dirs):
                 _kill_uid(uid)  # and ones that left it (setsid, a fork bomb); a cgroup holds them all
-            oom = _oom_kills(memory_dir) > 0
-            for d in reversed(cgroups):
-                _rm_cgroup(d)
+            oom = group.oom_kills() > 0
+            group.remove()
             if os.WIFEXITED(status):
                 rc = os.WEXITSTATUS(status)
                 error = None

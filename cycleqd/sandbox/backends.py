@@ -44,6 +44,7 @@ from typing import Any, Protocol, Sequence
 from cycleqd.sandbox import cgroups
 
 RUNNER = Path(__file__).with_name("_runner.py")
+CGROUPS = Path(__file__).with_name("cgroups.py")  # the runner loads it from beside itself
 SANDBOX_RUNNER = "/run/cycleqd/runner.py"  # where bwrap shows it
 SANDBOX_JOBS = "/run/cycleqd/jobs"         # the batch's job files, readable by the runner (root) only
 SANDBOX_CGROUP = "/run/cycleqd/cg"         # the batch's cgroup folders, one per controller
@@ -218,13 +219,17 @@ def _launch(cmd: list[str], spec: dict, n: int, limit: float, env: dict | None =
 class _Batch:
     """Host-side state of one batch: its job files (root-only) and its cgroup."""
 
-    def __init__(self, jobs: Sequence[dict], memory_mb: int, parallel: int, max_output: int):
+    def __init__(self, jobs: Sequence[dict], memory_mb: int, parallel: int, max_output: int, *,
+                 host_cgroup: bool = True):
+        """Write the job files; with ``host_cgroup`` (and root) make the batch's cgroup here."""
         self.dir = Path(tempfile.mkdtemp(prefix="cycleqd-jobs-"))
         os.chmod(self.dir, 0o700)  # job uids cannot read other jobs' code
         for i, job in enumerate(jobs):
             (self.dir / f"{i}.json").write_text(json.dumps(job))
         self.kinds = [str(j.get("kind", "python")) for j in jobs]
         self.group = None
+        if not host_cgroup:  # a container's own limit holds the batch
+            return
         if os.geteuid() == 0:
             _sweep_once()
             outputs = math.ceil(len(jobs) * (2 * max_output + MAX_RESULT) / (1 << 20))
@@ -356,6 +361,7 @@ class BwrapBackend:
             "--size", str(self.tmp_size_mb << 20), "--tmpfs", "/tmp",
             "--perms", "01777", "--dir", "/var/tmp",
             "--ro-bind", str(RUNNER), SANDBOX_RUNNER,
+            "--ro-bind", str(CGROUPS), str(Path(SANDBOX_RUNNER).with_name(CGROUPS.name)),
             *binds,
             "--remount-ro", "/",
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -404,21 +410,16 @@ class DockerBackend:
         if not jobs:
             return []
         parallel = os.cpu_count() or 1
-        batch = _Batch.__new__(_Batch)  # the container's --memory is the batch's limit; no host cgroup
-        batch.dir = Path(tempfile.mkdtemp(prefix="cycleqd-jobs-"))
-        batch.group = None
-        batch.kinds = [str(j.get("kind", "python")) for j in jobs]
+        # the container's --memory is the batch's limit; no host cgroup
+        batch = _Batch(jobs, memory_mb, parallel, max_output, host_cgroup=False)
         try:
-            for i, job in enumerate(jobs):
-                (batch.dir / f"{i}.json").write_text(json.dumps(job))
-            os.chmod(batch.dir, 0o700)
             spec = _spec(jobs, batch, timeout=timeout, memory_mb=memory_mb, max_output=max_output,
                          parallel=parallel, scratch_mb=1024, jobs_dir="/cycleqd_jobs", cgroup=None,
                          unshare_net=False)
             cmd = ["docker", "run", "--rm", "-i", "--network", "none", "--pids-limit", "1024",
                    "--memory", f"{memory_mb * parallel + 256}m",
-                   "-v", f"{RUNNER}:/cycleqd_runner.py:ro", "-v", f"{batch.dir}:/cycleqd_jobs:ro",
-                   self.image, "python", "-I", "/cycleqd_runner.py"]
+                   "-v", f"{RUNNER}:/cycleqd/runner.py:ro", "-v", f"{CGROUPS}:/cycleqd/{CGROUPS.name}:ro",
+                   "-v", f"{batch.dir}:/cycleqd_jobs:ro", self.image, "python", "-I", "/cycleqd/runner.py"]
             return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel) + 60)
         finally:
             batch.cleanup()

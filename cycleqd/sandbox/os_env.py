@@ -13,7 +13,7 @@ init scripts and checks are processes that enter them, each through bubblewrap i
 view of the layer. Sealed from the worker (model commands are hostile input):
 
 - rights: with root, the machine has a user namespace of its own whose 65,536 users
-  are host users ``_ID_BASE`` and up, so its root is no user of the host: host files,
+  are host users ``ID_BASE`` and up, so its root is no user of the host: host files,
   ``/proc/sys``, ``/sys`` and the rest of the kernel's interfaces are what they are to
   an unknown user, and ``/proc/sys`` is also mounted read-only. Inside it, the agent
   has Docker's default capabilities minus ``CAP_MKNOD``, and no new privileges;
@@ -56,7 +56,6 @@ import select
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,19 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cycleqd.sandbox import cgroups
 from cycleqd.sandbox.backends import SandboxUnavailable, bwrap_available, private_tmpfs_works
+from cycleqd.sandbox.os_image import ID_BASE, ID_COUNT, build_layer, check_view, machine_view
+from cycleqd.sandbox.os_processes import (
+    Processes,
+    alive,
+    children,
+    descendants,
+    kill_since,
+    machine_processes,
+    read_pending,
+    start_time,
+)
 
 _CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
          "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE", "CAP_SETFCAP"]
@@ -73,23 +84,6 @@ _CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL"
 # only trace or read the memory of one whose capabilities are a subset of its own, so the
 # agent's background processes cannot tamper with a running check.
 _SCRIPT_CAPS = [*_CAPS, "CAP_IPC_LOCK"]
-_RO_TOP = {"bin", "sbin", "lib", "lib32", "lib64", "libx32"}
-_EMPTY_TOP = ("opt", "srv", "media", "mnt", "boot")  # Ubuntu's image has them empty; hosts keep data there
-_VAR_RW = ("log", "tmp", "mail", "spool", "cache", "local", "opt")
-# Of /var/lib only what package tools read; everything else there is some service's data.
-_VAR_LIB = ("dpkg", "apt", "ucf", "pam", "misc", "shells.state")
-# Top-level names the views build themselves (never taken from the agent's root folder).
-_MANAGED_TOP = _RO_TOP | {"usr", "etc", "root", "home", "tmp", "run", "var", "proc", "dev", "sys"}
-# /etc entries that decide which code runs: the dynamic loader's configuration, the
-# targets of /usr's symlinks into /etc (alternatives: awk, editor, ...; Python's
-# sitecustomize; Java's and Maven's set-up), module loaders (PAM, NSS). Checks see the
-# image's; an absent one stays absent (/etc/ld.so.preload).
-_IMAGE_ETC = {"ld.so.preload", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "nsswitch.conf",
-              "pam.d", "pam.conf", "security", "maven", "X11", "groff", "environment"}
-_IMAGE_ETC_PREFIX = ("python", "java", "perl", "ld.so")
-# Files Python looks for beside its executable's folder (/usr/pyvenv.cfg would move its stdlib).
-_IMAGE_ABSENT_USR = {"pyvenv.cfg", "local"}
-_MAX_ENTRIES = 400  # per folder a check view composes (more only hurts the agent: the check sees fewer)
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV = {"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash", "TERM": "dumb",
         "LANG": "C.UTF-8", "PATH": _PATH}
@@ -121,8 +115,6 @@ _IPC_LIMITS = {  # per IPC namespace: shared memory and message queues outside a
     "kernel/msgmax": 8192, "kernel/msgmnb": 65536, "kernel/msgmni": 32,
     "fs/mqueue/queues_max": 16, "fs/mqueue/msg_max": 10, "fs/mqueue/msgsize_max": 8192,
 }
-_ID_BASE = 1 << 30  # host uid/gid of the machine's root (with root): its user n is host user _ID_BASE + n
-_ID_COUNT = 1 << 16
 _PREFIX = "cycleqd-os-"
 # Runs as the first process of a machine (with root): a user namespace whose id maps the
 # worker writes, then root in it. Plain Python (os.unshare is 3.12+), nothing imported.
@@ -149,235 +141,6 @@ class ShellOutput:
     timed_out: bool
 
 
-def _copy_etc(dst: Path) -> None:
-    """The host's /etc as a private copy: world-readable files only (secrets are not),
-    plus the password databases with every hash removed."""
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        out = set()
-        for n in names:
-            p = os.path.join(folder, n)
-            try:
-                st = os.lstat(p)
-            except OSError:
-                out.add(n)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            if not st.st_mode & stat.S_IROTH or (stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH):
-                if not (folder == "/etc" and n in ("shadow", "gshadow")):
-                    out.add(n)
-        return out
-
-    shutil.copytree("/etc", dst, symlinks=True, ignore_dangling_symlinks=True, ignore=ignore)
-    _scrub_passwords(dst / "shadow")
-    _scrub_passwords(dst / "gshadow")
-
-
-def _image_etc(name: str) -> bool:
-    return name in _IMAGE_ETC or name.startswith(_IMAGE_ETC_PREFIX)
-
-
-def _chown_tree(root: Path, base: int) -> None:
-    """Give a tree to the machine's users: host owner n becomes ``base + n`` (n < 65,536)."""
-    def own(p: str) -> None:
-        st = os.lstat(p)
-        uid = st.st_uid if st.st_uid < _ID_COUNT else _ID_COUNT - 2
-        gid = st.st_gid if st.st_gid < _ID_COUNT else _ID_COUNT - 2
-        os.lchown(p, base + uid, base + gid)
-        if not stat.S_ISLNK(st.st_mode):
-            os.chmod(p, stat.S_IMODE(st.st_mode))  # chown clears set-id bits; keep the mode
-
-    own(str(root))
-    for folder, dirs, files in os.walk(root):
-        for n in dirs + files:
-            own(os.path.join(folder, n))
-
-
-# -- processes ---------------------------------------------------------------------------------
-def _start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (pid and start time name one process)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    return start is not None and _start_time(pid) == start
-
-
-def _children(pid: int) -> set[int]:
-    out: set[int] = set()
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.update(int(x) for x in f.read().split())
-    except OSError:
-        pass
-    return out
-
-
-def _descendants(pid: int) -> set[int]:
-    seen: set[int] = set()
-    todo = [pid]
-    while todo:
-        for c in _children(todo.pop()):
-            if c not in seen:
-                seen.add(c)
-                todo.append(c)
-    return seen
-
-
-def read_pending(fd: int, out: bytearray, cap: int) -> None:
-    """Append to ``out`` (up to ``cap`` bytes) what the pipe ``fd`` holds now, without waiting.
-
-    A process can write its last output and exit between a reader's wait and its exit
-    check; that output is still in the pipe and belongs to the result.
-    """
-    while len(out) < cap and select.select([fd], [], [], 0)[0]:
-        chunk = os.read(fd, min(65536, cap - len(out)))
-        if not chunk:
-            return
-        out += chunk
-
-
-# -- cgroups -----------------------------------------------------------------------------------
-def _own_cgroup(controller: str) -> Path | None:
-    """This process's cgroup folder for ``controller`` (v1 hierarchy or the v2 unified one)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, ctrls, path = line.split(":", 2)
-        if controller in ctrls.split(","):
-            return Path("/sys/fs/cgroup") / controller / path.lstrip("/")
-    for line in lines:
-        if line.startswith("0::") and Path("/sys/fs/cgroup/cgroup.controllers").exists():
-            return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-    return None
-
-
-def _cgroup_bases() -> list[Path]:
-    """Folders the episode cgroups are made in (one per controller used)."""
-    out: list[Path] = []
-    for controller in ("memory", "pids", "freezer"):
-        base = _own_cgroup(controller)
-        if base is not None and base.is_dir() and base not in out:
-            out.append(base)
-    return out
-
-
-def _make_cgroups(name: str, memory_mb: int, pids: int) -> list[Path]:
-    """Best effort: memory, process-count and freezer cgroups for one episode.
-
-    Memory counts everything the episode's processes touch, files in its tmpfs and
-    anonymous shared memory included, so the episode as a whole is capped, not only
-    each process's address space. The freezer stops the whole episode while a time
-    limit's kill runs, so nothing forks past it.
-    """
-    made: list[Path] = []
-    for controller, settings in (
-        ("memory", {"memory.limit_in_bytes": memory_mb << 20, "memory.max": memory_mb << 20}),
-        ("pids", {"pids.max": pids}),
-        ("freezer", {}),
-    ):
-        base = _own_cgroup(controller)
-        if base is None or not base.is_dir():
-            continue
-        d = base / name
-        try:
-            d.mkdir(exist_ok=True)
-        except OSError:
-            continue
-        wrote = not settings and ((d / "freezer.state").exists() or (d / "cgroup.freeze").exists())
-        for key, value in settings.items():
-            try:
-                (d / key).write_text(str(value))
-                wrote = True
-            except OSError:
-                pass
-        if wrote and d not in made:
-            made.append(d)
-        elif not wrote and d not in made:
-            _remove_cgroups([d])
-    return made
-
-
-def _join_cgroups(dirs: list[Path]) -> None:
-    """In a child before exec: move this process into ``dirs`` (its descendants follow)."""
-    for d in dirs:
-        try:
-            with open(d / "cgroup.procs", "w") as f:
-                f.write("0")
-        except OSError:
-            pass
-
-
-def _freeze(d: Path, frozen: bool) -> bool:
-    """Freeze (or thaw) every process of cgroup ``d``; True once the state is reached."""
-    try:
-        if (d / "freezer.state").exists():  # v1
-            (d / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
-            want = "FROZEN" if frozen else "THAWED"
-            for _ in range(200):
-                if (d / "freezer.state").read_text().strip() == want:
-                    return True
-                time.sleep(0.005)
-            return False
-        (d / "cgroup.freeze").write_text("1" if frozen else "0")  # v2
-        for _ in range(200):
-            if f"frozen {int(frozen)}" in (d / "cgroup.events").read_text():
-                return True
-            time.sleep(0.005)
-    except OSError:
-        pass
-    return False
-
-
-def _cgroup_pids(d: Path) -> set[int]:
-    try:
-        return {int(x) for x in (d / "cgroup.procs").read_text().split()}
-    except (OSError, ValueError):
-        return set()
-
-
-def _remove_cgroups(dirs: list[Path]) -> None:
-    for d in dirs:
-        for _ in range(50):
-            try:
-                d.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.02)  # the last processes are still exiting
-
-
-def _scrub_passwords(path: Path) -> None:
-    if not path.exists():
-        return
-    lines = []
-    for line in path.read_text(errors="replace").splitlines():
-        parts = line.split(":")
-        if len(parts) > 1:
-            parts[1] = "*" if parts[1] not in ("", "!", "*") else parts[1]
-        lines.append(":".join(parts))
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o640)
-
-
 # -- what a killed worker left ------------------------------------------------------------------
 def _session_places() -> list[Path]:
     out = [Path("/dev/shm")] if os.access("/dev/shm", os.W_OK) else []
@@ -389,7 +152,7 @@ def _owner_alive(folder: Path) -> bool:
     without an owner record yet count as alive)."""
     try:
         pid, start = (folder / "owner").read_text().split()
-        return _alive(int(pid), int(start))
+        return alive(int(pid), int(start))
     except FileNotFoundError:
         try:
             return time.time() - folder.stat().st_mtime < 60
@@ -399,32 +162,12 @@ def _owner_alive(folder: Path) -> bool:
         return False
 
 
-def _end_cgroup(d: Path) -> None:
-    """Kill every process left in cgroup ``d`` and remove it."""
-    if not d.is_dir():
-        return
-    _freeze(d, True)
-    for _ in range(20):
-        pids = _cgroup_pids(d)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        _freeze(d, False)
-        time.sleep(0.02)
-    _freeze(d, False)
-    _remove_cgroups([d])
-
-
 def sweep_stale_sessions() -> list[str]:
     """Remove what episodes of dead workers left: their folders (``/dev/shm/cycleqd-os-*``)
     and cgroups, killing any process still in those. A worker killed with SIGKILL cannot
     clean up; the next session started on the host does it. Returns the names removed."""
-    removed: list[str] = []
     live: set[str] = set()
+    dead: list[Path] = []
     for place in _session_places():
         try:
             entries = [e for e in place.iterdir() if e.name.startswith(_PREFIX)]
@@ -433,21 +176,19 @@ def sweep_stale_sessions() -> list[str]:
         for folder in entries:
             if _owner_alive(folder):
                 live.add(folder.name)
-                continue
-            for base in _cgroup_bases():
-                _end_cgroup(base / folder.name)
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-    for base in _cgroup_bases():  # cgroups whose folder is already gone
-        try:
-            stale = [d for d in base.iterdir() if d.name.startswith(_PREFIX) and d.name not in live]
-        except OSError:
-            continue
-        for d in stale:
-            if not any((p / d.name).exists() for p in _session_places()):
-                _end_cgroup(d)
-                removed.append(d.name)
-    return removed
+            else:
+                dead.append(folder)
+    gone = {folder.name for folder in dead}
+
+    def owner_alive(name: str) -> bool:  # a folder made since the scan above is a starting episode's
+        return name in live or (name not in gone and any((p / name).exists() for p in _session_places()))
+
+    # processes first (cgroups of dead episodes, and those whose folder is already gone), then files
+    removed = set(cgroups.sweep_stale(_PREFIX.rstrip("-"), owner_alive))
+    for folder in dead:
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.add(folder.name)
+    return sorted(removed)
 
 
 class OSSession:
@@ -473,18 +214,18 @@ class OSSession:
         sweep_stale_sessions()
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.dir = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=shm))
-        (self.dir / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+        (self.dir / "owner").write_text(f"{os.getpid()} {start_time(os.getpid())}\n")
         self.ctl = self.dir / "ctl"
         self.prep = self.dir / "prep"  # the layer's initial content
         self.image = self.dir / "image"  # the image's own copies of what checks must not take from the agent
         # Where the layer lives while the machine runs: with root a tmpfs of disk_mb mounted
         # in the episode's own mount namespace (the host never sees it), else prep itself.
         self.quota = private_tmpfs_works()
-        # With root the machine's users are host users _ID_BASE.. (its root is not the host's).
+        # With root the machine's users are host users ID_BASE.. (its root is not the host's).
         self.mapped = os.geteuid() == 0
         self.layer = self.dir / "layer" if self.quota else self.prep
         self.disk_mb, self.max_processes = int(disk_mb), int(max_processes)
-        self.cgroups: list[Path] = []
+        self.cgroup = cgroups.Group(self.dir.name)  # the episode's (empty where the host has none)
         self.alive = False
         self.proc: subprocess.Popen | None = None  # the machine (bubblewrap holding its init)
         self.shell: subprocess.Popen | None = None  # the agent's shell
@@ -496,45 +237,12 @@ class OSSession:
         self._init_pid: int | None = None
         self.timeouts = 0  # commands and checks killed at their time limit (load shows here)
         try:
-            self._build_layer()
+            build_layer(self.dir, quota=self.quota, mapped=self.mapped)
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
         if launch:
             self.launch()
-
-    # -- layer -------------------------------------------------------------------------------
-    def _build_layer(self) -> None:
-        d = self.prep
-        d.mkdir()
-        (d / "rootfs").mkdir()
-        _copy_etc(d / "etc")
-        for sub in ("root", "home", "tmp", "usr_local", "run", "dev_shm", *(f"var_{v}" for v in _VAR_RW)):
-            (d / sub).mkdir()
-        (d / "root").chmod(0o700)
-        for sub in ("tmp", "var_tmp", "dev_shm"):
-            (d / sub).chmod(0o1777)
-        for name in (".bashrc", ".profile"):  # as in Ubuntu's image
-            if os.path.isfile(f"/etc/skel/{name}"):
-                shutil.copy(f"/etc/skel/{name}", d / "root" / name)
-        for sub in ("bin", "sbin", "lib", "share", "include", "src", "etc"):
-            (d / "usr_local" / sub).mkdir()
-        (self.image / "etc").mkdir(parents=True)
-        for name in os.listdir(d / "etc"):
-            if _image_etc(name):
-                src = d / "etc" / name
-                if src.is_dir() and not src.is_symlink():
-                    shutil.copytree(src, self.image / "etc" / name, symlinks=True)
-                else:
-                    shutil.copy2(src, self.image / "etc" / name, follow_symlinks=False)
-        if self.quota:
-            (self.dir / "layer").mkdir()
-        self.ctl.mkdir(mode=0o700)
-        if self.mapped:
-            _chown_tree(d, _ID_BASE)
-            _chown_tree(self.image, _ID_BASE)
-            for p in (self.dir, self.ctl, *([self.dir / "layer"] if self.quota else [])):
-                os.chown(p, _ID_BASE, _ID_BASE)
 
     # -- start -------------------------------------------------------------------------------
     def launch(self) -> None:
@@ -544,7 +252,8 @@ class OSSession:
             SandboxUnavailable: the machine does not start on this host.
         """
         # Processes, their memory and the layer's files together (the layer is charged to it).
-        self.cgroups = _make_cgroups(self.dir.name, self.memory_mb + self.disk_mb + 256, self.max_processes)
+        self.cgroup = cgroups.create(self.dir.name, cgroups.bases(), memory_mb=self.memory_mb + self.disk_mb + 256,
+                                     pids=self.max_processes, freezer=True)
         try:
             self._start_machine()
             self.alive = True
@@ -554,11 +263,11 @@ class OSSession:
             raise
 
     def _child_setup(self):
-        mem, groups = self.memory_mb, self.cgroups
+        mem, group = self.memory_mb, self.cgroup
 
         def child() -> None:
             _limit(mem)
-            _join_cgroups(groups)
+            group.join(strict=False)
         return child
 
     def _start_machine(self) -> None:
@@ -569,7 +278,7 @@ class OSSession:
             ns.append("--unshare-ipc")
         if not self.mapped:
             ns += ["--unshare-user", "--uid", "0", "--gid", "0"]
-        argv = [bwrap, *ns, *self._machine_view(fresh=True), *self._common("/", _CAPS, _ENV),
+        argv = [bwrap, *ns, *machine_view(self.layer, self.ctl), *self._common("/", _CAPS, _ENV),
                 "/usr/bin/sleep", "infinity"]
         if self.quota:
             argv = [*self._wrapper(), *argv]
@@ -595,7 +304,7 @@ class OSSession:
                     raise SandboxUnavailable("the OS machine could not make a user namespace")
                 for kind in ("uid", "gid"):
                     with open(f"/proc/{self.proc.pid}/{kind}_map", "w") as f:
-                        f.write(f"0 {_ID_BASE} {_ID_COUNT}\n")
+                        f.write(f"0 {ID_BASE} {ID_COUNT}\n")
                 os.write(w2, b"G")
         finally:
             log.close()
@@ -607,9 +316,9 @@ class OSSession:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
-            for pid in sorted(_children(self.proc.pid)):
+            for pid in sorted(children(self.proc.pid)):
                 try:
-                    if os.readlink(f"/proc/{pid}/ns/pid") != own and _children(pid):
+                    if os.readlink(f"/proc/{pid}/ns/pid") != own and children(pid):
                         self._init_pid = pid
                 except OSError:
                     continue
@@ -627,7 +336,7 @@ class OSSession:
             self._nsfds["mount"] = os.open(f"/proc/{self.proc.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         self._nsfds["pid"] = os.open(f"/proc/{init}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._pidns = os.readlink(f"/proc/{init}/ns/pid")
-        if not _alive(init, _start_time(init)):
+        if not alive(init, start_time(init)):
             raise SandboxUnavailable("the OS machine ended while starting")
 
     def _wrapper(self) -> list[str]:
@@ -638,143 +347,9 @@ class OSSession:
         return [shutil.which("unshare") or "unshare", "--mount", "--ipc", "--propagation", "private",
                 "/bin/sh", "-c", script, "sh", str(self.layer), str(self.prep)]
 
-    # -- views -------------------------------------------------------------------------------
-    def _kernel(self) -> list[str]:
-        """/proc (the machine's), /dev and /sys: kernel interfaces read-only."""
-        return ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys",
-                "--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger",
-                "--dev", "/dev", "--bind", str(self.layer / "dev_shm"), "/dev/shm",
-                # /dev itself is a tmpfs of bwrap's: read-only, so writes go to the quota'd places
-                "--remount-ro", "/dev", "--ro-bind", "/sys", "/sys"]
-
-    def _var(self, root: str | None = None) -> list[str]:
-        a = ["--dir", "/var"]
-        for entry in sorted(os.listdir("/var")):
-            p = Path("/var") / entry
-            if entry in _VAR_RW:
-                continue
-            if p.is_symlink():
-                if root is None or not os.path.lexists(f"{root}/var/{entry}"):
-                    a += ["--symlink", os.readlink(p), f"/var/{entry}"]
-            elif entry == "lib":
-                a += ["--dir", "/var/lib"]
-                for keep in _VAR_LIB:
-                    if (p / keep).exists():
-                        a += ["--ro-bind", str(p / keep), f"/var/lib/{keep}"]
-            elif p.is_dir():
-                a += ["--dir", f"/var/{entry}"]  # the host's data (backups, www, ...) is not the image's
-        for v in _VAR_RW:
-            a += ["--bind", str(self.layer / f"var_{v}"), f"/var/{v}"]
-        return a
-
     def _state(self) -> str:
         """The layer as the worker reaches it (with root it is mounted in the machine's namespace)."""
         return f"/proc/{self.proc.pid}/root{self.layer}" if self.quota else str(self.layer)
-
-    def _system(self, root: str | None = None) -> list[str]:
-        """The image's system: the host's read-only top-level folders and /usr. With ``root``
-        (the machine's root folder, where earlier views made them) links already there are kept."""
-        a = []
-        for entry in sorted(os.listdir("/")):
-            p = Path("/") / entry
-            if p.is_symlink():
-                if root is None or not os.path.lexists(f"{root}/{entry}"):
-                    a += ["--symlink", os.readlink(p), f"/{entry}"]
-            elif entry in _RO_TOP and p.is_dir():
-                a += ["--ro-bind", str(p), f"/{entry}"]
-        a += ["--dir", "/usr"]
-        for entry in sorted(os.listdir("/usr")):
-            if entry == "local":
-                continue
-            p = Path("/usr") / entry
-            if not p.is_symlink():
-                a += ["--ro-bind", str(p), f"/usr/{entry}"]
-            elif root is None or not os.path.lexists(f"{root}/usr/{entry}"):
-                a += ["--symlink", os.readlink(p), f"/usr/{entry}"]
-        return a
-
-    def _machine_view(self, fresh: bool = False) -> list[str]:
-        """The agent's machine: its writable root with the image's system in it (``fresh``: the
-        first view, which makes the root folder's links and mount points)."""
-        d = self.layer
-        root = None if fresh else f"{self._state()}/rootfs"
-        a = ["--bind", str(d / "rootfs"), "/", *self._system(root)]
-        for entry in _EMPTY_TOP:
-            a += ["--dir", f"/{entry}"]
-        a += ["--bind", str(d / "usr_local"), "/usr/local", *self._var(root)]
-        a += ["--bind", str(d / "etc"), "/etc", "--bind", str(d / "root"), "/root",
-              "--bind", str(d / "home"), "/home", "--bind", str(d / "tmp"), "/tmp",
-              "--bind", str(d / "run"), "/run", "--ro-bind", str(self.ctl), "/run/cycleqd", *self._kernel()]
-        return a
-
-    def _check_view(self, fds: list[int]) -> list[str]:
-        """The machine as a check sees it: the image's system, loader and start-up files
-        (never the agent's, wherever it put or moved them), the agent's files everywhere else.
-
-        Folders where both meet (``/``, ``/usr``, ``/usr/local``, ``/etc``) are composed entry
-        by entry from descriptors opened without following links, so nothing the agent
-        renames or replaces while the view is built can bring a path of the host into it.
-        """
-        d = self.layer
-        state = self._state()
-        host_usr = set(os.listdir("/usr"))
-        top_links = {e for e in os.listdir("/") if os.path.islink(f"/{e}")}
-        a = self._system()
-        a += self._compose(state, "rootfs", "", _MANAGED_TOP | top_links, fds)
-        a += self._compose(state, "rootfs/usr", "/usr", host_usr | _IMAGE_ABSENT_USR, fds)
-        a += ["--dir", "/usr/local"] + self._compose(state, "usr_local", "/usr/local", {"lib"}, fds)
-        a += ["--dir", "/usr/local/lib"]  # the image's (empty): no .pth, sitecustomize or library of the agent's
-        a += ["--dir", "/etc"] + self._compose(state, "etc", "/etc", set(), fds, skip=_image_etc)
-        for name in sorted(os.listdir(self.image / "etc")):
-            src = self.image / "etc" / name
-            a += (["--symlink", os.readlink(src), f"/etc/{name}"] if src.is_symlink()
-                  else ["--ro-bind", str(src), f"/etc/{name}"])
-        a += self._var()
-        a += ["--bind", str(d / "root"), "/root", "--bind", str(d / "home"), "/home",
-              "--bind", str(d / "tmp"), "/tmp", "--bind", str(d / "run"), "/run", *self._kernel()]
-        return a
-
-    @staticmethod
-    def _compose(state: str, rel: str, dst: str, names: set[str], fds: list[int], skip=None) -> list[str]:
-        """Bind every entry of the layer's folder ``rel`` at ``dst`` except ``names``."""
-        out: list[str] = []
-        try:
-            dfd = os.open(state, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return out
-        try:
-            for part in rel.split("/"):
-                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                os.close(dfd)
-                dfd = nxt
-            entries = sorted(os.listdir(dfd))
-        except OSError:
-            os.close(dfd)
-            return out
-        try:
-            kept = 0
-            for name in entries:
-                if name in names or (skip is not None and skip(name)):
-                    continue
-                if kept >= _MAX_ENTRIES:
-                    break
-                try:
-                    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                except OSError:
-                    continue
-                kept += 1
-                if stat.S_ISLNK(os.fstat(fd).st_mode):
-                    try:
-                        out += ["--symlink", os.readlink(name, dir_fd=dfd), f"{dst}/{name}"]
-                    except OSError:
-                        pass
-                    os.close(fd)
-                    continue
-                fds.append(fd)
-                out += ["--bind", f"/proc/self/fd/{fd}", f"{dst}/{name}"]
-        finally:
-            os.close(dfd)
-        return out
 
     def _common(self, cwd: str, caps: list[str], env: dict[str, str]) -> list[str]:
         a = ["--die-with-parent", "--new-session", "--chdir", cwd, "--clearenv"]
@@ -787,7 +362,8 @@ class OSSession:
         the descriptors it needs, and those of them to close once it started."""
         fds: list[int] = []
         opened: list[int] = []
-        args = self._machine_view() if view == "machine" else self._check_view(opened)
+        args = (machine_view(self.layer, self.ctl, self._state()) if view == "machine"
+                else check_view(self.layer, self.image, self._state(), opened))
         fds += opened
         args = ["--pidns", str(self._nsfds["pid"]), *args, *self._common(cwd, caps, env)]
         argfile = tempfile.TemporaryFile(dir=self.dir)
@@ -823,7 +399,7 @@ class OSSession:
         r = self._run(setup, 30, agent=False)
         if r.exit_code == -1:
             raise SandboxUnavailable(f"the OS machine's shell did not start: {r.output[-300:]}")
-        for pid in sorted(_descendants(self.shell.pid)):
+        for pid in sorted(descendants(self.shell.pid)):
             try:
                 with open(f"/proc/{pid}/comm") as f:
                     if f.read().strip() == "bash":
@@ -833,69 +409,14 @@ class OSSession:
                 continue
 
     # -- processes of the machine ------------------------------------------------------------
-    def _processes(self) -> set[tuple[int, int]]:
+    def _processes(self) -> Processes:
         """(pid, start time) of every process in the machine, wherever it was reparented."""
-        out: set[tuple[int, int]] = set()
-        pids: set[int] = set()
-        for d in self.cgroups:
-            pids |= _cgroup_pids(d)
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    if os.readlink(f"/proc/{name}/ns/pid") == self._pidns:
-                        pids.add(int(name))
-                except OSError:
-                    continue
-        for pid in pids:
-            st = _start_time(pid)
-            if st is not None:
-                out.add((pid, st))
-        return out
+        return machine_processes(self._pidns, self.cgroup.pids())
 
-    def _kill_since(self, before: set[tuple[int, int]], keep: set[int] = frozenset()) -> None:
-        """Kill every process the machine gained since ``before`` (except ``keep``), the machine
-        frozen meanwhile so that none forks past the kill.
-
-        A new process is spared only while its parent chain leads to a process that was
-        already running other than the shell and the machine's init: a child that an earlier
-        background job starts now. Anything detached (``setsid``, double fork, reparented to
-        init) cannot be told apart from the command's own and is killed.
-        """
-        freezer = next((d for d in self.cgroups if (d / "freezer.state").exists() or (d / "cgroup.freeze").exists()),
-                       None)
-        frozen = freezer is not None and _freeze(freezer, True)
-        roots = {self._init_pid, self._shell_pid}
-        try:
-            self._kill_new(before, keep, roots)
-        finally:
-            if frozen:
-                _freeze(freezer, False)
-        for _ in range(50):
-            if not self._kill_new(before, keep, roots):
-                return
-            time.sleep(0.02)
-
-    def _kill_new(self, before: set[tuple[int, int]], keep: set[int], roots: set[int | None]) -> bool:
-        procs = self._processes()
-        old = {pid for pid, _ in procs & before}
-        new = {pid for pid, _ in procs - before}
-        killed = False
-        for pid in new - set(keep):
-            up, spared = pid, False
-            for _ in range(64):
-                up = _parent(up)
-                if up in old:
-                    spared = up not in roots
-                    break
-                if up not in new:
-                    break
-            if not spared:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed = True
-                except OSError:
-                    pass
-        return killed
+    def _kill_since(self, before: Processes, keep: set[int] = frozenset()) -> None:
+        """Kill every process the machine gained since ``before`` except ``keep`` (see
+        :func:`~cycleqd.sandbox.os_processes.kill_since`)."""
+        kill_since(self._processes, before, self.cgroup, keep=keep, roots=(self._init_pid, self._shell_pid))
 
     def _machine_alive(self) -> bool:
         return self.alive and self.proc is not None and self.proc.poll() is None
@@ -1096,8 +617,7 @@ class OSSession:
             except OSError:
                 pass
         self._nsfds = {}
-        for d in self.cgroups:
-            _end_cgroup(d)
+        self.cgroup.remove()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "OSSession":

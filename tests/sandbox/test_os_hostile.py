@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cycleqd.sandbox import bwrap_available
-from cycleqd.sandbox.os_env import OSSession, _cgroup_bases
+from cycleqd.sandbox import bwrap_available, cgroups
+from cycleqd.sandbox.os_env import OSSession
 from cycleqd.tasks.os_interaction import OSProblem, judge
 
 pytestmark = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here")
@@ -221,7 +221,7 @@ def test_a_killed_workers_episode_is_removed_at_the_next_start() -> None:
         line = proc.stdout.readline().split()
         assert line, "the worker did not open a session"
         folder, machine = Path(line[0]), int(line[1])
-        groups = [b / folder.name for b in _cgroup_bases() if (b / folder.name).is_dir()]
+        groups = [b / folder.name for b in cgroups.bases().values() if (b / folder.name).is_dir()]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

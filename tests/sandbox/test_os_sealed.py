@@ -166,7 +166,7 @@ def test_episode_memory_and_processes_are_capped_as_a_whole() -> None:
     """Anonymous shared memory (memfd) is in no file system: only the episode's cgroup bounds it."""
     session = OSSession(memory_mb=512, disk_mb=256, max_processes=64)
     try:
-        if not session.cgroups:
+        if "memory" not in session.cgroup.dirs:
             pytest.skip("this host lets no process create cgroups")
         code = ("import os\nfds = []\nfor i in range(40):\n    fd = os.memfd_create('x')\n"
                 "    os.write(fd, bytes(100 << 20))\n    fds.append(fd)\nprint('survived 4 GB')")
@@ -181,7 +181,7 @@ def test_episode_memory_and_processes_are_capped_as_a_whole() -> None:
         assert session.run("echo alive", timeout=10).output.strip() == "alive"
     finally:
         session.close()
-    assert not any(d.exists() for d in session.cgroups)
+    assert session.cgroup.dirs and not any(d.exists() for d in session.cgroup.dirs.values())
 
 
 def test_an_agent_in_a_root_of_its_own_does_not_move_the_checks(session: OSSession) -> None:

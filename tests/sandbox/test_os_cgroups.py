@@ -1,0 +1,90 @@
+"""The cgroup module stops a group's processes at once (freezer) and ends every one of them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cycleqd.sandbox import cgroups
+
+# Appends a line to a file every 10 ms, and keeps starting children that do the same.
+TICKER = """
+import os, sys, time
+path = sys.argv[1]
+for i in range(3000):
+    with open(path, "a") as f:
+        f.write("t\\n")
+    if i % 20 == 0 and os.fork() == 0:
+        continue  # the child ticks too
+    time.sleep(0.01)
+"""
+
+
+def _freezable_group() -> cgroups.Group | None:
+    g = cgroups.make_group("cycleqd-probe", pids=256, freezer=True)
+    if g is None or g.freeze(True) is False:
+        if g is not None:
+            g.remove()
+        return None
+    g.freeze(False)
+    return g
+
+
+def _size(p: Path) -> int:
+    return p.stat().st_size if p.exists() else 0
+
+
+def test_a_frozen_group_makes_no_progress_and_is_ended_whole(tmp_path: Path) -> None:
+    """While frozen, no process of the group (children it forked included) writes a byte; thawed
+    they run again; remove() kills every one of them and deletes the group's folders."""
+    group = _freezable_group()
+    if group is None:
+        pytest.skip("this host lets no process create a freezer cgroup (not root, or no freezer / v2 group)")
+    out = tmp_path / "ticks"
+    proc = subprocess.Popen([sys.executable, "-c", TICKER, str(out)], preexec_fn=group.join)
+    try:
+        deadline = time.monotonic() + 10
+        while len(group.pids()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(group.pids()) >= 3, "the ticker and its children are in the group"
+        assert group.freeze(True)
+        frozen_at = _size(out)
+        time.sleep(0.3)
+        assert _size(out) == frozen_at, "a frozen process wrote"
+        assert group.freeze(False)
+        time.sleep(0.3)
+        assert _size(out) > frozen_at, "thawed processes run again"
+        pids = group.pids()
+        group.remove()
+        assert proc.wait(timeout=5) != 0
+        time.sleep(0.05)
+        assert not [p for p in pids if Path(f"/proc/{p}").exists()
+                    and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]
+        assert not any(d.exists() for d in group.dirs.values())
+    finally:
+        proc.kill()
+        proc.wait()
+        group.remove()
+
+
+def test_sweep_stale_removes_only_groups_whose_owner_is_gone() -> None:
+    """Groups named for a process that is gone are killed and removed; one whose owner lives stays."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = cgroups.make_group("cycleqd-probe", pids=64, name=f"cycleqd-probe-{dead.pid}-0")
+    mine = cgroups.make_group("cycleqd-probe", pids=64)
+    if stale is None or mine is None:
+        pytest.skip("this host lets no process create cgroups")
+    try:
+        removed = cgroups.sweep_stale("cycleqd-probe")
+        assert stale.name in removed and mine.name not in removed
+        assert not any(d.exists() for d in stale.dirs.values())
+        assert all(d.exists() for d in mine.dirs.values())
+        assert os.getpid() and cgroups.find(mine.name).dirs == mine.dirs
+    finally:
+        mine.remove()
+        stale.remove()
