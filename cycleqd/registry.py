@@ -82,7 +82,7 @@ SAMPLERS: Registry = Registry(
 TASKS: Registry = Registry(
     "task",
     {
-        "mbpp": "cycleqd.tasks.mbpp",
+        "mbpp": "cycleqd.tasks.mbpp.task",
         "dbbench": "cycleqd.tasks.dbbench",
         "os_interaction": "cycleqd.tasks.os_interaction",
         "mini_code": "cycleqd.tasks.mini_code",

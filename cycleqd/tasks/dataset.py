@@ -8,11 +8,14 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cycleqd.config import ConfigError
 from cycleqd.engine.protocol import Engine, GenRequest
-from cycleqd.tasks.protocol import SampleResult, TaskResult
+from cycleqd.sandbox import require_code_execution
+from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
 
 
 def read_rows(data: str | None, *, hf_split: str = "test") -> list[dict]:
@@ -58,6 +61,42 @@ def ids_as_strings(value: Any) -> Any:
         return [str(v) for v in value]
     except TypeError:
         return value
+
+
+class DatasetOptions(BaseModel):
+    """The options every dataset task takes: which samples (``select``: all or the official
+    selection, ``ids``, ``limit``) and the generation budget per reply (``max_new_tokens``).
+    A task's own options model extends it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    select: Literal["all", "official"] = "all"
+    ids: list[str] | None = None
+    limit: int | None = Field(None, ge=0)
+    max_new_tokens: int = Field(512, ge=1, le=65536)
+
+    _ids = field_validator("ids", mode="before")(ids_as_strings)
+
+
+class DatasetTask(Task):
+    """A task over a dataset's rows, scored on a selection of sample ids (``self._ids``, set by the
+    subclass from ``select`` / ``ids`` / ``limit``)."""
+
+    _ids: list[str]
+
+    def sample_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def chosen(self, ids: Sequence[Any] | None = None) -> list[str]:
+        """The sample ids an evaluation scores: ``ids`` (each must be in the selection) or all of it.
+
+        Raises:
+            CodeExecutionNotAllowed: the task runs model code and ``sandbox.allow_code_execution`` is false.
+            ConfigError: an id that is not in the selection.
+        """
+        if self.executes_code:
+            require_code_execution(self.sandbox, self.name)
+        return select_ids(self._ids, ids, None) if ids is not None else list(self._ids)
 
 
 def select_ids(all_ids: Sequence[str], ids: Iterable[Any] | None, limit: int | None) -> list[str]:

@@ -43,24 +43,24 @@ from __future__ import annotations
 
 import ast
 import logging
-from dataclasses import replace
 import operator
 import re
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox.databases import Database, MySQLDatabase, SQLiteDatabase, parse_mysql_url
 from cycleqd.sandbox.mariadb import MariaDBServer, ServerUnavailable
-from cycleqd.tasks.dataset import ids_as_strings, read_rows, run_episodes, select_ids, task_result
+from cycleqd.tasks.dataset import DatasetOptions, DatasetTask, read_rows, run_episodes, select_ids, task_result
 from cycleqd.tasks.official import official_samples
-from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
+from cycleqd.tasks.protocol import SampleResult, TaskResult
 
 PROMPT = """
 I will ask you a question, then you should help me operate a MySQL database with SQL to answer the question.
@@ -343,24 +343,17 @@ def answer_is_correct(answer: str, label: Sequence[Any]) -> bool:
         return False
 
 
-class DBBenchOptions(BaseModel):
+class DBBenchOptions(DatasetOptions):
     """Options of the ``dbbench`` task (see :class:`DBBenchTask`)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
     #: option names of earlier versions, still read from old run folders
     renamed: ClassVar[dict[str, str]] = {"max_round": "max_rounds"}
 
     protocol: Literal["official", "agentbench"] = "official"
-    select: Literal["all", "official"] = "all"
     backend: str = "sqlite"
     url: str | None = None
-    max_rounds: int = Field(5, ge=1)
-    ids: list[str] | None = None
-    limit: int | None = Field(None, ge=0)
-    max_new_tokens: int = Field(512, ge=1)
-    workers: int = Field(8, ge=1)
-
-    _ids = field_validator("ids", mode="before")(ids_as_strings)
+    max_rounds: int = Field(5, ge=1, le=100)
+    workers: int = Field(8, ge=1, le=1024)
 
 
 def load_dbbench(data: str | None) -> list[tuple[str, int, dict]]:
@@ -414,7 +407,7 @@ def official_ids(rows: Sequence[tuple[str, int, dict]], data: str | None) -> lis
 
 
 @register_task("dbbench")
-class DBBenchTask(Task):
+class DBBenchTask(DatasetTask):
     """AgentBench DBBench on SQLite (default) or a MySQL / MariaDB server.
 
     Args:
@@ -495,9 +488,6 @@ class DBBenchTask(Task):
             return dict(row, label=list(fix[1]))
         return row
 
-    def sample_ids(self) -> list[str]:
-        return list(self._ids)
-
     def _open(self, row: dict) -> Database:
         t = row["table"]
         columns = [c["name"] for c in t["table_info"]["columns"]]
@@ -512,7 +502,7 @@ class DBBenchTask(Task):
         Quality is the share of correct rows among the chosen ones (a micro-average, as officially).
         """
         start = time.monotonic()
-        chosen = select_ids(self._ids, ids, None) if ids is not None else list(self._ids)
+        chosen = self.chosen(ids)
         episodes: list[DBEpisode] = []
         failed: dict[str, str] = {}
         early: dict[str, SampleResult] = {}

@@ -36,16 +36,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
-from cycleqd.sandbox import require_code_execution
 from cycleqd.sandbox.os_env import OSSession
-from cycleqd.tasks.dataset import error_text, ids_as_strings, read_rows, run_episodes, select_ids, task_result
+from cycleqd.tasks.dataset import (
+    DatasetOptions,
+    DatasetTask,
+    error_text,
+    read_rows,
+    run_episodes,
+    select_ids,
+    task_result,
+)
 from cycleqd.tasks.official import official_samples
-from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
+from cycleqd.tasks.protocol import SampleResult, TaskResult
 
 PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
 
@@ -333,28 +340,20 @@ def judge(problem: OSProblem, answer: str | None, session: OSSession, timeout: f
     return True
 
 
-class OSInteractionOptions(BaseModel):
+class OSInteractionOptions(DatasetOptions):
     """Options of the ``os_interaction`` task (see :class:`OSInteractionTask`)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     protocol: Literal["official", "agentbench"] = "official"
-    select: Literal["all", "official"] = "all"
     scripts: str | None = None
-    runs: int = Field(1, ge=1)
-    max_rounds: int = Field(5, ge=1)
-    command_timeout: float = Field(10.0, gt=0)
-    ids: list[str] | None = None
-    limit: int | None = Field(None, ge=0)
-    max_new_tokens: int = Field(512, ge=1)
-    workers: int = Field(4, ge=1)
-    memory_mb: int | None = Field(None, ge=64)
-
-    _ids = field_validator("ids", mode="before")(ids_as_strings)
+    runs: int = Field(1, ge=1, le=100)
+    max_rounds: int = Field(5, ge=1, le=100)
+    command_timeout: float = Field(10.0, gt=0, le=3600)
+    workers: int = Field(4, ge=1, le=1024)
+    memory_mb: int | None = Field(None, ge=64, le=1 << 20)
 
 
 @register_task("os_interaction")
-class OSInteractionTask(Task):
+class OSInteractionTask(DatasetTask):
     """AgentBench OS interaction in the bubblewrap sandbox (see module docstring).
 
     Args:
@@ -400,9 +399,6 @@ class OSInteractionTask(Task):
         self.command_timeout, self.max_new_tokens = opts.command_timeout, opts.max_new_tokens
         self.workers = opts.workers
         self.memory_mb = int(opts.memory_mb if opts.memory_mb is not None else max(self.sandbox.memory_mb, 2048))
-
-    def sample_ids(self) -> list[str]:
-        return list(self._ids)
 
     def answer_signatures(self, requests: Sequence[Any], answers: Sequence[str]) -> list[str | None]:
         """The action each reply proposes for its turn (see :func:`action_signature`)."""
@@ -489,9 +485,8 @@ class OSInteractionTask(Task):
         Raises:
             CodeExecutionNotAllowed: ``sandbox.allow_code_execution`` is false.
         """
-        require_code_execution(self.sandbox, self.name)
+        chosen = self.chosen(ids)
         start = time.monotonic()
-        chosen = select_ids(self._ids, ids, None) if ids is not None else list(self._ids)
         runs = [self._one_run(engine, chosen) for _ in range(self.runs)]
         samples = []
         for i in chosen:

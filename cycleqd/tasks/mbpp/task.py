@@ -40,14 +40,14 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.protocol import Engine, GenRequest
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution, run_python_batch
 from cycleqd.sandbox.verdict import check_asserts_batch, evaluate_calls_batch
-from cycleqd.tasks.dataset import ids_as_strings, read_rows, select_ids, task_result
+from cycleqd.tasks.dataset import DatasetOptions, DatasetTask, read_rows, select_ids, task_result
 from cycleqd.tasks.mbpp.problems import Problem, problem_from_row
 from cycleqd.tasks.mbpp.programs import assert_job, base_calls_job, probe_program, same_output, time_limits
 from cycleqd.tasks.mbpp.prompts import (
@@ -59,8 +59,8 @@ from cycleqd.tasks.mbpp.prompts import (
     official_instruction,
     official_prompt,
 )
-from cycleqd.tasks.mbpp.sanitize import official_sanitize, sanitize
-from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
+from cycleqd.tasks.mbpp.sanitizers import official_sanitize, sanitize
+from cycleqd.tasks.protocol import SampleResult, TaskResult
 
 OFFICIAL_COUNT = 399      # problems in EvalPlus MBPP+ v0.1.0, all of which the official code scores
 
@@ -68,24 +68,16 @@ Protocol = Literal["official", "evalplus", "plain"]
 
 
 
-class MBPPOptions(BaseModel):
+class MBPPOptions(DatasetOptions):
     """Options of the ``mbpp`` task (see :class:`MBPPTask`)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     protocol: Protocol | None = None
-    select: Literal["all", "official"] = "all"
-    ids: list[str] | None = None
-    limit: int | None = Field(None, ge=0)
-    max_new_tokens: int = Field(512, ge=1)
-    timeout: float | None = Field(None, gt=0)
-    memory_mb: int | None = Field(None, ge=64)
-
-    _ids = field_validator("ids", mode="before")(ids_as_strings)
+    timeout: float | None = Field(None, gt=0, le=3600)
+    memory_mb: int | None = Field(None, ge=64, le=1 << 20)
 
 
 @register_task("mbpp")
-class MBPPTask(Task):
+class MBPPTask(DatasetTask):
     """MBPP(+) pass@1 on the base tests (see module docstring for the protocols).
 
     Args:
@@ -124,9 +116,6 @@ class MBPPTask(Task):
         self.memory_mb = int(opts.memory_mb if opts.memory_mb is not None else self.sandbox.memory_mb)
         # problem id -> (the reference's outputs on the base inputs, the time limit of each input)
         self._reference: dict[str, tuple[list, list[float]]] = {}
-
-    def sample_ids(self) -> list[str]:
-        return list(self._ids)
 
     def request(self, problem: Problem) -> GenRequest:
         """The generation request for one problem under the task's protocol."""
@@ -239,9 +228,8 @@ class MBPPTask(Task):
         Raises:
             CodeExecutionNotAllowed: ``sandbox.allow_code_execution`` is false.
         """
-        require_code_execution(self.sandbox, self.name)
+        chosen = self.chosen(ids)
         start = time.monotonic()
-        chosen = select_ids(self._ids, ids, None) if ids is not None else list(self._ids)
         try:
             completions = engine.generate([self.request(self.problems[i]) for i in chosen])
         except Exception as e:  # the model failing is every sample failing, not a crash
