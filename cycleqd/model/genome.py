@@ -272,7 +272,7 @@ class Genome:
 
         header, problem = parse_header(blob[:8], blob[8:8 + MAX_HEADER_BYTES], len(blob))
         if problem is not None:
-            raise ValueError(problem)
+            raise ValueError(problem if problem.startswith("not a genome") else f"not a genome: {problem}")
         return cls._from_parts(load(blob), header.get("__metadata__") or {})
 
     @classmethod
