@@ -48,6 +48,12 @@ def _print_summary(run: Path) -> None:
     print(f"\nrun folder: {run}  (plots in {Path(run) / 'plots'}; `cycleqd report {run}` for the HTML page)")
 
 
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
 def _observers() -> list:
     """What the CLI's runs show besides the progress bar: RUN/plots, redrawn as the run goes."""
     from cycleqd.views.plots import PlotObserver
@@ -87,7 +93,7 @@ def cmd_resume(a: argparse.Namespace) -> int:
     from cycleqd.runs.lock import RunLock
     from cycleqd.runs.store import RunStore
 
-    RunStore(a.run_dir)  # bad input before anything starts
+    RunStore(a.run_dir).config()  # bad input (not a run, an unreadable config) before anything starts
     RunLock.refuse_if_held(a.run_dir)  # before the heavy imports; resume takes the lock itself
     from cycleqd.evolve.loop import resume
 
@@ -101,9 +107,17 @@ def cmd_grow(a: argparse.Namespace) -> int:
     from cycleqd.evolve.grow import grow, load_grow_spec
     from cycleqd.runs.store import RunStore
 
-    RunStore(a.run_dir)
+    RunStore(a.run_dir).config()
     spec = load_grow_spec(a.task)  # bad input before anything is written
-    run = grow(a.run_dir, spec, progress=not a.quiet, observers=_observers())
+    from cycleqd.evolve.signals import RunInterrupted
+
+    try:
+        run = grow(a.run_dir, spec, progress=not a.quiet, observers=_observers())
+    except RunInterrupted as e:
+        name = signal_name(e.signum)
+        print(f"cycleqd: grow stopped by {name}; {a.run_dir} is as it was until the next `cycleqd grow` or "
+              "`cycleqd resume` finishes or discards the staged growth", file=sys.stderr)
+        return 1
     print(f"grown: {run} now has tasks {', '.join(RunStore(run).config().task_names)}; "
           f"continue with `cycleqd resume {run} --generations N`")
     return 0
@@ -222,8 +236,14 @@ def cmd_export(a: argparse.Namespace) -> int:
         return 0
     from cycleqd.views.export import export
 
-    out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),
-                 push_to_hub=a.push_to_hub, private=a.private)
+    from cycleqd.evolve.signals import RunInterrupted
+
+    try:
+        out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),
+                     push_to_hub=a.push_to_hub, private=a.private)
+    except RunInterrupted as e:
+        print(f"cycleqd: export stopped by {signal_name(e.signum)}; nothing written to {a.out}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 

@@ -21,8 +21,23 @@ class ConfigError(ValueError):
     """Bad input: a config, a path or a flag. The CLI turns it into exit code 2."""
 
 
+# Bounds of every number that feeds an OS call, a timer or an allocation: a value past them
+# is bad input here (one line, exit 2), never an OverflowError or a giant allocation later.
+MAX_SECONDS = 3600.0  # a time limit (the sandbox's per job)
+MIN_MEMORY_MB, MAX_MEMORY_MB = 64, 1 << 20  # a memory limit: 64 MB to 1 TB
+MAX_SEED = 2**63 - 1
+MAX_WORKERS = 1024
+MAX_GENERATIONS = 10**7
+MAX_BATCH = 4096
+MAX_NEW_TOKENS = 1 << 20
+MAX_RANK = 1 << 16
+MAX_CELLS = 10**6
+MAX_SCALE = 1e3  # operator magnitudes (rates, standard deviations, sampling factors)
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: no config number is infinite or NaN (1e999 in YAML reads as inf)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Bins(_Frozen):
@@ -60,7 +75,7 @@ class MiniWorld(_Frozen):
     """Build the embedded mini world into ``dir`` if it is absent (see ``cycleqd mini build``)."""
 
     dir: str = ".cache/mini"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     size: Literal["default", "small", "tiny"] = "default"
 
 
@@ -89,15 +104,15 @@ class FactorsConfig(_Frozen):
 
 class CrossoverConfig(_Frozen):
     name: str = "linear"
-    mu: float = 0.0
-    sigma: float = Field(0.01, ge=0.0)
+    mu: float = Field(0.0, ge=-MAX_SCALE, le=MAX_SCALE)
+    sigma: float = Field(0.01, ge=0.0, le=MAX_SCALE)
 
 
 class MutationConfig(_Frozen):
     name: str = "svd"
-    rate: float = Field(0.1, ge=0.0)
-    std: float = Field(3e-4, ge=0.0)
-    rank: int | None = Field(None, ge=1)
+    rate: float = Field(0.1, ge=0.0, le=MAX_SCALE)
+    std: float = Field(3e-4, ge=0.0, le=MAX_SCALE)
+    rank: int | None = Field(None, ge=1, le=MAX_RANK)
 
 
 class SamplingConfig(_Frozen):
@@ -106,8 +121,8 @@ class SamplingConfig(_Frozen):
     [low, low + high] = [0.5, 1.3] with the defaults."""
 
     name: str = "elite"
-    low: float = 0.5
-    high: float = 0.8
+    low: float = Field(0.5, le=MAX_SCALE)
+    high: float = Field(0.8, le=MAX_SCALE)
     mapping: Literal["paper", "official"] = "paper"
 
     @model_validator(mode="after")
@@ -118,9 +133,9 @@ class SamplingConfig(_Frozen):
 
 
 class EvolutionConfig(_Frozen):
-    generations: int = Field(1200, ge=0)
-    workers: int = Field(1, ge=1)
-    flip_interval: int = Field(1, ge=1)
+    generations: int = Field(1200, ge=0, le=MAX_GENERATIONS)
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    flip_interval: int = Field(1, ge=1, le=MAX_GENERATIONS)
     fixed_quality_task: str | None = None
     crossover: CrossoverConfig = CrossoverConfig()
     mutation: MutationConfig = MutationConfig()
@@ -129,26 +144,29 @@ class EvolutionConfig(_Frozen):
     # Store the passing conversations of every child that enters an archive (and of the seed
     # experts) in RUN/episodes/<genome>.jsonl, for `cycleqd trajectories`.
     record_episodes: bool = False
-    worker_cpus: float = Field(0.0, ge=0.0)
-    worker_gpus: float = Field(0.0, ge=0.0)
+    worker_cpus: float = Field(0.0, ge=0.0, le=MAX_WORKERS)
+    worker_gpus: float = Field(0.0, ge=0.0, le=MAX_WORKERS)
 
 
 class EngineConfig(_Frozen):
     name: str = "transformers"
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    batch_size: int = Field(32, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
 class SandboxConfig(_Frozen):
-    """Running model-written code is opt-in: ``allow_code_execution`` must be true."""
+    """Running model-written code is opt-in: ``allow_code_execution`` must be true.
+
+    ``timeout`` (seconds per job) is in (0, 3600]; ``memory_mb`` (per job) in [64, 1048576].
+    """
 
     allow_code_execution: bool = False
     backend: Literal["auto", "bwrap", "subprocess", "docker"] = "auto"
-    timeout: float = Field(10.0, gt=0)
-    memory_mb: int = Field(1024, ge=16)
+    timeout: float = Field(10.0, gt=0, le=MAX_SECONDS)
+    memory_mb: int = Field(1024, ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)
 
 
 class ArchiveConfig(_Frozen):
@@ -161,8 +179,8 @@ class ArchiveConfig(_Frozen):
     """
 
     kind: Literal["grid", "cvt"] = "grid"
-    cells: int | None = Field(None, ge=1)
-    seed: int = 0
+    cells: int | None = Field(None, ge=1, le=MAX_CELLS)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     centroids: list[list[float]] | None = None
 
     @model_validator(mode="after")
@@ -185,7 +203,7 @@ class Config(_Frozen):
     """A whole experiment."""
 
     name: str = "experiment"
-    seed: int = Field(0, ge=0)  # numpy's SeedSequence takes non-negative seeds only
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # numpy's SeedSequence takes non-negative seeds only
     models: ModelsConfig
     tasks: list[TaskConfig]
     evolution: EvolutionConfig = EvolutionConfig()

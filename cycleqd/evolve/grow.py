@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cycleqd.atomic import fsync_dir, write_atomic
-from cycleqd.config import ArchiveConfig, ConfigError, TaskConfig, dump_config, edit_config
+from cycleqd.config import MAX_SEED, ArchiveConfig, ConfigError, TaskConfig, dump_config, edit_config
 from cycleqd.evolve.events import Observer, notify
 from cycleqd.runs import layout
 from cycleqd.runs.folder import RunFolder
@@ -50,18 +50,18 @@ _REMOVED = (layout.FINAL, layout.SUMMARY)  # of the K-task run: redone by the ne
 class MiniExpert(BaseModel):
     """Build the new expert on first use: an extra mini skill trained from the world's base."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     skill: str
     dir: str = ".cache/mini"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     size: Literal["default", "small", "tiny"] = "default"
 
 
 class GrowSpec(BaseModel):
     """What ``cycleqd grow RUN --task SPEC.yaml`` adds: one task, its expert, optionally a new archive kind."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     task: TaskConfig
     expert: str
@@ -172,12 +172,20 @@ def grow(run_dir: str | os.PathLike, spec: GrowSpec, *, progress: bool = True,
         ConfigError: not a run, a task name the run has, or a grown config that does not validate;
             RunLocked while a driver runs on the folder.
         RuntimeError: the new expert could not be evaluated (the run is left as it was).
+        RunInterrupted: SIGTERM or SIGINT; the run is as it was, or grown once the next
+            ``grow`` or ``resume`` finishes the staged growth.
     """
     from cycleqd.runs.lock import RunLock
 
+    from cycleqd.evolve.signals import RunInterrupted, StopSignals
+
     store = RunStore(run_dir)
-    with RunLock(store.path):
-        run = _grow(store, spec, progress=progress)
+    with RunLock(store.path), StopSignals():
+        try:
+            run = _grow(store, spec, progress=progress)
+        except RunInterrupted as e:
+            # RUN/.grow stays: the next grow or resume finishes it (READY) or discards it, as after a SIGKILL
+            raise RunInterrupted(e.signum, store.path) from None
     notify(observers, "run_done", run, RunFolder(run).archive())
     return run
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence, Union
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence, Union
 import torch
 
 from cycleqd.atomic import write_atomic
+from cycleqd.runs.bounded import loads_bounded
 
 if TYPE_CHECKING:
     from cycleqd.model.factors import Factors
@@ -261,16 +262,17 @@ class Genome:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "Genome":
-        """Inverse of :meth:`to_bytes`. Raises ValueError for a blob that is not a genome."""
+        """Inverse of :meth:`to_bytes`.
+
+        Raises:
+            ValueError: a blob that is not a whole genome (see :func:`header_problem`), before
+                any tensor is parsed.
+        """
         from safetensors.torch import load
 
-        if len(blob) < 8:
-            raise ValueError("not a genome: blob too short")
-        (n,) = struct.unpack("<Q", blob[:8])
-        try:
-            header = json.loads(blob[8 : 8 + n])
-        except ValueError:
-            raise ValueError("not a genome: bad safetensors header") from None
+        header, problem = parse_header(blob[:8], blob[8:8 + MAX_HEADER_BYTES], len(blob))
+        if problem is not None:
+            raise ValueError(problem if problem.startswith("not a genome") else f"not a genome: {problem}")
         return cls._from_parts(load(blob), header.get("__metadata__") or {})
 
     @classmethod
@@ -278,7 +280,7 @@ class Genome:
         if meta.get("format") != _FORMAT:
             raise ValueError(f"not a genome (format {meta.get('format')!r})")
         terms: list[Term] = []
-        for i, m in enumerate(json.loads(meta.get("terms", "[]"))):
+        for i, m in enumerate(_term_metas(meta)):
             coef = tensors[f"term{i}.coef"]
             if m["kind"] == "noise":
                 terms.append(NoiseTerm(seed=int(m["seed"]), std=float(m["std"]), coef=coef))
@@ -295,9 +297,216 @@ class Genome:
         write_atomic(Path(path), self.to_bytes())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Genome":
-        """Read a genome written by :meth:`save`."""
+    def load(cls, path: str | os.PathLike, expect: "GenomeShape | None" = None) -> "Genome":
+        """Read a genome written by :meth:`save`.
+
+        The header is checked first (bounded size and nesting, the file exactly as long as
+        its tensors, and, with ``expect``, the shapes of the run's layout), so an oversized
+        or malformed file is refused before it is read.
+
+        Raises:
+            ValueError: not a whole genome (the message says what is wrong).
+        """
+        problem = genome_problem(path, expect, values=False)
+        if problem is not None:
+            raise ValueError(problem)
         return cls.from_bytes(Path(path).read_bytes())
+
+
+# ------------------------------------------------------------------ bounded reading and validation
+
+MAX_HEADER_BYTES = 16 << 20  # a genome's header: a few entries, plus one per delta tensor
+MAX_COEFFICIENT = 1e6  # |a|, |d|, term coefficients: merges and mutations stay many orders below
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class GenomeShape:
+    """What every genome of a run looks like, known from its layout without loading a model.
+
+    Attributes:
+        experts: K, the run's number of tasks (experts).
+        tensors: T, the base's tensor count (``a`` is ``[T, K]``, a term's ``coef`` ``[T]``).
+        d_size: D, ``K * sum(r_w)`` over the SVD weights (``d`` is ``[D]``).
+        layout: ``Factors.layout`` of the run's factors.
+        model: the base's tensor shapes (a delta term holds tensors of these names and shapes).
+    """
+
+    experts: int
+    tensors: int | None = None
+    d_size: int | None = None
+    layout: str | None = None
+    model: Mapping[str, tuple[int, ...]] | None = None
+
+    @classmethod
+    def from_models(cls, task_names: Sequence[str], shapes: Mapping[str, Sequence[int]],
+                    rank: int | None) -> "GenomeShape":
+        """The shape of the genomes over a base of tensor ``shapes`` (headers only) and these tasks.
+
+        Follows :class:`~cycleqd.model.factors.Factors`: tensors in name order, an SVD block of
+        ``K x min(rank, m, n)`` per 2-D weight that is not a norm, and the same layout hash.
+        """
+        from cycleqd.model.factors import is_svd_weight
+
+        names = sorted(shapes)
+        ranks = {n: (min(shapes[n]) if rank is None else min(rank, *shapes[n]))
+                 for n in names if is_svd_weight(n, shapes[n])}
+        K = len(task_names)
+        spec = {"tasks": list(task_names), "tensors": [[n, list(shapes[n])] for n in names],
+                "ranks": [[n, ranks[n]] for n in sorted(ranks)]}
+        layout = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+        return cls(experts=K, tensors=len(names), d_size=K * sum(ranks.values()), layout=layout,
+                   model={n: tuple(int(x) for x in shapes[n]) for n in names})
+
+
+def _term_metas(meta: Mapping[str, str]) -> list[dict]:
+    terms = loads_bounded(meta.get("terms", "[]"), max_bytes=MAX_HEADER_BYTES)
+    if not isinstance(terms, list) or not all(isinstance(m, dict) for m in terms):
+        raise ValueError("not a genome (terms is not a list of objects)")
+    return terms
+
+
+def parse_header(head: bytes, rest: bytes, size: int) -> tuple[dict, str | None]:
+    """The safetensors header of a ``size``-byte file from its first 8 bytes and what follows.
+
+    Returns ``(header, None)`` or ``({}, problem)``. The header must be at most
+    :data:`MAX_HEADER_BYTES`, nested at most a few levels, a JSON object of tensors with
+    known dtypes and contiguous offsets that end exactly at the end of the file (a
+    truncated or an oversized file is caught here, without reading its tensors).
+    """
+    if len(head) < 8:
+        return {}, "truncated (no safetensors header)"
+    n = int.from_bytes(head, "little")
+    if n <= 0 or n > MAX_HEADER_BYTES:
+        return {}, f"not a genome (a safetensors header of {n} bytes; at most {MAX_HEADER_BYTES})"
+    if 8 + n > size or len(rest) < n:
+        return {}, f"truncated or not safetensors (header of {n} bytes in a {size}-byte file)"
+    try:
+        header = loads_bounded(rest[:n], max_bytes=MAX_HEADER_BYTES, max_depth=4)
+    except (ValueError, UnicodeDecodeError) as e:
+        return {}, f"unreadable safetensors header ({e})"
+    if not isinstance(header, dict):
+        return {}, "unreadable safetensors header (not a JSON object)"
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        return {}, "unreadable safetensors header (__metadata__ is not a map of strings)"
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            return {}, f"unreadable safetensors header (tensor {name!r} is not an object)"
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int and x >= 0 for x in offsets)):
+            return {}, f"unreadable safetensors header (tensor {name!r} has no data_offsets)"
+        if dtype not in _ITEMSIZE or not (isinstance(shape, list) and len(shape) <= 8
+                                          and all(type(x) is int and x >= 0 for x in shape)):
+            return {}, f"unreadable safetensors header (tensor {name!r}: dtype {dtype!r}, shape {shape!r})"
+        if offsets[1] - offsets[0] != math.prod(shape) * _ITEMSIZE[dtype]:
+            return {}, f"unreadable safetensors header (tensor {name!r}: offsets do not match its shape)"
+        spans.append(offsets)
+    end = 0
+    for b, e in sorted(spans):
+        if b != end:
+            return {}, "unreadable safetensors header (tensor data overlap or leave gaps)"
+        end = e
+    if 8 + n + end > size:
+        return {}, f"truncated ({size} bytes, the header needs {8 + n + end})"
+    if 8 + n + end < size:
+        return {}, f"oversized ({size} bytes, the header describes {8 + n + end})"
+    return header, None
+
+
+def header_problem(header: dict, expect: GenomeShape | None = None) -> str | None:
+    """What in a parsed safetensors ``header`` is not a genome (of ``expect``'s shape), or None."""
+    meta = header.get("__metadata__", {})
+    if meta.get("format") != _FORMAT:
+        return f"not a genome (format {meta.get('format')!r})"
+    try:
+        terms = _term_metas(meta)
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"not a genome (unreadable terms: {e})"
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    a, d = tensors.get("a"), tensors.get("d")
+    if a is None or d is None or len(a["shape"]) != 2 or len(d["shape"]) != 1:
+        return "not a genome (no [T, K] tensor a or [D] tensor d)"
+    T, K = a["shape"]
+    want = {"a": [T, K], "d": list(d["shape"])}
+    for i, m in enumerate(terms):
+        kind = m.get("kind")
+        if kind == "noise":
+            std, seed = m.get("std"), m.get("seed")
+            if not (isinstance(std, (int, float)) and math.isfinite(std) and 0 <= std <= MAX_COEFFICIENT
+                    and type(seed) is int):
+                return f"term {i}: noise with seed {seed!r} and std {std!r}"
+        elif kind != "delta" or not isinstance(m.get("id"), str):
+            return f"term {i}: unknown kind {kind!r}"
+        want[f"term{i}.coef"] = [T]
+    for name, info in tensors.items():
+        if name in want:
+            if info["dtype"] != "F32" or info["shape"] != want[name]:
+                return f"tensor {name} is {info['dtype']} {info['shape']}, expected F32 {want[name]}"
+            continue
+        prefix, _, tensor = name.partition(".delta.")
+        if not (prefix.startswith("term") and prefix[4:].isdigit() and int(prefix[4:]) < len(terms)
+                and terms[int(prefix[4:])].get("kind") == "delta"):
+            return f"tensor {name!r} is not part of a genome"
+        if expect is not None and expect.model is not None:
+            shape = expect.model.get(tensor)
+            if shape is None or tuple(info["shape"]) != shape:
+                return f"delta tensor {tensor!r} of shape {info['shape']} is not a tensor of the run's base"
+    if any(f"term{i}.coef" not in tensors for i in range(len(terms))):
+        return "not a genome (a term without its coefficients)"
+    if expect is not None:
+        checks = [("experts", K, expect.experts), ("tensors", T, expect.tensors),
+                  ("SVD coefficients", d["shape"][0], expect.d_size), ("layout", meta.get("layout"), expect.layout)]
+        for what, got, exp in checks:
+            if exp is not None and got != exp:
+                return f"{what}: {got}, the run's layout has {exp}"
+    return None
+
+
+def genome_problem(path: str | os.PathLike, expect: GenomeShape | None = None, *, values: bool = True,
+                   deltas: bool = True) -> str | None:
+    """What is wrong with a genome file (None if it is a whole genome of ``expect``'s shape).
+
+    Reads the header only (bounded, see :func:`parse_header` and :func:`header_problem`);
+    with ``values`` it then reads the tensors one at a time and checks that every
+    coefficient is finite and within :data:`MAX_COEFFICIENT` (and, with ``deltas``, that
+    delta tensors are finite).
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            rest = f.read(n) if 0 < n <= MAX_HEADER_BYTES else b""
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    header, problem = parse_header(head, rest, size)
+    if problem is None:
+        problem = header_problem(header, expect)
+    if problem is not None or not values:
+        return problem
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            for name in f.keys():
+                delta = ".delta." in name
+                if delta and not deltas:
+                    continue
+                x = f.get_tensor(name)
+                if not bool(torch.isfinite(x).all()):
+                    bad = int((~torch.isfinite(x)).sum())
+                    return f"{bad} non-finite value(s) (NaN or inf) in tensor {name}"
+                if not delta and x.numel() and float(x.abs().max()) > MAX_COEFFICIENT:
+                    return (f"coefficient {float(x.abs().max()):.3g} in tensor {name} is out of range "
+                            f"(|x| <= {MAX_COEFFICIENT:g})")
+    except Exception as e:  # noqa: BLE001 - the format's own errors, named with the file by the caller
+        return f"unreadable tensors ({e})"
+    return None
 
 
 # ---------------------------------------------------------------- materialise

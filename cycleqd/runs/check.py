@@ -26,13 +26,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from pydantic import ValidationError
 
 from cycleqd.atomic import write_atomic
 from cycleqd.runs import layout
+from cycleqd.runs.bounded import MAX_LINE_BYTES, iter_lines, loads_bounded
 from cycleqd.runs.lock import RunLock
-from cycleqd.runs.store import RunDamaged, RunStore, safetensors_problem
+from cycleqd.runs.store import RunDamaged, RunStore
 from cycleqd.search.child import ChildRecord
 
 __all__ = ["CheckReport", "Finding", "check_run"]
@@ -84,10 +86,14 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _lines(path: Path) -> list[tuple[int, bytes]]:
-    if not path.exists():
-        return []
-    return list(enumerate(path.read_bytes().splitlines(keepends=True), 1))
+def _lines(path: Path) -> Iterator[tuple[int, bytes | None, bool]]:
+    """(line number, line or None when over the size bound, complete) per line, read bounded."""
+    if path.exists():
+        yield from iter_lines(path)
+
+
+def _loads(line: bytes) -> object:
+    return loads_bounded(line, max_bytes=MAX_LINE_BYTES)
 
 
 @dataclass
@@ -142,19 +148,24 @@ def _check_seeds(store: RunStore, report: CheckReport, scan: _Scan) -> None:
 def _check_log(store: RunStore, report: CheckReport, scan: _Scan) -> None:
     """children.jsonl line by line: bad lines and repeats are dropped, children with bad genomes marked."""
     seen: set[str] = set()
-    for n, line in _lines(store.path / RunStore.CHILDREN):
-        if not line.endswith(b"\n"):
+    drop = "drop the line (kept in quarantine)"
+    for n, line, complete in _lines(store.path / RunStore.CHILDREN):
+        if line is None:
+            report.findings.append(Finding(RunStore.CHILDREN, f"a line over {MAX_LINE_BYTES} bytes", drop, n))
+            scan.rewrite_log = True
+            continue
+        if not complete:
             # harmless: every reader drops it and the next append cuts it off
             report.notes.append(f"{RunStore.CHILDREN}:{n}: torn last line of a killed writer (ignored)")
             continue
         if not line.strip():
             continue
         try:
-            rec = ChildRecord.model_validate(json.loads(line))
-        except (ValueError, UnicodeDecodeError) as e:  # ValidationError is a ValueError
-            msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else type(e).__name__
-            report.findings.append(Finding(RunStore.CHILDREN, f"not a child record ({msg})",
-                                           "drop the line (kept in quarantine)", n))
+            rec = ChildRecord.model_validate(_loads(line))
+        except (ValueError, UnicodeDecodeError) as e:  # ValidationError and TooLarge are ValueErrors
+            msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else (str(e).splitlines()[0][:200]
+                                                                                 or type(e).__name__)
+            report.findings.append(Finding(RunStore.CHILDREN, f"not a child record ({msg})", drop, n))
             scan.rewrite_log = True
             continue
         if rec.id in seen:
@@ -186,7 +197,7 @@ def _check_derived(store: RunStore, report: CheckReport, scan: _Scan) -> None:
         if snap is None:
             what = "unreadable" if (run / RunStore.ARCHIVES).exists() else "missing"
             report.findings.append(Finding(RunStore.ARCHIVES, what, rebuild))
-        elif int(snap["generation"]) != len(scan.kept) or scan.rewrite_log:
+        elif not isinstance(snap["generation"], int) or snap["generation"] != len(scan.kept) or scan.rewrite_log:
             report.findings.append(Finding(RunStore.ARCHIVES, f"at generation {snap['generation']}, "
                                            f"the log at {len(scan.kept)}", rebuild))
     try:
@@ -194,7 +205,12 @@ def _check_derived(store: RunStore, report: CheckReport, scan: _Scan) -> None:
     except RunDamaged:
         scan.bad_final = "unreadable"
     else:
-        scan.bad_final = _genome_problem(store, final["genome"]) if final and not final.get("error") else None
+        if final is not None and not (isinstance(final, dict) and isinstance(final.get("genome", ""), str)):
+            scan.bad_final = "unreadable (not a final-merge record)"
+        elif final and not final.get("error"):
+            scan.bad_final = _genome_problem(store, final.get("genome") or "final_merge")
+        else:
+            scan.bad_final = None
     if scan.bad_final:
         report.findings.append(Finding(RunStore.FINAL, f"final merge {scan.bad_final}",
                                        "move aside; the next resume merges again"))
@@ -202,7 +218,8 @@ def _check_derived(store: RunStore, report: CheckReport, scan: _Scan) -> None:
         store.models()
     except RunDamaged:
         report.findings.append(Finding(RunStore.MODELS, "unreadable", "move aside; recorded again"))
-    scan.bad_stats = any(line.endswith(b"\n") and not _json_ok(line) for _, line in _lines(run / RunStore.STATS))
+    scan.bad_stats = any(line is None or (complete and not _json_ok(line))
+                         for _, line, complete in _lines(run / RunStore.STATS))
     if scan.bad_stats:
         report.findings.append(Finding(RunStore.STATS, "unreadable lines", "rebuild from seeds and log"))
     scan.temps = sorted([*run.glob(".*.tmp"), *(run / layout.GENOMES).glob(".*.tmp")])
@@ -262,17 +279,17 @@ def _repair(store: RunStore, report: CheckReport, scan: _Scan) -> None:
 
 
 def _json_ok(line: bytes) -> bool:
+    if not line.strip():
+        return True
     try:
-        return isinstance(json.loads(line), dict)
+        return isinstance(_loads(line), dict)
     except (ValueError, UnicodeDecodeError):
         return False
 
 
 def _genome_problem(store: RunStore, gid: str) -> str | None:
-    p = store.genome_path(gid)
-    if not p.is_file():
-        return "missing"
-    return safetensors_problem(p)
+    """Missing, malformed, oversized, not of the run's layout, or non-finite / out-of-range values."""
+    return store.genome_problem(gid)
 
 
 def _rebuild(store: RunStore, kept: list[ChildRecord], rebuild_stats: bool) -> None:

@@ -36,12 +36,18 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LOCK_NAME
         self._fd: int | None = None
+        self.created = False  # whether acquire() made the lock file (then a refusal removes it)
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise RunLocked naming the holder's PID. Re-entrant in one process."""
         if self._fd is not None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            self.created = True
+        except FileExistsError:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.created = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -94,5 +100,8 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        # bad input refused under the lock writes nothing, so not even a lock file of ours stays
+        if exc_type is not None and issubclass(exc_type, ConfigError) and self.created and self._fd is not None:
+            self.path.unlink(missing_ok=True)  # still held: nobody else can be using this file
         self.release()

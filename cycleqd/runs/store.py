@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from cycleqd.atomic import write_atomic
 from cycleqd.config import Config, ConfigError, dump_config, load_config
 from cycleqd.runs import layout
+from cycleqd.runs.bounded import MAX_LINE_BYTES, TooLarge, iter_lines, loads_bounded, read_json_file
 from cycleqd.runs.lock import LOCK_NAME, RunLock
 from cycleqd.search.archive import Archive
 from cycleqd.search.child import ChildRecord, SeedRecord
@@ -49,66 +50,62 @@ class RunDamaged(ConfigError):
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) per line of a JSONL log; a torn last line (no newline) is dropped.
 
+    Lines are read bounded (:mod:`cycleqd.runs.bounded`): a line over
+    ``MAX_LINE_BYTES`` or nested deeper than ``MAX_DEPTH`` is never parsed.
+
     Raises:
-        RunDamaged: a complete line that is not a JSON object, naming the file and line.
+        RunDamaged: a complete line that is not a JSON object, or one over the bounds, naming the file and line.
     """
     if not path.exists():
         return
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                return  # torn last line of a killed writer
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise RunDamaged(path, f"not a JSON line ({e})", n) from None
-            if not isinstance(obj, dict):
-                raise RunDamaged(path, f"not a JSON object (got {type(obj).__name__})", n)
-            yield n, obj
+    for n, raw, complete in iter_lines(path):
+        if raw is None:
+            raise RunDamaged(path, f"a line over {MAX_LINE_BYTES} bytes", n)
+        if not complete:
+            return  # torn last line of a killed writer
+        line = raw.strip()
+        if not line:
+            continue
+        obj = _json_line(path, line, n)
+        if not isinstance(obj, dict):
+            raise RunDamaged(path, f"not a JSON object (got {type(obj).__name__})", n)
+        yield n, obj
+
+
+def _json_line(path: Path, line: bytes, n: int | None) -> Any:
+    try:
+        return loads_bounded(line, max_bytes=MAX_LINE_BYTES)
+    except TooLarge as e:
+        raise RunDamaged(path, f"JSON {e}", n) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunDamaged(path, f"not a JSON line ({_short(e)})", n) from None
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return read_json_file(path)
+    except OSError as e:
+        raise RunDamaged(path, f"unreadable ({e.strerror or e})") from None
+    except TooLarge as e:
+        raise RunDamaged(path, f"JSON {e}") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise RunDamaged(path, f"not valid JSON ({e})") from None
+        raise RunDamaged(path, f"not valid JSON ({_short(e)})") from None
 
 
 def safetensors_problem(path: Path) -> str | None:
     """What is wrong with a safetensors file, from its header alone (None if it looks whole).
 
-    Parses the 8-byte header length and the JSON header, and checks that the file is as long
-    as the header's largest data offset says, so a truncated file is caught without reading
-    its tensors.
+    The header is read bounded (:func:`cycleqd.model.genome.parse_header`): at most
+    ``MAX_HEADER_BYTES``, shallow, with contiguous tensor data that ends exactly at the end
+    of the file, so a truncated or an oversized file is caught without reading its tensors.
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "truncated (no safetensors header)"
-            n = int.from_bytes(head, "little")
-            if n <= 0 or 8 + n > size:
-                return f"truncated or not safetensors (header of {n} bytes in a {size}-byte file)"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        return f"unreadable safetensors header ({e})"
-    if not isinstance(header, dict):
-        return "unreadable safetensors header (not a JSON object)"
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2):
-            return f"unreadable safetensors header (tensor {name!r} has no data_offsets)"
-        end = max(end, int(offsets[1]))
-    if 8 + n + end > size:
-        return f"truncated ({size} bytes, the header needs {8 + n + end})"
-    return None
+    from cycleqd.model.genome import genome_problem
+
+    return genome_problem(path, values=False)
 
 
 class RunStore:
@@ -131,6 +128,10 @@ class RunStore:
         self.path = Path(path)
         if not (self.path / self.CONFIG).is_file():
             raise RunNotFound(f"{str(path)!r} is not a cycleqd run folder (no {self.CONFIG})")
+        # an experiment YAML copied into a folder is not a run: a run folder is made with its genomes/
+        if not (self.path / layout.GENOMES).is_dir() and not (self.path / self.CHILDREN).is_file():
+            raise RunNotFound(f"{str(path)!r} is not a cycleqd run folder (a {self.CONFIG} but no {layout.GENOMES}/)")
+        self._shape = None
 
     @classmethod
     def create(cls, path: str | os.PathLike, cfg: Config, lock: RunLock | None = None) -> "RunStore":
@@ -177,8 +178,8 @@ class RunStore:
         """
         f = self.path / self.ARCHIVES
         try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
+            data = read_json_file(f)
+        except (OSError, ValueError, UnicodeDecodeError):  # TooLarge is a ValueError
             return None
         return data if isinstance(data, dict) and "archives" in data and "generation" in data else None
 
@@ -259,21 +260,57 @@ class RunStore:
         p = self.genome_path(genome_id)
         if not p.exists():
             raise RunDamaged(p, f"genome {genome_id!r} is missing")
+        self.check_genome(genome_id)
         try:
-            return Genome.load(p)
+            return Genome.load(p, self.genome_shape())
         except Exception as e:  # the genome format's own errors do not name the file
             raise RunDamaged(p, f"not a readable genome ({e})") from None
 
-    def check_genome(self, genome_id: str) -> None:
-        """Check that a genome file is there and whole, reading its header only (fast).
+    def genome_shape(self):
+        """The :class:`~cycleqd.model.genome.GenomeShape` of this run's genomes, from headers only.
+
+        K is the run's task count; with the base on disk, the tensor count, SVD size and
+        layout follow from the base's safetensors headers and the SVD rank, and a delta
+        term's tensors must be the base's. (With a Hub base not on disk, only K.)
+        """
+        if self._shape is None:
+            from cycleqd.model.genome import GenomeShape
+
+            cfg = self.config()
+            shape = GenomeShape(experts=len(cfg.task_names))
+            if Path(cfg.models.base).is_dir():
+                try:
+                    from cycleqd.model.experts import inspect_model
+
+                    info = inspect_model(cfg.models.base, cfg.models.revision)
+                    shape = GenomeShape.from_models(cfg.task_names, info.shapes, cfg.evolution.mutation.rank)
+                except Exception:  # noqa: BLE001 - an unreadable base is the models' check's to report
+                    pass
+            self._shape = shape
+        return self._shape
+
+    def genome_problem(self, genome_id: str, *, values: bool = True, deltas: bool = True) -> str | None:
+        """What is wrong with a genome of this run (see :func:`cycleqd.model.genome.genome_problem`), or None."""
+        from cycleqd.model.genome import genome_problem
+
+        p = self.genome_path(genome_id)
+        if not p.is_file():
+            return "missing"
+        return genome_problem(p, self.genome_shape(), values=values, deltas=deltas)
+
+    def check_genome(self, genome_id: str, *, deltas: bool = False) -> None:
+        """Check that a genome file is there, whole and of the run's shape, with finite coefficients in range.
+
+        Reads the bounded header, then the coefficients (small); with ``deltas`` also the
+        full tensors of delta terms.
 
         Raises:
-            RunDamaged: missing, or the safetensors header or data length is wrong.
+            RunDamaged: missing, oversized, malformed, or non-finite / out-of-range values.
         """
         p = self.genome_path(genome_id)
         if not p.is_file():
             raise RunDamaged(p, f"genome {genome_id!r} is missing")
-        problem = safetensors_problem(p)
+        problem = self.genome_problem(genome_id, deltas=deltas)
         if problem:
             raise RunDamaged(p, problem)
 
@@ -330,8 +367,7 @@ class RunStore:
             with open(f, "rb+") as h:
                 h.seek(-1, os.SEEK_END)
                 if h.read(1) != b"\n":
-                    data = f.read_bytes()
-                    h.truncate(data.rfind(b"\n") + 1)
+                    h.truncate(_last_newline(h) + 1)
         with open(f, "a") as h:
             h.write(json.dumps(record) + "\n")
             h.flush()
@@ -342,6 +378,19 @@ class RunStore:
 
     def write_final_merge(self, record: dict) -> None:
         write_atomic(self.path / self.FINAL, json.dumps(record, indent=1))
+
+
+def _last_newline(h) -> int:
+    """Offset of the last newline of an open file (-1 if none), read backwards in chunks."""
+    end = h.seek(0, os.SEEK_END)
+    while end > 0:
+        start = max(0, end - (1 << 20))
+        h.seek(start)
+        i = h.read(end - start).rfind(b"\n")
+        if i >= 0:
+            return start + i
+        end = start
+    return -1
 
 
 def model_fingerprints(cfg: Config) -> dict[str, str]:

@@ -13,15 +13,18 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from cycleqd.config import ConfigError
+from cycleqd.evolve.signals import RunInterrupted, StopSignals
 from cycleqd.registry import did_you_mean
 from cycleqd.runs import layout
 from cycleqd.runs.folder import ArchiveSnapshot, RunFolder, best_by_mean
+from cycleqd.runs.store import RunDamaged
 from cycleqd.views.card import base_card_metadata, model_card, team_card
 from cycleqd.views.hub import hub_token, push_folder
 
@@ -125,18 +128,40 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {str(out)!r}: parent is not a folder")
 
 
-def _materialized_engine(cfg, genome_path: Path):
-    """A transformers engine on the CPU in the run's dtype, with the genome streamed in as a worker does."""
+def _materialized_engine(cfg, genome_path: Path, shape=None):
+    """A transformers engine on the CPU in the run's dtype, with the genome streamed in as a worker does.
+
+    Every weight is checked as it arrives, in the dtype it is written in: a genome whose
+    model has a NaN or an infinite weight (an overflow in float16 included) is refused.
+
+    Raises:
+        RunDamaged: the genome is not readable, or its model has non-finite weights (naming the genome file).
+    """
+    import torch
+
     from cycleqd.config import EngineConfig
     from cycleqd.engine.hf import HFEngine
     from cycleqd.model.factors import Factors
-    from cycleqd.model.genome import Genome
+    from cycleqd.model.genome import Genome, iter_weights
 
     factors = Factors.prepare(cfg, device="cpu", progress=False)
-    genome = Genome.load(genome_path)
+    try:
+        genome = Genome.load(genome_path, shape)
+    except ValueError as e:
+        raise RunDamaged(genome_path, f"not a readable genome ({e})") from None
     options = {"revision": cfg.models.revision} if cfg.models.revision else {}
     engine = HFEngine.from_path(cfg.models.base, EngineConfig(device="cpu", options=options), dtype=cfg.models.dtype)
-    engine.load_genome(genome, factors)
+
+    def checked():
+        for name, w in iter_weights(genome, factors, device=engine.device, dtype=engine.dtype):
+            if not bool(torch.isfinite(w).all()):
+                bad = int((~torch.isfinite(w)).sum())
+                raise RunDamaged(genome_path, f"its model has {bad} non-finite weight(s) (NaN or inf) in {name} "
+                                              f"as {cfg.models.dtype}; refusing to export it")
+            yield name, w
+
+    with torch.no_grad():
+        engine.load_weights(checked())
     return engine
 
 
@@ -164,7 +189,9 @@ def export(
     Raises:
         ConfigError: no such run, bad selection (unknown archive, malformed, out of
             range or empty cell, no final merge), ``out`` not empty, or no Hub
-            token for ``push_to_hub``; raised before anything is written.
+            token for ``push_to_hub``; RunDamaged: the genome file is malformed, oversized,
+            or it or its model's weights are not finite; raised before anything is written.
+        RunInterrupted: SIGTERM or SIGINT; the staging folder is removed and ``out`` is untouched.
     """
     if archive is not None or cell is not None or merged:
         best = None if best == "mean" else best
@@ -176,8 +203,13 @@ def export(
     token = hub_token() if push_to_hub else None
     cfg = store.config()
     genome_path = store.genome_path(sel.genome)
-    store.check_genome(sel.genome)  # a missing or truncated genome names its file before any loading
-    write_model(run, sel, genome_path, out, max_shard_size=max_shard_size)
+    # a missing, malformed, oversized or non-finite genome names its file before any loading
+    store.check_genome(sel.genome, deltas=True)
+    with StopSignals():  # SIGTERM / SIGINT: the staging folder is removed, nothing is left at out
+        try:
+            write_model(run, sel, genome_path, out, max_shard_size=max_shard_size)
+        except RunInterrupted as e:
+            raise RunInterrupted(e.signum) from None
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, token=token,
                     message=f"Upload {sel.genome} from CycleQD run {cfg.name} (cycleqd export)")
@@ -194,7 +226,7 @@ def write_model(run: RunFolder, sel: Selection, genome_path: Path, out: Path, *,
     cfg = store.config()
     from transformers import AutoTokenizer, GenerationConfig
 
-    engine = _materialized_engine(cfg, genome_path)
+    engine = _materialized_engine(cfg, genome_path, store.genome_shape())
     tokenizer = AutoTokenizer.from_pretrained(cfg.models.base, revision=cfg.models.revision)
     try:
         gen_cfg = GenerationConfig.from_pretrained(cfg.models.base, revision=cfg.models.revision)
@@ -226,7 +258,12 @@ def write_model(run: RunFolder, sel: Selection, genome_path: Path, out: Path, *,
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # a second SIGTERM / SIGINT waits until the staging folder is gone
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignals.SIGNALS)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise
     return out
 

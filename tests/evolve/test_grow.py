@@ -84,7 +84,7 @@ def runs(world, tmp_path_factory) -> dict:
     run = root / "run"
     out = _cycleqd("evolve", "--config", str(world["three"]), "--run-dir", str(run), "--workers", "2")
     assert out.returncode == 0, out.stderr[-2000:]
-    for name in ("kill", "cvt", "bad", "switch"):
+    for name in ("kill", "cvt", "bad", "switch", "term"):
         shutil.copytree(run, root / name)
     before = _show(run)
     files_before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
@@ -212,6 +212,31 @@ def test_sigkill_during_grow_leaves_the_run_as_it_was_then_grows(runs, world):
     assert json.loads((run / "growth.jsonl").read_text())["scores"] == \
         json.loads((runs["run"] / "growth.jsonl").read_text().splitlines()[0])["scores"]
     assert _show(run) == runs["after"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_sigterm_during_grow_is_one_line_and_the_run_stays_as_it_was(runs, world, sig):
+    """A real SIGTERM to a real grow while it stages: exit 1 with one line naming the run, the run's own
+    files untouched; the staging is left to the next start, which discards it (as after a SIGKILL)."""
+    from cycleqd.evolve.grow import finish_staged_growth
+
+    run = runs["root"] / "term"
+    state = lambda: {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != LOCK_NAME}  # noqa: E731
+    before = state()
+    proc = subprocess.Popen([sys.executable, "-m", "cycleqd.cli", "-q", "grow", str(run), "--task",
+                             str(world["spec"])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (run / ".grow" / "genomes").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, f"grow ended before the signal: {proc.stderr.read()[-500:]}"
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln]
+    assert proc.returncode == 1 and len(lines) == 1, err[-2000:]
+    assert f"stopped by {sig.name}" in lines[0] and str(run) in lines[0], lines
+    assert state() == before  # the run is as it was
+    assert _show(run)["tasks"] == ["a", "b", "c"]
+    assert finish_staged_growth(run) in ("discarded", None) and not (run / ".grow").exists()
 
 
 def test_a_switch_killed_after_ready_is_finished(runs, world):
