@@ -161,12 +161,21 @@ class SandboxConfig(_Frozen):
     """Running model-written code is opt-in: ``allow_code_execution`` must be true.
 
     ``timeout`` (seconds per job) is in (0, 3600]; ``memory_mb`` (per job) in [64, 1048576].
+    ``backend``: ``auto`` (bwrap), ``bwrap`` or ``docker``; ``subprocess`` would run model code
+    on the host uncontained and is refused here (see :mod:`cycleqd.sandbox.backends`).
     """
 
     allow_code_execution: bool = False
     backend: Literal["auto", "bwrap", "subprocess", "docker"] = "auto"
     timeout: float = Field(10.0, gt=0, le=MAX_SECONDS)
     memory_mb: int = Field(1024, ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)
+
+    @model_validator(mode="after")
+    def _contained(self) -> "SandboxConfig":
+        if self.backend == "subprocess":
+            raise ValueError("backend 'subprocess' runs model code on the host without containment; "
+                             "use 'bwrap' (the default) or 'docker'")
+        return self
 
 
 class ArchiveConfig(_Frozen):

@@ -36,7 +36,7 @@ class MiniTask(Task):
 
         model_config = ConfigDict(frozen=True, extra="forbid")
         split: Literal["train", "val", "test"] = "val"
-        n: int = Field(200, ge=1)
+        n: int = Field(200, ge=1, le=10_000_000)
         seed: int = Field(0, ge=0)
         skip: int = Field(0, ge=0)
 

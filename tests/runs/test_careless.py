@@ -325,6 +325,7 @@ def test_sigterm_during_export_removes_the_staging_folder(run, tmp_path, sig):
     (("evolution", "mutation", "std"), float("inf"), "evolution.mutation.std"),
     (("archive",), {"kind": "cvt", "cells": 10**12}, "archive.cells"),
     (("seed",), 2**70, "seed"),
+    (("sandbox", "backend"), "subprocess", "sandbox: backend 'subprocess' runs model code on the host"),
 ])
 def test_numeric_limits_past_their_bounds_are_bad_input(tmp_path, path, value, needle):
     """A timeout of 1e308 (or inf, or 0), memory_mb of 99999999999, and every other number that feeds an OS
