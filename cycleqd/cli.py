@@ -234,9 +234,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
         print(export_team(store.path, a.team, out=Path(a.out), push_to_hub=a.push_to_hub, private=a.private))
         return 0
-    from cycleqd.views.export import export
-
     from cycleqd.evolve.signals import RunInterrupted
+    from cycleqd.views.export import export
 
     try:
         out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),

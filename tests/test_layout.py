@@ -17,7 +17,7 @@ PACKAGE = Path(cycleqd.__file__).parent
 
 #: The pipeline's stages, in data-path order: a module may import its own stage and earlier ones.
 STAGES = [
-    ("core", ["cycleqd.config", "cycleqd.registry", "cycleqd.recent", "cycleqd.atomic"]),
+    ("core", ["cycleqd.config", "cycleqd.registry", "cycleqd.recent", "cycleqd.atomic", "cycleqd.bounded"]),
     ("sandbox", ["cycleqd.sandbox"]),
     ("model", ["cycleqd.model"]),
     ("search", ["cycleqd.search"]),

@@ -175,9 +175,8 @@ def grow(run_dir: str | os.PathLike, spec: GrowSpec, *, progress: bool = True,
         RunInterrupted: SIGTERM or SIGINT; the run is as it was, or grown once the next
             ``grow`` or ``resume`` finishes the staged growth.
     """
-    from cycleqd.runs.lock import RunLock
-
     from cycleqd.evolve.signals import RunInterrupted, StopSignals
+    from cycleqd.runs.lock import RunLock
 
     store = RunStore(run_dir)
     with RunLock(store.path), StopSignals():

@@ -162,6 +162,8 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True,
             # The paper's last step: one model from the archives' best elites, beta = softmax(quality).
             if cfg.evolution.final_merge and (store.final_merge() or {}).get("generation") != sched.generation:
                 final_merge(store, sched.archive, pool, sched.generation)
+            notify(observers, "run_done", store.path, sched.archive)
+            summarize(store)
         except RunInterrupted as e:
             if pool is not None:
                 pool.cancel()
@@ -170,8 +172,6 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True,
             except BaseException:  # noqa: BLE001 - a second signal during shutdown: still a clean stop
                 pass
             raise RunInterrupted(e.signum, store.path, len(store.children())) from None
-    notify(observers, "run_done", store.path, sched.archive)
-    summarize(store)
     return store.path
 
 

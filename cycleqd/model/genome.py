@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence, Union
 import torch
 
 from cycleqd.atomic import write_atomic
-from cycleqd.runs.bounded import loads_bounded
+from cycleqd.bounded import loads_bounded
 
 if TYPE_CHECKING:
     from cycleqd.model.factors import Factors

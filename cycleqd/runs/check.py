@@ -31,8 +31,8 @@ from typing import Iterator
 from pydantic import ValidationError
 
 from cycleqd.atomic import write_atomic
+from cycleqd.bounded import MAX_LINE_BYTES, iter_lines, loads_bounded
 from cycleqd.runs import layout
-from cycleqd.runs.bounded import MAX_LINE_BYTES, iter_lines, loads_bounded
 from cycleqd.runs.lock import RunLock
 from cycleqd.runs.store import RunDamaged, RunStore
 from cycleqd.search.child import ChildRecord

@@ -21,9 +21,9 @@ from typing import Any, Iterator, Sequence
 from pydantic import ValidationError
 
 from cycleqd.atomic import write_atomic
+from cycleqd.bounded import MAX_LINE_BYTES, TooLarge, iter_lines, loads_bounded, read_json_file
 from cycleqd.config import Config, ConfigError, dump_config, load_config
 from cycleqd.runs import layout
-from cycleqd.runs.bounded import MAX_LINE_BYTES, TooLarge, iter_lines, loads_bounded, read_json_file
 from cycleqd.runs.lock import LOCK_NAME, RunLock
 from cycleqd.search.archive import Archive
 from cycleqd.search.child import ChildRecord, SeedRecord
@@ -50,7 +50,7 @@ class RunDamaged(ConfigError):
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) per line of a JSONL log; a torn last line (no newline) is dropped.
 
-    Lines are read bounded (:mod:`cycleqd.runs.bounded`): a line over
+    Lines are read bounded (:mod:`cycleqd.bounded`): a line over
     ``MAX_LINE_BYTES`` or nested deeper than ``MAX_DEPTH`` is never parsed.
 
     Raises:

@@ -155,7 +155,7 @@ def _wait_for_children(proc: subprocess.Popen, run: Path, n: int) -> None:
 def test_a_signal_stops_the_run_cleanly_and_it_resumes(signum, run_config, tmp_path):
     """SIGTERM and SIGINT alike: exit 1 with one line, nothing half-written, no second driver meanwhile."""
     run = tmp_path / "run"
-    proc = _start(run_config, run)
+    proc = _start(run_config, run, generations=1000)  # far more than can finish before the signal
     _wait_for_children(proc, run, 3)
     # one driver per run folder: a second one is refused while the first lives
     second = _cycleqd("resume", str(run))
