@@ -11,6 +11,7 @@ deterministic in the seed and cached: a folder whose manifest matches is reused.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -249,6 +250,15 @@ def build_mini_world(
     out = Path(dir)
     if not force and is_built(out, seed, size):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others reuse its world
+        if not force and is_built(out, seed, size):
+            return out
+        return _build(out, seed, size, progress, threads)
+
+
+def _build(out: Path, seed: int, size: str, progress: bool, threads: int) -> Path:
     from cycleqd.mini.tokenizer import make_char_tokenizer
 
     recipe = SIZES[size]
