@@ -229,17 +229,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     from cycleqd.runs.store import RunStore
 
     store = RunStore(a.run_dir)
-    if a.team is not None:
-        from cycleqd.views.export import export_team
-
-        print(export_team(store.path, a.team, out=Path(a.out), push_to_hub=a.push_to_hub, private=a.private))
-        return 0
     from cycleqd.evolve.signals import RunInterrupted
-    from cycleqd.views.export import export
+    from cycleqd.views.export import export, export_team
 
     try:
-        out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),
-                     push_to_hub=a.push_to_hub, private=a.private)
+        if a.team is not None:
+            out = export_team(store.path, a.team, out=Path(a.out), push_to_hub=a.push_to_hub, private=a.private)
+        else:
+            out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),
+                         push_to_hub=a.push_to_hub, private=a.private)
     except RunInterrupted as e:
         print(f"cycleqd: export stopped by {signal_name(e.signum)}; nothing written to {a.out}", file=sys.stderr)
         return 1

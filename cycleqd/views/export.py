@@ -295,15 +295,32 @@ def export_team(run_dir: str | Path, team_file: str | Path, *, out: str | Path, 
     out = Path(out)
     _prepare_out(out, False)
     token = hub_token() if push_to_hub else None
-    out.mkdir(parents=True, exist_ok=True)
-    for m in team.members:
-        roles = [f"{'router' if team.plan[t]['router'] == m.genome else 'voter'} of {t}" for t in team.tasks
-                 if m.genome in team.plan[t].get("voters", [team.plan[t]["router"]])]
-        sel = Selection(m.genome, dict(m.scores), f"member of a {team.strategy} team ({', '.join(roles)})")
-        write_model(run, sel, paths[m.genome], out / "members" / m.genome, max_shard_size=max_shard_size)
-    record = {**record, "members": [{**mm, "folder": f"members/{mm['genome']}"} for mm in record["members"]]}
-    (out / TEAM_FILE).write_text(json.dumps(record, indent=1))
-    (out / "README.md").write_text(team_card(record, run.config.name))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # SIGTERM / SIGINT: the staging folder is removed, nothing is left at out
+    with StopSignals():
+        try:
+            for m in team.members:
+                roles = [f"{'router' if team.plan[t]['router'] == m.genome else 'voter'} of {t}" for t in team.tasks
+                         if m.genome in team.plan[t].get("voters", [team.plan[t]["router"]])]
+                sel = Selection(m.genome, dict(m.scores), f"member of a {team.strategy} team ({', '.join(roles)})")
+                write_model(run, sel, paths[m.genome], stage / "members" / m.genome, max_shard_size=max_shard_size)
+            record = {**record, "members": [{**mm, "folder": f"members/{mm['genome']}"} for mm in record["members"]]}
+            (stage / TEAM_FILE).write_text(json.dumps(record, indent=1))
+            (stage / "README.md").write_text(team_card(record, run.config.name))
+            os.chmod(stage, 0o755)
+            if out.exists():
+                out.rmdir()  # _prepare_out let only an empty folder through
+            stage.rename(out)
+        except BaseException as e:
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignals.SIGNALS)
+            try:
+                shutil.rmtree(stage, ignore_errors=True)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            if isinstance(e, RunInterrupted):
+                raise RunInterrupted(e.signum) from None
+            raise
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, token=token,
                     message=f"Upload a {team.strategy} team from CycleQD run {run.config.name} (cycleqd export)")

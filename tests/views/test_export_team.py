@@ -59,3 +59,41 @@ def test_export_team_bad_input(tiny_mini_run, team_file, tmp_path):
         res = _cycleqd("export", str(tiny_mini_run), "--team", *args, "--out", str(tmp_path / "x"))
         assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "x").exists()
+
+
+_SLOW_MEMBER = """
+import pathlib, shutil, sys, time
+real = shutil.copyfile
+def copyfile(src, dst, *a, **k):  # the first member's staging stays open long enough to be signalled
+    out = real(src, dst, *a, **k)
+    if str(dst).endswith("genome.safetensors"):
+        pathlib.Path(sys.argv[1]).write_text("staging")
+        time.sleep(120)
+    return out
+shutil.copyfile = copyfile
+from cycleqd.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_during_export_team_leaves_nothing(tiny_mini_run, team_file, tmp_path):
+    """A real SIGTERM while `export --team` writes its members: one line, exit 1, no out folder and
+    no staging folder left (the team is written to a sibling folder and renamed at the end)."""
+    import signal
+    import time
+
+    marker, out = tmp_path / "marker", tmp_path / "out"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_MEMBER, str(marker), "-q", "export", str(tiny_mini_run),
+                             "--team", str(team_file), "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    assert list(tmp_path.glob(".out.*"))  # the team's staging folder is there when the signal comes
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln]  # transformers' progress bars
+    assert proc.returncode == 1 and len(lines) == 1 and "stopped by SIGTERM" in lines[0], err[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
