@@ -194,7 +194,27 @@ def test_each_shell_job_has_its_own_tmp() -> None:
     assert "wrote" in lines and int(lines[lines.index("free") + 1]) > 100_000, second.stdout
 
 
-# -- DBBench on SQLite --------------------------------------------------------------------------
+# -- mini SQL -----------------------------------------------------------------------------------
+MINI_SQL_HACKS = [
+    "DROP TABLE {t}", "DELETE FROM {t}", "ATTACH DATABASE '/tmp/cq.db' AS x", "PRAGMA writable_schema = 1",
+    "SELECT load_extension('/tmp/cq.so')", "SELECT * FROM sqlite_master",
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c",
+    "SELECT randomblob(1000000000)", "VACUUM INTO '/tmp/cq.db'",
+]
+
+
+def test_mini_sql_hacks_score_zero_and_gold_still_passes() -> None:
+    """Writes, schema and file access, extensions, runaway recursion and huge values score 0 (each
+    item's table is a fresh read-only copy, so a DROP in one answer cannot touch another); the gold
+    queries then score 1 on the same task object."""
+    task = _mini("mini_sql", 2 * len(MINI_SQL_HACKS))
+    pick = lambda it: MINI_SQL_HACKS[int(it.id) % len(MINI_SQL_HACKS)].format(t=it.context["table"])  # noqa: E731
+    res = task.evaluate(ScriptedEngine(task, pick))
+    assert res.quality == 0.0, [(s.detail.get("output"), s.error) for s in res.samples if s.score]
+    assert task.evaluate(ScriptedEngine(task, lambda it: it.answer)).quality == 1.0
+
+
+# -- DBBench on SQLite and MariaDB --------------------------------------------------------------------------
 def _db_rows() -> list[dict]:
     table = {"table_name": "t", "table_info": {"columns": [{"name": "a", "type": "TEXT"}], "rows": [["1"], ["2"]]}}
     from cycleqd.sandbox.databases import SQLiteDatabase
@@ -222,12 +242,15 @@ DB_HACKS = [
 ]
 
 
-def test_dbbench_hacks_score_zero_and_gold_still_passes(tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("mysql", marks=pytest.mark.mariadb)])
+def test_dbbench_hacks_score_zero_and_gold_still_passes(tmp_path, backend, request) -> None:
     """Parser bombs, code in the answer, forged results and table swaps score 0 on the counting and
-    the INSERT sample; the same task object then scores the gold answers 1."""
+    the INSERT sample, on SQLite and on the MariaDB server; the same task object then scores the
+    gold answers 1."""
     rows = _db_rows()
     data = write_jsonl(tmp_path / "d.jsonl", [rows[k % 2] for k in range(2 * len(DB_HACKS))])
-    task = DBBenchTask(data=str(data), protocol="agentbench")
+    server = {"backend": "mysql", "url": request.getfixturevalue("mariadb_url")} if backend == "mysql" else {}
+    task = DBBenchTask(data=str(data), protocol="agentbench", **server)
     answers = [{"id": k, "turns": [DB_HACKS[k // 2], "Action: Answer\nFinal Answer: [\"1\"]"]}
                for k in range(2 * len(DB_HACKS))]
     res = task.evaluate(ReplayEngine(write_jsonl(tmp_path / "h.jsonl", answers)))
