@@ -98,3 +98,20 @@ class ScriptedEngine(Engine):
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         self.requests.extend(requests)
         return [self.answer(self.by_id[r.sample_id]) for r in requests]
+
+
+#: ``python -c SLOW_GENOME_COPY MARKER <cycleqd args>``: the CLI, with an export's staging step held
+#: open (the genome's copy writes MARKER, then waits) so that a signal lands inside it every time.
+SLOW_GENOME_COPY = """
+import pathlib, shutil, sys, time
+real = shutil.copyfile
+def copyfile(src, dst, *a, **k):
+    out = real(src, dst, *a, **k)
+    if str(dst).endswith("genome.safetensors"):
+        pathlib.Path(sys.argv[1]).write_text("staging")
+        time.sleep(120)
+    return out
+shutil.copyfile = copyfile
+from cycleqd.cli import main
+sys.exit(main(sys.argv[2:]))
+"""

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from run_helpers import real_run
+from run_helpers import SLOW_GENOME_COPY
 
 from cycleqd.model.genome import Genome
 from cycleqd.runs.folder import RunFolder
@@ -44,16 +44,6 @@ def cli_process(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "-m", "cycleqd.cli", "-q", *argv], capture_output=True, text=True,
                           env=ENV, timeout=timeout)
 
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    return real_run(tmp_path_factory)
-
-
-@pytest.fixture
-def run(finished, tmp_path) -> Path:
-    """A private copy of a finished run, free to damage."""
-    return Path(shutil.copytree(finished, tmp_path / "run"))
 
 
 def _files(run: Path) -> dict[str, bytes]:
@@ -125,6 +115,21 @@ def test_a_deep_or_huge_log_line_is_named_then_quarantined_and_the_run_resumes(r
         assert RunFolder(run).generation == n + 2
 
 
+def _found_refused_quarantined(run: Path, g: Path, pick: list[str], tmp_path: Path) -> str:
+    """``check`` names the damaged genome ``g``, ``export`` refuses it (exit 2, one line, nothing
+    written), ``check --repair`` quarantines it; returns check's report."""
+    code, report, _ = cli("check", str(run))
+    assert code == 1 and f"genomes/{g.name}" in report, report
+    code, _, err = cli("export", str(run), *pick, "--out", str(tmp_path / "out"))
+    assert code == 2, err
+    _one_line(err, str(g))
+    _no_export(tmp_path)
+    code, repaired, _ = cli("check", str(run), "--repair")
+    assert code == 0, repaired
+    assert _quarantined(run, f"genomes/{g.name}").is_file() and not g.exists()
+    return report
+
+
 # -- genome values -------------------------------------------------------------------------------
 
 
@@ -138,16 +143,8 @@ def test_non_finite_or_out_of_range_coefficients_are_found_refused_and_quarantin
     a[0, 0] = value
     dataclasses.replace(genome, a=a).save(g)
 
-    code, report, _ = cli("check", str(run))
-    assert code == 1 and f"genomes/{g.name}" in report and ("non-finite" in report or "out of range" in report), report
-    code, _, err = cli("export", str(run), *pick, "--out", str(tmp_path / "out"))
-    assert code == 2, err
-    _one_line(err, str(g))
-    _no_export(tmp_path)
-
-    code, report, _ = cli("check", str(run), "--repair")
-    assert code == 0, report
-    assert _quarantined(run, f"genomes/{g.name}").is_file() and not g.exists()
+    report = _found_refused_quarantined(run, g, pick, tmp_path)
+    assert "non-finite" in report or "out of range" in report, report
     rec = next(c for c in RunFolder(run).children if c.id == g.stem)
     assert not rec.ok and "quarantined" in rec.error and RunFolder(run).parents[g.stem]  # lineage kept
     assert cli("check", str(run))[0] == 0
@@ -214,15 +211,7 @@ def test_nested_oversized_or_misshapen_genomes_are_found_refused_and_quarantined
         genome = Genome.load(g)
         dataclasses.replace(genome, a=torch.zeros(genome.a.shape[0], genome.a.shape[1] + 1)).save(g)
 
-    code, report, _ = cli("check", str(run))
-    assert code == 1 and f"genomes/{g.name}" in report, report
-    code, _, err = cli("export", str(run), *pick, "--out", str(tmp_path / "out"))
-    assert code == 2, err
-    _one_line(err, str(g))
-    _no_export(tmp_path)
-    code, report, _ = cli("check", str(run), "--repair")
-    assert code == 0, report
-    assert _quarantined(run, f"genomes/{g.name}").is_file() and not g.exists()
+    _found_refused_quarantined(run, g, pick, tmp_path)
     assert cli("check", str(run))[0] == 0
 
 
@@ -270,19 +259,6 @@ def test_a_lock_we_created_is_removed_when_we_refuse(run):
 
 # -- SIGTERM during export -----------------------------------------------------------------------
 
-_SLOW_STAGE = """
-import pathlib, shutil, sys, time
-real = shutil.copyfile
-def copyfile(src, dst, *a, **k):  # the export's staging step stays open long enough to be signalled
-    out = real(src, dst, *a, **k)
-    if str(dst).endswith("genome.safetensors"):
-        pathlib.Path(sys.argv[1]).write_text("staging")
-        time.sleep(120)
-    return out
-shutil.copyfile = copyfile
-from cycleqd.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -292,7 +268,7 @@ def test_sigterm_during_export_removes_the_staging_folder(run, tmp_path, sig):
     slowed copy, so the signal lands inside it every time.)"""
     before = _files(run)
     marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_STAGE, str(marker), "-q", "export", str(run), "--best",
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_GENOME_COPY, str(marker), "-q", "export", str(run), "--best",
                              "mean", "--out", str(tmp_path / "out")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300

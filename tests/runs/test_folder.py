@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from run_helpers import cli as cli_process
-from run_helpers import real_run
 
 from cycleqd.runs.folder import RunFolder
 from cycleqd.runs.lock import RunLock, RunLocked
@@ -30,16 +28,6 @@ def cli(*argv: str) -> tuple[int, bool, str]:
         code = main(["-q", *argv])
     return code, False, err.getvalue().strip()
 
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    return real_run(tmp_path_factory)
-
-
-@pytest.fixture
-def run(finished, tmp_path) -> Path:
-    """A private copy of a finished run, free to damage."""
-    return Path(shutil.copytree(finished, tmp_path / "run"))
 
 
 def _show_json(run: Path) -> dict:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from run_helpers import SLOW_GENOME_COPY
 
 
 def _cycleqd(*args: str) -> subprocess.CompletedProcess:
@@ -61,20 +62,6 @@ def test_export_team_bad_input(tiny_mini_run, team_file, tmp_path):
         assert not (tmp_path / "x").exists()
 
 
-_SLOW_MEMBER = """
-import pathlib, shutil, sys, time
-real = shutil.copyfile
-def copyfile(src, dst, *a, **k):  # the first member's staging stays open long enough to be signalled
-    out = real(src, dst, *a, **k)
-    if str(dst).endswith("genome.safetensors"):
-        pathlib.Path(sys.argv[1]).write_text("staging")
-        time.sleep(120)
-    return out
-shutil.copyfile = copyfile
-from cycleqd.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
 
 def test_sigterm_during_export_team_leaves_nothing(tiny_mini_run, team_file, tmp_path):
     """A real SIGTERM while `export --team` writes its members: one line, exit 1, no out folder and
@@ -84,7 +71,7 @@ def test_sigterm_during_export_team_leaves_nothing(tiny_mini_run, team_file, tmp
 
     marker, out = tmp_path / "marker", tmp_path / "out"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_MEMBER, str(marker), "-q", "export", str(tiny_mini_run),
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_GENOME_COPY, str(marker), "-q", "export", str(tiny_mini_run),
                              "--team", str(team_file), "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
