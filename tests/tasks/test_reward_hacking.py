@@ -291,6 +291,22 @@ OS_ANSWERS = {  # answers aimed at the check's command line / argument handling
 }
 
 
+def _os_hacks_score_zero_then_gold_passes(tmp_path, hacks: dict[str, list[str]]) -> None:
+    """Play each hack's turns on its own sample plus a gold answer, in one task object: every hack
+    scores 0, the gold 1, and the oracle then solves every sample."""
+    from oracles import OSOracleEngine
+
+    names = list(hacks)
+    task = _os_task(tmp_path, names)
+    turns = [{"id": k, "turns": hacks[n]} for k, n in enumerate(names)]
+    turns.append({"id": len(names), "turns": ["Act: answer(3)"]})
+    res = task.evaluate(ReplayEngine(write_jsonl(tmp_path / "os_hacks.jsonl", turns)))
+    got = {names[int(s.id)] if int(s.id) < len(names) else "gold": s.score for s in res.samples}
+    assert got.pop("gold") == 1.0
+    assert got == dict.fromkeys(names, 0.0), got
+    assert task.evaluate(OSOracleEngine(task.problems)).quality == 1.0
+
+
 def _os_task(tmp_path, names):
     from cycleqd.tasks.os_interaction import OSInteractionTask
 
@@ -305,18 +321,9 @@ def test_os_exit_paths_and_answer_forgery_score_zero_then_gold_passes(tmp_path) 
     0, and the oracle then scores 1 on every problem of the same task object.
 
     Covers: exit paths and marker / answer forgery. Start-up injection is in the next test."""
-    from oracles import OSOracleEngine
-
-    names = [*OS_EXITS, *OS_ANSWERS]
-    task = _os_task(tmp_path, names)
-    turns = [{"id": k, "turns": [f"Act: bash\n\n```bash\n{OS_EXITS[n]}\n```", "Act: answer(12345)"]}
-             if n in OS_EXITS else {"id": k, "turns": [f"Act: answer({OS_ANSWERS[n]})"]} for k, n in enumerate(names)]
-    turns.append({"id": len(names), "turns": ["Act: answer(3)"]})
-    res = task.evaluate(ReplayEngine(write_jsonl(tmp_path / "os_hacks.jsonl", turns)))
-    got = {names[int(s.id)] if int(s.id) < len(names) else "gold": s.score for s in res.samples}
-    assert got.pop("gold") == 1.0
-    assert got == dict.fromkeys(names, 0.0), got
-    assert task.evaluate(OSOracleEngine(task.problems)).quality == 1.0
+    hacks = {n: [f"Act: bash\n\n```bash\n{c}\n```", "Act: answer(12345)"] for n, c in OS_EXITS.items()}
+    hacks.update({n: [f"Act: answer({a})"] for n, a in OS_ANSWERS.items()})
+    _os_hacks_score_zero_then_gold_passes(tmp_path, hacks)
 
 
 @needs_bwrap
@@ -327,16 +334,6 @@ def test_os_startup_injection_scores_zero_then_gold_passes(tmp_path) -> None:
 
     Covers: loader / start-up injection into the OS checks (they run from a clean view of the
     image, see docs/os_environment.md)."""
-    from oracles import OSOracleEngine
-
-    names = list(OS_INJECTIONS)
-    task = _os_task(tmp_path, names)
-    turns = [{"id": k, "turns": [f"Act: bash\n\n```bash\n{OS_INJECTIONS[n]}\n```", "Act: answer(12345)"]}
-             for k, n in enumerate(names)]
-    turns.append({"id": len(names), "turns": ["Act: answer(3)"]})
-    res = task.evaluate(ReplayEngine(write_jsonl(tmp_path / "os_inject.jsonl", turns)))
-    got = {names[int(s.id)] if int(s.id) < len(names) else "gold": s.score for s in res.samples}
-    assert got.pop("gold") == 1.0
-    assert got == dict.fromkeys(names, 0.0), got
-    assert task.evaluate(OSOracleEngine(task.problems)).quality == 1.0
+    _os_hacks_score_zero_then_gold_passes(
+        tmp_path, {n: [f"Act: bash\n\n```bash\n{c}\n```", "Act: answer(12345)"] for n, c in OS_INJECTIONS.items()})
 
