@@ -37,9 +37,10 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from cycleqd.sandbox import cgroups
 
@@ -250,10 +251,11 @@ class _Batch:
 
 
 def _spec(jobs: Sequence[dict], batch: _Batch, *, timeout: float, memory_mb: int, max_output: int,
-          parallel: int, scratch_mb: int, jobs_dir: str, cgroup: dict | None, unshare_net: bool) -> dict:
+          parallel: int, scratch_mb: int, jobs_dir: str, cgroup: dict | None, unshare_net: bool,
+          root: str = "/tmp/sb") -> dict:
     return {"n": len(jobs), "jobs_dir": jobs_dir, "kinds": batch.kinds, "timeout": timeout,
             "memory_mb": memory_mb, "scratch_mb": max(16, min(scratch_mb, memory_mb // 2)),
-            "root": "/tmp/sb", "parallel": parallel, "max_output": max_output,
+            "root": root, "parallel": parallel, "max_output": max_output,
             "unshare_net": unshare_net, "cgroup": cgroup,
             # job uids of their own: two batches on one machine never share one (signals, files)
             "uid_base": 200000 + secrets.randbelow(30000) * 65536}
@@ -269,7 +271,48 @@ class Backend(Protocol):
         ...
 
 
-class SubprocessBackend:
+@dataclass(frozen=True)
+class _Placement:
+    """Where one batch's runner starts: its command, and the paths and rights it sees there."""
+
+    command: list[str]
+    jobs_dir: str
+    cgroup: dict | None = None
+    unshare_net: bool = False
+    root: str = "/tmp/sb"
+    env: dict | None = None
+    extra_seconds: float = 0.0
+
+
+class _RunnerBackend:
+    """One batch's life, the same for every backend: write the job files (and make the cgroup),
+    place the runner (the backend's part), launch it with the spec, clean up."""
+
+    name = ""
+    host_cgroup = True
+    tmp_size_mb = 1024
+
+    def run_batch(self, jobs: Sequence[dict], *, timeout: float, memory_mb: int,
+                  max_output: int = 65536) -> list[RunResult]:
+        if not jobs:
+            return []
+        parallel = os.cpu_count() or 1
+        batch = _Batch(jobs, memory_mb, parallel, max_output, host_cgroup=self.host_cgroup)
+        try:
+            with self._place(batch, memory_mb=memory_mb, parallel=parallel) as place:
+                spec = _spec(jobs, batch, timeout=timeout, memory_mb=memory_mb, max_output=max_output,
+                             parallel=parallel, scratch_mb=self.tmp_size_mb, jobs_dir=place.jobs_dir,
+                             cgroup=place.cgroup, unshare_net=place.unshare_net, root=place.root)
+                limit = _batch_limit(len(jobs), timeout, parallel) + place.extra_seconds
+                return _launch(place.command, spec, len(jobs), limit, place.env)
+        finally:
+            batch.cleanup()
+
+    def _place(self, batch: _Batch, *, memory_mb: int, parallel: int) -> AbstractContextManager[_Placement]:
+        raise NotImplementedError
+
+
+class SubprocessBackend(_RunnerBackend):
     """UNSAFE: the runner directly on the host (see the module docstring); explicit opt-in only.
 
     With root, jobs still get their own uid, memory cgroup, network namespace and
@@ -286,25 +329,16 @@ class SubprocessBackend:
             raise UnsafeBackend(_SUBPROCESS_REFUSED)
         self.tmp_size_mb = tmp_size_mb
 
-    def run_batch(self, jobs: Sequence[dict], *, timeout: float, memory_mb: int,
-                  max_output: int = 65536) -> list[RunResult]:
-        if not jobs:
-            return []
-        parallel = os.cpu_count() or 1
-        batch = _Batch(jobs, memory_mb, parallel, max_output)
+    @contextmanager
+    def _place(self, batch: _Batch, *, memory_mb: int, parallel: int) -> Iterator[_Placement]:
         root = tempfile.mkdtemp(prefix="cycleqd-sb-")
         try:
-            cg = {k: str(v) for k, v in batch.group.dirs.items()} if batch.group else None
-            spec = _spec(jobs, batch, timeout=timeout, memory_mb=memory_mb, max_output=max_output,
-                         parallel=parallel, scratch_mb=self.tmp_size_mb, jobs_dir=str(batch.dir), cgroup=cg,
-                         unshare_net=os.geteuid() == 0)
             os.chmod(root, 0o711)
-            spec["root"] = root
-            return _launch([_host_python(), "-I", str(RUNNER)], spec, len(jobs),
-                           _batch_limit(len(jobs), timeout, parallel), dict(_CLEAN_ENV))
+            cg = {k: str(v) for k, v in batch.group.dirs.items()} if batch.group else None
+            yield _Placement([_host_python(), "-I", str(RUNNER)], str(batch.dir), cg,
+                             unshare_net=os.geteuid() == 0, root=root, env=dict(_CLEAN_ENV))
         finally:
             shutil.rmtree(root, ignore_errors=True)
-            batch.cleanup()
 
 
 _SUBPROCESS_REFUSED = (
@@ -336,7 +370,7 @@ def _allowed_host_paths() -> list[str]:
     return args
 
 
-class BwrapBackend:
+class BwrapBackend(_RunnerBackend):
     """The runner inside bubblewrap: allow-listed read-only host, no network, private scratch per job."""
 
     name = "bwrap"
@@ -370,33 +404,24 @@ class BwrapBackend:
             "--clearenv", "--setenv", "PATH", _ENV_PATH, "--setenv", "LANG", "C.UTF-8",
         ]
 
-    def run_batch(self, jobs: Sequence[dict], *, timeout: float, memory_mb: int,
-                  max_output: int = 65536) -> list[RunResult]:
-        if not jobs:
-            return []
-        parallel = os.cpu_count() or 1
-        batch = _Batch(jobs, memory_mb, parallel, max_output)
-        try:
-            binds = ["--ro-bind", str(batch.dir), SANDBOX_JOBS]
-            cg = None
-            if batch.group is not None:
-                cg = {}
-                for controller, d in batch.group.dirs.items():
-                    binds += ["--bind", str(d), f"{SANDBOX_CGROUP}/{controller}"]
-                    cg[controller] = f"{SANDBOX_CGROUP}/{controller}"
-            spec = _spec(jobs, batch, timeout=timeout, memory_mb=memory_mb, max_output=max_output,
-                         parallel=parallel, scratch_mb=self.tmp_size_mb, jobs_dir=SANDBOX_JOBS, cgroup=cg,
-                         unshare_net=False)
-            cmd = self.command(binds) + [_python(), "-I", SANDBOX_RUNNER]
-            return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel), dict(_CLEAN_ENV))
-        finally:
-            batch.cleanup()
+    @contextmanager
+    def _place(self, batch: _Batch, *, memory_mb: int, parallel: int) -> Iterator[_Placement]:
+        binds = ["--ro-bind", str(batch.dir), SANDBOX_JOBS]
+        cg = None
+        if batch.group is not None:
+            cg = {}
+            for controller, d in batch.group.dirs.items():
+                binds += ["--bind", str(d), f"{SANDBOX_CGROUP}/{controller}"]
+                cg[controller] = f"{SANDBOX_CGROUP}/{controller}"
+        yield _Placement(self.command(binds) + [_python(), "-I", SANDBOX_RUNNER], SANDBOX_JOBS, cg,
+                         env=dict(_CLEAN_ENV))
 
 
-class DockerBackend:
+class DockerBackend(_RunnerBackend):
     """The runner inside a Docker container without network (needs a Docker engine)."""
 
     name = "docker"
+    host_cgroup = False
 
     def __init__(self, image: str = "python:3.11-slim"):
         if not docker_available():
@@ -405,24 +430,14 @@ class DockerBackend:
                                      "use backend 'bwrap'")
         self.image = image
 
-    def run_batch(self, jobs: Sequence[dict], *, timeout: float, memory_mb: int,
-                  max_output: int = 65536) -> list[RunResult]:
-        if not jobs:
-            return []
-        parallel = os.cpu_count() or 1
-        # the container's --memory is the batch's limit; no host cgroup
-        batch = _Batch(jobs, memory_mb, parallel, max_output, host_cgroup=False)
-        try:
-            spec = _spec(jobs, batch, timeout=timeout, memory_mb=memory_mb, max_output=max_output,
-                         parallel=parallel, scratch_mb=1024, jobs_dir="/cycleqd_jobs", cgroup=None,
-                         unshare_net=False)
-            cmd = ["docker", "run", "--rm", "-i", "--network", "none", "--pids-limit", "1024",
-                   "--memory", f"{memory_mb * parallel + 256}m",
-                   "-v", f"{RUNNER}:/cycleqd/runner.py:ro", "-v", f"{CGROUPS}:/cycleqd/{CGROUPS.name}:ro",
-                   "-v", f"{batch.dir}:/cycleqd_jobs:ro", self.image, "python", "-I", "/cycleqd/runner.py"]
-            return _launch(cmd, spec, len(jobs), _batch_limit(len(jobs), timeout, parallel) + 60)
-        finally:
-            batch.cleanup()
+    @contextmanager
+    def _place(self, batch: _Batch, *, memory_mb: int, parallel: int) -> Iterator[_Placement]:
+        # the container's --memory is the batch's limit (no host cgroup); starting it takes a while
+        yield _Placement(["docker", "run", "--rm", "-i", "--network", "none", "--pids-limit", "1024",
+                          "--memory", f"{memory_mb * parallel + 256}m",
+                          "-v", f"{RUNNER}:/cycleqd/runner.py:ro", "-v", f"{CGROUPS}:/cycleqd/{CGROUPS.name}:ro",
+                          "-v", f"{batch.dir}:/cycleqd_jobs:ro", self.image, "python", "-I", "/cycleqd/runner.py"],
+                         "/cycleqd_jobs", extra_seconds=60.0)
 
 
 def get_backend(name: str = "auto", *, allow_unsafe: bool = False) -> Backend:
