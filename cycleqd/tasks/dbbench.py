@@ -58,6 +58,7 @@ from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox.databases import Database, MySQLDatabase, SQLiteDatabase, parse_mysql_url
 from cycleqd.sandbox.mariadb import MariaDBServer, ServerUnavailable
+from cycleqd.sandbox.shared_databases import MariaDBShared, SharedDatabase, SQLiteShared
 from cycleqd.tasks.dataset import DatasetOptions, DatasetTask, read_rows, run_episodes, select_ids, task_result
 from cycleqd.tasks.official import official_samples
 from cycleqd.tasks.protocol import SampleResult, TaskResult
@@ -356,19 +357,40 @@ class DBBenchOptions(DatasetOptions):
     workers: int = Field(8, ge=1, le=1024)
 
 
+FISHFARM_FILE = "data_dbbench_standard_dev.jsonl"  # the official copy: standard.jsonl then dev.jsonl
+FISHFARM_STANDARD_ROWS = 300
+
+
+def fishfarm_file(data: str | None) -> Path | None:
+    """fishfarm's DB data file when ``data`` names it, its ``data/db`` folder or the ``data`` folder above."""
+    if not data or data.startswith("hf://"):
+        return None
+    path = Path(data)
+    for candidate in (path, path / FISHFARM_FILE, path / "db" / FISHFARM_FILE):
+        if candidate.name == FISHFARM_FILE and candidate.is_file():
+            return candidate
+    return None
+
+
 def load_dbbench(data: str | None) -> list[tuple[str, int, dict]]:
-    """(split, index in its file, row) for a DBBench JSONL file or AgentBench's ``data/dbbench`` folder.
+    """(split, index in its file, row) for a DBBench JSONL file, AgentBench's ``data/dbbench`` folder,
+    or fishfarm's copy (``evaluation/fishfarm/data/db/data_dbbench_standard_dev.jsonl``, its folder or
+    the ``data`` folder above: 300 ``standard`` rows then 60 ``dev`` rows, as the official ids count).
 
     A folder gives ``standard.jsonl`` then ``dev.jsonl`` (those present); a file's split is its stem.
 
     Raises:
         ConfigError: no data, a folder without either file, or rows that are not DBBench samples.
     """
-    if data and not data.startswith("hf://") and Path(data).is_dir():
+    fishfarm = fishfarm_file(data)
+    if fishfarm is not None:
+        parts = [("fishfarm", str(fishfarm))]
+    elif data and not data.startswith("hf://") and Path(data).is_dir():
         files = [Path(data) / f"{split}.jsonl" for split in SPLITS]
         files = [f for f in files if f.is_file()]
         if not files:
-            raise ConfigError(f"{data}: an AgentBench data/dbbench folder holds standard.jsonl and dev.jsonl")
+            raise ConfigError(f"{data}: an AgentBench data/dbbench folder holds standard.jsonl and dev.jsonl "
+                              f"(or give fishfarm's data/db/{FISHFARM_FILE})")
         parts = [(f.stem, str(f)) for f in files]
     else:
         parts = [(Path(data).stem if data and not data.startswith("hf://") else "rows", data)]
@@ -377,7 +399,10 @@ def load_dbbench(data: str | None) -> list[tuple[str, int, dict]]:
         for i, r in enumerate(read_rows(path)):
             if not isinstance(r.get("table"), dict) or "type" not in r:
                 raise ConfigError(f"{path}: record {i} is not a DBBench sample (needs table and type)")
-            out.append((split, i, r))
+            if split == "fishfarm":
+                out.append(("standard", i, r) if i < FISHFARM_STANDARD_ROWS else ("dev", i - FISHFARM_STANDARD_ROWS, r))
+            else:
+                out.append((split, i, r))
     return out
 
 
@@ -503,6 +528,8 @@ class DBBenchTask(DatasetTask):
         """
         start = time.monotonic()
         chosen = self.chosen(ids)
+        if self.protocol == "official":
+            return self._evaluate_official(engine, chosen, start)
         episodes: list[DBEpisode] = []
         failed: dict[str, str] = {}
         early: dict[str, SampleResult] = {}
@@ -546,6 +573,48 @@ class DBBenchTask(DatasetTask):
                 samples.append(early[i] if i not in errors else replace(early[i], error=errors[i]))
             else:  # the official order, or an episode that ended with an error
                 samples.append(finish(by_id[i], errors.get(i)))
+        return task_result(self.name, samples, start)
+
+    def _evaluate_official(self, engine: Engine, chosen: Sequence[str], start: float) -> TaskResult:
+        """fishfarm's evaluation: every chosen row's database made up front on one server, one database
+        per table name (:mod:`cycleqd.sandbox.shared_databases`); replies acted on in row order within
+        each round; a row is scored, and its database dropped, when its episode ends."""
+        shared: MariaDBShared | SQLiteShared
+        shared = MariaDBShared(parse_mysql_url(self.url or "")) if self.backend == "mysql" else SQLiteShared()
+        done: dict[str, SampleResult] = {}
+
+        def finish(ep: DBEpisode, error: str | None = None) -> SampleResult:
+            try:
+                return self._score(ep, error)
+            except Exception as e:  # scoring must not crash the task
+                return SampleResult(ep.sample_id, 0.0, f"scoring failed: {type(e).__name__}: {e}")
+            finally:
+                try:
+                    ep.db.close()  # ``drop database`` of the row's table name
+                except Exception:
+                    pass
+
+        try:
+            views = {}
+            for i in chosen:
+                t = self.rows[int(i)].get("table", {})
+                columns = [c["name"] for c in t["table_info"]["columns"]]
+                shared.create(t["table_name"], columns, t["table_info"].get("rows", []))
+                views[i] = SharedDatabase(shared, t["table_name"], columns)
+            episodes = []
+            for i in chosen:
+                ep = DBEpisode(i, self.rows[int(i)], views[i], self.max_rounds, self.protocol)
+                ep.on_done = lambda ended: done.__setitem__(ended.sample_id, finish(ended))
+                episodes.append(ep)
+            # one worker: the rows act in order, as fishfarm's loop does (they share databases)
+            errors = run_episodes(engine, episodes, max_new_tokens=self.max_new_tokens, workers=1)
+            samples = []
+            for ep in episodes:
+                i = ep.sample_id
+                res = done.get(i) or finish(ep, errors.get(i))
+                samples.append(replace(res, error=errors[i]) if i in errors and res.error is None else res)
+        finally:
+            shared.close()
         return task_result(self.name, samples, start)
 
     def _score(self, ep: DBEpisode, error: str | None) -> SampleResult:
