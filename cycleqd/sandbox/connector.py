@@ -110,3 +110,63 @@ def is_decimal_text(text: str) -> bool:
     except Exception:
         return False
     return "e" not in text.lower()
+
+
+_ESCAPES = {"0": "\0", "b": "\b", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a", "\\": "\\", "'": "'", '"': '"'}
+
+
+def mysql_to_sqlite(sql: str) -> str:
+    """MySQL's lexical rules in SQLite's terms (the emulation's view of a statement).
+
+    String literals (``'...'`` and ``"..."``) lose MySQL's backslash escapes (``\\n`` is a
+    newline; ``\\%`` and ``\\_`` keep their backslash, as MySQL keeps it for LIKE) and become
+    ``'...'``; an unquoted identifier that starts with digits (``1952_British_Grand_Prix_0``)
+    is quoted. Everything else is left as written.
+    """
+    out: list[str] = []
+    i, n = 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"":
+            j, text = i + 1, []
+            while j < n:
+                d = sql[j]
+                if d == "\\" and j + 1 < n:
+                    e = sql[j + 1]
+                    text.append(_ESCAPES.get(e, "\\" + e if e in "%_" else e))
+                    j += 2
+                    continue
+                if d == c:
+                    if j + 1 < n and sql[j + 1] == c:
+                        text.append(c)
+                        j += 2
+                        continue
+                    break
+                text.append(d)
+                j += 1
+            out.append("'" + "".join(text).replace("'", "''") + "'")
+            i = j + 1
+            continue
+        if c == "`":
+            j = sql.find("`", i + 1)
+            j = n if j < 0 else j
+            out.append(sql[i:j + 1])
+            i = j + 1
+            continue
+        if c.isdigit() and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] in "_$.")):
+            j = i
+            while j < n and (sql[j].isalnum() or sql[j] in "_$"):
+                j += 1
+            word = sql[i:j]
+            k = 0
+            while k < len(word) and word[k].isdigit():
+                k += 1
+            rest = word[k:]
+            number = (not rest or word.lower().startswith("0x") or word.lower().startswith("0b")
+                      or (rest[0] in "eE" and rest[1:].isdigit()))
+            out.append(word if number else f"`{word}`")
+            i = j
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)

@@ -154,7 +154,7 @@ class MariaDBShared:
         self._password = secrets.token_urlsafe(24)
         self._user_made = False
         self._full: str | None = None
-        self._common = dict(charset="utf8mb4", connect_timeout=connect_timeout, local_infile=False)
+        self._common = dict(charset="utf8mb4", connect_timeout=connect_timeout, local_infile=False, ssl_disabled=True)
         self._admin_kw = dict(connect)
         self._user_kw = {k: v for k, v in connect.items() if k in ("host", "port", "unix_socket")}
         self.admin = None
@@ -481,7 +481,7 @@ class SQLiteShared:
         box.run("COMMIT", limits=SETUP_LIMITS)
 
     def _one(self, box: SQLiteSandbox, stmt: str, database: str, lim: SQLLimits) -> tuple[QueryResult, str]:
-        res = box.run(stmt, limits=lim)
+        res = box.run(connector.mysql_to_sqlite(stmt), limits=lim)
         if res.error is not None:
             if res.error.startswith(("statement refused", "interrupted")):
                 return res, res.error
