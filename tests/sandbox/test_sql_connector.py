@@ -208,3 +208,42 @@ def test_official_set_up_shares_one_database_per_table_name(mariadb_url) -> None
                 assert shared.execute("SELECT 1", name) == f"1049 (42000): Unknown database '{name}'"
         finally:
             shared.close()
+
+
+def test_model_sql_in_the_shared_databases_stays_contained(mariadb_url, mariadb_server) -> None:
+    """Model SQL runs as a throw-away user: the evaluation's databases only (a wildcard in a table
+    name grants nothing more), no server tables or files, no new databases, the time limit holds;
+    closing drops the user and every database."""
+    from cycleqd.sandbox.sqlite import SQLLimits
+
+    kw = parse_mysql_url(mariadb_url)
+    shared = MariaDBShared(kw, SQLLimits(seconds=1.0))
+    try:
+        shared.create("t_x", ["a"], [["1"]])
+        assert shared.execute("SELECT * FROM t_x", "t_x") == "[('1',)]"
+        with shared.admin.cursor() as cur:
+            cur.execute("CREATE DATABASE tax")  # matched by the pattern t_x if '_' were a wildcard
+        assert shared.execute("SELECT LOAD_FILE('/etc/passwd')", "t_x") == "[(None,)]"  # no FILE right
+        for sql in ("SELECT * FROM mysql.user", "CREATE DATABASE evil",
+                    "SELECT * FROM tax.nothing", "SELECT * FROM t_x INTO OUTFILE '/tmp/x'"):
+            out = shared.execute(sql, "t_x")
+            assert "denied" in out.lower() and out.split(" ", 1)[0].isdigit(), (sql, out)
+        assert shared.execute("SELECT 1", "tax").startswith("1044 (42000): Access denied")
+        start = time.monotonic()
+        shared.execute("SELECT SLEEP(10)", "t_x")
+        assert time.monotonic() - start < 4
+        user = shared.user
+    finally:
+        shared.close()
+    import pymysql
+
+    con = pymysql.connect(**kw)
+    try:
+        with con.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM mysql.user WHERE user = %s", (user,))
+            assert cur.fetchone()[0] == 0
+            cur.execute("SHOW DATABASES LIKE 't\\_x'")
+            assert cur.fetchall() == ()
+            cur.execute("DROP DATABASE tax")
+    finally:
+        con.close()
