@@ -19,15 +19,24 @@ Follows the AgentBench protocol (``src/server/tasks/dbbench``):
 
 - ``official`` (default): up to ``max_rounds`` operations, then one more reply that must
   answer; an ``Operation`` reply without a ```sql block still has its ``Final Answer``
-  read; row ``standard:4`` carries the official copy's label.
+  read; row ``standard:4`` carries the official copy's label. The databases are fishfarm's:
+  one per table name, made up front for every chosen row, dropped when a row using it
+  finishes, replies acted on in row order (:mod:`cycleqd.sandbox.shared_databases`); the
+  observations are what mysql-connector-python 8.0.32 showed (``[]`` without a result set,
+  its value reprs and error texts, several statements: "Commands out of sync ...";
+  :mod:`cycleqd.sandbox.connector`).
 - ``agentbench``: ``max_rounds`` replies in all (an operation in the last one ends the
   episode unanswered); an ``Operation`` reply without a ```sql block fails the sample.
+  Each row has its own database, dropped when its episode is scored.
 
 Answers are read like ``list(eval(answer))`` in both harnesses, but safely
-(:func:`parse_answer`: literals and arithmetic only). ``data`` may be a JSONL file or
+(:func:`parse_answer`: literals and arithmetic only). ``data`` may be a JSONL file,
 AgentBench's ``data/dbbench`` folder (``standard.jsonl`` then ``dev.jsonl``; sample ids
-are 0-based indexes into that concatenation); ``select: official`` keeps the rows the
-official code scores (shipped in :mod:`cycleqd.tasks.official`).
+are 0-based indexes into that concatenation), or fishfarm's own copy
+(``evaluation/fishfarm/data/db/data_dbbench_standard_dev.jsonl``, its folder or the ``data``
+folder above: the same 360 rows in the same order, as the official code scored them);
+``select: official`` keeps the rows the official code scores (shipped in
+:mod:`cycleqd.tasks.official`).
 
 Backends: ``sqlite`` (in process, the default; emulates the MySQL behaviour the
 scoring depends on: the table hash with MySQL's 1024-byte ``group_concat``
@@ -35,8 +44,8 @@ limit, case-insensitive text comparison, MySQL-style result rows) and ``mysql``
 (one throw-away database and user per sample on a MariaDB server: cycleqd's own,
 started once per task object with :meth:`cycleqd.sandbox.mariadb.MariaDBServer.start`,
 or the server at ``url``, which is checked at start-up and warned about where it lacks
-the hostile-tenant set-up). Under ``protocol: agentbench`` a sample's database is
-dropped as soon as its episode is scored; under ``official`` after all are played.
+the hostile-tenant set-up; under ``official`` no other evaluation may use it at the same
+time, since the databases carry the tables' own names).
 Model SQL runs contained on both (:mod:`cycleqd.sandbox.sqlite`, :mod:`cycleqd.sandbox.mysql`).
 """
 from __future__ import annotations
