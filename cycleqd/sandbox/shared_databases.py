@@ -35,6 +35,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import unicodedata
 from decimal import Decimal
 from typing import Any, Protocol, Sequence
 
@@ -393,10 +394,21 @@ def _sqlite_value(v: Any) -> Any:
     return v
 
 
+def _ai_ci_key(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c)).casefold()
+
+
+def mysql_ai_ci(a: str, b: str) -> int:
+    """MySQL 8's ``utf8mb4_0900_ai_ci`` in short: accents and case are ignored (``'Montreal' = 'Montréal'``)."""
+    ka, kb = _ai_ci_key(a), _ai_ci_key(b)
+    return (ka > kb) - (ka < kb)
+
+
 def _mysql_functions(con: sqlite3.Connection) -> None:
     from cycleqd.sandbox.databases import _mysql_like_sqlite
 
     _mysql_like_sqlite(con)
+    con.create_collation("MYSQL_AI_CI", mysql_ai_ci)
     con.create_aggregate("SUM", 1, _Sum)
     con.create_aggregate("AVG", 1, _Avg)
 
@@ -461,7 +473,7 @@ class SQLiteShared:
             lowered = [c.lower() for c in columns]
             if len(set(lowered)) != len(lowered):
                 return  # 1060 Duplicate column name: no table
-            cols = ", ".join(f"{_q(str(c))} TEXT COLLATE NOCASE" for c in columns)
+            cols = ", ".join(f"{_q(str(c))} TEXT COLLATE MYSQL_AI_CI" for c in columns)
             if box.run(f"CREATE TABLE {_q(name)} ({cols})", limits=SETUP_LIMITS).error is not None:
                 return
             self.columns[name] = [str(c) for c in columns]
