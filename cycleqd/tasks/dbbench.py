@@ -456,7 +456,7 @@ class DBBenchTask(DatasetTask):
         max_rounds: SQL operations allowed per sample (AgentBench: 5).
         ids / limit: evaluate a subset (of the selection).
         max_new_tokens: per reply.
-        workers: samples whose SQL runs at the same time.
+        workers: samples whose SQL runs at the same time (agentbench; official acts in row order, one at a time).
     """
 
     Options: ClassVar[type[BaseModel]] = DBBenchOptions

@@ -88,3 +88,50 @@ def test_clashing_rows_score_alike_on_mariadb_and_sqlite(shared_data, tmp_path, 
     assert [s.score for s in maria.samples] == [s.score for s in lite.samples]
     assert [s.detail.get("hash") for s in maria.samples] == [s.detail.get("hash") for s in lite.samples]
     assert maria.quality < 0.6
+
+
+def test_rows_sharing_a_name_share_a_database_and_act_in_row_order(tmp_path) -> None:
+    """Row 0 answers at once and drops the shared database; row 1 acts after it in the same round
+    and finds it gone. Row 2 (its own table) reads ``[]`` after its INSERT and sees the merged set-up
+    of rows 2 and 3 (same name, same columns). Under agentbench each row has its own database."""
+    from answers import write_jsonl
+
+    def row(name, rows, kind="counting", label=("1",)):
+        return {"description": "Q", "add_description": "", "type": [kind], "label": list(label),
+                "table": {"table_name": name, "table_info": {"columns": [{"name": "a", "type": "TEXT"}],
+                                                            "rows": rows}}}
+
+    data = write_jsonl(tmp_path / "d.jsonl", [row("t", [["1"]]), row("t", [["2"]]),
+                                              row("u", [["3"]]), row("u", [["4"]])])
+    op = "Action: Operation\n```sql\n{}\n```"
+    answer = "Action: Answer\nFinal Answer: [\"1\"]"
+    replies = [{"id": 0, "turns": [answer]},
+               {"id": 1, "turns": [op.format("SELECT COUNT(*) FROM t"), answer]},
+               {"id": 2, "turns": [op.format("INSERT INTO u (a) VALUES ('5')"), op.format("SELECT a FROM u"), answer]},
+               {"id": 3, "turns": [answer]}]
+    answers = write_jsonl(tmp_path / "a.jsonl", replies)
+    official = score("dbbench", str(data), answers=str(answers), ids=None, options={"protocol": "official"})
+    seen = {s.id: [m["content"] for m in s.detail["conversation"][3:] if m["role"] == "user"] for s in official.samples}
+    assert seen["1"] == ["1049 (42000): Unknown database 't'"]
+    # row 3 answered in round 0 and dropped u before row 2's second statement
+    assert seen["2"] == ["[]", "1049 (42000): Unknown database 'u'"]
+    agentbench = score("dbbench", str(data), answers=str(answers), ids=None, options={"protocol": "agentbench"})
+    seen = {s.id: [m["content"] for m in s.detail["conversation"][3:] if m["role"] == "user"] for s in agentbench.samples}
+    assert seen["1"] == ["[(1,)]"] and seen["2"] == ["No result set to fetch from.", "[('3',), ('5',)]"]
+
+
+def test_merged_set_up_is_what_a_row_reads(tmp_path) -> None:
+    """Two rows named alike with the same columns: the first to act reads both rows' data."""
+    from answers import write_jsonl
+
+    def row(rows):
+        return {"description": "Q", "add_description": "", "type": ["counting"], "label": ["2"],
+                "table": {"table_name": "g", "table_info": {"columns": [{"name": "a", "type": "TEXT"}],
+                                                            "rows": rows}}}
+
+    data = write_jsonl(tmp_path / "d.jsonl", [row([["x"]]), row([["y"]])])
+    turns = ["Action: Operation\n```sql\nSELECT a FROM g\n```", "Action: Answer\nFinal Answer: [\"2\"]"]
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"id": 0, "turns": turns}, {"id": 1, "turns": turns}])
+    res = score("dbbench", str(data), answers=str(answers), ids=None, options={"protocol": "official"})
+    first = res.samples[0].detail["conversation"][4]["content"]
+    assert first == "[('x',), ('y',)]"
