@@ -241,8 +241,8 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
             record = sched.tell(spec, res)
             # only elites' conversations are kept (disk)
             store.commit(record, res.genome, res.episodes if record.inserted else None, archive)
-            if hasattr(sched, "state"):  # a coefficient search's state (a view; resume replays the log)
-                store.write_search_state(sched.state())
+            if hasattr(sched, "search_state"):  # a coefficient search's state (a view; resume replays the log)
+                store.write_search_state(sched.search_state())
             notify(observers, "child_done", store.path, record, archive)
     finally:
         if stop is not None:

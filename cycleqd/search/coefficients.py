@@ -185,7 +185,7 @@ class CoefficientSearch:
         self._queue = sorted({*self._queue, *(s.index for s in dropped)})
         return dropped
 
-    def state(self) -> dict[str, Any]:
+    def search_state(self) -> dict[str, Any]:
         """The search's state as JSON (RUN/search.json): a view; resume replays the log."""
         return {"search": self.name, "generation": self.generation, "drawn": self._drawn,
                 "batches": self.batches, "in_batch": list(self._batch),

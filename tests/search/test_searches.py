@@ -133,7 +133,7 @@ def test_cma_es_weights_steer_the_fitness():
     sched = make(config("cma_es", 36, population=6, weights={"a": 1.0}))
     drive(sched)
     assert sched.fitness(np.array([0.3, 0.9, 0.9])) == pytest.approx(0.3)
-    assert sched.state()["weights"] == {"a": 1.0, "b": 0.0, "c": 0.0}
+    assert sched.search_state()["weights"] == {"a": 1.0, "b": 0.0, "c": 0.0}
 
 
 def test_nsga2_keeps_the_pareto_front():
@@ -141,7 +141,7 @@ def test_nsga2_keeps_the_pareto_front():
     other told child is dominated by one of them."""
     sched = make(config("nsga2", 24, population=6))
     _, log, _ = drive(sched)
-    front = sched.state()["front"]
+    front = sched.search_state()["front"]
     pts = {f["genome"]: np.array([f["scores"][t] for t in TASKS]) for f in front}
     assert front and all(not (np.all(p >= q) and np.any(p > q)) for p in pts.values() for q in pts.values())
     for r in log:
