@@ -90,7 +90,8 @@ class CMAESSearch(CoefficientSearch):
                 self._best = (index, f)
 
     def _state(self) -> dict:
-        return {"sigma": float(self.es.sigma), "mean": [float(v) for v in self.es.mean],
+        mean = self.es.gp.pheno(self.es.mean, into_bounds=self.es.boundary_handler.repair)  # in the box
+        return {"sigma": float(self.es.sigma), "mean": [float(v) for v in mean],
                 "population": int(self.es.popsize), "weights": dict(zip(self.tasks, map(float, self._weights))),
                 "best": None if self._best is None else {"genome": f"g{self._best[0] + 1:06d}",
                                                          "fitness": self._best[1]}}

@@ -121,7 +121,10 @@ def test_every_point_stays_in_the_bounds(search):
         opts.update(sigma0=3.0, population=5)
     if search == "nsga2":
         opts.update(population=6)
-    asked, _, _ = drive(make(config(search, 40, **opts)))
+    sched = make(config(search, 40, **opts))
+    asked, _, _ = drive(sched)
+    if search == "cma_es":  # the state file's mean is a point of the box too
+        assert -0.25 <= min(sched.search_state()["mean"]) and max(sched.search_state()["mean"]) <= 0.5
     pts = np.array([s.coefficients for s in asked])
     assert pts.shape == (40, 5 * 3)  # 4 layers + the rest, 3 experts
     assert pts.min() >= -0.25 and pts.max() <= 0.5
