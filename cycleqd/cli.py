@@ -178,8 +178,11 @@ def cmd_show(a: argparse.Namespace) -> int:
     run = RunFolder(a.run_dir)
     if a.json:
         snap = run.snapshot()  # rebuilt from seeds.json and children.jsonl when archives.json is stale
+        search = {"name": run.config.evolution.search.name}
+        if search["name"] == "nsga2":  # its archive is the Pareto front
+            search["front"] = run.front(snap.generation)
         print(json.dumps({"generation": snap.generation, "tasks": snap.tasks, "archives": snap.archives,
-                          "archive": snap.archive, "final_merge": run.final_merge()}))
+                          "archive": snap.archive, "final_merge": run.final_merge(), "search": search}))
         return 0
     from rich.console import Console
 
@@ -207,6 +210,10 @@ def cmd_heatmap(a: argparse.Namespace) -> int:
 
     out = Path(a.out) if a.out else store.plots_dir
     files = write_heatmaps(store.path, out, a.generation) + write_history(store.path, out)
+    if store.config().evolution.search.name == "nsga2":  # NSGA-II's archive: its Pareto front
+        from cycleqd.views.front_plot import write_front
+
+        files += write_front(store.path, out, a.generation)
     for f in files:
         print(f)
     return 0

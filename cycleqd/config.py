@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, SAMPLERS, TASKS, UnknownNameError, did_you_mean
+from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, SAMPLERS, SEARCHES, TASKS, UnknownNameError, did_you_mean
 
 
 class ConfigError(ValueError):
@@ -132,6 +132,21 @@ class SamplingConfig(_Frozen):
         return self
 
 
+class SearchConfig(_Frozen):
+    """The search that asks for children: ``cycleqd`` (the archives' cycle, the default), or a
+    search over merge coefficients (``cma_es``, ``nsga2``, ``random``; see
+    :mod:`cycleqd.search.coefficients`). ``options`` are the search's own, validated against its
+    ``Options`` model with the config. ``search: cma_es`` is short for ``search: {name: cma_es}``."""
+
+    name: str = "cycleqd"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
 class EvolutionConfig(_Frozen):
     generations: int = Field(1200, ge=0, le=MAX_GENERATIONS)
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
@@ -140,6 +155,7 @@ class EvolutionConfig(_Frozen):
     crossover: CrossoverConfig = CrossoverConfig()
     mutation: MutationConfig = MutationConfig()
     sampling: SamplingConfig = SamplingConfig()
+    search: SearchConfig = SearchConfig()
     final_merge: bool = True
     # Store the passing conversations of every child that enters an archive (and of the seed
     # experts) in RUN/episodes/<genome>.jsonl, for `cycleqd trajectories`.
@@ -275,8 +291,14 @@ def _check_names(cfg: Config) -> None:
         ENGINES.check(cfg.engine.name)
         for t in cfg.tasks:
             TASKS.check(t.kind)
+        SEARCHES.check(cfg.evolution.search.name)
     except UnknownNameError as e:
         raise ConfigError(str(e)) from None
+    check_options = getattr(SEARCHES.get(cfg.evolution.search.name), "check_options", None)
+    if check_options is not None:
+        check_options(cfg)  # the search's options, before any model is loaded
+    elif cfg.evolution.search.options:
+        raise ConfigError(f"evolution.search: {cfg.evolution.search.name} takes no options")
     for t in cfg.tasks:
         check_task_options(t)
 

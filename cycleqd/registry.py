@@ -92,6 +92,15 @@ TASKS: Registry = Registry(
         "likelihood": "cycleqd.tasks.likelihood",
     },
 )
+SEARCHES: Registry = Registry(
+    "search",
+    {
+        "cycleqd": "cycleqd.search.searches",
+        "cma_es": "cycleqd.search.cma_es",
+        "nsga2": "cycleqd.search.nsga2",
+        "random": "cycleqd.search.random_search",
+    },
+)
 ENGINES: Registry = Registry(
     "engine",
     {
@@ -123,3 +132,4 @@ register_mutation = MUTATIONS.register
 register_sampler = SAMPLERS.register
 register_task = TASKS.register
 register_engine = ENGINES.register
+register_search = SEARCHES.register

@@ -202,6 +202,9 @@ def _grow(store: RunStore, spec: GrowSpec, *, progress: bool) -> Path:
     name = spec.task.name
     if name in old_cfg.task_names:
         raise ConfigError(f"the run already has a task {name!r} (tasks: {', '.join(old_cfg.task_names)})")
+    if old_cfg.evolution.search.name != "cycleqd":  # a coefficient search's box has one axis per expert
+        raise ConfigError(f"{run}: a run of evolution.search {old_cfg.evolution.search.name} cannot grow; "
+                          "growing adds a task to CycleQD runs")
     if not store.seeds() or len(store.seeds()) < len(old_cfg.task_names):
         raise ConfigError(f"{run}: the run has not evaluated its seed experts yet; resume it before growing")
 

@@ -33,6 +33,7 @@ from cycleqd.runs.store import RunStore, check_models, default_run_dir
 from cycleqd.search.archive import Archive
 from cycleqd.search.child import ChildRecord, SeedRecord
 from cycleqd.search.scheduler import Scheduler
+from cycleqd.search.searches import make_scheduler
 
 if TYPE_CHECKING:
     from cycleqd.search.child import ChildResult
@@ -210,7 +211,7 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
 
     # Steady state: every worker always has one child in flight; a finished child is
     # offered to all K archives and committed (genome, log line, snapshot) before the next is asked.
-    sched = Scheduler(cfg, archive, folder.children)
+    sched = make_scheduler(cfg, archive, folder.children)  # evolution.search: cycleqd, cma_es, nsga2, random
     parent_cache: Recent[str, bytes] = Recent(256)  # parents are drawn again and again from the same elites
 
     def genome_bytes(gid: str) -> bytes:
@@ -240,6 +241,8 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
             record = sched.tell(spec, res)
             # only elites' conversations are kept (disk)
             store.commit(record, res.genome, res.episodes if record.inserted else None, archive)
+            if hasattr(sched, "search_state"):  # a coefficient search's state (a view; resume replays the log)
+                store.write_search_state(sched.search_state())
             notify(observers, "child_done", store.path, record, archive)
     finally:
         if stop is not None:

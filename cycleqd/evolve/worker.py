@@ -30,10 +30,15 @@ def _short_error(e: BaseException) -> str:
 
 
 def make_child(spec: ChildSpec, parents: Sequence[Any], cfg: Config, factors: Any) -> tuple[Any, dict[str, float]]:
-    """Crossover then mutation of ``parents`` (Genomes), all randomness from ``spec.seed``."""
+    """Crossover then mutation of ``parents`` (Genomes), all randomness from ``spec.seed``; or, for a
+    spec with coefficients (cma_es, nsga2, random), the genome of that point of the box."""
+    t0 = time.perf_counter()
+    if spec.coefficients is not None:
+        from cycleqd.search.space import coefficient_genome
+
+        return coefficient_genome(spec.coefficients, cfg, factors), {"crossover": time.perf_counter() - t0}
     gen = torch.Generator().manual_seed(spec.seed)
     evo = cfg.evolution
-    t0 = time.perf_counter()
     child = CROSSOVERS.get(evo.crossover.name)(parents, evo.crossover, gen, factors)
     t1 = time.perf_counter()
     q = cfg.task_names.index(spec.quality_task)  # the expert whose directions mutate this child

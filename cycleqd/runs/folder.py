@@ -242,6 +242,16 @@ class RunFolder:
     def final_merge(self) -> dict | None:
         return self.store.final_merge()
 
+    def front(self, generation: int | None = None) -> list[dict]:
+        """The Pareto front of the children finished by ``generation`` (default all): those no other
+        child beats on every task, as {"genome", "scores", "generation"} in log order. NSGA-II's
+        archive (``evolution.search: nsga2``); a pure function of the log for any run."""
+        from cycleqd.search.front import pareto_front
+
+        done = [c for c in self.children[:generation] if c.ok]
+        keep = set(pareto_front({c.id: c.scores for c in done}, self.tasks))
+        return [{"genome": c.id, "scores": dict(c.scores), "generation": c.generation} for c in done if c.id in keep]
+
     def summary(self) -> dict:
         """The run at a glance: per-archive stats, the best-mean elite, the seed experts, the final merge."""
         snap = self.snapshot()

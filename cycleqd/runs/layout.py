@@ -10,6 +10,7 @@
     RUN/growth.jsonl       tasks added by `cycleqd grow`
     RUN/final_merge.json   the paper's final merge
     RUN/summary.json       the run at a glance
+    RUN/search.json        a coefficient search's state (cma_es, nsga2's front, random), a view of the log
     RUN/episodes/<id>.jsonl  an elite's passing conversations
     RUN/plots/             heatmaps and history
     RUN/.lock              held by the one driver of the run
@@ -26,6 +27,7 @@ MODELS = "models.json"
 GROWTH_LOG = "growth.jsonl"
 FINAL = "final_merge.json"
 SUMMARY = "summary.json"
+SEARCH = "search.json"
 EPISODES = "episodes"
 PLOTS = "plots"
 LOCK = ".lock"

@@ -379,6 +379,15 @@ class RunStore:
     def write_final_merge(self, record: dict) -> None:
         write_atomic(self.path / self.FINAL, json.dumps(record, indent=1))
 
+    def write_search_state(self, state: dict) -> None:
+        """RUN/search.json: a coefficient search's state (:meth:`CoefficientSearch.state`), a view of the log."""
+        write_atomic(self.path / layout.SEARCH, json.dumps(state, indent=1))
+
+    def search_state(self) -> dict | None:
+        """RUN/search.json as written (None when the run's search keeps none)."""
+        f = self.path / layout.SEARCH
+        return _read_json(f) if f.exists() else None
+
 
 def _last_newline(h) -> int:
     """Offset of the last newline of an open file (-1 if none), read backwards in chunks."""

@@ -34,6 +34,9 @@ class ChildSpec:
     quality_task: str
     parents: tuple[str, ...]
     seed: int
+    # a search over merge coefficients (cma_es, nsga2, random) asks for this point of its box instead
+    # of a crossover of parents (see cycleqd.search.space.CoefficientSpace)
+    coefficients: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

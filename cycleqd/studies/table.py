@@ -40,7 +40,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fixed_axes": {"fixed_quality_task": "__first__"},
     "gaussian_mutation": {"mutation": {"name": "gaussian"}},
     "uniform_sampling": {"sampling": {"name": "uniform"}},
+    # the other evolutionary mergers in the same genome space, at the same budget (docs/searches.md)
+    "cma_es": {"search": {"name": "cma_es"}},
+    "nsga2": {"search": {"name": "nsga2"}},
+    "random": {"search": {"name": "random"}},
 }
+#: the variants that are another search, not a CycleQD ablation: their row is ``<search>_best``
+SEARCH_VARIANTS = ("cma_es", "nsga2", "random")
 MERGE_WEIGHTS = [0.3, 0.4, 0.5, 0.6, 0.8]
 TIES_DENSITY = 0.5
 MODELS_FILE = "models.json"
@@ -50,6 +56,8 @@ TEAM_ROWS = {"router_task": "team_router", "router_nll": "team_router_nll", "vot
 INTERVAL_KEY = "cycleqd_best_minus_task_arithmetic"
 #: the other evolved rows minus task arithmetic, paired the same way
 VERSUS_KEY = "minus_task_arithmetic"
+#: the other searches' best rows minus cycleqd_best, paired the same way (seeds averaged per item on both sides)
+VERSUS_CYCLEQD_KEY = "minus_cycleqd_best"
 
 
 def selection_config(evolve_cfg: Config, n: int) -> Config:
@@ -275,8 +283,10 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
         merges[method] = {"weight": best_w, **({"density": TIES_DENSITY} if method == "ties" else {})}
         print(f"{method}: weight {best_w} (chosen on val)", flush=True)
     rows: dict[str, list[str]] = {}
+    budget: dict[str, list[dict]] = {}
     for variant in variants or list(VARIANTS):
-        name = "cycleqd_best" if variant == "cycleqd" else variant
+        name = ("cycleqd_best" if variant == "cycleqd" else f"{variant}_best" if variant in SEARCH_VARIANTS
+                else variant)
         for seed in range(seeds):
             vcfg = variant_config(cfg, variant, seed, generations, evolve_n)
             run = runs_root / f"{variant}-s{seed}"
@@ -294,6 +304,9 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
             file = f"{name}-s{seed}.safetensors"
             shutil.copyfile(store.genome_path(top["genome"]), models_dir / file)
             rows.setdefault(name, []).append(file)
+            done = store.children()  # the budget: children and the workers' seconds on them
+            budget.setdefault(name, []).append({"children": len(done), "child_seconds": sum(
+                sum(c.seconds.values()) for c in done)})
             fm = store.final_merge()
             if variant == "cycleqd" and fm and fm.get("error") is None:
                 shutil.copyfile(store.genome_path(fm["genome"]), models_dir / f"cycleqd_merged-s{seed}.safetensors")
@@ -315,6 +328,7 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
         "select": {"split": "val", "n": select_n, "disjoint_from_evolution": True, "shortlist": shortlist_k},
         "merges": merges,
         "rows": rows,
+        "budget": budget,
     }
     write_atomic(models_dir / MODELS_FILE, json.dumps(manifest, indent=1))
     return manifest
@@ -367,6 +381,10 @@ def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> 
         row = _row(name, [_quality(s) for s in per_seed])
         if name in manifest["merges"]:
             row["weight"] = manifest["merges"][name]["weight"]
+        if name in manifest.get("budget", {}):  # per seed: children evolved, the workers' seconds on them
+            runs = manifest["budget"][name]
+            row["children"] = statistics.fmean(r["children"] for r in runs)
+            row["child_seconds"] = statistics.fmean(r["child_seconds"] for r in runs)
         rows.append(row)
     table = {"split": "test", "test_n": test_n, "test_seed": test_seed, "generations": manifest["generations"],
              "evolve_n": manifest["evolve_n"], "select": manifest["select"], "world": manifest["world"],
@@ -382,6 +400,16 @@ def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> 
             d = paired_interval(items[name], ta)
             table[VERSUS_KEY][name] = {"mean": d["mean"], "interval": d["interval"],
                                        "conclusion": conclusion(d["interval"], name)}
+    # the other searches against CycleQD at equal budget (cycleqd_best's seeds averaged per item)
+    if "cycleqd_best" in items:
+        table[VERSUS_CYCLEQD_KEY] = {}
+        cq = items["cycleqd_best"]
+        cq_mean = {t: [statistics.fmean(s[t][i] for s in cq) for i in range(len(cq[0][t]))] for t in cq[0]}
+        for name in (f"{v}_best" for v in SEARCH_VARIANTS):
+            if name in items:
+                d = paired_interval(items[name], cq_mean)
+                table[VERSUS_CYCLEQD_KEY][name] = {"mean": d["mean"], "interval": d["interval"],
+                                                   "conclusion": conclusion(d["interval"], name, "cycleqd_best")}
     return table
 
 
@@ -422,8 +450,9 @@ def plot_table(table: dict, path: Path) -> None:
 
 def print_table(table: dict) -> None:
     for r in table["rows"]:
+        budget = f"  ({r['children']:.0f} children, {r['child_seconds']:.0f} worker s)" if "children" in r else ""
         print(f"{r['model']:20s} mean {r['mean']:.3f} ± {r['std']:.3f}  " +
-              "  ".join(f"{t} {v:.3f}" for t, v in r["scores"].items()))
+              "  ".join(f"{t} {v:.3f}" for t, v in r["scores"].items()) + budget)
     if INTERVAL_KEY in table:
         d = table[INTERVAL_KEY]
         print(f"cycleqd_best - task_arithmetic: {d['mean']:+.4f}, 95% interval "
@@ -431,4 +460,7 @@ def print_table(table: dict) -> None:
               f"{conclusion(d['interval'])}")
     for name, d in table.get(VERSUS_KEY, {}).items():
         print(f"{name} - task_arithmetic: {d['mean']:+.4f}, [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]: "
+              f"{d['conclusion']}")
+    for name, d in table.get(VERSUS_CYCLEQD_KEY, {}).items():
+        print(f"{name} - cycleqd_best: {d['mean']:+.4f}, [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]: "
               f"{d['conclusion']}")

@@ -80,6 +80,13 @@ def render_show(run_dir: str | Path, console: Console | None = None, *, top: int
         a = snap.archives[task]
         summary.add_row(f"archive {task}", f"coverage {a['coverage']:.1%}  QD score {a['qd_score']:.4f}  "
                                            f"best {a['best']:.4f}")
+    search = run.config.evolution.search.name
+    if search != "cycleqd":
+        summary.add_row("search", f"{search} (RUN/search.json)")
+    if search == "nsga2":  # NSGA-II's archive: the children no other child beats on every task
+        front = run.front(snap.generation)
+        summary.add_row("Pareto front", f"{len(front)} children: " + "  ".join(
+            f"{f['genome']} (" + " ".join(f"{f['scores'][t]:.3f}" for t in snap.tasks) + ")" for f in front))
     final = store.final_merge()
     if final:
         scores = "  ".join(f"{t} {v:.4f}" for t, v in (final.get("scores") or {}).items())

@@ -5,7 +5,7 @@ import pytest
 
 from cycleqd.config import load_config, split_config
 from cycleqd.registry import TASKS
-from cycleqd.studies.table import _row, selection_config, variant_config
+from cycleqd.studies.table import SEARCH_VARIANTS, _row, selection_config, variant_config
 
 MINI = "experiments/mini.yaml"
 
@@ -42,6 +42,18 @@ def test_variants_change_only_their_operator():
     assert uni.evolution.sampling.name == "uniform" and base.evolution.sampling.name == "elite"
     for v in (fixed, gauss, uni):
         assert v.evolution.crossover == base.evolution.crossover and v.tasks == base.tasks
+
+
+def test_search_variants_change_only_the_search():
+    """cma_es, nsga2 and random rows evolve the same tasks, items and budget as cycleqd; only the search differs."""
+    cfg = load_config(MINI)
+    base = variant_config(cfg, "cycleqd", 1, 300, evolve_n=100)
+    assert base.evolution.search.name == "cycleqd"
+    for search in SEARCH_VARIANTS:
+        v = variant_config(cfg, search, 1, 300, evolve_n=100)
+        assert v.evolution.search.name == search and v.evolution.search.options == {}
+        assert v.tasks == base.tasks and v.evolution.generations == 300 and v.seed == 1
+        assert v.evolution.model_copy(update={"search": base.evolution.search}) == base.evolution
 
 
 def test_row_mean_and_std_over_seeds():
