@@ -175,7 +175,10 @@ def _copy_into(src: Path, dst: Path) -> None:
 
 def kernel_view(layer: Path) -> list[str]:
     """/proc (the machine's), /dev and /sys: kernel interfaces read-only; ``/dev/shm`` the layer's."""
-    return ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys",
+    # /proc/tty/driver is the host root's alone (as a container's root, Docker's reads it):
+    # an empty folder, so `find /` reports no error there
+    mask = ["--tmpfs", "/proc/tty/driver", "--remount-ro", "/proc/tty/driver"] if os.path.isdir("/proc/tty/driver") else []
+    return ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys", *mask,
             "--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger",
             "--dev", "/dev", "--bind", str(layer / "dev_shm"), "/dev/shm",
             # /dev itself is a tmpfs of bwrap's: read-only, so writes go to the quota'd places
