@@ -139,6 +139,11 @@ def build_layer(episode: Path, *, quota: bool, mapped: bool, sys_root: str = "/"
                 shutil.copy2(src, image / "etc" / name, follow_symlinks=False)
     if quota:
         (episode / "layer").mkdir()
+    try:  # the host's memory when the episode began (see kernel_view)
+        (episode / "meminfo").write_bytes(Path("/proc/meminfo").read_bytes())
+        (episode / "meminfo").chmod(0o444)
+    except OSError:
+        pass
     ctl.mkdir(mode=0o700)
     if mapped:
         _chown_tree(d, ID_BASE)
@@ -178,6 +183,11 @@ def kernel_view(layer: Path) -> list[str]:
     # /proc/tty/driver is the host root's alone (as a container's root, Docker's reads it):
     # an empty folder, so `find /` reports no error there
     mask = ["--tmpfs", "/proc/tty/driver", "--remount-ro", "/proc/tty/driver"] if os.path.isdir("/proc/tty/driver") else []
+    # memory as it was when the episode began: an example the agent runs and the same example
+    # a check runs moments later (`free`) read the same numbers on a busy host
+    meminfo = layer.parent / "meminfo"
+    if meminfo.is_file():
+        mask += ["--ro-bind", str(meminfo), "/proc/meminfo"]
     return ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys", *mask,
             "--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger",
             "--dev", "/dev", "--bind", str(layer / "dev_shm"), "/dev/shm",

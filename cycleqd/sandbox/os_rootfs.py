@@ -135,9 +135,13 @@ def ensure_image(name: str = "default", *, log=None) -> Path:
     if tool is None:
         raise ImageUnavailable("mmdebstrap is missing (apt-get install mmdebstrap, or make system-deps)")
     base = cache_dir()
-    base.mkdir(parents=True, exist_ok=True)
-    base.chmod(0o755)  # the machine's root (an unknown user of the host) binds folders from it
-    with open(base / ".lock", "w") as lock:
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        base.chmod(0o755)  # the machine's root (an unknown user of the host) binds folders from it
+        lock = open(base / ".lock", "w")
+    except OSError as e:
+        raise ImageUnavailable(f"cannot write the image cache {base}: {e}") from e
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = image_root(name)
         if found is not None:
