@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 ID_BASE = 1 << 30  # host uid/gid of the machine's root (with root): its user n is host user ID_BASE + n
@@ -269,7 +270,7 @@ def check_view(layer: Path, image: Path, state: str, fds: list[int], sys_root: s
     a = system_view(None, sys_root)
     a += compose(state, "rootfs", "", _MANAGED_TOP | top_links, fds)
     a += compose(state, "rootfs/usr", "/usr", host_usr | _IMAGE_ABSENT_USR, fds)
-    a += ["--dir", "/usr/local"] + compose(state, "usr_local", "/usr/local", {"lib"}, fds)
+    a += _local_view(state, image.parent / "views", compose(state, "usr_local", "/usr/local", {"lib"}, fds))
     # the image's (an image's own, read-only; else empty): no .pth, sitecustomize or library of the agent's
     own_lib = Path(sys_root) / "usr" / "local" / "lib"
     a += (["--ro-bind", str(own_lib), "/usr/local/lib"] if sys_root != "/" and own_lib.is_dir()
@@ -285,6 +286,34 @@ def check_view(layer: Path, image: Path, state: str, fds: list[int], sys_root: s
     a += ["--bind", str(d / "root"), "/root", "--bind", str(d / "home"), "/home",
           "--bind", str(d / "tmp"), "/tmp", "--bind", str(d / "run"), "/run", *kernel_view(layer)]
     return a
+
+def _local_view(state: str, views: Path, entries: list[str]) -> list[str]:
+    """/usr/local for a check: a folder of the harness's holding a mount point for each of the
+    agent's entries (``entries``: :func:`compose`'s arguments) and ``lib``, with the time stamp
+    of the agent's /usr/local, so ``ls -lt /usr`` sorts it where the agent's shell does."""
+    views.mkdir(exist_ok=True)
+    base = Path(tempfile.mkdtemp(dir=views))
+    base.chmod(0o755)
+    out: list[str] = []
+    for i in range(0, len(entries), 3):
+        kind, src, dst = entries[i:i + 3]
+        name = dst.rsplit("/", 1)[1]
+        if kind == "--symlink":
+            os.symlink(src, base / name)
+            continue
+        if stat.S_ISDIR(os.fstat(int(src.rsplit("/", 1)[1])).st_mode):
+            (base / name).mkdir()
+        else:
+            (base / name).touch()
+        out += [kind, src, dst]
+    (base / "lib").mkdir(exist_ok=True)
+    try:
+        t = os.stat(f"{state}/usr_local").st_mtime
+        os.utime(base, (t, t))
+    except OSError:
+        pass
+    return ["--ro-bind", str(base), "/usr/local", *out]
+
 
 def compose(state: str, rel: str, dst: str, names: set[str], fds: list[int], skip=None) -> list[str]:
     """Bind every entry of the layer's folder ``rel`` at ``dst`` except ``names`` (and those
