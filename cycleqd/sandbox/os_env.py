@@ -66,7 +66,6 @@ from pathlib import Path
 from cycleqd.sandbox import cgroups
 from cycleqd.sandbox.backends import SandboxUnavailable, bwrap_available, private_tmpfs_works
 from cycleqd.sandbox.os_image import ID_BASE, ID_COUNT, build_layer, check_view, machine_view
-from cycleqd.sandbox.os_rootfs import system_root
 from cycleqd.sandbox.os_processes import (
     Processes,
     alive,
@@ -78,6 +77,7 @@ from cycleqd.sandbox.os_processes import (
     readable,
     start_time,
 )
+from cycleqd.sandbox.os_rootfs import system_root
 
 _CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
          "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE", "CAP_SETFCAP"]

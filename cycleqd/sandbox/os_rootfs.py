@@ -138,7 +138,7 @@ def ensure_image(name: str = "default", *, log=None) -> Path:
     try:
         base.mkdir(parents=True, exist_ok=True)
         base.chmod(0o755)  # the machine's root (an unknown user of the host) binds folders from it
-        lock = open(base / ".lock", "w")
+        lock = open(base / ".lock", "w")  # noqa: SIM115 (held by the with below)
     except OSError as e:
         raise ImageUnavailable(f"cannot write the image cache {base}: {e}") from e
     with lock:
@@ -158,7 +158,7 @@ def ensure_image(name: str = "default", *, log=None) -> Path:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
                "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}
         t0 = time.monotonic()
-        r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, check=False)
         if r.returncode != 0:
             shutil.rmtree(part, ignore_errors=True)
             tail = r.stdout.decode(errors="replace").strip().splitlines()[-3:]

@@ -75,5 +75,5 @@ def test_without_an_image_the_host_layer_says_so_once(tmp_path) -> None:
             "            print(s.sys_root, s.run('echo ok', timeout=10).output.strip())\n"
             "print(len([x for x in w if 'unavailable' in str(x.message)]))\n")
     env = dict(os.environ, CYCLEQD_OS_IMAGES=str(blocker / "images"), PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert out.stdout.split("\n")[:3] == ["/ ok", "/ ok", "1"], out.stdout + out.stderr
