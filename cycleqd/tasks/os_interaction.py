@@ -110,6 +110,7 @@ class OSProblem:
     check: tuple[Script | None, ...] | None = None
     example: Script | None = None
     extra: dict = field(default_factory=dict)
+    image: str = "default"  # the machine's image (``create.local``: default, packages; see sandbox.os_rootfs)
 
 
 def _load_script(obj: Any, root: Path) -> Script | None:
@@ -160,8 +161,15 @@ def load_problems(rows: Sequence[dict], scripts: Path, *, source: str = "", firs
             raise ConfigError(f"OS record {i}: evaluation needs match or check")
         out.append(OSProblem(id=str(first_id + i), description=item["description"], init=tuple(init),
                              start=_load_script(item.get("start"), scripts), match=match, check=check,
-                             example=example, extra={"file": source, "index": i}))
+                             example=example, extra={"file": source, "index": i},
+                             image=_image_name(create)))
     return out
+
+
+def _image_name(create: Any) -> str:
+    """AgentBench's ``create.local`` (``local-os/<name>``): ``packages`` adds npm; anything else is ``default``."""
+    name = create.get("local", "default") if isinstance(create, dict) else "default"
+    return "packages" if name == "packages" else "default"
 
 
 def _number_first(p: Path) -> tuple:
@@ -406,7 +414,7 @@ class OSInteractionTask(DatasetTask):
 
     def _start(self, problem: OSProblem, session: OSSession | None = None) -> OSSession:
         """Session with the problem's init scripts run and its ``start`` command running."""
-        session = session or OSSession(memory_mb=self.memory_mb)
+        session = session or OSSession(memory_mb=self.memory_mb, image=problem.image)
         try:
             for lang, code in problem.init:
                 session.run_script(lang, code, [], timeout=60, view="machine")
@@ -435,7 +443,7 @@ class OSInteractionTask(DatasetTask):
 
         def build(i: str) -> None:
             try:
-                sessions[i] = OSSession(memory_mb=self.memory_mb, launch=False)
+                sessions[i] = OSSession(memory_mb=self.memory_mb, launch=False, image=by_id[i].image)
             except Exception as e:  # a broken set-up is that sample's failure
                 out[i] = (0.0, f"set-up failed: {error_text(e)}", {})
 

@@ -15,7 +15,8 @@ class OSOracleEngine:
     """Plays each OS problem with its ``example`` script, then answers with what the OS printed.
 
     ``match`` problems are answered with the expected string; check chains without an
-    example answer step (e.g. "implement a command") run the example and finish.
+    example answer step (e.g. "implement a command") run the example and finish, unless
+    it printed something, which is then the answer (their checks may read it).
     """
 
     def __init__(self, problems: Sequence[OSProblem], wrong: bool = False):
@@ -35,10 +36,11 @@ class OSOracleEngine:
             return "Think: nothing to run.\n\nAct: finish"
         if r.turn == 0:
             return f"Think: run the reference solution.\n\nAct: bash\n\n```bash\n{p.example[1]}\n```"
-        if None not in (p.check or ()):
-            return "Think: done.\n\nAct: finish"
         last = r.messages[-1]["content"]
         out = last.removeprefix("The output of the OS:\n\n") if last.startswith("The output of the OS:") else ""
+        if None not in (p.check or ()) and not out.strip():  # a task judged by its checks alone
+            return "Think: done.\n\nAct: finish"
+        # what the example printed (a task whose checks also read the answer: "move it, tell me where")
         return f"Think: the OS told me.\n\nAct: answer({out.strip()})"
 
     def load_weights(self, state: object) -> None:

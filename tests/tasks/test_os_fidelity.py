@@ -2,7 +2,9 @@
 own check is not broken, and near-miss wrong answers never pass."""
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 from answers import write_jsonl
@@ -96,3 +98,35 @@ def test_checks_run_in_a_fresh_shell_not_the_agents(tmp_path) -> None:
                                                 {"id": 1, "turns": turns1[:1] + ["Act: answer(2)"]}])
     res = OSInteractionTask(data=str(data), sandbox=ALLOW).evaluate(ReplayEngine(right))
     assert [s.score for s in res.samples] == [0.0, 1.0]
+
+
+#: A problem whose scripts install packages or fetch from the web needs the network (none here).
+NEEDS_NETWORK = re.compile(r"\b(apt|apt-get)\s+(-\S+\s+)*(update|install)\b|\bpip3?\s+install\b|\bnpm\s+install\b"
+                           r"|\b(curl|wget)\s+\S*https?://")
+
+
+def _needs_network(p) -> bool:
+    texts = [c for _, c in p.init] + [s[1] for s in (p.start, p.example, *(p.check or ())) if s]
+    return any(NEEDS_NETWORK.search(t) for t in texts)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CYCLEQD_AGENTBENCH"), reason="set CYCLEQD_AGENTBENCH to a THUDM/AgentBench checkout")
+def test_agentbench_os_problems_on_the_image() -> None:
+    """AgentBench's own OS problems (data/os_interaction/data/1..7, not dev): on the OS image
+    the known-correct player passes >= 97% of those that need no network, wrong answers none
+    (docs/os_environment.md lists the ones that fail and why)."""
+    from cycleqd.sandbox.os_rootfs import image_root
+
+    if image_root("default") is None:
+        pytest.skip("OS image not built (make os-image)")
+    task = OSInteractionTask(data=str(Path(os.environ["CYCLEQD_AGENTBENCH"]) / "data" / "os_interaction"),
+                             sandbox=ALLOW)
+    ids = [p.id for p in task.problems if "/" in p.extra["file"] and not _needs_network(p)]
+    res = task.evaluate(OSOracleEngine(task.problems), ids=ids)
+    by_id = {p.id: p for p in task.problems}
+    failed = sorted((by_id[s.id].extra["file"], by_id[s.id].extra["index"]) for s in res.samples if s.score < 1)
+    print(f"AgentBench OS on the image: {res.quality:.4f} of {len(ids)}, failed {failed}")
+    assert res.quality >= 0.97, failed
+    wrong = task.evaluate(OSOracleEngine(task.problems, wrong=True), ids=ids)
+    assert wrong.quality <= 0.01
