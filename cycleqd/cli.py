@@ -179,7 +179,8 @@ def cmd_show(a: argparse.Namespace) -> int:
     if a.json:
         snap = run.snapshot()  # rebuilt from seeds.json and children.jsonl when archives.json is stale
         print(json.dumps({"generation": snap.generation, "tasks": snap.tasks, "archives": snap.archives,
-                          "archive": snap.archive, "final_merge": run.final_merge()}))
+                          "archive": snap.archive, "final_merge": run.final_merge(),
+                          "truncated": run.truncation()}))
         return 0
     from rich.console import Console
 

@@ -72,6 +72,7 @@ class HFEngine(Engine):
                  draft_memory: int = DRAFT_MEMORY):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.counts_truncation = True
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         if tokenizer.pad_token_id is None:
@@ -132,11 +133,15 @@ class HFEngine(Engine):
         """Drop every remembered completion (the next model decodes without drafts)."""
         self.decoder.forget()
 
-    def _text(self, tokens: list[int], limit: int, stops: tuple[str, ...]) -> str:
+    def _text(self, tokens: list[int], limit: int, stops: tuple[str, ...]) -> tuple[str, bool]:
+        """The answer's text and whether it stopped at its token limit (no end token, no stop string)."""
         g = tokens[:limit]
-        if g and g[-1] in self._eos_ids():
+        ended = bool(g) and g[-1] in self._eos_ids()
+        if ended:
             g = g[:-1]
-        return cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), stops)
+        text = self.tokenizer.decode(g, skip_special_tokens=True)
+        cut = cut_at_stop(text, stops)
+        return cut, len(tokens) >= limit and not ended and cut == text
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions in request order, each cut at its first stop string.
@@ -146,6 +151,7 @@ class HFEngine(Engine):
         """
         encoded = [self._encode(r) for r in requests]
         outputs: list[str] = [""] * len(requests)
+        truncated = [False] * len(requests)
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(tuple(r.stop), []).append(i)
@@ -160,7 +166,8 @@ class HFEngine(Engine):
                 )
                 for i, t in zip(chunk, tokens):
                     self.decoder.remember(encoded[i], t)
-                    outputs[i] = self._text(t, self._limit(requests[i]), stops)
+                    outputs[i], truncated[i] = self._text(t, self._limit(requests[i]), stops)
+        self.note_answers(truncated)
         return outputs
 
     # -- scoring ----------------------------------------------------------------------------

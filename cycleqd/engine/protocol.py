@@ -28,13 +28,19 @@ class GenRequest:
     completion is what the model writes after it.
     """
 
-    sample_id: str
+    sample_id: str = ""
     turn: int = 0
     prompt: str | None = None
     messages: tuple[Mapping[str, str], ...] | None = None
     max_new_tokens: int = 512
     stop: tuple[str, ...] = field(default_factory=tuple)
     prefill: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.messages, list):  # a list from a task package: a tuple, as built-in tasks give
+            object.__setattr__(self, "messages", tuple(self.messages))
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
 
 
 #: What :meth:`Engine.load_weights` accepts: a mapping or a stream of ``(name, tensor)`` pairs.
@@ -64,6 +70,11 @@ class Engine:
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    #: answers generated so far, and how many of them stopped at their ``max_new_tokens`` (engines
+    #: that can tell count them in :meth:`generate` through :meth:`note_answers`)
+    answers_generated: int = 0
+    answers_truncated: int = 0
+    counts_truncation: bool = False
 
     def _unsupported(self, what: str) -> NoReturn:
         raise EngineUnsupported(f"engine {type(self).__name__} cannot {what}")
@@ -71,6 +82,12 @@ class Engine:
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions, one per request, cut at the first stop string."""
         self._unsupported("generate text")
+
+    def note_answers(self, truncated: Sequence[bool]) -> None:
+        """Count answers just generated; ``truncated[i]`` is True when answer i stopped at its token limit
+        (no end token, no stop string). Read by the worker as each task's truncation share."""
+        self.answers_generated += len(truncated)
+        self.answers_truncated += sum(bool(t) for t in truncated)
 
     def load_weights(self, weights: Weights) -> None:
         """Take new weights under Hugging Face names, one tensor at a time, in place.

@@ -140,6 +140,8 @@ class VLLMEngine(Engine):
             prompts.append({"prompt_token_ids": ids})
             params.append(vllm.SamplingParams(temperature=0.0, max_tokens=limit, stop=list(r.stop) or None))
         outs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.counts_truncation = True
+        self.note_answers([o.outputs[0].finish_reason == "length" for o in outs])
         return [cut_at_stop(o.outputs[0].text, r.stop) for o, r in zip(outs, requests)]
 
     def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:

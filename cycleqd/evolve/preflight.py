@@ -20,7 +20,9 @@ def check_code_execution(cfg: Config) -> None:
     """Tasks whose class says ``executes_code`` need ``sandbox.allow_code_execution: true``."""
     if cfg.sandbox.allow_code_execution:
         return
-    runs_code = [t.name for t in cfg.tasks if TASKS.get(t.kind).executes_code]
+    from cycleqd.tasks.foreign import declared_executes_code  # a package's class may not declare it: True
+
+    runs_code = [t.name for t in cfg.tasks if declared_executes_code(TASKS.get(t.kind), t.kind)]
     if runs_code:
         raise ConfigError(
             f"task(s) {', '.join(runs_code)} run model-written code; set sandbox.allow_code_execution: true "
