@@ -503,6 +503,9 @@ def resolve_paths(cfg: Config, root: str | os.PathLike | None = None) -> Config:
         if mini:
             data["models"]["mini"]["dir"] = fix(cfg.models.mini.dir, True)
         data["tasks"] = [{**t, "data": fix(t["data"])} for t in data["tasks"]]
+        for t in data["tasks"]:  # a task's own folder option (lm_eval's include_path)
+            if isinstance(t["options"].get("include_path"), str):
+                t["options"] = {**t["options"], "include_path": fix(t["options"]["include_path"], True)}
         data["prepare_cache"] = fix(cfg.prepare_cache, True)
 
     return edit_config(cfg, edit)

@@ -160,6 +160,7 @@ TASKS: Registry = Registry(
         "mini_shell": "cycleqd.tasks.mini_shell",
         "mini_regex": "cycleqd.tasks.mini_regex",
         "likelihood": "cycleqd.tasks.likelihood",
+        "lm_eval": "cycleqd.tasks.lm_eval",
     },
     entry_points="cycleqd.tasks",  # and import paths: kind: "my_package.skills:JsonSkill"
 )

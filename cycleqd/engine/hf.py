@@ -189,6 +189,37 @@ class HFEngine(Engine):
         return out
 
     @torch.inference_mode()
+    def continuation_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16
+                              ) -> list[tuple[float, bool]]:
+        """``(sum of log p(continuation token | prefix), all continuation tokens greedy)`` of each pair.
+
+        Context and continuation run as one right-padded sequence; the context needs at least one token.
+        """
+        pad = self.tokenizer.pad_token_id
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        results: dict[int, tuple[float, bool]] = {}
+        for k in range(0, len(order), batch_size):
+            chunk = order[k : k + batch_size]
+            seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[r, : len(s)] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            logp = torch.log_softmax(logits, -1)
+            for r, i in enumerate(chunk):
+                ctx, cont = pairs[i]
+                if not ctx:
+                    raise ValueError("continuation_logprobs: a context needs at least one token")
+                rows = logp[r, len(ctx) - 1 : len(ctx) + len(cont) - 1]
+                target = torch.tensor(list(cont), dtype=torch.long, device=rows.device)
+                total = float(rows.gather(-1, target[:, None]).sum())
+                results[i] = (total, bool((rows.argmax(-1) == target).all()))
+        return [results[i] for i in range(len(pairs))]
+
+    @torch.inference_mode()
     def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:
         """``(sum of log p(token | prefix), scored tokens)`` of each request's prompt as the engine encodes it.
 

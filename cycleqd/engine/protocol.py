@@ -7,7 +7,7 @@ caller (``materialize``) never needs a second full copy of the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping, NoReturn, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NoReturn, Sequence, Union
 
 import torch
 
@@ -72,6 +72,8 @@ class Engine:
     dtype: torch.dtype = torch.float32
     #: answers generated so far, and how many of them stopped at their ``max_new_tokens`` (engines
     #: that can tell count them in :meth:`generate` through :meth:`note_answers`)
+    #: the Hugging Face tokenizer the engine encodes with (None where it has none, e.g. recorded answers)
+    tokenizer: Any = None
     answers_generated: int = 0
     answers_truncated: int = 0
     counts_truncation: bool = False
@@ -112,6 +114,12 @@ class Engine:
     def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:
         """(sum of log-probabilities, token count) of each request's prompt tokens (the NLL router)."""
         self._unsupported("score prompts")
+
+    def continuation_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16
+                              ) -> list[tuple[float, bool]]:
+        """For each ``(context ids, continuation ids)``: the sum of log p(continuation token | the tokens
+        before it) and whether every continuation token is the model's argmax (lm-eval's loglikelihood)."""
+        self._unsupported("score continuations")
 
     def resident_bytes(self) -> int:
         """Bytes the engine's model holds on its device."""

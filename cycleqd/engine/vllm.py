@@ -157,6 +157,24 @@ class VLLMEngine(Engine):
             out.append((total, max(len(ids) - 1, 0)))
         return out
 
+    def continuation_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16
+                              ) -> list[tuple[float, bool]]:
+        """``(sum of log p(continuation token | prefix), all continuation tokens greedy)`` of each pair,
+        from vLLM's prompt log-probabilities (the top token and the actual one at each position)."""
+        vllm = _import_vllm()
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        prompts = [{"prompt_token_ids": list(c) + list(t)} for c, t in pairs]
+        out = []
+        for o, (ctx, cont) in zip(self.llm.generate(prompts, params, use_tqdm=False), pairs):
+            ids = list(ctx) + list(cont)
+            total, greedy = 0.0, True
+            for pos in range(len(ctx), len(ids)):
+                lp = o.prompt_logprobs[pos]
+                total += float(lp[ids[pos]].logprob)
+                greedy = greedy and lp[ids[pos]].rank == 1
+            out.append((total, greedy))
+        return out
+
     def load_weights(self, weights: Weights) -> None:
         """Stream ``(name, tensor)`` pairs into the running model's ``reload_weights``, then drop cached KV.
 
