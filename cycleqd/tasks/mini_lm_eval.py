@@ -5,7 +5,7 @@ json``), its ``validation`` and ``test`` items as JSON lines and a ``utils.py`` 
 ``process_results`` is :func:`process_results` here: it checks an answer with the native mini
 task's own checker (the same sandbox jobs), so an item scores the same through ``kind:
 lm_eval`` as through ``kind: mini_<skill>``. ``experiments/lm_eval/mini`` holds the files
-written with the defaults (``cycleqd mini lm-eval`` writes them again).
+written with the defaults: ``write_mini_lm_eval("experiments/lm_eval/mini")`` writes them again.
 """
 from __future__ import annotations
 
