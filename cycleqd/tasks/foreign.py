@@ -84,8 +84,17 @@ def make_task(kind: str, name: str, data: str | None = None, sandbox: SandboxCon
     """The task ``kind`` (a registered name, an entry point or an import path) built with its options.
 
     A class that derives from :class:`Task` is returned as it is; any other is wrapped in a
-    :class:`ForeignTask`.
+    :class:`ForeignTask` and given only the common arguments (``name``, ``data``, ``sandbox``)
+    its constructor takes.
     """
     cls = TASKS.get(kind)
-    task = cls(name=name, data=data, sandbox=sandbox, **options)
-    return task if isinstance(task, Task) else ForeignTask(task, kind, sandbox)
+    if isinstance(cls, type) and issubclass(cls, Task):
+        return cls(name=name, data=data, sandbox=sandbox, **options)
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    common = {k: v for k, v in (("name", name), ("data", data), ("sandbox", sandbox)) if open_ended or k in params}
+    task = ForeignTask(cls(**common, **options), kind, sandbox)
+    task.name = name  # the axis is the config's name, whatever the object calls itself
+    return task

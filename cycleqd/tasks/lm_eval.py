@@ -92,14 +92,16 @@ class LmEvalTask(Task):
             include_path: a folder of the user's own lm-eval task YAMLs (default: the task's ``data``).
             split: ``val`` (evolution), ``test`` (the final table) or ``train``.
             evolution_split / final_split: the dataset splits ``val`` / ``test`` read (default:
-                the task's validation split, else its test split / the task's test split).
+                the task's validation split, else its test split / the task's test split); also
+                given as ``splits: {evolution: ..., final: ...}``.
             allow_overlap: score evolution and the final table on shared documents (warned).
             apply_chat_template, system_instruction, fewshot_as_multiturn: lm-eval's own chat options.
             max_gen_toks: the generation budget, instead of each task's ``max_gen_toks``.
         """
 
         model_config = ConfigDict(frozen=True, extra="forbid")
-        renamed: ClassVar[dict[str, str]] = {"limit": "n", "task": "tasks", "system_prompt": "system_instruction"}
+        renamed: ClassVar[dict[str, str]] = {"limit": "n", "task": "tasks", "system_prompt": "system_instruction",
+                                             "chat_template": "apply_chat_template", "samples": "doc_ids"}
 
         tasks: list[str] = Field(min_length=1)
         metric: str | None = None
@@ -112,6 +114,7 @@ class LmEvalTask(Task):
         split: Literal["train", "val", "test"] = "val"
         evolution_split: str | None = None
         final_split: str | None = None
+        splits: dict[Literal["evolution", "final", "val", "test"], str] | None = None
         allow_overlap: bool = False
         apply_chat_template: bool = False
         system_instruction: str | None = None
@@ -166,8 +169,9 @@ class LmEvalTask(Task):
     # -- set-up --------------------------------------------------------------------------------
     def _splits(self, tname: str, task: Any) -> dict[str, str]:
         c, o = task.config, self.options
-        val = o.evolution_split or c.validation_split or c.test_split
-        test = o.final_split or c.test_split or c.validation_split
+        given = o.splits or {}
+        val = o.evolution_split or given.get("evolution") or given.get("val") or c.validation_split or c.test_split
+        test = o.final_split or given.get("final") or given.get("test") or c.test_split or c.validation_split
         have = list(task.dataset.keys()) if hasattr(task, "dataset") and task.dataset is not None else []
         out = {"val": val, "test": test, "train": c.training_split or val}
         for which, split in out.items():

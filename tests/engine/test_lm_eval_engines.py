@@ -76,13 +76,15 @@ def engines():
 def test_lm_eval_requests_agree_across_engines(engines, tmp_path):
     """Every request of a generative and a multiple-choice lm-eval task: the same greedy text, the same
     log-likelihoods within 1e-3 and the same greedy flags, so the per-item scores agree too."""
+    from cycleqd.config import SandboxConfig
     from cycleqd.engine.lm_eval import EngineLM
     from cycleqd.tasks.lm_eval import LmEvalTask
 
     vl, hf = engines
     folder = _tasks(tmp_path / "tasks")
     for split in ("val", "test"):
-        task = LmEvalTask("both", data=str(folder), tasks=["capitals", "facts"], split=split)
+        task = LmEvalTask("both", data=str(folder), tasks=["capitals", "facts"], split=split,
+                          sandbox=SandboxConfig(allow_code_execution=True))
         got = {}
         for engine in (hf, vl):
             lm = EngineLM(engine)
