@@ -41,7 +41,7 @@ FACTS = [("The sun rises in the", [" east", " west", " north"], 0),
 
 def _tasks(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    gen = [{"q": f"Question: What is the capital of {c}?\nAnswer:", "a": a} for c, a in CAPITALS]
+    gen = [{"q": f"The capital of {c} is", "a": a} for c, a in CAPITALS]
     mc = [{"q": q, "choices": ch, "label": y} for q, ch, y in FACTS]
     for name, rows in (("gen", gen), ("mc", mc)):
         for split, part in (("validation", rows[: len(rows) // 2]), ("test", rows[len(rows) // 2:])):
@@ -51,7 +51,7 @@ def _tasks(folder: Path) -> Path:
     (folder / "capitals.yaml").write_text(
         "task: capitals\n" + common.format(n="gen") + "output_type: generate_until\n"
         'doc_to_text: "{{q}}"\ndoc_to_target: " {{a}}"\n'
-        'generation_kwargs:\n  until: ["\\n", "."]\n  max_gen_toks: 12\n  do_sample: false\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 12\n  do_sample: false\n'
         "metric_list:\n  - metric: exact_match\n    ignore_case: true\n    ignore_punctuation: true\n")
     (folder / "facts.yaml").write_text(
         "task: facts\n" + common.format(n="mc") + "output_type: multiple_choice\n"
@@ -74,17 +74,18 @@ def engines():
 
 
 def test_lm_eval_requests_agree_across_engines(engines, tmp_path):
-    """Every request of a generative and a multiple-choice lm-eval task: the same greedy text, the same
-    log-likelihoods within 1e-3 and the same greedy flags, so the per-item scores agree too."""
+    """Every request of a generative and a multiple-choice lm-eval task, as raw prompts and through the
+    chat template: the same greedy text, the same log-likelihoods within 1e-3 and the same greedy flags,
+    so the per-item scores agree too."""
     from cycleqd.config import SandboxConfig
     from cycleqd.engine.lm_eval import EngineLM
     from cycleqd.tasks.lm_eval import LmEvalTask
 
     vl, hf = engines
     folder = _tasks(tmp_path / "tasks")
-    for split in ("val", "test"):
+    for split, chat in (("val", False), ("test", True)):  # raw prompts, then the model's chat template
         task = LmEvalTask("both", data=str(folder), tasks=["capitals", "facts"], split=split,
-                          sandbox=SandboxConfig(allow_code_execution=True))
+                          apply_chat_template=chat, sandbox=SandboxConfig(allow_code_execution=True))
         got = {}
         for engine in (hf, vl):
             lm = EngineLM(engine)
