@@ -128,3 +128,17 @@ def test_multiple_choice_loglikelihoods_are_the_models_own(tmp_path, engine):
         assert s.score == float(max(range(3), key=lambda k: lls[k]) == ROWS[3 + doc]["label"])
     rolling = lm.loglikelihood_rolling([type("R", (), {"args": ("sql: total price",)})()])
     assert rolling[0] < 0
+
+
+def test_example_config_plans_offline():
+    """experiments/lm_eval_example.yaml (a real base, three experts, GSM8K / MBPP / ARC through lm-eval)
+    is accepted by ``cycleqd plan`` with no model or dataset on disk, and a typo in its options is not."""
+    from run_helpers import cli
+
+    example = Path(__file__).resolve().parents[2] / "experiments" / "lm_eval_example.yaml"
+    code, ray, err = cli("plan", "--config", str(example))
+    assert code == 0 and not ray, err
+    from cycleqd.config import TaskConfig, check_task_options
+
+    with pytest.raises(ConfigError, match="unknown option 'num_fewshots'; did you mean 'num_fewshot'"):
+        check_task_options(TaskConfig(name="m", kind="lm_eval", options={"tasks": ["gsm8k"], "num_fewshots": 5}))
