@@ -182,7 +182,8 @@ def cmd_show(a: argparse.Namespace) -> int:
         if search["name"] == "nsga2":  # its archive is the Pareto front
             search["front"] = run.front(snap.generation)
         print(json.dumps({"generation": snap.generation, "tasks": snap.tasks, "archives": snap.archives,
-                          "archive": snap.archive, "final_merge": run.final_merge(), "search": search}))
+                          "archive": snap.archive, "final_merge": run.final_merge(), "search": search,
+                          "truncated": run.truncation()}))
         return 0
     from rich.console import Console
 

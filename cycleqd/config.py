@@ -162,6 +162,8 @@ class EvolutionConfig(_Frozen):
     record_episodes: bool = False
     worker_cpus: float = Field(0.0, ge=0.0, le=MAX_WORKERS)
     worker_gpus: float = Field(0.0, ge=0.0, le=MAX_WORKERS)
+    # Warn (once a run) when a child's answers on a task stop at max_new_tokens more often than this.
+    truncation_warning: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class EngineConfig(_Frozen):
@@ -313,7 +315,40 @@ def check_task_options(task: TaskConfig) -> BaseModel:
     Raises:
         ConfigError: an unknown option (with "did you mean ...") or a bad value, in one line.
     """
-    return validate_options(TASKS.get(task.kind).Options, f"{task.name} ({task.kind})", task.options)
+    return validate_options(task_options_model(TASKS.get(task.kind), task.kind), f"{task.name} ({task.kind})",
+                            task.options)
+
+
+def task_options_model(cls: Any, kind: str) -> type[BaseModel]:
+    """The options model of a task class: its ``Options``, or, for a class from a package that
+    declares none, one read from its constructor's keyword parameters (any option when it
+    takes ``**options``).
+
+    Raises:
+        ConfigError: ``kind`` names no class with ``sample_ids`` and ``evaluate`` (see docs/tasks.md).
+    """
+    import inspect
+
+    if not isinstance(cls, type) or not callable(getattr(cls, "evaluate", None)) \
+            or not callable(getattr(cls, "sample_ids", None)):
+        raise ConfigError(f"task kind {kind!r} is not a Task class (it needs sample_ids() and "
+                          "evaluate(engine, ids); see docs/tasks.md)")
+    declared = getattr(cls, "Options", None)
+    if isinstance(declared, type) and issubclass(declared, BaseModel):
+        return declared
+    if declared is not None:
+        raise ConfigError(f"task kind {kind!r}: Options must be a pydantic BaseModel class")
+    from pydantic import create_model
+
+    fields: dict[str, Any] = {}
+    extra = "forbid"
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if p.kind is p.VAR_KEYWORD:
+            extra = "allow"
+        elif p.name not in ("name", "data", "sandbox") and p.kind is not p.VAR_POSITIONAL:
+            ann = Any if p.annotation is p.empty or isinstance(p.annotation, str) else p.annotation
+            fields[p.name] = (ann, ... if p.default is p.empty else p.default)
+    return create_model(f"{cls.__name__}Options", __config__=ConfigDict(frozen=True, extra=extra), **fields)
 
 
 def validate_options(model: type[BaseModel], task: str, options: dict[str, Any]) -> BaseModel:
@@ -326,7 +361,7 @@ def validate_options(model: type[BaseModel], task: str, options: dict[str, Any])
     options = {renamed.get(k, k): v for k, v in options.items()}
     fields = list(model.model_fields)
     for key in options:
-        if key not in fields:
+        if key not in fields and model.model_config.get("extra") != "allow":  # allow: a constructor's **options
             raise ConfigError(f"task {task}: unknown option {key!r}{did_you_mean(key, fields)} "
                               f"(options: {', '.join(fields) or 'none'})")
     try:
@@ -490,6 +525,9 @@ def resolve_paths(cfg: Config, root: str | os.PathLike | None = None) -> Config:
         if mini:
             data["models"]["mini"]["dir"] = fix(cfg.models.mini.dir, True)
         data["tasks"] = [{**t, "data": fix(t["data"])} for t in data["tasks"]]
+        for t in data["tasks"]:  # a task's own folder option (lm_eval's include_path)
+            if isinstance(t["options"].get("include_path"), str):
+                t["options"] = {**t["options"], "include_path": fix(t["options"]["include_path"], True)}
         data["prepare_cache"] = fix(cfg.prepare_cache, True)
 
     return edit_config(cfg, edit)

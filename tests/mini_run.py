@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -9,10 +10,11 @@ from cycleqd.config import parse_config, resolve_paths
 
 
 def make_mini_run(root: Path, world: Path, size: str, *, n: int = 8, generations: int = 3,
-                  record: bool = True) -> Path:
+                  record: bool = True, edit: Callable[[dict], None] | None = None) -> Path:
     """A run of ``generations`` children over the mini world in ``world`` (built there if absent), no Ray.
 
     Tasks score ``n`` val items each; archives have 4 bins per axis; episodes are recorded.
+    ``edit`` changes the config's data (a dict) before it is parsed.
     """
     from cycleqd.evolve.loop import run_loop, summarize
     from cycleqd.evolve.pool import LocalPool
@@ -29,6 +31,8 @@ def make_mini_run(root: Path, world: Path, size: str, *, n: int = 8, generations
         t["bins"] = {"lo": 0.0, "hi": 1.0, "count": 4}
     data["evolution"].update(workers=1, generations=generations, final_merge=False, record_episodes=record)
     data["prepare_cache"] = str(root / "prepare")
+    if edit is not None:
+        edit(data)
     cfg = resolve_paths(parse_config(data))
     ensure_mini_world(cfg, progress=False)
     store = RunStore.create(root / "run", cfg)

@@ -72,6 +72,7 @@ class HFEngine(Engine):
                  draft_memory: int = DRAFT_MEMORY):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.counts_truncation = True
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         if tokenizer.pad_token_id is None:
@@ -132,11 +133,15 @@ class HFEngine(Engine):
         """Drop every remembered completion (the next model decodes without drafts)."""
         self.decoder.forget()
 
-    def _text(self, tokens: list[int], limit: int, stops: tuple[str, ...]) -> str:
+    def _text(self, tokens: list[int], limit: int, stops: tuple[str, ...]) -> tuple[str, bool]:
+        """The answer's text and whether it stopped at its token limit (no end token, no stop string)."""
         g = tokens[:limit]
-        if g and g[-1] in self._eos_ids():
+        ended = bool(g) and g[-1] in self._eos_ids()
+        if ended:
             g = g[:-1]
-        return cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), stops)
+        text = self.tokenizer.decode(g, skip_special_tokens=True)
+        cut = cut_at_stop(text, stops)
+        return cut, len(tokens) >= limit and not ended and cut == text
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions in request order, each cut at its first stop string.
@@ -146,6 +151,7 @@ class HFEngine(Engine):
         """
         encoded = [self._encode(r) for r in requests]
         outputs: list[str] = [""] * len(requests)
+        truncated = [False] * len(requests)
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(tuple(r.stop), []).append(i)
@@ -160,7 +166,8 @@ class HFEngine(Engine):
                 )
                 for i, t in zip(chunk, tokens):
                     self.decoder.remember(encoded[i], t)
-                    outputs[i] = self._text(t, self._limit(requests[i]), stops)
+                    outputs[i], truncated[i] = self._text(t, self._limit(requests[i]), stops)
+        self.note_answers(truncated)
         return outputs
 
     # -- scoring ----------------------------------------------------------------------------
@@ -180,6 +187,37 @@ class HFEngine(Engine):
             lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0] * mask
             out += [(float(s), int(m)) for s, m in zip(lp.sum(1), mask.sum(1))]
         return out
+
+    @torch.inference_mode()
+    def continuation_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16
+                              ) -> list[tuple[float, bool]]:
+        """``(sum of log p(continuation token | prefix), all continuation tokens greedy)`` of each pair.
+
+        Context and continuation run as one right-padded sequence; the context needs at least one token.
+        """
+        pad = self.tokenizer.pad_token_id
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        results: dict[int, tuple[float, bool]] = {}
+        for k in range(0, len(order), batch_size):
+            chunk = order[k : k + batch_size]
+            seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[r, : len(s)] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            logp = torch.log_softmax(logits, -1)
+            for r, i in enumerate(chunk):
+                ctx, cont = pairs[i]
+                if not ctx:
+                    raise ValueError("continuation_logprobs: a context needs at least one token")
+                rows = logp[r, len(ctx) - 1 : len(ctx) + len(cont) - 1]
+                target = torch.tensor(list(cont), dtype=torch.long, device=rows.device)
+                total = float(rows.gather(-1, target[:, None]).sum())
+                results[i] = (total, bool((rows.argmax(-1) == target).all()))
+        return [results[i] for i in range(len(pairs))]
 
     @torch.inference_mode()
     def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:

@@ -7,7 +7,7 @@ caller (``materialize``) never needs a second full copy of the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping, NoReturn, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NoReturn, Sequence, Union
 
 import torch
 
@@ -28,13 +28,19 @@ class GenRequest:
     completion is what the model writes after it.
     """
 
-    sample_id: str
+    sample_id: str = ""
     turn: int = 0
     prompt: str | None = None
     messages: tuple[Mapping[str, str], ...] | None = None
     max_new_tokens: int = 512
     stop: tuple[str, ...] = field(default_factory=tuple)
     prefill: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.messages, list):  # a list from a task package: a tuple, as built-in tasks give
+            object.__setattr__(self, "messages", tuple(self.messages))
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
 
 
 #: What :meth:`Engine.load_weights` accepts: a mapping or a stream of ``(name, tensor)`` pairs.
@@ -64,6 +70,13 @@ class Engine:
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    #: answers generated so far, and how many of them stopped at their ``max_new_tokens`` (engines
+    #: that can tell count them in :meth:`generate` through :meth:`note_answers`)
+    #: the Hugging Face tokenizer the engine encodes with (None where it has none, e.g. recorded answers)
+    tokenizer: Any = None
+    answers_generated: int = 0
+    answers_truncated: int = 0
+    counts_truncation: bool = False
 
     def _unsupported(self, what: str) -> NoReturn:
         raise EngineUnsupported(f"engine {type(self).__name__} cannot {what}")
@@ -71,6 +84,12 @@ class Engine:
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions, one per request, cut at the first stop string."""
         self._unsupported("generate text")
+
+    def note_answers(self, truncated: Sequence[bool]) -> None:
+        """Count answers just generated; ``truncated[i]`` is True when answer i stopped at its token limit
+        (no end token, no stop string). Read by the worker as each task's truncation share."""
+        self.answers_generated += len(truncated)
+        self.answers_truncated += sum(bool(t) for t in truncated)
 
     def load_weights(self, weights: Weights) -> None:
         """Take new weights under Hugging Face names, one tensor at a time, in place.
@@ -95,6 +114,12 @@ class Engine:
     def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:
         """(sum of log-probabilities, token count) of each request's prompt tokens (the NLL router)."""
         self._unsupported("score prompts")
+
+    def continuation_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16
+                              ) -> list[tuple[float, bool]]:
+        """For each ``(context ids, continuation ids)``: the sum of log p(continuation token | the tokens
+        before it) and whether every continuation token is the model's argmax (lm-eval's loglikelihood)."""
+        self._unsupported("score continuations")
 
     def resident_bytes(self) -> int:
         """Bytes the engine's model holds on its device."""

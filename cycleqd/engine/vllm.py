@@ -140,6 +140,8 @@ class VLLMEngine(Engine):
             prompts.append({"prompt_token_ids": ids})
             params.append(vllm.SamplingParams(temperature=0.0, max_tokens=limit, stop=list(r.stop) or None))
         outs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.counts_truncation = True
+        self.note_answers([o.outputs[0].finish_reason == "length" for o in outs])
         return [cut_at_stop(o.outputs[0].text, r.stop) for o, r in zip(outs, requests)]
 
     def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
@@ -153,6 +155,24 @@ class VLLMEngine(Engine):
             lps = o.prompt_logprobs or []
             total = sum(float(lp[tok].logprob) for lp, tok in zip(lps[1:], ids[1:]) if lp is not None)
             out.append((total, max(len(ids) - 1, 0)))
+        return out
+
+    def continuation_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16
+                              ) -> list[tuple[float, bool]]:
+        """``(sum of log p(continuation token | prefix), all continuation tokens greedy)`` of each pair,
+        from vLLM's prompt log-probabilities (the top token and the actual one at each position)."""
+        vllm = _import_vllm()
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        prompts = [{"prompt_token_ids": list(c) + list(t)} for c, t in pairs]
+        out = []
+        for o, (ctx, cont) in zip(self.llm.generate(prompts, params, use_tqdm=False), pairs):
+            ids = list(ctx) + list(cont)
+            total, greedy = 0.0, True
+            for pos in range(len(ctx), len(ids)):
+                lp = o.prompt_logprobs[pos]
+                total += float(lp[ids[pos]].logprob)
+                greedy = greedy and lp[ids[pos]].rank == 1
+            out.append((total, greedy))
         return out
 
     def load_weights(self, weights: Weights) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from cycleqd.atomic import write_atomic
 from cycleqd.config import Config, dump_config, resolve_paths, with_overrides
 from cycleqd.evolve.events import Observer, notify
+from cycleqd.evolve.guards import TruncationGuard
 from cycleqd.evolve.pool import LocalPool, RayPool, local_ray_env, start_ray
 from cycleqd.evolve.signals import RunInterrupted, StopSignals
 from cycleqd.recent import Recent
@@ -193,6 +194,7 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
     tasks = cfg.task_names
     folder = RunFolder(store)
     archive = folder.archive()
+    guard = TruncationGuard(cfg.evolution.truncation_warning)
 
     # Generation 0: the seed experts, evaluated like any child and committed one by one.
     missing = [t for t in tasks if t not in folder.seeds]
@@ -204,7 +206,9 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
             if r.error:
                 raise RuntimeError(f"seed expert {t} could not be evaluated: {r.error}")
             archive.offer(r.id, r.scores, 0)
-            store.commit(SeedRecord(task=t, genome=r.id, scores=dict(r.scores)), r.genome, r.episodes, archive)
+            guard.see(r.id, r.truncated)
+            store.commit(SeedRecord(task=t, genome=r.id, scores=dict(r.scores), truncated=dict(r.truncated)),
+                         r.genome, r.episodes, archive)
         notify(observers, "seeds_done", store.path, archive)
     elif folder.stale():
         store.write_archives(archive.to_json(folder.generation))
@@ -239,6 +243,7 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
             else:
                 log.warning("child %s failed: %s", spec.id, res.error)
             record = sched.tell(spec, res)
+            guard.see(record.id, record.truncated)
             # only elites' conversations are kept (disk)
             store.commit(record, res.genome, res.episodes if record.inserted else None, archive)
             if hasattr(sched, "search_state"):  # a coefficient search's state (a view; resume replays the log)

@@ -20,7 +20,9 @@ def check_code_execution(cfg: Config) -> None:
     """Tasks whose class says ``executes_code`` need ``sandbox.allow_code_execution: true``."""
     if cfg.sandbox.allow_code_execution:
         return
-    runs_code = [t.name for t in cfg.tasks if TASKS.get(t.kind).executes_code]
+    from cycleqd.tasks.foreign import declared_executes_code  # a package's class may not declare it: True
+
+    runs_code = [t.name for t in cfg.tasks if declared_executes_code(TASKS.get(t.kind), t.kind)]
     if runs_code:
         raise ConfigError(
             f"task(s) {', '.join(runs_code)} run model-written code; set sandbox.allow_code_execution: true "
@@ -65,8 +67,22 @@ def check_workers(cfg: Config) -> None:
         check(cfg)
 
 
+def check_lm_eval_tasks(cfg: Config) -> None:
+    """``kind: lm_eval`` tasks: the lm-eval task names ("did you mean"), metrics and splits exist, and
+    evolution and the final table score disjoint documents unless ``allow_overlap`` (see
+    :mod:`cycleqd.tasks.lm_eval`). Loads the tasks' datasets (local files: seconds)."""
+    specs = [t for t in cfg.tasks if t.kind == "lm_eval"]
+    if not specs:
+        return
+    from cycleqd.tasks.lm_eval import LmEvalTask
+
+    for t in specs:
+        LmEvalTask(name=t.name, data=t.data, sandbox=cfg.sandbox, **t.options)
+
+
 #: The checks :func:`preflight` runs, cheapest first. Add a check here, not in the loop.
-CHECKS: list[Callable[[Config], None]] = [check_code_execution, check_workers, check_model_files]
+CHECKS: list[Callable[[Config], None]] = [check_code_execution, check_workers, check_model_files,
+                                          check_lm_eval_tasks]
 
 
 def preflight(cfg: Config) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from cycleqd.config import Config, parse_config, resolve_paths, split_config
-from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, TASKS
+from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS
 from cycleqd.search.child import ChildResult, ChildSpec
 
 
@@ -49,10 +49,9 @@ def make_child(spec: ChildSpec, parents: Sequence[Any], cfg: Config, factors: An
 
 def build_tasks(cfg: Config) -> dict[str, Any]:
     """Instantiate the configured tasks (name -> Task)."""
-    return {
-        t.name: TASKS.get(t.kind)(name=t.name, data=t.data, sandbox=cfg.sandbox, **t.options)
-        for t in cfg.tasks
-    }
+    from cycleqd.tasks.foreign import make_task  # a package's class is wrapped in the Task protocol
+
+    return {t.name: make_task(t.kind, name=t.name, data=t.data, sandbox=cfg.sandbox, **t.options) for t in cfg.tasks}
 
 
 def ready_config(cfg: Config, *, split: str | None = None, n: int | None = None, seed: int | None = None) -> Config:
@@ -102,6 +101,7 @@ class ChildWorker:
         where = factors_device(self.cfg, self.engine.device)
         self.factors = Factors.prepare(self.cfg, device=where, progress=False).pin_memory()
         self.tasks = build_tasks(self.cfg)
+        self.truncated: dict[str, float] = {}  # the last evaluation's share of answers cut at max_new_tokens
 
     def ping(self) -> int:
         return self.index
@@ -115,6 +115,15 @@ class ChildWorker:
         """Stream ``genome``'s weights into the engine and score it on every task (or only ``tasks``)."""
         scores, seconds, _ = self.evaluate_recorded(genome, tasks, record=False)
         return scores, seconds
+
+    def _answer(self, name: str) -> Any:
+        """Ask task ``name``'s answers (the check comes later); notes the share of them cut at the token limit."""
+        before = (self.engine.answers_generated, self.engine.answers_truncated)
+        check = self.tasks[name].answer(self.engine)
+        n = self.engine.answers_generated - before[0]
+        if self.engine.counts_truncation and n > 0:
+            self.truncated[name] = (self.engine.answers_truncated - before[1]) / n
+        return check
 
     def evaluate_recorded(self, genome: Any, tasks: Sequence[str] | None = None, *, record: bool | None = None
                           ) -> tuple[dict[str, float], dict[str, float], list[dict]]:
@@ -138,10 +147,11 @@ class ChildWorker:
             self.engine.load_genome(genome, self.factors)
         seconds["materialize"] = time.perf_counter() - t0
         names = [n for n in self.tasks if tasks is None or n in tasks]
+        self.truncated = {}
         results: dict[str, Any] = {}
         with ThreadPoolExecutor(max_workers=1) as checks:
             for name in sorted(names, key=lambda n: not self.tasks[n].executes_code):
-                results[name] = checks.submit(self.tasks[name].answer(self.engine))
+                results[name] = checks.submit(self._answer(name))
             results = {n: r.result() for n, r in results.items()}
         scores = {}
         for name in names:
@@ -160,7 +170,8 @@ class ChildWorker:
             child, seconds = make_child(spec, [Genome.from_bytes(p) for p in parents], self.cfg, self.factors)
             scores, more, episodes = self.evaluate_recorded(child)
             return ChildResult(spec.id, child.to_bytes(), scores, {**seconds, **more}, None, self.index,
-                               tuple(episodes) if self.cfg.evolution.record_episodes else None)
+                               tuple(episodes) if self.cfg.evolution.record_episodes else None,
+                               dict(self.truncated))
         except Exception as e:  # the worker boundary: a bad child is a logged failure
             return ChildResult(spec.id, None, {}, {}, _short_error(e), self.index)
 
@@ -171,6 +182,7 @@ class ChildWorker:
         try:
             scores, seconds, episodes = self.evaluate_recorded(Genome.from_bytes(data))
             return ChildResult(genome_id, data, scores, seconds, None, self.index,
-                               tuple(episodes) if self.cfg.evolution.record_episodes else None)
+                               tuple(episodes) if self.cfg.evolution.record_episodes else None,
+                               dict(self.truncated))
         except Exception as e:
             return ChildResult(genome_id, None, {}, {}, _short_error(e), self.index)

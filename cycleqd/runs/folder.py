@@ -252,6 +252,24 @@ class RunFolder:
         keep = set(pareto_front({c.id: c.scores for c in done}, self.tasks))
         return [{"genome": c.id, "scores": dict(c.scores), "generation": c.generation} for c in done if c.id in keep]
 
+    def truncation(self) -> dict:
+        """How often answers stopped at ``max_new_tokens``: per task the mean and largest share over the
+        seed experts and children, and how many passed ``evolution.truncation_warning``; per genome its shares.
+
+        Tasks whose engine cannot tell (recorded answers) and runs older than the record have none.
+        """
+        shares: dict[str, dict[str, float]] = {s["genome"]: dict(s.get("truncated") or {})
+                                               for s in self.seeds.values()}
+        shares.update({c.id: dict(c.truncated) for c in self.children if c.ok})
+        threshold = self.config.evolution.truncation_warning
+        tasks = {}
+        for t in self.tasks:
+            vals = [g[t] for g in shares.values() if t in g]
+            if vals:
+                tasks[t] = {"mean": float(np.mean(vals)), "max": float(max(vals)), "models": len(vals),
+                            "over_threshold": sum(v > threshold for v in vals)}
+        return {"threshold": threshold, "tasks": tasks, "genomes": {g: s for g, s in shares.items() if s}}
+
     def summary(self) -> dict:
         """The run at a glance: per-archive stats, the best-mean elite, the seed experts, the final merge."""
         snap = self.snapshot()

@@ -340,7 +340,8 @@ class RunStore:
             write_atomic(self.episodes_path(gid), "".join(json.dumps(e) + "\n" for e in episodes))
         if isinstance(record, SeedRecord):
             order = self.config().task_names
-            seeds = {**self.seeds(), record.task: {"genome": record.genome, "scores": dict(record.scores)}}
+            seeds = {**self.seeds(), record.task: {"genome": record.genome, "scores": dict(record.scores),
+                                                   "truncated": dict(record.truncated)}}
             write_atomic(self.path / self.SEEDS, json.dumps({t: seeds[t] for t in order if t in seeds}, indent=1))
             generation, stats = 0, len(seeds) == len(order)
         else:

@@ -50,6 +50,7 @@ class ChildResult:
     error: str | None = None
     worker: int = 0
     episodes: tuple[dict, ...] | None = None  # passing conversations, when evolution.record_episodes is on
+    truncated: Mapping[str, float] = field(default_factory=dict)  # task -> share of answers at max_new_tokens
 
 
 class SeedRecord(BaseModel):
@@ -60,6 +61,7 @@ class SeedRecord(BaseModel):
     task: str
     genome: str
     scores: dict[str, float]
+    truncated: dict[str, float] = Field(default_factory=dict)
 
 
 class ChildRecord(BaseModel):
@@ -77,6 +79,8 @@ class ChildRecord(BaseModel):
         seed: the seed all its randomness came from.
         worker: the worker that built it.
         error: why it failed, or None.
+        truncated: task -> share of its answers that stopped at ``max_new_tokens`` (tasks whose
+            engine cannot tell are left out).
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -92,6 +96,7 @@ class ChildRecord(BaseModel):
     seed: int = Field(ge=0)
     worker: int = 0
     error: str | None = None
+    truncated: dict[str, float] = Field(default_factory=dict)
 
     def model_post_init(self, _context: object) -> None:
         if self.index < 0:  # logs written before ``index`` was recorded: the id carries it

@@ -114,6 +114,7 @@ class Scheduler:
             inserted=tuple(inserted),
             seconds={**result.seconds, **(seconds or {}), "tell": time.perf_counter() - t0},
             seed=spec.seed, worker=result.worker, error=result.error,
+            truncated=dict(result.truncated) if result.error is None else {},
         )
 
     def forget_in_flight(self) -> list[ChildSpec]:

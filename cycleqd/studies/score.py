@@ -28,7 +28,7 @@ def score(task_kind: str, data: str, *, model: str | None = None, answers: str |
     if (model is None) == (answers is None):
         raise ConfigError("give exactly one of --model and --answers")
     try:
-        cls = TASKS.get(task_kind)
+        TASKS.get(task_kind)
     except UnknownNameError as e:
         raise ConfigError(str(e)) from None
     if not data:
@@ -38,8 +38,10 @@ def score(task_kind: str, data: str, *, model: str | None = None, answers: str |
     box = sandbox or SandboxConfig(allow_code_execution=True)
     opts = dict(options or {})
     opts.update({k: v for k, v in (("select", select), ("protocol", protocol)) if v is not None})
+    from cycleqd.tasks.foreign import make_task  # a package's class is wrapped in the Task protocol
+
     try:
-        task = cls(name=task_kind, data=data, sandbox=box, **opts)
+        task = make_task(task_kind, name=task_kind, data=data, sandbox=box, **opts)
     except TypeError as e:  # an option the task does not take
         raise ConfigError(f"task {task_kind}: {e}") from None
     if answers is not None:

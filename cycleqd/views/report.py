@@ -119,6 +119,16 @@ def write_report(run_dir: str | Path, *, top: int = 10) -> Path:
                      _e(" + ".join(parents.get(r["genome"], [])) or "-")])
     parts.append(_table(["genome", "in archives", "generation", *snap.tasks, "mean", "parents"], rows, left=2))
 
+    trunc = run.truncation()
+    parts.append("<h2>Truncation</h2>")
+    parts.append(f'<p class="muted">Share of answers that stopped at max_new_tokens, over the seed experts and '
+                 f"children; a share above {trunc['threshold']:.0%} means the limit, not the skill, may be "
+                 "what is scored.</p>")
+    parts.append(_table(["task", "mean share", "largest share", "models over threshold"],
+                        [[_e(t), f"{v['mean']:.1%}", f"{v['max']:.1%}", f"{v['over_threshold']} of {v['models']}"]
+                         for t, v in trunc["tasks"].items()]) if trunc["tasks"] else
+                 '<p class="muted">not recorded</p>')
+
     parts.append("<h2>Final merge</h2>")
     if final:
         w = ", ".join(f"{t}: {v:.3f}" for t, v in (final.get("weights") or {}).items())
