@@ -90,6 +90,7 @@ TASKS: Registry = Registry(
         "mini_shell": "cycleqd.tasks.mini_shell",
         "mini_regex": "cycleqd.tasks.mini_regex",
         "likelihood": "cycleqd.tasks.likelihood",
+        "synthetic": "cycleqd.tasks.synthetic",
     },
 )
 ENGINES: Registry = Registry(

@@ -47,6 +47,7 @@ class ChildResult:
     error: str | None = None
     worker: int = 0
     episodes: tuple[dict, ...] | None = None  # passing conversations, when evolution.record_episodes is on
+    node: str | None = None  # the Ray node id the worker ran on (None in process)
 
 
 class SeedRecord(BaseModel):
@@ -73,6 +74,7 @@ class ChildRecord(BaseModel):
         seconds: time per stage.
         seed: the seed all its randomness came from.
         worker: the worker that built it.
+        node: the Ray node its worker ran on (None in process, and in logs written before it was recorded).
         error: why it failed, or None.
     """
 
@@ -88,6 +90,7 @@ class ChildRecord(BaseModel):
     seconds: dict[str, float] = Field(default_factory=dict)
     seed: int = Field(ge=0)
     worker: int = 0
+    node: str | None = None
     error: str | None = None
 
     def model_post_init(self, _context: object) -> None:
