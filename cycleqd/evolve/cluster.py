@@ -99,12 +99,9 @@ class LoopbackCluster:
                                          start_new_session=True)
 
     def start(self, timeout: float = 240) -> "LoopbackCluster":
-        """Start the head, then every node; return once all of them are alive in the cluster."""
-        self._start(self.nodes[0])
-        self.wait_nodes(1, timeout)
-        for node in self.nodes[1:]:
-            self._start(node)
-        self.wait_nodes(len(self.nodes), timeout)
+        """Start the head, then each node in turn; return once all of them are alive in the cluster."""
+        for i in range(len(self.nodes)):
+            self.restart(i, timeout)
         return self
 
     def alive_nodes(self) -> list[dict]:
@@ -148,9 +145,22 @@ class LoopbackCluster:
         self._stop(self.nodes[i])
         return pid
 
-    def restart(self, i: int) -> None:
-        """Start node ``i`` again (new ports), as a replaced machine joining the cluster."""
-        self._start(self.nodes[i])
+    def restart(self, i: int, timeout: float = 240, tries: int = 3) -> None:
+        """Start node ``i`` (again: new ports, as a replaced machine joining) and wait until it is alive.
+
+        Ray gives a raylet 30 s to register; on a loaded machine it may take longer and
+        ``ray start`` exits, so a node that exited is started again (``tries`` times in all).
+        """
+        node = self.nodes[i]
+        deadline = time.monotonic() + timeout
+        for _ in range(tries):
+            self._start(node)
+            while time.monotonic() < deadline and node.proc.poll() is None:
+                if any(n["Resources"].get(node.resource) for n in self.alive_nodes()):
+                    return
+                time.sleep(1)
+            self._stop(node)
+        raise RuntimeError(f"node {i} of the loopback cluster did not come up")
 
     def pids(self) -> list[int]:
         """Every live process of the cluster."""
