@@ -151,8 +151,8 @@ def scaling(workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32), latency_s: float = 
             root: Path | None = None) -> dict:
     """Children per hour on N workers spread over a loopback cluster (head + 3 nodes), ``latency_s`` a child.
 
-    Each N runs ``(rounds + 1) x N`` children through the real loop on Ray; the rate is taken after
-    the first N (the workers' start), from the finish times of the rest.
+    Each N runs ``(rounds + 1) x N`` children through the real loop on Ray; the rate is the
+    children that finished after the N-th, over the time from the N-th finish to the last.
     """
     from cycleqd.evolve.cluster import LoopbackCluster
     from cycleqd.evolve.loop import _ready_models, run_loop
@@ -187,8 +187,8 @@ def scaling(workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32), latency_s: float = 
             for a in inner.actors:
                 ray.kill(a)
             done = finished  # children only (the seed experts go through run_genomes)
-            steady = done[n:]
-            rate = (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else float("nan")
+            # after the first N (the workers' start): the children that finished after the N-th, over that time
+            rate = (len(done) - n) / (done[-1] - done[n - 1]) if len(done) > n else float("nan")
             nodes = {c.node for c in store.children()}
             out["per_n"][str(n)] = {"children": len(done), "wall_s": round(wall, 1),
                                     "children_per_hour": round(rate * 3600, 1), "nodes_used": len(nodes)}

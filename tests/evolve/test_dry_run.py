@@ -27,7 +27,7 @@ def test_dry_run_config_runs_end_to_end_in_under_a_minute(tmp_path):
     budget = 60 * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
     assert took < budget, f"the dry run took {took:.0f}s (budget {budget:.0f}s at load {os.getloadavg()[0]:.1f})"
     children = [json.loads(line) for line in (run / "children.jsonl").read_text().splitlines()]
-    assert [c["id"] for c in children] == [f"g{i:06d}" for i in range(1, 61)]
+    assert sorted(c["id"] for c in children) == [f"g{i:06d}" for i in range(1, 61)]  # each once, any order
     assert all(c["error"] is None for c in children)
     snap = json.loads((run / "archives.json").read_text())
     assert snap["generation"] == 60
