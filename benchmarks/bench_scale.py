@@ -135,7 +135,8 @@ def driver_ceiling(n: int = 10_000, *, on_ray: bool = False, workers: int = 2, r
     # memory after the first 100 children (plots, caches and the archives' arrays set up) and at the end
     out = {"children": len(d), "children_per_second": round(len(d) / wall, 1),
            "driver_ms_mean": round(sum(ms) / len(ms), 3), "driver_cpu_ms_mean": round(sum(cpu_ms) / len(cpu_ms), 3),
-           "rss_mb_start": round(pool.rss.get(100, float("nan")), 1), "rss_mb_at_1000": round(pool.rss.get(1000, float("nan")), 1),
+           "rss_mb_start": round(pool.rss.get(100, float("nan")), 1),
+           "rss_mb_at_1000": round(pool.rss.get(1000, float("nan")), 1),
            "rss_mb_end": round(rss1, 1), "load_average": round(os.getloadavg()[0], 1), "cores": os.cpu_count()}
     for at in (1000, 10_000):
         if len(ms) >= at - 1:  # the last child's driver time ends with the run: n children give n - 1
