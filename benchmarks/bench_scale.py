@@ -197,6 +197,7 @@ def scaling(workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32), latency_s: float = 
         ray.shutdown()
     finally:
         cluster.stop()
+        cluster.remove_files()
     r1 = out["per_n"][str(min(workers))]["children_per_hour"] / min(workers)
     for n, row in out["per_n"].items():
         row["efficiency"] = round(row["children_per_hour"] / (int(n) * r1), 3)

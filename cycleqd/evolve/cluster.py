@@ -189,6 +189,14 @@ class LoopbackCluster:
         for node in reversed(self.nodes):
             self._stop(node)
 
+    def remove_files(self) -> None:
+        """Remove the session folder and the nodes' logs (after :meth:`stop`)."""
+        import shutil
+
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for node in self.nodes:
+            (self.temp_dir.parent / f"{self.temp_dir.name}-node{node.index}.log").unlink(missing_ok=True)
+
     def __enter__(self) -> "LoopbackCluster":
         return self.start()
 

@@ -50,6 +50,7 @@ def cluster(tmp_path_factory):
         c.stop()
         assert not set(c.pids())
         assert not pids & _listening_pids(), "a process of the cluster still listens"
+        c.remove_files()
 
 
 def _config(tmp_path: Path, generations: int, latency: float) -> Path:
