@@ -20,7 +20,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 EVOLVE_ARGS := --config $(EXP) $(if $(TASKS),--tasks $(TASKS)) $(if $(GENERATIONS),--generations $(GENERATIONS)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(RUN_DIR),--run-dir $(RUN_DIR))
 
-.PHONY: vllm help install test test-all evolve table table-rescore bench submit clean system-deps os-image
+.PHONY: vllm help install test test-all evolve table table-rescore bench bench-scale submit clean system-deps os-image
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -85,6 +85,9 @@ table-rescore: install  ## score the committed table models on a fresh test draw
 
 bench: install  ## write bench.json (ratios against baselines measured in the same run)
 	$(BIN)/python benchmarks/bench.py --out bench.json
+
+bench-scale: install  ## bench.json: driver ceiling (10,000 zero-latency children) and children/hour on 1..32 workers over a loopback cluster
+	$(BIN)/python benchmarks/bench_scale.py --out bench.json
 
 submit: install  ## the same evolve job through `ray job submit` (ADDRESS=http://127.0.0.1:8265)
 	$(BIN)/ray job submit --address $(or $(ADDRESS),http://127.0.0.1:8265) --working-dir . \

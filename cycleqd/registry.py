@@ -161,6 +161,7 @@ TASKS: Registry = Registry(
         "mini_regex": "cycleqd.tasks.mini_regex",
         "likelihood": "cycleqd.tasks.likelihood",
         "lm_eval": "cycleqd.tasks.lm_eval",
+        "synthetic": "cycleqd.tasks.synthetic",
     },
     entry_points="cycleqd.tasks",  # and import paths: kind: "my_package.skills:JsonSkill"
 )

@@ -125,6 +125,10 @@ class Engine:
         """Bytes the engine's model holds on its device."""
         self._unsupported("report its resident bytes")
 
+    def current_genome(self) -> "Genome":
+        """The genome last loaded, itself (genome-only tasks score it; see :mod:`cycleqd.engine.genome_only`)."""
+        self._unsupported("give the genome it holds (only a genome-only engine keeps it)")
+
 
 def encode_request(tokenizer, req: GenRequest) -> list[int]:
     """The prompt token ids of ``req``, the same for every engine (so engines can be compared).

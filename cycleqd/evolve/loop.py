@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -45,6 +46,7 @@ __all__ = ["Observer", "RunInterrupted", "StopSignals", "evolve", "resume", "dri
 log = logging.getLogger("cycleqd")
 
 POLL_SECONDS = 0.5  # how often a waiting loop looks at the stop flag
+SNAPSHOT_SECONDS = 2.0  # archives.json is rewritten at most this often while children stream in, and at the end
 
 
 class _Progress:
@@ -225,6 +227,7 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
 
     if stop is not None:
         stop.polling = True
+    next_snapshot, behind = time.monotonic() + SNAPSHOT_SECONDS, False
     try:
         while not sched.done():
             if stop is not None and stop.signum is not None:
@@ -244,14 +247,21 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
                 log.warning("child %s failed: %s", spec.id, res.error)
             record = sched.tell(spec, res)
             guard.see(record.id, record.truncated)
+            # the snapshot (a cache of seeds + log) at most every SNAPSHOT_SECONDS: its size is the archives'
+            fresh = sched.done() or time.monotonic() >= next_snapshot
             # only elites' conversations are kept (disk)
-            store.commit(record, res.genome, res.episodes if record.inserted else None, archive)
+            store.commit(record, res.genome, res.episodes if record.inserted else None, archive, snapshot=fresh)
             if hasattr(sched, "search_state"):  # a coefficient search's state (a view; resume replays the log)
                 store.write_search_state(sched.search_state())
+            behind = not fresh
+            if fresh:
+                next_snapshot = time.monotonic() + SNAPSHOT_SECONDS
             notify(observers, "child_done", store.path, record, archive)
     finally:
         if stop is not None:
             stop.polling = False
+    if behind:  # stopped between snapshots: leave archives.json matching the log
+        store.write_archives(archive.to_json(sched.generation))
     if stop is not None and stop.signum is not None:
         pool.cancel()
         sched.forget_in_flight()

@@ -54,6 +54,11 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
     return {t.name: make_task(t.kind, name=t.name, data=t.data, sandbox=cfg.sandbox, **t.options) for t in cfg.tasks}
 
 
+def genome_only(cfg: Config) -> bool:
+    """True when no task of ``cfg`` needs a model (``needs_model = False``): workers then load no engine."""
+    return all(not TASKS.get(t.kind).needs_model for t in cfg.tasks)
+
+
 def ready_config(cfg: Config, *, split: str | None = None, n: int | None = None, seed: int | None = None) -> Config:
     """The one recipe before a worker loads models: ``cfg`` on ``split`` (``n`` items drawn with
     ``seed``) when any is given, local paths made absolute, and the mini world built when the
@@ -96,12 +101,26 @@ class ChildWorker:
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) // self.cfg.evolution.workers)
         torch.set_num_threads(threads)
-        engine_cls = ENGINES.get(self.cfg.engine.name)
-        self.engine = engine_cls.from_path(self.cfg.models.base, self.cfg.engine, dtype=self.cfg.models.dtype)
+        if genome_only(self.cfg):  # every task scores the genome itself (kind: synthetic): no weights loaded
+            from cycleqd.engine.genome_only import GenomeOnlyEngine
+
+            self.engine = GenomeOnlyEngine()
+        else:
+            engine_cls = ENGINES.get(self.cfg.engine.name)
+            self.engine = engine_cls.from_path(self.cfg.models.base, self.cfg.engine, dtype=self.cfg.models.dtype)
         where = factors_device(self.cfg, self.engine.device)
         self.factors = Factors.prepare(self.cfg, device=where, progress=False).pin_memory()
         self.tasks = build_tasks(self.cfg)
         self.truncated: dict[str, float] = {}  # the last evaluation's share of answers cut at max_new_tokens
+
+    @property
+    def node(self) -> str | None:
+        """The Ray node this worker runs on (None outside Ray): the ``node`` of its children's records."""
+        import sys
+
+        if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+            return None
+        return sys.modules["ray"].get_runtime_context().get_node_id()
 
     def ping(self) -> int:
         return self.index
@@ -171,7 +190,7 @@ class ChildWorker:
             scores, more, episodes = self.evaluate_recorded(child)
             return ChildResult(spec.id, child.to_bytes(), scores, {**seconds, **more}, None, self.index,
                                tuple(episodes) if self.cfg.evolution.record_episodes else None,
-                               dict(self.truncated))
+                               dict(self.truncated), self.node)
         except Exception as e:  # the worker boundary: a bad child is a logged failure
             return ChildResult(spec.id, None, {}, {}, _short_error(e), self.index)
 

@@ -320,7 +320,7 @@ class RunStore:
 
     # -- writing ---------------------------------------------------------------
     def commit(self, record: ChildRecord | SeedRecord, genome: bytes | None,
-               episodes: Sequence[dict] | None, archive: Archive) -> None:
+               episodes: Sequence[dict] | None, archive: Archive, *, snapshot: bool = True) -> None:
         """Make one evaluated model durable, in write-ahead order; the one write per child.
 
         1. its genome file (when it was built) and its passing conversations (``episodes``,
@@ -332,6 +332,9 @@ class RunStore:
 
         A kill between any two steps loses nothing: a resume replays the archives from the
         seeds and the log, and a genome without a line is overwritten by the child's re-run.
+        With ``snapshot=False`` the archive snapshot is left as it was (the loop writes it at
+        most every few seconds and at the end: readers replay a stale one, see
+        :meth:`cycleqd.runs.folder.RunFolder.snapshot`).
         """
         gid = record.genome if isinstance(record, SeedRecord) else record.id
         if genome is not None and (isinstance(record, SeedRecord) or record.ok):
@@ -347,10 +350,11 @@ class RunStore:
         else:
             self._append(self.CHILDREN, json.loads(record.to_line()))
             generation, stats = record.generation, True
-        self.write_archives(archive.to_json(generation))
-        if stats:
+        if snapshot:
+            self.write_archives(archive.to_json(generation))
+        if stats:  # derived (plots): not fsynced, a torn or lost line is skipped or redrawn
             self._append(self.STATS, {"generation": generation,
-                                      "archives": {t: archive.stats(t) for t in archive.tasks}})
+                                      "archives": {t: archive.stats(t) for t in archive.tasks}}, durable=False)
 
     def save_genome(self, genome_id: str, data: bytes) -> None:
         write_atomic(self.genome_path(genome_id), data)
@@ -361,7 +365,7 @@ class RunStore:
     def save_models(self, fingerprints: dict[str, str]) -> None:
         write_atomic(self.path / self.MODELS, json.dumps(fingerprints, indent=1))
 
-    def _append(self, name: str, record: dict) -> None:
+    def _append(self, name: str, record: dict, *, durable: bool = True) -> None:
         f = self.path / name
         # drop a torn tail first so the new line starts on a line boundary
         if f.exists() and f.stat().st_size:
@@ -372,7 +376,8 @@ class RunStore:
         with open(f, "a") as h:
             h.write(json.dumps(record) + "\n")
             h.flush()
-            os.fsync(h.fileno())
+            if durable:
+                os.fsync(h.fileno())
 
     def write_archives(self, snapshot: dict) -> None:
         write_atomic(self.path / self.ARCHIVES, json.dumps(snapshot))

@@ -51,6 +51,7 @@ class ChildResult:
     worker: int = 0
     episodes: tuple[dict, ...] | None = None  # passing conversations, when evolution.record_episodes is on
     truncated: Mapping[str, float] = field(default_factory=dict)  # task -> share of answers at max_new_tokens
+    node: str | None = None  # the Ray node id the worker ran on (None in process)
 
 
 class SeedRecord(BaseModel):
@@ -78,6 +79,7 @@ class ChildRecord(BaseModel):
         seconds: time per stage.
         seed: the seed all its randomness came from.
         worker: the worker that built it.
+        node: the Ray node its worker ran on (None in process, and in logs written before it was recorded).
         error: why it failed, or None.
         truncated: task -> share of its answers that stopped at ``max_new_tokens`` (tasks whose
             engine cannot tell are left out).
@@ -95,6 +97,7 @@ class ChildRecord(BaseModel):
     seconds: dict[str, float] = Field(default_factory=dict)
     seed: int = Field(ge=0)
     worker: int = 0
+    node: str | None = None
     error: str | None = None
     truncated: dict[str, float] = Field(default_factory=dict)
 

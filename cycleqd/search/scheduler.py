@@ -113,7 +113,7 @@ class Scheduler:
             parents=spec.parents, scores=dict(result.scores) if result.error is None else {},
             inserted=tuple(inserted),
             seconds={**result.seconds, **(seconds or {}), "tell": time.perf_counter() - t0},
-            seed=spec.seed, worker=result.worker, error=result.error,
+            seed=spec.seed, worker=result.worker, node=result.node, error=result.error,
             truncated=dict(result.truncated) if result.error is None else {},
         )
 

@@ -71,6 +71,8 @@ class Task:
         name: the task's name in the config (its archive axis).
         executes_code: True if scoring runs model-written code (needs
             ``sandbox.allow_code_execution``, checked before any model loads).
+        needs_model: False if the task scores the genome itself (``kind: synthetic``); when no
+            task of a run needs a model, workers load no engine (genome-only mode).
     """
 
     class Options(BaseModel):
@@ -80,6 +82,7 @@ class Task:
 
     name: str
     executes_code: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = True
 
     def __init__(self, name: str, data: str | None = None, sandbox: SandboxConfig | None = None, **options: Any):
         """Args:

@@ -242,11 +242,20 @@ def refresh_plots(run_dir: str | Path) -> list[Path]:
 class PlotObserver:
     """An observer of the evolve loop that redraws RUN/plots every ``every`` children and at the end.
 
-    Plots never stop a run: a drawing error is logged and the run goes on.
+    Plots stay off the driver's hot path: while the run goes on, each drawing runs in a separate
+    process (one at a time, from the files on disk), started once ``every`` children finished since
+    the last and at least ``max(min_interval_s, 10 x the last drawing's seconds)`` after it, so
+    drawing takes a bounded share of the machine however fast children come (a real run's
+    children take minutes: every ``every`` children). The drawings at the seeds and at the end
+    are made in this process. Plots never stop a run: a drawing error is logged and the run goes on.
     """
 
-    def __init__(self, every: int = 10):
-        self.every = every
+    def __init__(self, every: int = 10, min_interval_s: float = 10.0):
+        self.every, self.min_interval_s = every, min_interval_s
+        self._proc = None
+        self._started = -math.inf
+        self._last_s = 0.0
+        self._since = 0
 
     def _refresh(self, run_dir: Path) -> None:
         import logging
@@ -256,12 +265,62 @@ class PlotObserver:
         except Exception as e:  # plots never stop a run
             logging.getLogger("cycleqd").warning("plots not refreshed: %s", e)
 
+    def _busy(self) -> bool:
+        """True while a background drawing runs; notes the last one's duration and failure."""
+        import logging
+        import time
+
+        if self._proc is None:
+            return False
+        if self._proc.poll() is None:
+            return True
+        self._last_s = time.monotonic() - self._started
+        if self._proc.returncode:
+            logging.getLogger("cycleqd").warning("plots not refreshed: the drawing exited %d", self._proc.returncode)
+        self._proc = None
+        return False
+
+    def _spawn(self, run_dir: Path) -> None:
+        import atexit
+        import os
+        import subprocess
+        import sys
+        import time
+
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding the cycleqd package
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self._started = time.monotonic()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from cycleqd.views.plots import refresh_plots; "
+             "refresh_plots(sys.argv[1])", str(run_dir)],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        atexit.register(self.wait)
+
+    def wait(self) -> None:
+        """Wait for a background drawing to end (run_done and exit call it)."""
+        if self._proc is not None:
+            self._proc.wait()
+            self._busy()
+
     def seeds_done(self, run_dir: Path, archive) -> None:
         self._refresh(run_dir)
 
     def child_done(self, run_dir: Path, record, archive) -> None:
-        if record.generation % self.every == 0:
-            self._refresh(run_dir)
+        import time
+
+        self._since += 1
+        if self._since < self.every or self._busy():
+            return
+        if time.monotonic() - self._started < max(self.min_interval_s, 10 * self._last_s):
+            return
+        self._since = 0
+        try:
+            self._spawn(run_dir)
+        except OSError as e:
+            import logging
+
+            logging.getLogger("cycleqd").warning("plots not refreshed: %s", e)
 
     def run_done(self, run_dir: Path, archive) -> None:
+        self.wait()
         self._refresh(run_dir)

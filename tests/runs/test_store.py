@@ -108,7 +108,8 @@ def test_one_commit_writes_the_genome_then_the_log_line_then_the_derived_files(c
         real_write(path, data)
 
     import cycleqd.runs.store as store_module
-    store_module.write_atomic, store._append = spy_write, lambda name, rec: (seen.append(name), real_append(name, rec))
+    store_module.write_atomic = spy_write
+    store._append = lambda name, rec, **kw: (seen.append(name), real_append(name, rec, **kw))
     try:
         for t in cfg.task_names:
             archive.offer(f"seed_{t}", {"a": 0.2, "b": 0.3}, 0)

@@ -1,0 +1,204 @@
+"""A Ray cluster of several nodes on this machine, on loopback: for dry runs, tests and benchmarks.
+
+:class:`LoopbackCluster` starts a head (``ray start --head``) and nodes (``ray start
+--address=HEAD``), each ``--block`` in its own process session, every listener on 127.0.0.1 with
+its own free port, each node with ``--num-cpus`` and a custom resource ``node<i>`` of its own.
+Every process is stopped by the PID of its session leader (``stop``); a node's raylet can be
+killed by its PID mid-run (``kill_raylet``) and the node started again (``restart``), as a lost
+machine would be. ``cycleqd evolve --address`` joins it like any cluster.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_PORT_FLAGS = ("node-manager-port", "object-manager-port", "metrics-export-port", "runtime-env-agent-port",
+               "dashboard-agent-listen-port", "dashboard-agent-grpc-port")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env() -> dict[str, str]:
+    """The environment of every process of the cluster: several nodes allowed, no usage stats, no token auth,
+    no RAY_ADDRESS."""
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 as "refuse to join a second node" on every platform
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def session_pids(leader: int) -> list[int]:
+    """PIDs of every live process in the session that ``leader`` leads (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == leader:
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+@dataclass
+class Node:
+    """One ``ray start --block`` process (its session leader) and the ports it was given."""
+
+    index: int
+    cpus: float
+    proc: subprocess.Popen | None = None
+    ports: list[int] = field(default_factory=list)
+
+    @property
+    def resource(self) -> str:
+        return f"node{self.index}"
+
+
+class LoopbackCluster:
+    """A head and ``len(node_cpus)`` more nodes on 127.0.0.1 (see the module docstring).
+
+    Args:
+        temp_dir: Ray's session folder root (short: socket paths must fit in 107 bytes).
+        head_cpus: CPUs the head offers (0: workers only on the nodes).
+        node_cpus: CPUs of each further node.
+    """
+
+    def __init__(self, temp_dir: str | os.PathLike, head_cpus: float = 0, node_cpus: tuple[float, ...] = (1, 1, 1)):
+        self.temp_dir = Path(temp_dir)
+        self.gcs_port = free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.nodes = [Node(0, head_cpus)] + [Node(i + 1, c) for i, c in enumerate(node_cpus)]
+        self.env = ray_env()
+        self._ray = str(Path(sys.executable).parent / "ray")
+
+    def _start(self, node: Node) -> None:
+        node.ports = [free_port() for _ in _PORT_FLAGS]
+        args = [self._ray, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={node.cpus:g}",
+                f'--resources={{"{node.resource}": 1}}', "--disable-usage-stats",
+                *(f"--{flag}={port}" for flag, port in zip(_PORT_FLAGS, node.ports))]
+        if node.index == 0:
+            args += ["--head", f"--port={self.gcs_port}", "--include-dashboard=false",
+                     f"--temp-dir={self.temp_dir}", f"--ray-client-server-port={free_port()}"]
+        else:
+            args += [f"--address={self.address}"]
+        log = open(self.temp_dir.parent / f"{self.temp_dir.name}-node{node.index}.log", "ab")
+        with log:  # `ray start`'s own output, per node, beside the session folder
+            node.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def start(self, timeout: float = 240) -> "LoopbackCluster":
+        """Start the head, then each node in turn; return once all of them are alive in the cluster."""
+        for i in range(len(self.nodes)):
+            self.restart(i, timeout)
+        return self
+
+    def alive_nodes(self) -> list[dict]:
+        """The cluster's live nodes as Ray's state API lists them (empty while the head is not up)."""
+        out = subprocess.run(
+            [sys.executable, "-c", "import json, ray; ray.init(address=%r, log_to_driver=False);"
+             "print(json.dumps([n for n in ray.nodes() if n['Alive']]))" % self.address],
+            env=self.env, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            return []
+        import json
+
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def wait_nodes(self, n: int, timeout: float = 240) -> list[dict]:
+        """Block until ``n`` nodes are alive; raise RuntimeError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            nodes = self.alive_nodes()
+            if len(nodes) >= n:
+                return nodes
+            time.sleep(1)
+        raise RuntimeError(f"the loopback cluster did not reach {n} live nodes in {timeout:.0f}s")
+
+    def raylet_pid(self, i: int) -> int:
+        """PID of node ``i``'s raylet (a process of its session)."""
+        node = self.nodes[i]
+        for pid in session_pids(node.proc.pid):
+            try:
+                exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if exe.endswith(b"/raylet"):
+                return pid
+        raise RuntimeError(f"node {i} has no raylet")
+
+    def kill_raylet(self, i: int) -> int:
+        """SIGKILL node ``i``'s raylet by its PID, then stop the rest of that node; returns the PID."""
+        pid = self.raylet_pid(i)
+        os.kill(pid, signal.SIGKILL)
+        self._stop(self.nodes[i])
+        return pid
+
+    def restart(self, i: int, timeout: float = 240, tries: int = 3) -> None:
+        """Start node ``i`` (again: new ports, as a replaced machine joining) and wait until it is alive.
+
+        Ray gives a raylet 30 s to register; on a loaded machine it may take longer and
+        ``ray start`` exits, so a node that exited is started again (``tries`` times in all).
+        """
+        node = self.nodes[i]
+        deadline = time.monotonic() + timeout
+        for _ in range(tries):
+            self._start(node)
+            while time.monotonic() < deadline and node.proc.poll() is None:
+                if any(n["Resources"].get(node.resource) for n in self.alive_nodes()):
+                    return
+                time.sleep(1)
+            self._stop(node)
+        raise RuntimeError(f"node {i} of the loopback cluster did not come up")
+
+    def pids(self) -> list[int]:
+        """Every live process of the cluster."""
+        return [p for node in self.nodes if node.proc is not None for p in session_pids(node.proc.pid)]
+
+    def _stop(self, node: Node, grace: float = 15) -> None:
+        if node.proc is None:
+            return
+        leader = node.proc.pid
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in session_pids(leader):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and (node.proc.poll() is None or session_pids(leader)):
+                time.sleep(0.2)
+            if node.proc.poll() is not None and not session_pids(leader):
+                break
+        node.proc.wait()
+        node.proc = None
+
+    def stop(self) -> None:
+        """Stop every node, then the head, each process by its PID (SIGTERM, then SIGKILL)."""
+        for node in reversed(self.nodes):
+            self._stop(node)
+
+    def remove_files(self) -> None:
+        """Remove the session folder and the nodes' logs (after :meth:`stop`)."""
+        import shutil
+
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for node in self.nodes:
+            (self.temp_dir.parent / f"{self.temp_dir.name}-node{node.index}.log").unlink(missing_ok=True)
+
+    def __enter__(self) -> "LoopbackCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
