@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from cycleqd.config import Config, parse_config, resolve_paths, split_config
-from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS
+from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, TASKS
 from cycleqd.search.child import ChildResult, ChildSpec
 
 
@@ -55,8 +55,12 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
 
 
 def genome_only(cfg: Config) -> bool:
-    """True when no task of ``cfg`` needs a model (``needs_model = False``): workers then load no engine."""
-    return all(not TASKS.get(t.kind).needs_model for t in cfg.tasks)
+    """True when no task of ``cfg`` needs a model (``needs_model = False``): workers then load no engine.
+
+    A package's class that does not derive from :class:`~cycleqd.tasks.protocol.Task` needs one."""
+    from cycleqd.tasks.protocol import Task
+
+    return all(issubclass(cls := TASKS.get(t.kind), Task) and not cls.needs_model for t in cfg.tasks)
 
 
 def ready_config(cfg: Config, *, split: str | None = None, n: int | None = None, seed: int | None = None) -> Config:
