@@ -132,6 +132,17 @@ class SamplingConfig(_Frozen):
         return self
 
 
+class OperatorControlConfig(_Frozen):
+    """CMA-ES operator control (the official ``qd.use_cma`` with its ``cma_es`` settings): one
+    solver per quality task sets each child's crossover (mu, sigma) and mutation rate from its
+    parents' bins (:mod:`cycleqd.search.operator_control`)."""
+
+    name: Literal["cma"] = "cma"
+    popsize: int = Field(8, ge=2, le=1024)
+    sigma: float = Field(0.01, gt=0.0, le=MAX_SCALE)
+    seed: int = Field(42, ge=0)
+
+
 class EvolutionConfig(_Frozen):
     generations: int = Field(1200, ge=0, le=MAX_GENERATIONS)
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
@@ -146,6 +157,7 @@ class EvolutionConfig(_Frozen):
     record_episodes: bool = False
     worker_cpus: float = Field(0.0, ge=0.0, le=MAX_WORKERS)
     worker_gpus: float = Field(0.0, ge=0.0, le=MAX_WORKERS)
+    operator_control: OperatorControlConfig | None = None  # None: the configured mu, sigma and rate
 
 
 class EngineConfig(_Frozen):
@@ -279,6 +291,8 @@ def _check_names(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
     for t in cfg.tasks:
         check_task_options(t)
+    if cfg.evolution.operator_control is not None and cfg.archive.kind != "grid":
+        raise ConfigError("evolution.operator_control reads the parents' bins: it needs archive.kind: grid")
 
 
 def check_task_options(task: TaskConfig) -> BaseModel:

@@ -210,7 +210,7 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
 
     # Steady state: every worker always has one child in flight; a finished child is
     # offered to all K archives and committed (genome, log line, snapshot) before the next is asked.
-    sched = Scheduler(cfg, archive, folder.children)
+    sched = Scheduler(cfg, archive, folder.children, folder=store.path)
     parent_cache: Recent[str, bytes] = Recent(256)  # parents are drawn again and again from the same elites
 
     def genome_bytes(gid: str) -> bytes:

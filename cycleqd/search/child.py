@@ -34,6 +34,7 @@ class ChildSpec:
     quality_task: str
     parents: tuple[str, ...]
     seed: int
+    operators: tuple[float, float, float] | None = None  # crossover mu, sigma, mutation rate (operator control)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class ChildRecord(BaseModel):
         seed: the seed all its randomness came from.
         worker: the worker that built it.
         error: why it failed, or None.
+        operators: crossover mu, sigma and mutation rate an operator control chose (else None).
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -89,6 +91,7 @@ class ChildRecord(BaseModel):
     seed: int = Field(ge=0)
     worker: int = 0
     error: str | None = None
+    operators: tuple[float, float, float] | None = None
 
     def model_post_init(self, _context: object) -> None:
         if self.index < 0:  # logs written before ``index`` was recorded: the id carries it
