@@ -11,6 +11,8 @@
     RUN/final_merge.json   the paper's final merge
     RUN/summary.json       the run at a glance
     RUN/episodes/<id>.jsonl  an elite's passing conversations
+    RUN/operator_control.jsonl  CMA-ES operator control's events (its name lives in
+                           cycleqd.search.operator_control, a lower stage)
     RUN/plots/             heatmaps and history
     RUN/.lock              held by the one driver of the run
 """
