@@ -6,8 +6,11 @@ import pickle
 from pathlib import Path
 
 import pytest
+from oracles import OSOracleEngine
 
-from cycleqd.config import ConfigError
+from cycleqd.config import ConfigError, SandboxConfig
+from cycleqd.engine.protocol import GenRequest
+from cycleqd.sandbox import bwrap_available
 from cycleqd.tasks.fishfarm_os import read_samples, samples_file
 from cycleqd.tasks.os_interaction import OFFICIAL_PROMPT, OSEpisode, OSInteractionTask
 
@@ -95,3 +98,42 @@ def test_allowed_class_called_with_arguments_is_refused(tmp_path) -> None:
                   b"(cfishfarm.tasks.os_interaction\nOSInteractionSample\n(S'x'\ntRl.")
     with pytest.raises(ConfigError, match="samples.pkl"):
         OSInteractionTask(data=str(tmp_path))
+
+
+#: Official problems the host layer cannot pass (they read or write the image's own /usr, /var/log
+#: or /proc/sys; docs/os_environment.md): the OS machine as an image removes them.
+HOST_LAYER = {"17": "reads /proc/sys/kernel/threads-max", "19": "newest file in the host's /usr",
+              "26": "find over the host's /var/lib", "42": "du over the host's /usr", "43": "find over the host's /usr",
+              "45": "find over the host's /usr", "46": "find over the host's /usr",
+              "123": "sums the files of /var/log (empty here)"}
+#: Cannot pass offline, or not at all (its own check is broken, in AgentBench too).
+UNPASSABLE = {"52": "init runs apt install sudo (network)", "153": 'dev 8: size-match.py int("4.0")'}
+
+
+class _OfficialOracle(OSOracleEngine):
+    """The known-correct player, answering with what the example printed when its check may read it."""
+
+    def _reply(self, r: GenRequest) -> str:
+        reply = super()._reply(r)
+        p = self.problems[r.sample_id]
+        last = r.messages[-1]["content"]
+        if r.turn >= 1 and reply.endswith("Act: finish") and p.check and p.check[0] is not None \
+                and last.startswith("The output of the OS:"):
+            return f"Think: the OS told me.\n\nAct: answer({last.removeprefix('The output of the OS:').strip()})"
+        return reply
+
+
+@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here")
+def test_the_110_official_problems_pass_with_their_examples_and_fail_wrong_answers(samples_pkl) -> None:
+    """The official selection read from samples.pkl, played by its own example scripts: every problem
+    the host layer can hold passes (>= 0.97 required), and wrong answers pass at most 1%."""
+    task = OSInteractionTask(data=str(samples_pkl), select="official", sandbox=SandboxConfig(allow_code_execution=True))
+    good = task.evaluate(_OfficialOracle(task.problems))
+    failed = set(good.failed_ids)
+    print(f"official OS oracle from samples.pkl: {good.quality:.4f} of {good.n}; failed {sorted(failed, key=int)}")
+    assert good.n == 110 and failed <= set(HOST_LAYER) | set(UNPASSABLE), failed - set(HOST_LAYER) - set(UNPASSABLE)
+    judged = [s for s in good.samples if s.id not in HOST_LAYER and s.id not in UNPASSABLE]
+    assert sum(s.score for s in judged) / len(judged) >= 0.97
+    wrong = task.evaluate(OSOracleEngine(task.problems, wrong=True))
+    print(f"wrong answers: {wrong.quality:.4f} (passed {[s.id for s in wrong.samples if s.score > 0]})")
+    assert wrong.quality <= 0.01
