@@ -125,7 +125,8 @@ def test_a_loop_with_cma_resumes_to_the_same_run(tiny_family, tmp_path):
 
     def loop(run, generations):
         cfg = parse_config({**data, "evolution": {**data["evolution"], "generations": generations}})
-        store = RunStore(run) if (run / "config.yaml").exists() else RunStore.create(run, cfg)
+        if not (run / "config.yaml").exists():
+            RunStore.create(run, cfg)
         write_atomic(run / "config.yaml", dump_config(cfg))
         worker.cfg = cfg
         return run_loop(RunStore(run), LocalPool([worker]))

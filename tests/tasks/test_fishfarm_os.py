@@ -94,8 +94,8 @@ def test_any_other_global_is_refused_with_one_line(tmp_path) -> None:
 
 def test_allowed_class_called_with_arguments_is_refused(tmp_path) -> None:
     """An allowed class is only ever built empty and given a dict state: REDUCE with arguments fails."""
-    path = _write(tmp_path / "samples.pkl",
-                  b"(cfishfarm.tasks.os_interaction\nOSInteractionSample\n(S'x'\ntRl.")
+    _write(tmp_path / "samples.pkl",
+           b"(cfishfarm.tasks.os_interaction\nOSInteractionSample\n(S'x'\ntRl.")
     with pytest.raises(ConfigError, match="samples.pkl"):
         OSInteractionTask(data=str(tmp_path))
 
