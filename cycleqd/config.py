@@ -147,6 +147,17 @@ class SearchConfig(_Frozen):
         return {"name": v} if isinstance(v, str) else v
 
 
+class OperatorControlConfig(_Frozen):
+    """CMA-ES operator control (the official ``qd.use_cma`` with its ``cma_es`` settings): one
+    solver per quality task sets each child's crossover (mu, sigma) and mutation rate from its
+    parents' bins (:mod:`cycleqd.search.operator_control`)."""
+
+    name: Literal["cma"] = "cma"
+    popsize: int = Field(8, ge=2, le=1024)
+    sigma: float = Field(0.01, gt=0.0, le=MAX_SCALE)
+    seed: int = Field(42, ge=0)
+
+
 class EvolutionConfig(_Frozen):
     generations: int = Field(1200, ge=0, le=MAX_GENERATIONS)
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
@@ -164,6 +175,7 @@ class EvolutionConfig(_Frozen):
     worker_gpus: float = Field(0.0, ge=0.0, le=MAX_WORKERS)
     # Warn (once a run) when a child's answers on a task stop at max_new_tokens more often than this.
     truncation_warning: float = Field(0.1, ge=0.0, le=1.0)
+    operator_control: OperatorControlConfig | None = None  # None: the configured mu, sigma and rate
 
 
 class EngineConfig(_Frozen):
@@ -303,6 +315,11 @@ def _check_names(cfg: Config) -> None:
         raise ConfigError(f"evolution.search: {cfg.evolution.search.name} takes no options")
     for t in cfg.tasks:
         check_task_options(t)
+    if cfg.evolution.operator_control is not None and cfg.evolution.search.name != "cycleqd":
+        raise ConfigError(f"evolution.operator_control steers CycleQD's crossover and mutation; "
+                          f"search {cfg.evolution.search.name!r} has none (drop one of them)")
+    if cfg.evolution.operator_control is not None and cfg.archive.kind != "grid":
+        raise ConfigError("evolution.operator_control reads the parents' bins: it needs archive.kind: grid")
 
 
 def check_task_options(task: TaskConfig) -> BaseModel:

@@ -26,7 +26,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cycleqd.config import EngineConfig
 from cycleqd.engine.drafted import DRAFT_MEMORY, DraftedDecoder, StopCheck
-from cycleqd.engine.protocol import Engine, GenRequest, Weights, encode_request, weight_items
+from cycleqd.engine.protocol import (
+    Engine,
+    GenRequest,
+    OverLongPrompt,
+    Weights,
+    default_max_model_len,
+    encode_request,
+    weight_items,
+)
 from cycleqd.model.experts import torch_dtype
 from cycleqd.recent import Recent
 from cycleqd.registry import register_engine
@@ -66,11 +74,15 @@ class HFEngine(Engine):
             model asked the same prompt (0: none; a config sets it as ``engine.options.draft_memory``).
             They are kept by a digest of the prompt's ids, as 4-byte ids: 16,384 completions of
             512 tokens take 32 MiB.
+        max_model_len: the longest prompt + completion it takes (default: the model's
+            ``max_position_embeddings``, at most 4096, as the vLLM engine); a prompt that leaves
+            no room for a token is answered ``""`` (:class:`~cycleqd.engine.protocol.OverLongPrompt`), as vLLM 0.3.0 did.
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32, max_new_tokens: int | None = None,
-                 draft_memory: int = DRAFT_MEMORY):
+                 draft_memory: int = DRAFT_MEMORY, max_model_len: int | None = None):
         self.model = model.eval()
+        self.max_model_len = int(max_model_len or default_max_model_len(model.config.to_dict()))
         self.tokenizer = tokenizer
         self.counts_truncation = True
         self.batch_size = batch_size
@@ -100,7 +112,8 @@ class HFEngine(Engine):
         )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=weights_dtype, **extra).to(device)
         return cls(model, tokenizer, batch_size=engine_cfg.batch_size, max_new_tokens=engine_cfg.max_new_tokens,
-                   draft_memory=int(engine_cfg.options.get("draft_memory", DRAFT_MEMORY)))
+                   draft_memory=int(engine_cfg.options.get("draft_memory", DRAFT_MEMORY)),
+                   max_model_len=engine_cfg.options.get("max_model_len"))
 
     # -- generation -------------------------------------------------------------------------
     def _limit(self, req: GenRequest) -> int:
@@ -146,6 +159,9 @@ class HFEngine(Engine):
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions in request order, each cut at its first stop string.
 
+        A prompt of ``max_model_len`` tokens or more is not decoded: its reply is ``""``
+        (:class:`~cycleqd.engine.protocol.OverLongPrompt`) and the other requests go on.
+
         Raises:
             ValueError: a request sets both or neither of ``prompt`` and ``messages``.
         """
@@ -154,6 +170,9 @@ class HFEngine(Engine):
         truncated = [False] * len(requests)
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, r in enumerate(requests):
+            if len(encoded[i]) >= self.max_model_len:  # no room for a token, as in the vLLM engine
+                outputs[i] = OverLongPrompt()
+                continue
             groups.setdefault(tuple(r.stop), []).append(i)
         for stops, idx in groups.items():
             # Similar lengths share a batch: less padding, and short rows do not wait for long ones.

@@ -25,7 +25,10 @@ class GenRequest:
     the tokenizer's chat template) is set. ``sample_id`` and ``turn`` (0-based round
     of a multi-turn episode) let the replay engine return recorded outputs.
     ``prefill`` (chat messages only) is text the assistant turn starts with; the
-    completion is what the model writes after it.
+    completion is what the model writes after it. ``special_tokens`` (chat messages
+    only): the rendered chat text is tokenised with the tokenizer's special tokens, as
+    vLLM 0.3.0's ``generate(prompts=...)`` tokenised the official code's prompts, so a
+    tokenizer that adds a BOS puts a second one before the template's own.
     """
 
     sample_id: str = ""
@@ -35,6 +38,25 @@ class GenRequest:
     max_new_tokens: int = 512
     stop: tuple[str, ...] = field(default_factory=tuple)
     prefill: str = ""
+    special_tokens: bool = False
+
+
+class OverLongPrompt(str):
+    """The reply an engine gives a request whose prompt is longer than its ``max_model_len``.
+
+    It equals ``""``, as vLLM 0.3.0 answered such a request (it skipped it and the episode
+    went on), so callers that do not look treat it as an empty reply; a caller that counts
+    them tests ``isinstance(reply, OverLongPrompt)``.
+    """
+
+    def __new__(cls) -> "OverLongPrompt":
+        return super().__new__(cls, "")
+
+
+def default_max_model_len(model_config: Mapping) -> int:
+    """The longest prompt + completion an engine takes by default: the model's
+    ``max_position_embeddings``, at most 4096 (an engine option ``max_model_len`` overrides it)."""
+    return min(int(model_config.get("max_position_embeddings") or 4096), 4096)
 
     def __post_init__(self) -> None:
         if isinstance(self.messages, list):  # a list from a task package: a tuple, as built-in tasks give
@@ -134,8 +156,9 @@ def encode_request(tokenizer, req: GenRequest) -> list[int]:
     """The prompt token ids of ``req``, the same for every engine (so engines can be compared).
 
     Chat messages go through the tokenizer's own chat template (which writes its special
-    tokens, BOS included) with the request's ``prefill`` appended; a raw prompt is tokenized
-    with the tokenizer's defaults.
+    tokens, BOS included) with the request's ``prefill`` appended, then are tokenised without
+    further special tokens, or with them when the request sets ``special_tokens`` (the official
+    protocol's second BOS); a raw prompt is tokenized with the tokenizer's defaults.
 
     Raises:
         ValueError: the request sets both or neither of ``prompt`` and ``messages``.
@@ -146,5 +169,5 @@ def encode_request(tokenizer, req: GenRequest) -> list[int]:
         text = tokenizer.apply_chat_template(
             [dict(m) for m in req.messages], tokenize=False, add_generation_prompt=True
         ) + req.prefill
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(text, add_special_tokens=req.special_tokens)["input_ids"]
     return tokenizer(req.prompt)["input_ids"]

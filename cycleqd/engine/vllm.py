@@ -23,7 +23,15 @@ import torch
 
 from cycleqd.config import EngineConfig
 from cycleqd.engine.hf import cut_at_stop
-from cycleqd.engine.protocol import Engine, GenRequest, Weights, encode_request, weight_items
+from cycleqd.engine.protocol import (
+    Engine,
+    GenRequest,
+    OverLongPrompt,
+    Weights,
+    default_max_model_len,
+    encode_request,
+    weight_items,
+)
 from cycleqd.model.experts import read_model_config, resolve_model_dir, torch_dtype
 from cycleqd.registry import register_engine
 
@@ -116,8 +124,7 @@ class VLLMEngine(Engine):
 
         name = dtype or engine_cfg.dtype or "float32"
         opts = dict(engine_cfg.options)
-        max_pos = read_model_config(resolve_model_dir(path)).get("max_position_embeddings") or 4096
-        opts.setdefault("max_model_len", min(int(max_pos), 4096))
+        opts.setdefault("max_model_len", default_max_model_len(read_model_config(resolve_model_dir(path))))
         opts.setdefault("seed", 0)
         if current_platform.device_type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -129,20 +136,32 @@ class VLLMEngine(Engine):
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """Greedy completions in request order, cut at the first stop string.
 
-        A completion stops at the model's length limit (``max_model_len``) too.
+        A completion stops at the model's length limit (``max_model_len``) too. A prompt
+        that leaves no room for a token is not sent (vLLM would refuse the whole batch): its
+        reply is ``""`` (:class:`~cycleqd.engine.protocol.OverLongPrompt`), as vLLM 0.3.0
+        answered a prompt longer than ``max_model_len``.
         """
         vllm = _import_vllm()
-        prompts, params = [], []
-        for r in requests:
+        outputs: list[str] = [""] * len(requests)
+        sent, prompts, params = [], [], []
+        for i, r in enumerate(requests):
             ids = encode_request(self.tokenizer, r)  # the ids the transformers engine sees too
+            if len(ids) >= self.max_model_len:  # no room for a token: vLLM refuses it
+                outputs[i] = OverLongPrompt()
+                continue
             limit = min(r.max_new_tokens, self.max_new_tokens) if self.max_new_tokens else r.max_new_tokens
             limit = max(1, min(limit, self.max_model_len - len(ids)))
+            sent.append(i)
             prompts.append({"prompt_token_ids": ids})
             params.append(vllm.SamplingParams(temperature=0.0, max_tokens=limit, stop=list(r.stop) or None))
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        truncated = [False] * len(requests)
+        for i, o in zip(sent, outs):
+            outputs[i] = cut_at_stop(o.outputs[0].text, requests[i].stop)
+            truncated[i] = o.outputs[0].finish_reason == "length"
         self.counts_truncation = True
-        self.note_answers([o.outputs[0].finish_reason == "length" for o in outs])
-        return [cut_at_stop(o.outputs[0].text, r.stop) for o, r in zip(outs, requests)]
+        self.note_answers(truncated)
+        return outputs
 
     def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
         """``(sum of log p(token | prefix), number of scored tokens)`` of each text (first token is context)."""

@@ -217,7 +217,8 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
 
     # Steady state: every worker always has one child in flight; a finished child is
     # offered to all K archives and committed (genome, log line, snapshot) before the next is asked.
-    sched = make_scheduler(cfg, archive, folder.children)  # evolution.search: cycleqd, cma_es, nsga2, random
+    # evolution.search: cycleqd (with its operator control's log in the folder), cma_es, nsga2, random
+    sched = make_scheduler(cfg, archive, folder.children, folder=store.path)
     parent_cache: Recent[str, bytes] = Recent(256)  # parents are drawn again and again from the same elites
 
     def genome_bytes(gid: str) -> bytes:

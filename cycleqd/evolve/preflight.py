@@ -80,9 +80,20 @@ def check_lm_eval_tasks(cfg: Config) -> None:
         LmEvalTask(name=t.name, data=t.data, sandbox=cfg.sandbox, **t.options)
 
 
+def check_fishfarm_samples(cfg: Config) -> None:
+    """An OS task's ``data`` that names fishfarm's ``samples.pkl`` is read now, with the restricted
+    unpickler: a global other than fishfarm's sample classes stops the run before it starts."""
+    from cycleqd.tasks.fishfarm_os import read_samples, samples_file
+
+    for t in cfg.tasks:
+        path = samples_file(t.data) if t.kind == "os_interaction" and t.data else None
+        if path is not None:
+            read_samples(path)
+
+
 #: The checks :func:`preflight` runs, cheapest first. Add a check here, not in the loop.
-CHECKS: list[Callable[[Config], None]] = [check_code_execution, check_workers, check_model_files,
-                                          check_lm_eval_tasks]
+CHECKS: list[Callable[[Config], None]] = [check_code_execution, check_fishfarm_samples, check_workers,
+                                          check_model_files, check_lm_eval_tasks]
 
 
 def preflight(cfg: Config) -> None:

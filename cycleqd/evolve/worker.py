@@ -39,10 +39,15 @@ def make_child(spec: ChildSpec, parents: Sequence[Any], cfg: Config, factors: An
         return coefficient_genome(spec.coefficients, cfg, factors), {"crossover": time.perf_counter() - t0}
     gen = torch.Generator().manual_seed(spec.seed)
     evo = cfg.evolution
-    child = CROSSOVERS.get(evo.crossover.name)(parents, evo.crossover, gen, factors)
+    crossover, mutation = evo.crossover, evo.mutation
+    if spec.operators is not None:  # chosen by operator control: w ~ N(1 + mu, |sigma|), r ~ U[0, rate)
+        mu, sigma, rate = spec.operators
+        crossover = crossover.model_copy(update={"mu": mu, "sigma": abs(sigma)})
+        mutation = mutation.model_copy(update={"rate": rate})
+    child = CROSSOVERS.get(evo.crossover.name)(parents, crossover, gen, factors)
     t1 = time.perf_counter()
     q = cfg.task_names.index(spec.quality_task)  # the expert whose directions mutate this child
-    child = MUTATIONS.get(evo.mutation.name)(child, q, evo.mutation, gen, factors)
+    child = MUTATIONS.get(evo.mutation.name)(child, q, mutation, gen, factors)
     t2 = time.perf_counter()
     return child, {"crossover": t1 - t0, "mutation": t2 - t1}
 

@@ -12,6 +12,8 @@
     RUN/summary.json       the run at a glance
     RUN/search.json        a coefficient search's state (cma_es, nsga2's front, random), a view of the log
     RUN/episodes/<id>.jsonl  an elite's passing conversations
+    RUN/operator_control.jsonl  CMA-ES operator control's events (its name lives in
+                           cycleqd.search.operator_control, a lower stage)
     RUN/plots/             heatmaps and history
     RUN/.lock              held by the one driver of the run
 """

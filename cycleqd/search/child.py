@@ -37,6 +37,7 @@ class ChildSpec:
     # a search over merge coefficients (cma_es, nsga2, random) asks for this point of its box instead
     # of a crossover of parents (see cycleqd.search.space.CoefficientSpace)
     coefficients: tuple[float, ...] | None = None
+    operators: tuple[float, float, float] | None = None  # crossover mu, sigma, mutation rate (operator control)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class ChildRecord(BaseModel):
         error: why it failed, or None.
         truncated: task -> share of its answers that stopped at ``max_new_tokens`` (tasks whose
             engine cannot tell are left out).
+        operators: crossover mu, sigma and mutation rate an operator control chose (else None).
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -100,6 +102,7 @@ class ChildRecord(BaseModel):
     node: str | None = None
     error: str | None = None
     truncated: dict[str, float] = Field(default_factory=dict)
+    operators: tuple[float, float, float] | None = None
 
     def model_post_init(self, _context: object) -> None:
         if self.index < 0:  # logs written before ``index`` was recorded: the id carries it

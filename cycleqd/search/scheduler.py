@@ -10,7 +10,9 @@ guarded: telling a spec that was never asked, or telling it twice, raises
 """
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import replace
 from typing import Mapping
 
 import numpy as np
@@ -46,13 +48,21 @@ class Scheduler:
         archive: the K archives, already holding the seeds and every logged child.
         log: the children already told (from children.jsonl), so a resumed scheduler
             continues the ask order and the generation count where the run stopped.
+        folder: the run folder, where ``evolution.operator_control`` keeps its state
+            (:class:`~cycleqd.search.operator_control.OperatorControl`).
 
     Attributes:
         generation: children told so far (one generation = one finished child).
     """
 
-    def __init__(self, cfg: Config, archive: Archive, log: list[ChildRecord] = ()):
+    def __init__(self, cfg: Config, archive: Archive, log: list[ChildRecord] = (),
+                 folder: str | os.PathLike | None = None):
         self.cfg, self.archive = cfg, archive
+        self.control = None
+        if cfg.evolution.operator_control is not None:
+            from cycleqd.search.operator_control import OperatorControl
+
+            self.control = OperatorControl(cfg.evolution.operator_control, archive, folder)
         self.generation = len(log)
         self.next_index = max((c.index for c in log), default=-1) + 1
         self._told = {c.index for c in log}
@@ -84,6 +94,8 @@ class Scheduler:
         spec = ChildSpec(index=index, id=f"g{index + 1:06d}", quality_task=q_name,
                          parents=tuple(p.genome for p in parents),
                          seed=child_seed(self.cfg, index))
+        if self.control is not None:
+            spec = replace(spec, operators=self.control.ask(index, q_name, [p.cell for p in parents]))
         self.next_index += 1
         self._asked[index] = spec
         return spec
@@ -108,12 +120,14 @@ class Scheduler:
         self._told.add(spec.index)
         self.generation += 1
         inserted = self.archive.offer(spec.id, result.scores, self.generation) if result.error is None else []
+        if self.control is not None:
+            self.control.tell(spec.index, result.scores if result.error is None else None)
         return ChildRecord(
             generation=self.generation, index=spec.index, id=spec.id, quality_task=spec.quality_task,
             parents=spec.parents, scores=dict(result.scores) if result.error is None else {},
             inserted=tuple(inserted),
             seconds={**result.seconds, **(seconds or {}), "tell": time.perf_counter() - t0},
-            seed=spec.seed, worker=result.worker, node=result.node, error=result.error,
+            seed=spec.seed, worker=result.worker, node=result.node, error=result.error, operators=spec.operators,
             truncated=dict(result.truncated) if result.error is None else {},
         )
 

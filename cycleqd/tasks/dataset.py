@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cycleqd.config import ConfigError
-from cycleqd.engine.protocol import Engine, GenRequest
+from cycleqd.engine.protocol import Engine, GenRequest, OverLongPrompt
 from cycleqd.sandbox import require_code_execution
 from cycleqd.tasks.protocol import SampleResult, Task, TaskResult
 
@@ -137,6 +137,8 @@ class Episode(Protocol):
     messages: list[dict[str, str]]
     done: bool
     turn: int
+    #: ``"official"``: its chat prompts are tokenised as the official code's were (a second BOS).
+    protocol: str
 
     def step(self, reply: str) -> None:
         """Act on the model's reply (run SQL / bash); set ``done`` when the episode ends."""
@@ -144,11 +146,16 @@ class Episode(Protocol):
 
 
 def run_episodes(engine: Engine, episodes: Sequence[Episode], *, max_new_tokens: int,
-                 workers: int = 8, prompt: Callable[[Episode], dict] | None = None) -> dict[str, str]:
+                 workers: int = 8, prompt: Callable[[Episode], dict] | None = None,
+                 overlong: dict[str, int] | None = None) -> dict[str, str]:
     """Drive episodes round by round: one generate call per round for all live episodes.
 
     Replies are acted on in parallel threads (each episode owns its own database or
-    shell). An episode whose step raises is ended with the error recorded.
+    shell). An episode whose step raises is ended with the error recorded. Episodes of
+    protocol ``official`` send their chat prompts with ``special_tokens`` (see
+    :class:`~cycleqd.engine.protocol.GenRequest`). A prompt longer than the engine takes
+    gets ``""`` (:class:`~cycleqd.engine.protocol.OverLongPrompt`) and its episode goes on
+    with that reply; ``overlong``, when given, counts them per sample id.
 
     Returns:
         sample_id -> error text for the episodes that failed with an exception.
@@ -171,8 +178,9 @@ def run_episodes(engine: Engine, episodes: Sequence[Episode], *, max_new_tokens:
             requests = []
             for ep in live:
                 extra = prompt(ep) if prompt else {"messages": tuple(dict(m) for m in ep.messages)}
-                requests.append(GenRequest(sample_id=ep.sample_id, turn=ep.turn,
-                                           max_new_tokens=max_new_tokens, **extra))
+                official = getattr(ep, "protocol", None) == "official" and "messages" in extra
+                requests.append(GenRequest(sample_id=ep.sample_id, turn=ep.turn, max_new_tokens=max_new_tokens,
+                                           special_tokens=official, **extra))
             try:
                 replies = engine.generate(requests)
             except Exception as e:  # the model failing ends every live episode as failed
@@ -180,5 +188,9 @@ def run_episodes(engine: Engine, episodes: Sequence[Episode], *, max_new_tokens:
                     errors[ep.sample_id] = f"generation failed: {error_text(e)}"
                     ep.done = True
                 break
+            if overlong is not None:
+                for ep, reply in zip(live, replies):
+                    if isinstance(reply, OverLongPrompt):
+                        overlong[ep.sample_id] = overlong.get(ep.sample_id, 0) + 1
             list(pool.map(act, zip(live, replies)))
     return errors

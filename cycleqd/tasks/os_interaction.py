@@ -14,8 +14,9 @@ one that ends without an answer (an invalid action, the round limit, a failed st
 with the answer ``""``, so a check that looks only at the machine can still pass;
 ``agentbench`` fails such episodes unjudged.
 
-``data`` may be a problem file (JSON list / JSONL) or AgentBench's ``data/os_interaction``
-folder: every problem file ``data/<n>.json`` and ``data/<n>/*.json``, numbered ones in
+``data`` may be fishfarm's ``samples.pkl`` (the official code's own copy of all 170
+problems, with the descriptions it used; see :mod:`cycleqd.tasks.fishfarm_os`), a problem
+file (JSON list / JSONL) or AgentBench's ``data/os_interaction`` folder: every problem file ``data/<n>.json`` and ``data/<n>/*.json``, numbered ones in
 number order then the rest (``dev.json``) by name, each file's scripts in
 ``scripts/<n>/``; sample ids are 0-based indexes into that concatenation.
 ``select: official`` keeps the problems the official code scores (shipped in
@@ -51,6 +52,7 @@ from cycleqd.tasks.dataset import (
     select_ids,
     task_result,
 )
+from cycleqd.tasks.fishfarm_os import FishfarmSample, read_samples, samples_file
 from cycleqd.tasks.official import official_samples
 from cycleqd.tasks.protocol import SampleResult, TaskResult
 
@@ -170,6 +172,20 @@ def _image_name(create: Any) -> str:
     """AgentBench's ``create.local`` (``local-os/<name>``): ``packages`` adds npm; anything else is ``default``."""
     name = create.get("local", "default") if isinstance(create, dict) else "default"
     return "packages" if name == "packages" else "default"
+
+
+def fishfarm_problems(samples: Sequence[FishfarmSample]) -> list[OSProblem]:
+    """fishfarm's pickled samples -> problems: sample ``k`` of the list gets the id ``k`` (the official
+    code's sample id); ``extra`` names its AgentBench file and index and keeps its conversation."""
+    out = []
+    for s in samples:
+        c = s.config
+        out.append(OSProblem(id=str(s.position), description=c["description"], init=tuple(c.get("init_script") or ()),
+                             start=c.get("start"), match=dict(c["match"]) if c.get("match") else None,
+                             check=tuple(c["check"]) if c.get("check") else None, example=c.get("example_script"),
+                             image=_image_name(c.get("create")),
+                             extra={"file": s.file, "index": s.index, "conversation": s.conversation}))
+    return out
 
 
 def _number_first(p: Path) -> tuple:
@@ -293,8 +309,10 @@ class OSEpisode:
     """One OS problem played round by round in its own session."""
 
     def __init__(self, problem: OSProblem, session: OSSession, max_rounds: int, command_timeout: float,
-                 prompt: str = PROMPT):
+                 prompt: str = PROMPT, protocol: str = "official",
+                 conversation: Sequence[dict[str, str]] | None = None):
         self.sample_id = problem.id
+        self.protocol = protocol
         self.problem, self.session = problem, session
         self.max_rounds, self.command_timeout = max_rounds, command_timeout
         first = dict(ONE_SHOT[0])
@@ -302,6 +320,8 @@ class OSEpisode:
         self.messages = [first, *[dict(m) for m in ONE_SHOT[1:]],
                          {"role": "user", "content": "Now, I will start a new problem in a new OS. "
                                                      "My problem is:\n\n" + problem.description}]
+        if conversation is not None:  # the official code's own pickled conversation, as it is
+            self.messages = [dict(m) for m in conversation]
         self.turn = 0
         self.done = False
         self.committed = False
@@ -357,6 +377,7 @@ class OSInteractionOptions(DatasetOptions):
     max_rounds: int = Field(5, ge=1, le=100)
     command_timeout: float = Field(10.0, gt=0, le=3600)
     workers: int = Field(4, ge=1, le=1024)
+    chunk: int = Field(32, ge=1, le=256)
     memory_mb: int | None = Field(None, ge=64, le=1 << 20)
 
 
@@ -367,7 +388,11 @@ class OSInteractionTask(DatasetTask):
     Args:
         name: task name in the experiment.
         data: an AgentBench OS problem file (JSON list / JSONL), or AgentBench's
-            ``data/os_interaction`` folder (every problem file, each with its scripts folder).
+            ``data/os_interaction`` folder (every problem file, each with its scripts folder),
+            or fishfarm's ``samples.pkl`` (or its ``configs`` / ``os_interaction`` folder) in a
+            CycleQD checkout: the official code's own problems, read without unpickling code
+            (:mod:`cycleqd.tasks.fishfarm_os`); under ``official`` their pickled conversations
+            are what the model is shown.
         sandbox: the experiment's SandboxConfig (``allow_code_execution`` must be true).
         protocol: ``official`` (the official CycleQD code) or ``agentbench`` (see module docstring).
         select: ``all`` problems, or the ``official`` selection (110 of AgentBench's 170).
@@ -379,6 +404,8 @@ class OSInteractionTask(DatasetTask):
         ids / limit: evaluate a subset (of the selection).
         max_new_tokens: per reply.
         workers: episodes acting at the same time.
+        chunk: episodes played together; the problems are played chunk after chunk, as fishfarm
+            plays its samples in chunks of its 32 workers (each machine holds open files).
         memory_mb: memory of an episode's machine (default: max(sandbox.memory_mb, 2048)).
     """
 
@@ -392,8 +419,11 @@ class OSInteractionTask(DatasetTask):
         self.protocol, self.select = opts.protocol, opts.select
         if not data:
             raise ConfigError("task needs `data` (an AgentBench OS problem file or data/os_interaction folder)")
+        pickled = None if data.startswith("hf://") else samples_file(data)
         if data.startswith("hf://"):
             self.problems = load_problems(read_rows(data), Path(opts.scripts or "."), source=data)
+        elif pickled is not None:  # fishfarm's own copy (the official code's problems and words)
+            self.problems = fishfarm_problems(read_samples(pickled))
         else:
             if not Path(data).exists():
                 raise ConfigError(f"data {data!r} not found")
@@ -405,7 +435,7 @@ class OSInteractionTask(DatasetTask):
         self._ids = select_ids(pool, opts.ids, opts.limit)
         self.runs, self.max_rounds = opts.runs, opts.max_rounds
         self.command_timeout, self.max_new_tokens = opts.command_timeout, opts.max_new_tokens
-        self.workers = opts.workers
+        self.workers, self.chunk = opts.workers, opts.chunk
         self.memory_mb = int(opts.memory_mb if opts.memory_mb is not None else max(self.sandbox.memory_mb, 2048))
 
     def answer_signatures(self, requests: Sequence[Any], answers: Sequence[str]) -> list[str | None]:
@@ -450,7 +480,8 @@ class OSInteractionTask(DatasetTask):
         def start(i: str) -> None:
             try:
                 episodes.append(OSEpisode(by_id[i], self._start(by_id[i], sessions[i]), self.max_rounds,
-                                          self.command_timeout, self._prompt()))
+                                          self.command_timeout, self._prompt(), self.protocol,
+                                          by_id[i].extra.get("conversation") if self.protocol == "official" else None))
             except Exception as e:
                 out[i] = (0.0, f"set-up failed: {error_text(e)}", {})
 
@@ -468,10 +499,14 @@ class OSInteractionTask(DatasetTask):
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
             list(pool.map(start, [i for i in chosen if i in sessions]))
         try:
-            errors = run_episodes(engine, episodes, max_new_tokens=self.max_new_tokens, workers=self.workers)
+            overlong: dict[str, int] = {}
+            errors = run_episodes(engine, episodes, max_new_tokens=self.max_new_tokens, workers=self.workers,
+                                  overlong=overlong)
 
             def finish(ep: OSEpisode) -> None:
                 detail = {"status": ep.status, "answer": ep.answer, "turns": ep.turn, "conversation": ep.messages}
+                if overlong.get(ep.sample_id):  # prompts longer than the engine takes, answered ""
+                    detail["overlong_prompts"] = overlong[ep.sample_id]
                 try:
                     ok = self._verdict(ep)
                     if ep.session.timeouts:  # commands or checks cut at their limit
@@ -487,6 +522,13 @@ class OSInteractionTask(DatasetTask):
                 ep.session.close()
         return out
 
+    def _play(self, engine: Engine, chosen: list[str]) -> dict[str, tuple[float, str | None, dict]]:
+        """One run over ``chosen``, ``chunk`` episodes at a time."""
+        out: dict[str, tuple[float, str | None, dict]] = {}
+        for k in range(0, len(chosen), self.chunk):
+            out.update(self._one_run(engine, chosen[k:k + self.chunk]))
+        return out
+
     def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
         """Play every chosen problem ``runs`` times; a sample's score is its pass rate over the runs.
 
@@ -495,11 +537,14 @@ class OSInteractionTask(DatasetTask):
         """
         chosen = self.chosen(ids)
         start = time.monotonic()
-        runs = [self._one_run(engine, chosen) for _ in range(self.runs)]
+        runs = [self._play(engine, chosen) for _ in range(self.runs)]
         samples = []
         for i in chosen:
             scores = [r[i][0] for r in runs]
             errs = [r[i][1] for r in runs if r[i][1]]
-            samples.append(SampleResult(i, sum(scores) / len(scores), errs[0] if errs else None,
-                                        {"runs": [r[i][2] for r in runs], "scores": scores}))
+            detail = {"runs": [r[i][2] for r in runs], "scores": scores}
+            skipped = sum(r[i][2].get("overlong_prompts", 0) for r in runs)
+            if skipped:
+                detail["overlong_prompts"] = skipped
+            samples.append(SampleResult(i, sum(scores) / len(scores), errs[0] if errs else None, detail))
         return task_result(self.name, samples, start)

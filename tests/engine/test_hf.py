@@ -243,3 +243,22 @@ def test_vllm_missing_is_a_clear_error(tiny_family):
     assert ENGINES.get("vllm") is VLLMEngine
     with pytest.raises(VLLMNotInstalled, match="vllm package"):
         VLLMEngine.from_path(str(tiny_family["base"]), EngineConfig(name="vllm"))
+
+
+def test_overlong_prompt_gets_empty_reply_alone(tiny_family):
+    """A prompt that leaves no room for a token (here 40 tokens, max_model_len 40) is answered "" as an
+    OverLongPrompt, without decoding; the other requests of the same batch get their own replies."""
+    from cycleqd.engine.protocol import OverLongPrompt
+
+    hf = HFEngine.from_path(str(tiny_family["base"]), EngineConfig(device="cpu", batch_size=4,
+                                                                   options={"max_model_len": 40}))
+    assert hf.max_model_len == 40
+    reqs = _reqs(limits=(6,))
+    alone = hf.generate(reqs)
+    long = [GenRequest("long", prompt="a" * 40, max_new_tokens=6), GenRequest("fits", prompt="a" * 39, max_new_tokens=6)]
+    got = hf.generate([long[0], *reqs, long[1]])
+    assert isinstance(got[0], OverLongPrompt) and got[0] == ""
+    assert got[1:-1] == alone and not isinstance(got[1], OverLongPrompt)
+    assert not isinstance(got[-1], OverLongPrompt)
+    default = HFEngine.from_path(str(tiny_family["base"]), EngineConfig(device="cpu"))
+    assert default.max_model_len == 256  # the model's max_position_embeddings

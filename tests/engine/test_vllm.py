@@ -136,3 +136,20 @@ def test_sequence_logprobs_match(engines):
     for (a, n), (b, m) in zip(vl.sequence_logprobs(texts), hf.sequence_logprobs(texts)):
         assert n == m > 10
         assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3)
+
+
+def test_overlong_prompt_gets_empty_reply_alone(engines):
+    """A prompt of max_model_len tokens or more (vLLM refuses it and the whole batch) is answered "" as an
+    OverLongPrompt; the other requests of the batch get what they get alone, as the transformers engine does."""
+    from cycleqd.engine.protocol import OverLongPrompt
+
+    vl, hf = engines
+    assert vl.max_model_len == hf.max_model_len == 256
+    reqs = _val_requests(2, cap=12)
+    alone = vl.generate(reqs)
+    over = [GenRequest("at-limit", prompt="a" * 256, max_new_tokens=4),
+            GenRequest("beyond", prompt="a" * 300, max_new_tokens=4)]
+    got = vl.generate([over[0], *reqs, over[1]])
+    assert [isinstance(g, OverLongPrompt) and g == "" for g in (got[0], got[-1])] == [True, True]
+    assert got[1:-1] == alone and not any(isinstance(g, OverLongPrompt) for g in got[1:-1])
+    assert hf.generate(over) == ["", ""] and vl.generate(over[:1]) == [""]

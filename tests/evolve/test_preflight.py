@@ -106,3 +106,18 @@ def test_a_typo_in_an_operator_parameter_says_did_you_mean(section, key, want, b
     c["evolution"][section] = {key: 0.1}
     with pytest.raises(ConfigError, match=f"evolution.{section}.{key}: unknown setting; did you mean '{want}'"):
         parse_config(c)
+
+
+def test_a_fishfarm_samples_file_naming_another_global_is_refused(base_cfg, tmp_path):
+    """An OS task's samples.pkl whose pickle names any global but fishfarm's sample classes stops the run
+    at preflight (exit 2, one line naming the file), and the global is never resolved or called."""
+    evil = tmp_path / "configs" / "samples.pkl"
+    evil.parent.mkdir()
+    marker = tmp_path / "ran"
+    evil.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    c = copy.deepcopy(base_cfg)
+    c["tasks"][0] = {"name": "a", "kind": "os_interaction", "data": str(evil.parent)}
+    c["sandbox"] = {"allow_code_execution": True}
+    err = _refused(tmp_path, c)
+    assert str(evil) in err and "refused global os.system" in err
+    assert not marker.exists()

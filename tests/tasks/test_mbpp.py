@@ -40,7 +40,7 @@ class TestOfficialPrompt:
             "Write a function to find the shared elements from the given two lists. "
             "Your code should satisfy the following assertion:\n```python\n"
             "assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))\n```"
-            "\n\n@@ Response:\n```python")
+            "\n\n@@ Response:```python")
 
     def test_plain_mbpp_text_and_first_test_period_added(self) -> None:
         row = {"task_id": 11, "text": "Write a python function to remove first and last occurrence of a given "
@@ -51,7 +51,7 @@ class TestOfficialPrompt:
             f"{SYSTEM}\n\n@@ Instruction:\n"
             "Write a python function to remove first and last occurrence of a given character from the string. "
             "Your code should satisfy the following assertion:\n```python\n"
-            'assert remove_Occ("hello","l") == "heo"\n```\n\n@@ Response:\n```python')
+            'assert remove_Occ("hello","l") == "heo"\n```\n\n@@ Response:```python')
 
     def test_stops_and_request(self, tmp_path) -> None:
         assert STOP == ("Instruction:", "Instruction", "Response:", "Response")
@@ -59,10 +59,31 @@ class TestOfficialPrompt:
                "test_list": ["assert f(1) == 2"]}
         task = MBPPTask(data=str(write_jsonl(tmp_path / "m.jsonl", [row])), protocol="official")
         req = task.request(task.problems["1"])
-        assert req.stop == STOP and req.messages is None and req.prompt.endswith("@@ Response:\n```python")
+        assert req.stop == STOP and req.messages is None and req.prompt.endswith("@@ Response:```python")
         ev = MBPPTask(data=str(tmp_path / "m.jsonl"), protocol="evalplus").request(task.problems["1"])
         assert ev.prompt is None and ev.messages[0]["content"] == evalplus_message(task.problems["1"])
         assert ev.messages[0]["content"].startswith("Please provide a self-contained Python script")
+
+
+    def test_prompt_equals_official_template_render_for_every_problem(self, shared_data) -> None:
+        """Every MBPP problem's prompt equals, character for character, fishfarm's render: the official
+        MBPP chat template with a generation prompt, then the prefill appended with no newline."""
+        from fishfarm_reference import MBPP, MBPP_PREFILL, into_prompt
+
+        from cycleqd.mini.tokenizer import make_char_tokenizer
+        from cycleqd.tasks.mbpp.prompts import SYSTEM as TASK_SYSTEM
+        from cycleqd.tasks.mbpp.prompts import official_instruction
+
+        tok = make_char_tokenizer()
+        rows = [json.loads(line) for line in (shared_data / "mbpp/mbpp.jsonl").read_text().splitlines()]
+        rows += _plus_rows()  # MBPP+ rows: the docstring's text before its assert
+        assert len(rows) == 976
+        for row in rows:
+            p = problem_from_row(row)
+            messages = [{"role": "system", "content": TASK_SYSTEM},
+                        {"role": "user", "content": official_instruction(p.text, p.assertion)}]
+            assert official_prompt(p) == into_prompt(tok, messages, MBPP, MBPP_PREFILL), p.id
+        assert official_prompt(problem_from_row(rows[0])).endswith("@@ Response:```python")
 
 
 class TestOfficialSanitizer:

@@ -240,3 +240,22 @@ def test_official_oracle_on_dev_through_the_folder(shared_data, tmp_path) -> Non
     assert wrong.quality <= 0.01
     silent = write_jsonl(tmp_path / "silent.jsonl", [{"id": i, "turns": ["I cannot help."]} for i in task.sample_ids()])
     assert task.evaluate(ReplayEngine(silent)).quality <= 0.01  # judged with "", officially
+
+
+@needs_bwrap
+def test_overlong_prompts_are_counted_and_judged_with_empty_reply(tiny_family, tmp_path) -> None:
+    """An engine whose max_model_len is below the OS prompt answers "" (no exception): the episode ends as
+    an invalid action, is judged with "" officially, and the sample's detail counts the skipped prompt."""
+    from cycleqd.config import EngineConfig
+    from cycleqd.engine.hf import HFEngine
+
+    rows = [{"description": "Say anything.", "evaluation": {"match": {"answer": "x"}}},
+            {"description": "Say nothing.", "evaluation": {"check": [{"code": "true"}]}}]
+    data = write_jsonl(tmp_path / "os.jsonl", rows)
+    engine = HFEngine.from_path(str(tiny_family["base"]), EngineConfig(device="cpu", options={"max_model_len": 64}))
+    engine.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    res = OSInteractionTask(data=str(data), sandbox=ALLOW).evaluate(engine)
+    by_id = {s.id: s for s in res.samples}
+    assert [s.detail["overlong_prompts"] for s in res.samples] == [1, 1]
+    assert by_id["0"].detail["runs"][0]["status"] == "invalid action" and by_id["0"].score == 0.0
+    assert by_id["1"].score == 1.0  # judged with "" as fishfarm judges an unanswered episode

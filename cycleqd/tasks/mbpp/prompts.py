@@ -24,9 +24,13 @@ def official_instruction(text: str, assertion: str) -> str:
 
 
 def official_prompt(problem: Problem) -> str:
-    """The full official prompt: system line, ``@@ Instruction:`` turn, ``@@ Response:`` + open python fence."""
+    """The full official prompt: system line, ``@@ Instruction:`` turn, ``@@ Response:`` + open python fence.
+
+    The official code renders its MBPP chat template with ``add_generation_prompt`` (which ends
+    in ``@@ Response:``) and appends the prefill directly, so no newline precedes the fence.
+    """
     return (f"{SYSTEM}\n\n@@ Instruction:\n{official_instruction(problem.text, problem.assertion)}"
-            f"\n\n@@ Response:\n{PREFILL}")
+            f"\n\n@@ Response:{PREFILL}")
 
 
 def evalplus_message(problem: Problem) -> str:

@@ -11,7 +11,7 @@ id ``hf://evalplus/mbppplus`` (needs ``datasets`` and a network).
   system line and an ``@@ Instruction:`` turn holding the problem text (the MBPP+
   docstring before its ``assert``, or MBPP's ``text``) + " Your code should satisfy the
   following assertion:" + that assertion in a python block, then ``@@ Response:`` with the
-  reply opened as a python code block; stops "Instruction:", "Instruction", "Response:",
+  python fence appended directly (no newline between); stops "Instruction:", "Instruction", "Response:",
   "Response". The reply is cut at its first code fence and put through the EvalPlus
   sanitiser of that time (:func:`official_sanitize`), which keeps the entry point only
   where its body holds ``"    return "``. MBPP+ rows with ``base_input`` are judged like
