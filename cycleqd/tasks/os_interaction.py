@@ -183,7 +183,7 @@ def fishfarm_problems(samples: Sequence[FishfarmSample]) -> list[OSProblem]:
         out.append(OSProblem(id=str(s.position), description=c["description"], init=tuple(c.get("init_script") or ()),
                              start=c.get("start"), match=dict(c["match"]) if c.get("match") else None,
                              check=tuple(c["check"]) if c.get("check") else None, example=c.get("example_script"),
-                             image=_image_name(c.get("create")),
+                             image=_image_name({"local": str(c.get("image") or "").rsplit("/", 1)[-1]}),
                              extra={"file": s.file, "index": s.index, "conversation": s.conversation}))
     return out
 
