@@ -163,8 +163,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from cycleqd.model.plan import memory_plan, parse_bytes
 
     cfg = with_overrides(load_config(a.config, check_paths=False), workers=a.workers)
+    from cycleqd.model.adapters import parse_lora_plan
+
     plan = memory_plan(cfg, arch=a.arch, device_bytes=parse_bytes(a.device_memory) if a.device_memory else None,
-                       host_bytes=parse_bytes(a.host_memory) if a.host_memory else None)
+                       host_bytes=parse_bytes(a.host_memory) if a.host_memory else None,
+                       lora=parse_lora_plan(a.lora) if a.lora else None)
     print(json.dumps(plan.to_json()) if a.json else plan.format())
     if not plan.fits:
         print(f"cycleqd: error: memory plan does not fit: {plan.problem}", file=sys.stderr)
@@ -352,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device-memory", help="memory of the engine's GPUs together, e.g. 80GB (default: what CUDA reports)")
     pl.add_argument("--host-memory", help="host memory, e.g. 512GB (default: this machine's)")
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--lora", help="plan LoRA experts not on disk: RANK[:module,module,...] (default: all linear)")
     pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("show", help="the archives' elites and stats")
