@@ -92,6 +92,7 @@ def make_lora_experts(
     specs: dict[str, dict],
     seed: int = 0,
     merged: bool = True,
+    magnitude: float = 0.2,
 ) -> dict[str, dict[str, Path]]:
     """PEFT LoRA adapters of ``base_dir`` with random A and B, and (``merged``) each merged into a full model.
 
@@ -111,7 +112,7 @@ def make_lora_experts(
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_A" in name or "lora_B" in name:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+                    p.copy_(magnitude * torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
         paths = {"adapter": root / f"lora_{task}"}
         peft_model.save_pretrained(str(paths["adapter"]))
         if merged:

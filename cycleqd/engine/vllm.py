@@ -98,6 +98,9 @@ class VLLMEngine(Engine):
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.max_new_tokens = max_new_tokens
+        self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest (engine started with enable_lora)
+        self._lora_ids = 0
+        self._adapter_dir: Path | None = None
 
     @classmethod
     def from_path(cls, path: str, engine_cfg: EngineConfig, dtype: str | None = None) -> "VLLMEngine":
@@ -131,6 +134,9 @@ class VLLMEngine(Engine):
 
         A completion stops at the model's length limit (``max_model_len``) too.
         """
+        return self._generate(requests, None)
+
+    def _generate(self, requests: Sequence[GenRequest], loras: list | None) -> list[str]:
         vllm = _import_vllm()
         prompts, params = [], []
         for r in requests:
@@ -139,8 +145,52 @@ class VLLMEngine(Engine):
             limit = max(1, min(limit, self.max_model_len - len(ids)))
             prompts.append({"prompt_token_ids": ids})
             params.append(vllm.SamplingParams(temperature=0.0, max_tokens=limit, stop=list(r.stop) or None))
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
         return [cut_at_stop(o.outputs[0].text, r.stop) for o, r in zip(outs, requests)]
+
+    def load_adapter(self, name: str, adapter) -> None:
+        """Hold a child adapter under ``name``: written as a PEFT folder, served by vLLM's multi-LoRA
+        (the engine must run with ``enable_lora``, ``max_lora_rank`` >= the adapter's rank; see
+        :func:`lora_options`)."""
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from cycleqd.model.lora import save_adapter
+
+        if self._adapter_dir is None:
+            self._adapter_dir = Path(tempfile.mkdtemp(prefix="cycleqd-adapters-"))
+        self.drop_adapter(name)
+        self._lora_ids += 1
+        folder = save_adapter(adapter, self._adapter_dir / f"{name}-{self._lora_ids}", base_model="base")
+        self._loras[name] = LoRARequest(name, self._lora_ids, str(folder))
+
+    def drop_adapter(self, name: str) -> None:
+        """Forget the adapter ``name`` (vLLM's copy and its folder)."""
+        import shutil
+
+        req = self._loras.pop(name, None)
+        if req is None:
+            return
+        try:
+            self.llm.llm_engine.remove_lora(req.lora_int_id)
+        except Exception:  # noqa: BLE001 - never loaded (no request used it yet)
+            pass
+        shutil.rmtree(req.lora_path, ignore_errors=True)
+
+    def generate_with(self, requests: Sequence[GenRequest], adapters: Sequence[str | None]) -> list[str]:
+        """Greedy completions, request i through adapter ``adapters[i]`` (None: the base), in one
+        ``generate`` call with a ``LoRARequest`` per request.
+
+        Raises:
+            ValueError: lengths differ, or an adapter was not loaded.
+        """
+        if len(adapters) != len(requests):
+            raise ValueError(f"generate_with: {len(requests)} requests, {len(adapters)} adapter names")
+        unknown = sorted({a for a in adapters if a is not None and a not in self._loras})
+        if unknown:
+            raise ValueError(f"generate_with: adapter(s) {unknown} not loaded")
+        return self._generate(requests, [self._loras[a] if a is not None else None for a in adapters])
 
     def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
         """``(sum of log p(token | prefix), number of scored tokens)`` of each text (first token is context)."""
@@ -174,3 +224,19 @@ class VLLMEngine(Engine):
         growth is the honest figure (see the engine benchmark).
         """
         return int(self.llm.collective_rpc(_weights_bytes)[0])
+
+
+#: The ranks vLLM's ``max_lora_rank`` takes.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_options(rank: int, children: int) -> dict:
+    """``vllm.LLM`` options to serve ``children`` child adapters of rank at most ``rank`` at once.
+
+    Raises:
+        ValueError: a rank above vLLM's largest (512).
+    """
+    fit = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fit:
+        raise ValueError(f"child adapters of rank {rank} exceed vLLM's max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+    return {"enable_lora": True, "max_loras": max(1, children), "max_lora_rank": fit[0]}
