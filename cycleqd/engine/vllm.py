@@ -28,6 +28,7 @@ from cycleqd.model.experts import read_model_config, resolve_model_dir, torch_dt
 from cycleqd.registry import register_engine
 
 _SHIMS = str(Path(__file__).parent / "_shims")
+_BASE = "__base__"  # the zero adapter that answers for the base in mixed batches
 
 
 class VLLMNotInstalled(ImportError):
@@ -160,6 +161,16 @@ class VLLMEngine(Engine):
 
         if self._adapter_dir is None:
             self._adapter_dir = Path(tempfile.mkdtemp(prefix="cycleqd-adapters-"))
+        if _BASE not in self._loras and adapter.modules:
+            # vLLM-CPU gives rows without a LoRARequest some other row's adapter in a mixed batch:
+            # the base is served as an adapter too, of rank 1 and all zero.
+            from cycleqd.model.lora import ChildAdapter
+
+            mod, (B, A) = next(iter(adapter.modules.items()))
+            self._lora_ids += 1
+            zero = ChildAdapter({mod: (B.new_zeros(B.shape[0], 1), A.new_zeros(1, A.shape[1]))}, 1)
+            folder = save_adapter(zero, self._adapter_dir / _BASE, base_model="base")
+            self._loras[_BASE] = LoRARequest(_BASE, self._lora_ids, str(folder))
         self.drop_adapter(name)
         self._lora_ids += 1
         folder = save_adapter(adapter, self._adapter_dir / f"{name}-{self._lora_ids}", base_model="base")
@@ -169,7 +180,7 @@ class VLLMEngine(Engine):
         """Forget the adapter ``name`` (vLLM's copy and its folder)."""
         import shutil
 
-        req = self._loras.pop(name, None)
+        req = self._loras.pop(name, None) if name != _BASE else None
         if req is None:
             return
         try:
@@ -190,7 +201,9 @@ class VLLMEngine(Engine):
         unknown = sorted({a for a in adapters if a is not None and a not in self._loras})
         if unknown:
             raise ValueError(f"generate_with: adapter(s) {unknown} not loaded")
-        return self._generate(requests, [self._loras[a] if a is not None else None for a in adapters])
+        if all(a is None for a in adapters):
+            return self._generate(requests, None)
+        return self._generate(requests, [self._loras[a if a is not None else _BASE] for a in adapters])
 
     def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
         """``(sum of log p(token | prefix), number of scored tokens)`` of each text (first token is context)."""
