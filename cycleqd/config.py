@@ -146,6 +146,9 @@ class EvolutionConfig(_Frozen):
     record_episodes: bool = False
     worker_cpus: float = Field(0.0, ge=0.0, le=MAX_WORKERS)
     worker_gpus: float = Field(0.0, ge=0.0, le=MAX_WORKERS)
+    # LoRA experts only: children a worker evaluates at once, as adapters in one engine
+    # (their generation calls share batches; see cycleqd.engine.gather).
+    children_per_worker: int = Field(1, ge=1, le=64)
 
 
 class EngineConfig(_Frozen):

@@ -312,3 +312,4 @@ def parse_lora_plan(text: str) -> tuple[int, tuple[str, ...]]:
         raise ConfigError(f"--lora {text!r}: the rank must be at least 1")
     targets = tuple(m.strip() for m in mods.split(",") if m.strip()) or LINEAR_MODULES
     return r, targets
+
