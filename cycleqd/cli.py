@@ -240,7 +240,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             out = export_team(store.path, a.team, out=Path(a.out), push_to_hub=a.push_to_hub, private=a.private)
         else:
             out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),
-                         push_to_hub=a.push_to_hub, private=a.private)
+                         push_to_hub=a.push_to_hub, private=a.private, dense=a.dense)
     except RunInterrupted as e:
         print(f"cycleqd: export stopped by {signal_name(e.signum)}; nothing written to {a.out}", file=sys.stderr)
         return 1
@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--push-to-hub", metavar="REPO_ID")
     x.add_argument("--private", action="store_true")
+    x.add_argument("--dense", action="store_true",
+                   help="LoRA experts: write full weights instead of a PEFT adapter folder")
     x.set_defaults(func=cmd_export)
 
     tm = sub.add_parser("team", help="a team of archive elites (router, vote, mixture of agents), scored "
