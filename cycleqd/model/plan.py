@@ -277,22 +277,24 @@ def memory_plan(
                                                                   4096))
     per_token = 2 * L * kv_heads * hd * eb
     weights = numel * eb
+    lranks = _lora_ranks(cfg, shapes, lora)
+    child = 0
+    if lranks is not None:
+        from cycleqd.model.adapters import adapter_plan_bytes
+
+        M = int(getattr(cfg.evolution, "children_per_worker", 1) or 1)
+        child = M * sum(K * r * (shapes[n][0] + shapes[n][1]) for n, r in lranks.items()) * eb
     if cfg.engine.name == "vllm":
         if eng_dev == "cpu":
             kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * GiB)
         else:
             util = float(cfg.engine.options.get("gpu_memory_utilization", 0.9))
             per_dev = (dev_cap or 0) / max(1, _gpus_per_process(cfg))
-            kv = max(int(util * per_dev) - weights, per_token * max_len) if dev_cap else per_token * max_len
+            # vLLM's LoRA slots come out of the same share of the GPU as its KV cache
+            kv = max(int(util * per_dev) - weights - child, per_token * max_len) if dev_cap else per_token * max_len
     else:
         kv = per_token * max_len * cfg.engine.batch_size
 
-    lranks = _lora_ranks(cfg, shapes, lora)
-    if lranks is not None:
-        from cycleqd.model.adapters import adapter_plan_bytes
-
-        M = int(getattr(cfg.evolution, "children_per_worker", 1) or 1)
-        child = M * sum(K * r * (shapes[n][0] + shapes[n][1]) for n, r in lranks.items()) * eb
 
     def items_for(fdev: str) -> tuple[PlanItem, ...]:
         if lranks is not None:
