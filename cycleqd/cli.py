@@ -311,6 +311,10 @@ def cmd_mini(a: argparse.Namespace) -> int:
     from cycleqd.mini.build import build_mini_world
 
     path = build_mini_world(a.dir, seed=a.seed, size=a.size, force=not a.keep)
+    if a.experts == "lora":
+        from cycleqd.mini.lora import build_lora_experts
+
+        path = build_lora_experts(path, seed=a.seed, size=a.size, force=not a.keep)
     print(path)
     return 0
 
@@ -465,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--seed", type=int, default=0)
     mb.add_argument("--size", choices=["default", "small", "tiny"], default="default")
     mb.add_argument("--keep", action="store_true", help="reuse a matching cached build")
+    mb.add_argument("--experts", choices=["dense", "lora"], default="dense",
+                    help="lora: also train PEFT LoRA experts from the base (dir/lora_<skill>)")
     mb.set_defaults(func=cmd_mini)
     mf = msub.add_parser("finetune", help="a new expert from the base, fine-tuned on `cycleqd trajectories` JSONL, "
                                           "scored beside the original expert")

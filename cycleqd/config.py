@@ -77,6 +77,7 @@ class MiniWorld(_Frozen):
     dir: str = ".cache/mini"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     size: Literal["default", "small", "tiny"] = "default"
+    experts: Literal["dense", "lora"] = "dense"  # lora: also train PEFT LoRA experts (dir/lora_<skill>)
 
 
 class ModelsConfig(_Frozen):

@@ -316,6 +316,10 @@ def ensure_mini_world(cfg: Any, *, progress: bool = True) -> Path | None:
     mini = cfg.models.mini
     if mini is None:
         return None
+    if mini.experts == "lora":
+        from cycleqd.mini.lora import build_lora_experts
+
+        return build_lora_experts(mini.dir, seed=mini.seed, size=mini.size, progress=progress)
     return build_mini_world(mini.dir, seed=mini.seed, size=mini.size, progress=progress)
 
 
