@@ -312,7 +312,7 @@ def cmd_mini(a: argparse.Namespace) -> int:
 
     path = build_mini_world(a.dir, seed=a.seed, size=a.size, force=not a.keep)
     if a.experts == "lora":
-        from cycleqd.mini.lora import build_lora_experts
+        from cycleqd.mini.build import build_lora_experts
 
         path = build_lora_experts(path, seed=a.seed, size=a.size, force=not a.keep)
     print(path)
