@@ -65,7 +65,7 @@ def _lora_experts(base: Path, root: Path, k: int, rank: int) -> dict[str, Path]:
     return out
 
 
-def adapter_children_speedup(smollm2: Path, children: int = 4, n_prompts: int = 16, max_new_tokens: int = 32) -> dict:
+def adapter_children_speedup(smollm2: Path, children: int = 4, n_prompts: int = 8, max_new_tokens: int = 16) -> dict:
     """M children at once as adapters over one child at a time with dense swaps, same vLLM-CPU engine."""
     from bench_engine import engine_requests
 
