@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench.json")
-    ap.add_argument("--only", choices=["core", "generation", "mini_child", "engine"], help="run one part")
+    ap.add_argument("--only", choices=["core", "generation", "mini_child", "engine", "adapters"], help="run one part")
     args = ap.parse_args()
 
     import torch
@@ -44,6 +44,10 @@ def main() -> int:
         from bench_engine import bench_engine
 
         out.update(bench_engine())
+    if args.only in (None, "adapters"):
+        from bench_adapters import bench_adapters
+
+        out.update(bench_adapters())
     out["seconds"] = round(time.time() - t0, 1)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"\nwrote {args.out}")

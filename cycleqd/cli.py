@@ -163,8 +163,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from cycleqd.model.plan import memory_plan, parse_bytes
 
     cfg = with_overrides(load_config(a.config, check_paths=False), workers=a.workers)
+    from cycleqd.model.adapters import parse_lora_plan
+
     plan = memory_plan(cfg, arch=a.arch, device_bytes=parse_bytes(a.device_memory) if a.device_memory else None,
-                       host_bytes=parse_bytes(a.host_memory) if a.host_memory else None)
+                       host_bytes=parse_bytes(a.host_memory) if a.host_memory else None,
+                       lora=parse_lora_plan(a.lora) if a.lora else None)
     print(json.dumps(plan.to_json()) if a.json else plan.format())
     if not plan.fits:
         print(f"cycleqd: error: memory plan does not fit: {plan.problem}", file=sys.stderr)
@@ -245,7 +248,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             out = export_team(store.path, a.team, out=Path(a.out), push_to_hub=a.push_to_hub, private=a.private)
         else:
             out = export(store.path, best=a.best, archive=a.archive, cell=cell, merged=a.merged, out=Path(a.out),
-                         push_to_hub=a.push_to_hub, private=a.private)
+                         push_to_hub=a.push_to_hub, private=a.private, dense=a.dense)
     except RunInterrupted as e:
         print(f"cycleqd: export stopped by {signal_name(e.signum)}; nothing written to {a.out}", file=sys.stderr)
         return 1
@@ -316,6 +319,10 @@ def cmd_mini(a: argparse.Namespace) -> int:
     from cycleqd.mini.build import build_mini_world
 
     path = build_mini_world(a.dir, seed=a.seed, size=a.size, force=not a.keep)
+    if a.experts == "lora":
+        from cycleqd.mini.build import build_lora_experts
+
+        path = build_lora_experts(path, seed=a.seed, size=a.size, force=not a.keep)
     print(path)
     return 0
 
@@ -360,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device-memory", help="memory of the engine's GPUs together, e.g. 80GB (default: what CUDA reports)")
     pl.add_argument("--host-memory", help="host memory, e.g. 512GB (default: this machine's)")
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--lora", help="plan LoRA experts not on disk: RANK[:module,module,...] (default: all linear)")
     pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("show", help="the archives' elites and stats")
@@ -394,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--push-to-hub", metavar="REPO_ID")
     x.add_argument("--private", action="store_true")
+    x.add_argument("--dense", action="store_true",
+                   help="LoRA experts: write full weights instead of a PEFT adapter folder")
     x.set_defaults(func=cmd_export)
 
     tm = sub.add_parser("team", help="a team of archive elites (router, vote, mixture of agents), scored "
@@ -467,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--seed", type=int, default=0)
     mb.add_argument("--size", choices=["default", "small", "tiny"], default="default")
     mb.add_argument("--keep", action="store_true", help="reuse a matching cached build")
+    mb.add_argument("--experts", choices=["dense", "lora"], default="dense",
+                    help="lora: also train PEFT LoRA experts from the base (dir/lora_<skill>)")
     mb.set_defaults(func=cmd_mini)
     mf = msub.add_parser("finetune", help="a new expert from the base, fine-tuned on `cycleqd trajectories` JSONL, "
                                           "scored beside the original expert")

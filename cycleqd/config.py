@@ -77,6 +77,7 @@ class MiniWorld(_Frozen):
     dir: str = ".cache/mini"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     size: Literal["default", "small", "tiny"] = "default"
+    experts: Literal["dense", "lora"] = "dense"  # lora: also train PEFT LoRA experts (dir/lora_<skill>)
 
 
 class ModelsConfig(_Frozen):
@@ -176,6 +177,9 @@ class EvolutionConfig(_Frozen):
     # Warn (once a run) when a child's answers on a task stop at max_new_tokens more often than this.
     truncation_warning: float = Field(0.1, ge=0.0, le=1.0)
     operator_control: OperatorControlConfig | None = None  # None: the configured mu, sigma and rate
+    # LoRA experts only: children a worker evaluates at once, as adapters in one engine
+    # (their generation calls share batches; see cycleqd.engine.gather).
+    children_per_worker: int = Field(1, ge=1, le=64)
 
 
 class EngineConfig(_Frozen):

@@ -84,3 +84,39 @@ def make_tiny_family(
         expert.save_pretrained(paths[task])
         _save_char_tokenizer(paths[task], vocab)
     return paths
+
+
+def make_lora_experts(
+    base_dir: Path,
+    root: Path,
+    specs: dict[str, dict],
+    seed: int = 0,
+    merged: bool = True,
+    magnitude: float = 0.2,
+) -> dict[str, dict[str, Path]]:
+    """PEFT LoRA adapters of ``base_dir`` with random A and B, and (``merged``) each merged into a full model.
+
+    ``specs``: task -> LoraConfig keywords (``r``, ``lora_alpha``, ``target_modules``, ``use_rslora`` ...).
+    Returns {task: {"adapter": folder, "merged": folder}}; B is random (not PEFT's zero init), so
+    every adapter is a nonzero task vector of rank r on each module it targets.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    root = Path(root)
+    out = {}
+    gen = torch.Generator().manual_seed(seed)
+    for task, spec in specs.items():
+        model = LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **spec))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    p.copy_(magnitude * torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+        paths = {"adapter": root / f"lora_{task}"}
+        peft_model.save_pretrained(str(paths["adapter"]))
+        if merged:
+            paths["merged"] = root / f"merged_{task}"
+            peft_model.merge_and_unload().save_pretrained(str(paths["merged"]))
+        out[task] = paths
+    return out

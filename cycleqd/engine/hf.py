@@ -96,6 +96,8 @@ class HFEngine(Engine):
         self._stop_checks: dict[tuple[str, ...], StopCheck] = {}
         self.decoder = DraftedDecoder(model, tokenizer.pad_token_id, draft_memory)
         self._encoded: Recent[str, list[int]] = Recent(max(draft_memory, 1024))
+        self._peft = None  # a PeftModel over self.model once a child adapter is loaded
+        self._adapter_dir: Path | None = None
 
     @classmethod
     def from_path(cls, path: str, engine_cfg: EngineConfig, dtype: str | None = None) -> "HFEngine":
@@ -189,6 +191,77 @@ class HFEngine(Engine):
         self.note_answers(truncated)
         return outputs
 
+    # -- children as adapters ----------------------------------------------------------------
+    def load_adapter(self, name: str, adapter) -> None:
+        """Hold a child adapter under ``name`` (PEFT LoRA layers over the live model, base weights untouched)."""
+        import tempfile
+
+        from peft import PeftModel
+
+        from cycleqd.model.lora import save_adapter
+
+        if self._adapter_dir is None:
+            self._adapter_dir = Path(tempfile.mkdtemp(prefix="cycleqd-adapters-"))
+        folder = save_adapter(adapter, self._adapter_dir / name, base_model="base")
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name).eval()
+        else:
+            if name in self._peft.peft_config:
+                self._peft.delete_adapter(name)
+            self._peft.load_adapter(str(folder), adapter_name=name)
+        self._peft.to(self.device)
+        # LoRA layers are on only inside generate_with: everything else sees the base alone.
+        self._peft.base_model.disable_adapter_layers()
+
+    def drop_adapter(self, name: str) -> None:
+        """Forget the adapter ``name`` (its LoRA weights and folder)."""
+        import shutil
+
+        if self._peft is not None and name in self._peft.peft_config and len(self._peft.peft_config) > 1:
+            self._peft.delete_adapter(name)
+        if self._adapter_dir is not None:
+            shutil.rmtree(self._adapter_dir / name, ignore_errors=True)
+
+    def generate_with(self, requests: Sequence[GenRequest], adapters: Sequence[str | None]) -> list[str]:
+        """Greedy completions, request i through adapter ``adapters[i]`` (None: the base), rows of
+        different adapters in one batch (:func:`cycleqd.engine.mixed.greedy_mixed`).
+
+        Raises:
+            ValueError: lengths differ, or an adapter was not loaded.
+        """
+        from cycleqd.engine.mixed import BASE, greedy_mixed
+
+        if len(adapters) != len(requests):
+            raise ValueError(f"generate_with: {len(requests)} requests, {len(adapters)} adapter names")
+        if all(a is None for a in adapters):
+            return self.generate(requests)
+        known = set(self._peft.peft_config) if self._peft is not None else set()
+        unknown = sorted({a for a in adapters if a is not None and a not in known})
+        if unknown:
+            raise ValueError(f"generate_with: adapter(s) {unknown} not loaded")
+        encoded = [self._encode(r) for r in requests]
+        outputs: list[str] = [""] * len(requests)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(tuple(r.stop), []).append(i)
+        for stops, idx in groups.items():
+            idx.sort(key=lambda i: (len(encoded[i]), self._limit(requests[i])), reverse=True)
+            for k in range(0, len(idx), self.batch_size):
+                chunk = idx[k : k + self.batch_size]
+                tokens = self._mixed(greedy_mixed, [encoded[i] for i in chunk], [self._limit(requests[i]) for i in chunk],
+                                      self._eos_ids(), self._stop_check(stops),
+                                      [adapters[i] or BASE for i in chunk], self.tokenizer.pad_token_id)
+                for i, t in zip(chunk, tokens):
+                    outputs[i] = self._text(t, self._limit(requests[i]), stops)
+        return outputs
+
+    def _mixed(self, decode, *args):
+        self._peft.base_model.enable_adapter_layers()
+        try:
+            return decode(self._peft, *args)
+        finally:
+            self._peft.base_model.disable_adapter_layers()
+
     # -- scoring ----------------------------------------------------------------------------
     @torch.inference_mode()
     def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
@@ -279,13 +352,16 @@ class HFEngine(Engine):
         covered: set[int] = set()
         for name, value in weight_items(weights):
             target = own.get(name)
+            if target is None and self._peft is not None:  # a module PEFT wrapped keeps its weight in base_layer
+                mod, _, leaf = name.rpartition(".")
+                target = own.get(f"{mod}.base_layer.{leaf}")
             if target is None:
                 raise KeyError(f"load_weights: model has no tensor {name!r}")
             if tuple(target.shape) != tuple(value.shape):
                 raise ValueError(f"load_weights: {name} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
             target.data.copy_(value)
             covered.add(target.data_ptr())
-        missing = [n for n, p in self.model.named_parameters() if p.data_ptr() not in covered]
+        missing = [n for n, p in self.model.named_parameters() if p.data_ptr() not in covered and ".lora_" not in n]
         if missing:
             raise ValueError(f"load_weights: weights leave out parameter(s) {missing[:5]}")
 

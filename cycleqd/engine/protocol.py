@@ -14,6 +14,7 @@ import torch
 if TYPE_CHECKING:
     from cycleqd.model.factors import Factors
     from cycleqd.model.genome import Genome
+    from cycleqd.model.lora import ChildAdapter
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,21 @@ class Engine:
     def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
         """(sum of token log-probabilities, token count) of each whole text (likelihood tasks)."""
         self._unsupported("score sequences")
+
+    # -- children as adapters (LoRA experts): several models in one engine, no weight swap -----
+    def load_adapter(self, name: str, adapter: "ChildAdapter") -> None:
+        """Hold ``adapter`` (a child over LoRA experts, :mod:`cycleqd.model.lora`) under ``name``,
+        beside the base weights, until :meth:`drop_adapter`."""
+        self._unsupported("serve LoRA adapters")
+
+    def drop_adapter(self, name: str) -> None:
+        """Forget the adapter held under ``name`` (unknown names are ignored)."""
+        self._unsupported("serve LoRA adapters")
+
+    def generate_with(self, requests: Sequence[GenRequest], adapters: Sequence[str | None]) -> list[str]:
+        """Greedy completions as :meth:`generate`, request i answered by the base plus adapter
+        ``adapters[i]`` (None: the base alone), all in shared batches."""
+        self._unsupported("serve LoRA adapters")
 
     def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:
         """(sum of log-probabilities, token count) of each request's prompt tokens (the NLL router)."""

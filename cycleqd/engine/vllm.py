@@ -36,6 +36,7 @@ from cycleqd.model.experts import read_model_config, resolve_model_dir, torch_dt
 from cycleqd.registry import register_engine
 
 _SHIMS = str(Path(__file__).parent / "_shims")
+_BASE = "__base__"  # the zero adapter that answers for the base in mixed batches
 
 
 class VLLMNotInstalled(ImportError):
@@ -106,6 +107,9 @@ class VLLMEngine(Engine):
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.max_new_tokens = max_new_tokens
+        self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest (engine started with enable_lora)
+        self._lora_ids = 0
+        self._adapter_dir: Path | None = None
 
     @classmethod
     def from_path(cls, path: str, engine_cfg: EngineConfig, dtype: str | None = None) -> "VLLMEngine":
@@ -141,6 +145,9 @@ class VLLMEngine(Engine):
         reply is ``""`` (:class:`~cycleqd.engine.protocol.OverLongPrompt`), as vLLM 0.3.0
         answered a prompt longer than ``max_model_len``.
         """
+        return self._generate(requests, None)
+
+    def _generate(self, requests: Sequence[GenRequest], loras: list | None) -> list[str]:
         vllm = _import_vllm()
         outputs: list[str] = [""] * len(requests)
         sent, prompts, params = [], [], []
@@ -154,7 +161,7 @@ class VLLMEngine(Engine):
             sent.append(i)
             prompts.append({"prompt_token_ids": ids})
             params.append(vllm.SamplingParams(temperature=0.0, max_tokens=limit, stop=list(r.stop) or None))
-        outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=[loras[i] for i in sent] if loras else None) if prompts else []
         truncated = [False] * len(requests)
         for i, o in zip(sent, outs):
             outputs[i] = cut_at_stop(o.outputs[0].text, requests[i].stop)
@@ -162,6 +169,62 @@ class VLLMEngine(Engine):
         self.counts_truncation = True
         self.note_answers(truncated)
         return outputs
+
+    def load_adapter(self, name: str, adapter) -> None:
+        """Hold a child adapter under ``name``: written as a PEFT folder, served by vLLM's multi-LoRA
+        (the engine must run with ``enable_lora``, ``max_lora_rank`` >= the adapter's rank; see
+        :func:`lora_options`)."""
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from cycleqd.model.lora import save_adapter
+
+        if self._adapter_dir is None:
+            self._adapter_dir = Path(tempfile.mkdtemp(prefix="cycleqd-adapters-"))
+        if _BASE not in self._loras and adapter.modules:
+            # vLLM-CPU gives rows without a LoRARequest some other row's adapter in a mixed batch:
+            # the base is served as an adapter too, of rank 1 and all zero.
+            from cycleqd.model.lora import ChildAdapter
+
+            mod, (B, A) = next(iter(adapter.modules.items()))
+            self._lora_ids += 1
+            zero = ChildAdapter({mod: (B.new_zeros(B.shape[0], 1), A.new_zeros(1, A.shape[1]))}, 1)
+            folder = save_adapter(zero, self._adapter_dir / _BASE, base_model="base")
+            self._loras[_BASE] = LoRARequest(_BASE, self._lora_ids, str(folder))
+        self.drop_adapter(name)
+        self._lora_ids += 1
+        folder = save_adapter(adapter, self._adapter_dir / f"{name}-{self._lora_ids}", base_model="base")
+        self._loras[name] = LoRARequest(name, self._lora_ids, str(folder))
+
+    def drop_adapter(self, name: str) -> None:
+        """Forget the adapter ``name`` (vLLM's copy and its folder)."""
+        import shutil
+
+        req = self._loras.pop(name, None) if name != _BASE else None
+        if req is None:
+            return
+        try:
+            self.llm.llm_engine.remove_lora(req.lora_int_id)
+        except Exception:  # noqa: BLE001 - never loaded (no request used it yet)
+            pass
+        shutil.rmtree(req.lora_path, ignore_errors=True)
+
+    def generate_with(self, requests: Sequence[GenRequest], adapters: Sequence[str | None]) -> list[str]:
+        """Greedy completions, request i through adapter ``adapters[i]`` (None: the base), in one
+        ``generate`` call with a ``LoRARequest`` per request.
+
+        Raises:
+            ValueError: lengths differ, or an adapter was not loaded.
+        """
+        if len(adapters) != len(requests):
+            raise ValueError(f"generate_with: {len(requests)} requests, {len(adapters)} adapter names")
+        unknown = sorted({a for a in adapters if a is not None and a not in self._loras})
+        if unknown:
+            raise ValueError(f"generate_with: adapter(s) {unknown} not loaded")
+        if all(a is None for a in adapters):
+            return self._generate(requests, None)
+        return self._generate(requests, [self._loras[a if a is not None else _BASE] for a in adapters])
 
     def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
         """``(sum of log p(token | prefix), number of scored tokens)`` of each text (first token is context)."""
@@ -213,3 +276,19 @@ class VLLMEngine(Engine):
         growth is the honest figure (see the engine benchmark).
         """
         return int(self.llm.collective_rpc(_weights_bytes)[0])
+
+
+#: The ranks vLLM's ``max_lora_rank`` takes.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_options(rank: int, children: int) -> dict:
+    """``vllm.LLM`` options to serve ``children`` child adapters of rank at most ``rank`` at once.
+
+    Raises:
+        ValueError: a rank above vLLM's largest (512).
+    """
+    fit = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fit:
+        raise ValueError(f"child adapters of rank {rank} exceed vLLM's max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+    return {"enable_lora": True, "max_loras": max(1, children), "max_lora_rank": fit[0]}

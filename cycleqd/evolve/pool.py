@@ -102,7 +102,10 @@ class RayPool:
         from cycleqd.evolve.worker import ChildWorker
 
         self.ray, self.cfg = ray, cfg
-        self.remote = ray.remote(num_cpus=cfg.evolution.worker_cpus, num_gpus=cfg.evolution.worker_gpus)(ChildWorker)
+        # children_per_worker seats per actor: its concurrent run() calls share one engine as adapters
+        self.per = cfg.evolution.children_per_worker
+        self.remote = ray.remote(num_cpus=cfg.evolution.worker_cpus, num_gpus=cfg.evolution.worker_gpus,
+                                 max_concurrency=self.per)(ChildWorker)
         self.actors = [self._new(i) for i in range(n)]
         ray.get([a.ping.remote() for a in self.actors])
         self.inflight: dict[Any, tuple[int, str, tuple, Any]] = {}
@@ -113,10 +116,10 @@ class RayPool:
 
     def free(self) -> list[int]:
         busy = {slot for slot, _, _, _ in self.inflight.values()}
-        return [i for i in range(len(self.actors)) if i not in busy]
+        return [i for i in range(len(self.actors) * self.per) if i not in busy]
 
     def _send(self, slot: int, method: str, args: tuple, tag: Any) -> None:
-        ref = getattr(self.actors[slot], method).remote(*args)
+        ref = getattr(self.actors[slot // self.per], method).remote(*args)
         self.inflight[ref] = (slot, method, args, tag)
 
     def submit(self, slot: int, spec: ChildSpec, parents: list[bytes]) -> None:
@@ -135,8 +138,12 @@ class RayPool:
                 self._tries += 1
                 if self._tries > MAX_RETRIES * len(self.actors):
                     raise RuntimeError(f"workers keep dying: {e}") from e
-                log.warning("worker %d died (%s); starting a new one", slot, type(e).__name__)
-                self.actors[slot] = self._new(slot)
+                i = slot // self.per
+                log.warning("worker %d died (%s); starting a new one", i, type(e).__name__)
+                try:
+                    self.ray.get(self.actors[i].ping.remote())  # another seat's error replaced it already?
+                except self.ray.exceptions.RayActorError:
+                    self.actors[i] = self._new(i)
                 self._send(slot, method, args, tag)
         return None
 
@@ -163,7 +170,7 @@ class RayPool:
         dropped = []
         for ref, (slot, _, _, tag) in list(self.inflight.items()):
             try:
-                self.ray.kill(self.actors[slot], no_restart=True)
+                self.ray.kill(self.actors[slot // self.per], no_restart=True)
             except Exception:  # the actor is gone already
                 pass
             dropped.append(tag)

@@ -46,6 +46,11 @@ def check_model_files(cfg: Config) -> None:
 
         if not all(Path(p).is_dir() for p in [m.base, *m.experts.values()]):
             return
+    from cycleqd.model.adapters import expert_kind, read_experts
+
+    if expert_kind(cfg) == "lora":  # adapters: their recorded base and module shapes against the base
+        read_experts(m.base, {t: m.experts[t] for t in cfg.task_names}, m.revision, load=False)
+        return
     base = inspect_model(m.base, m.revision)
     check_compatible(base, {t: inspect_model(m.experts[t], m.revision) for t in cfg.task_names})
 

@@ -11,9 +11,11 @@ Domain errors inside a child become a failed result; they never crash the run.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -115,12 +117,26 @@ class ChildWorker:
 
             self.engine = GenomeOnlyEngine()
         else:
+            from cycleqd.engine.gather import adapter_engine_config
+
             engine_cls = ENGINES.get(self.cfg.engine.name)
-            self.engine = engine_cls.from_path(self.cfg.models.base, self.cfg.engine, dtype=self.cfg.models.dtype)
+            self.engine = engine_cls.from_path(self.cfg.models.base, adapter_engine_config(self.cfg),
+                                               dtype=self.cfg.models.dtype)
         where = factors_device(self.cfg, self.engine.device)
         self.factors = Factors.prepare(self.cfg, device=where, progress=False).pin_memory()
         self.tasks = build_tasks(self.cfg)
-        self.truncated: dict[str, float] = {}  # the last evaluation's share of answers cut at max_new_tokens
+        # the last evaluation's share of answers cut at max_new_tokens, per thread (children_per_worker)
+        self._local = threading.local()
+        self.gather = None  # children as adapters, several at once (LoRA experts, children_per_worker > 1)
+        if self.cfg.evolution.children_per_worker > 1:
+            from cycleqd.engine.gather import Gatherer
+
+            self.gather = Gatherer(self.engine)
+
+    @property
+    def truncated(self) -> dict[str, float]:
+        """Task -> share of answers cut at ``max_new_tokens`` in this thread's last evaluation."""
+        return getattr(self._local, "truncated", {})
 
     @property
     def node(self) -> str | None:
@@ -144,13 +160,14 @@ class ChildWorker:
         scores, seconds, _ = self.evaluate_recorded(genome, tasks, record=False)
         return scores, seconds
 
-    def _answer(self, name: str) -> Any:
-        """Ask task ``name``'s answers (the check comes later); notes the share of them cut at the token limit."""
-        before = (self.engine.answers_generated, self.engine.answers_truncated)
-        check = self.tasks[name].answer(self.engine)
-        n = self.engine.answers_generated - before[0]
-        if self.engine.counts_truncation and n > 0:
-            self.truncated[name] = (self.engine.answers_truncated - before[1]) / n
+    def _answer(self, name: str, engine: Any) -> Any:
+        """Ask task ``name``'s answers of ``engine`` (the check comes later); notes the share of them cut at
+        the token limit (an engine that cannot tell, such as a child's adapter view, notes none)."""
+        before = (engine.answers_generated, engine.answers_truncated)
+        check = self.tasks[name].answer(engine)
+        n = engine.answers_generated - before[0]
+        if engine.counts_truncation and n > 0:
+            self.truncated[name] = (engine.answers_truncated - before[1]) / n
         return check
 
     def evaluate_recorded(self, genome: Any, tasks: Sequence[str] | None = None, *, record: bool | None = None
@@ -171,16 +188,27 @@ class ChildWorker:
 
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        with torch.no_grad():
-            self.engine.load_genome(genome, self.factors)
+        engine, view = self.engine, None
+        if self.gather is not None and not genome.terms:  # the child as an adapter beside the others
+            from cycleqd.model.lora import child_adapter
+
+            view = f"child-{threading.get_ident()}"
+            engine = self.gather.enter(view, child_adapter(genome, self.factors))
+        else:
+            with torch.no_grad(), (self.gather.exclusive() if self.gather is not None else nullcontext()):
+                self.engine.load_genome(genome, self.factors)
         seconds["materialize"] = time.perf_counter() - t0
         names = [n for n in self.tasks if tasks is None or n in tasks]
-        self.truncated = {}
+        self._local.truncated = {}
         results: dict[str, Any] = {}
-        with ThreadPoolExecutor(max_workers=1) as checks:
-            for name in sorted(names, key=lambda n: not self.tasks[n].executes_code):
-                results[name] = checks.submit(self._answer(name))
-            results = {n: r.result() for n, r in results.items()}
+        try:
+            with ThreadPoolExecutor(max_workers=1) as checks:
+                for name in sorted(names, key=lambda n: not self.tasks[n].executes_code):
+                    results[name] = checks.submit(self._answer(name, engine))
+                results = {n: r.result() for n, r in results.items()}
+        finally:
+            if view is not None:
+                self.gather.leave(view)
         scores = {}
         for name in names:
             res = results[name]
@@ -202,6 +230,12 @@ class ChildWorker:
                                dict(self.truncated), self.node)
         except Exception as e:  # the worker boundary: a bad child is a logged failure
             return ChildResult(spec.id, None, {}, {}, _short_error(e), self.index)
+
+    def run_many(self, items: Sequence[tuple[ChildSpec, Sequence[bytes]]]) -> list[ChildResult]:
+        """:meth:`run` of several specs at once, one thread each (with LoRA experts and
+        ``children_per_worker`` > 1 their generation calls share batches); results in order."""
+        with ThreadPoolExecutor(max_workers=max(1, len(items))) as pool:
+            return list(pool.map(lambda it: self.run(*it), items))
 
     def run_genome(self, genome_id: str, data: bytes) -> ChildResult:
         """Evaluate a given genome (seed experts, the final merge)."""

@@ -87,6 +87,13 @@ def cache_key(
 class Factors:
     """Resident base weights, stacked task vectors and concatenated SVD factors.
 
+    Build with :meth:`from_adapters` for LoRA experts: then ``low_rank`` is set and ``tau``
+    is empty, because expert k's task vector on module w is exactly ``U_k diag(S_k) V_k^T``
+    (rank ``r_k``, zero directions beyond it); ``svd_names`` are the adapted modules, with
+    ``ranks[w] = max_k r_k``, and a genome's ``a[w, k]`` enters as ``a_k S_k`` next to ``d_k``
+    (see :mod:`cycleqd.model.genome`). ``evolution.mutation.rank`` does not apply there: an
+    adapter's rank is its own truncation.
+
     Build with :meth:`prepare` (from a config, cached) or :meth:`build`.
 
     Attributes:
@@ -97,6 +104,9 @@ class Factors:
         rank: the requested rank (None = full).
         key: cache key (None if not cached).
         svd_computed: how many SVDs this instance computed (0 when loaded from cache).
+        low_rank: LoRA experts (no ``tau``; the factors are the task vectors).
+        adapter_ranks: with ``low_rank``, per module each expert's rank there (0: not adapted).
+        base_source: the base model as configured.
     """
 
     def __init__(
@@ -111,6 +121,9 @@ class Factors:
         rank: int | None,
         key: str | None = None,
         svd_computed: int = 0,
+        low_rank: bool = False,
+        adapter_ranks: dict[str, list[int]] | None = None,
+        base_source: str | None = None,
     ):
         self.task_names = list(task_names)
         self.base = base
@@ -121,6 +134,9 @@ class Factors:
         self.rank = rank
         self.key = key
         self.svd_computed = svd_computed
+        self.low_rank = low_rank
+        self.adapter_ranks = adapter_ranks or {}
+        self.base_source = base_source
         self.names = sorted(base)
         self.svd_names = sorted(S)
         self.ranks = {n: int(S[n].shape[1]) for n in self.svd_names}
@@ -182,7 +198,7 @@ class Factors:
     def nbytes(self) -> int:
         """Bytes held by all resident tensors."""
         total = 0
-        for group in (self.base, self.tau, self.U, self.S, self.Vt):
+        for group in (self.base, self.tau, self.U, self.S, self.Vt):  # tau is empty for LoRA experts
             total += sum(t.numel() * t.element_size() for t in group.values())
         return total
 
@@ -197,6 +213,8 @@ class Factors:
         """
         r = self.ranks[name]
         s = self.S[name][k]
+        if self.low_rank:  # the factors are the task vector (zero beyond expert k's rank)
+            return self.U[name][:, k * r : (k + 1) * r], s, self.Vt[name][k * r : (k + 1) * r]
         inv = torch.where(s > 0, 1.0 / s.clamp_min(1e-30), torch.zeros_like(s)).to(self.device)
         tau = self.tau[name][k].float()
         u = self.U[name][:, k * r : (k + 1) * r] if name in self.U else None
@@ -286,6 +304,33 @@ class Factors:
             rank=rank, key=key if target is not None else None, svd_computed=computed,
         )
 
+    @classmethod
+    def from_adapters(
+        cls,
+        base: str | os.PathLike,
+        experts: Mapping[str, str | os.PathLike],
+        *,
+        dtype: str = "float32",
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "Factors":
+        """Low-rank factors of PEFT LoRA experts: the base, and each adapted module's exact SVD
+        from the adapters' A and B (:func:`cycleqd.model.adapters.lora_factors`; no dense task
+        vector, no cache needed: a few milliseconds per module).
+
+        Raises:
+            ConfigError: an adapter is unreadable, or was trained on another base.
+        """
+        from cycleqd.model.adapters import lora_factors, read_experts
+
+        dt = torch_dtype(dtype)
+        base_info, adapters = read_experts(str(base), {t: str(p) for t, p in experts.items()}, revision)
+        base_sd = dict(iter_tensors(base_info, dt, device))
+        U, S, Vt, per = lora_factors(base_info, adapters, dt, device)
+        return cls(task_names=list(adapters), base=base_sd, tau={}, U=U, S=S, Vt=Vt, rank=None,
+                   svd_computed=sum(1 for v in per.values() for r in v if r), low_rank=True,
+                   adapter_ranks=per, base_source=str(base))
+
     def pin_memory(self) -> "Factors":
         """Page-lock the host tensors (where CUDA exists), so copies to the device run asynchronously."""
         if self.device.type == "cpu" and torch.cuda.is_available():
@@ -306,6 +351,11 @@ class Factors:
         given. A second call with unchanged models loads the SVD factors from the
         cache instead of recomputing them.
         """
+        from cycleqd.model.adapters import expert_kind
+
+        if expert_kind(cfg) == "lora":
+            return cls.from_adapters(cfg.models.base, {t: cfg.models.experts[t] for t in cfg.task_names},
+                                     dtype=cfg.models.dtype, revision=cfg.models.revision, device=device)
         svd_method = svd_method or cfg.factors.svd_method
         return cls.build(
             cfg.models.base,
@@ -327,6 +377,10 @@ def warm_cache(cfg: "Config", *, progress: bool = True) -> Path:
     and file stamps); otherwise the factors are computed on the CPU, written and
     dropped, so that workers load them instead of racing to compute them.
     """
+    from cycleqd.model.adapters import expert_kind
+
+    if expert_kind(cfg) == "lora":  # LoRA factors are not cached: a few milliseconds per module
+        return Path(cfg.prepare_cache)
     base = inspect_model(cfg.models.base, cfg.models.revision)
     experts = {t: inspect_model(cfg.models.experts[t], cfg.models.revision) for t in cfg.task_names}
     key = cache_key(base, experts, dtype=str(cfg.models.dtype), rank=cfg.evolution.mutation.rank,

@@ -555,6 +555,18 @@ def _svd_update(buf: torch.Tensor, factors: "Factors", name: str, d: torch.Tenso
             buf.addmm_((tau_k @ vt.t()) * c, vt)
 
 
+def _low_rank_update(buf: torch.Tensor, factors: "Factors", name: str, a_row: torch.Tensor, d_cpu: torch.Tensor,
+                     dev: torch.device) -> None:
+    """``buf += sum_k U_k diag(a_k S_k + d_k) V_k^T``: the whole delta of factors that are the task vectors."""
+    K, r = factors.num_experts, factors.ranks[name]
+    coef = (a_row[:, None] * factors.S[name] + d_cpu[factors.d_slices[name]].view(K, r)).flatten()
+    keep = coef.ne(0).nonzero().flatten()
+    if keep.numel() == 0:
+        return
+    c = coef[keep].to(device=dev, dtype=buf.dtype)
+    buf.addmm_(factors.U[name][:, keep].to(dev, non_blocking=True) * c, factors.Vt[name][keep].to(dev, non_blocking=True))
+
+
 @torch.no_grad()
 def iter_weights(
     genome: Genome,
@@ -590,6 +602,7 @@ def iter_weights(
     d_cpu = genome.d.float()
     d = d_cpu.to(device=dev, dtype=fdt)
     scratch: torch.Tensor | None = None
+    low_rank = factors.low_rank
     for t, name in enumerate(factors.names):
         base = factors.base[name]
         if reuse:
@@ -598,11 +611,17 @@ def iter_weights(
             buf = scratch[: base.numel()].view(base.shape)
         else:
             buf = torch.empty(base.shape, device=dev, dtype=fdt)
-        tau = factors.tau[name].to(dev, non_blocking=True)
-        # base + sum_k a_k tau_k as one matrix-vector product over the stacked task vectors.
-        torch.addmv(base.to(dev, non_blocking=True).reshape(-1), tau.view(K, -1).t(), a[t], out=buf.view(-1))
-        if name in factors.d_slices:
-            _svd_update(buf, factors, name, d, d_cpu, dev)
+        if low_rank:
+            # LoRA experts: no dense task vector; a_k enters as a_k S_k next to d_k (cycleqd.model.lora).
+            buf.copy_(base.to(dev, non_blocking=True))
+            if name in factors.d_slices:
+                _low_rank_update(buf, factors, name, genome.a[t].float(), d_cpu, dev)
+        else:
+            tau = factors.tau[name].to(dev, non_blocking=True)
+            # base + sum_k a_k tau_k as one matrix-vector product over the stacked task vectors.
+            torch.addmv(base.to(dev, non_blocking=True).reshape(-1), tau.view(K, -1).t(), a[t], out=buf.view(-1))
+            if name in factors.d_slices:
+                _svd_update(buf, factors, name, d, d_cpu, dev)
         for term in genome.terms:
             term.apply(buf, t, name)
         yield name, buf if dtype is None or dtype == fdt else buf.to(dtype)

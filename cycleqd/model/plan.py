@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cycleqd.config import ConfigError
 
@@ -232,8 +232,14 @@ def memory_plan(
     device_bytes: int | None = None,
     host_bytes: int | None = None,
     factors_device: str | None = None,
+    lora: "tuple[int, Sequence[str]] | None" = None,
 ) -> MemoryPlan:
     """The memory plan of ``cfg`` for ``workers`` workers (default ``evolution.workers``).
+
+    LoRA experts (adapter folders on disk, or ``lora=(rank, target_modules)`` to plan them
+    offline) are counted as the base plus the adapters' factors (``U``, ``V`` at each
+    module's rank); the engine holds the base and one rank-``K r`` adapter per child it
+    evaluates at once (``evolution.children_per_worker`` where the config has it).
 
     Args:
         arch: a config.json (or model folder) giving the architecture instead of the base's files.
@@ -271,17 +277,36 @@ def memory_plan(
                                                                   4096))
     per_token = 2 * L * kv_heads * hd * eb
     weights = numel * eb
+    lranks = _lora_ranks(cfg, shapes, lora)
+    child = 0
+    if lranks is not None:
+        from cycleqd.model.adapters import adapter_plan_bytes
+
+        M = int(getattr(cfg.evolution, "children_per_worker", 1) or 1)
+        child = M * sum(K * r * (shapes[n][0] + shapes[n][1]) for n, r in lranks.items()) * eb
     if cfg.engine.name == "vllm":
         if eng_dev == "cpu":
             kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * GiB)
         else:
             util = float(cfg.engine.options.get("gpu_memory_utilization", 0.9))
             per_dev = (dev_cap or 0) / max(1, _gpus_per_process(cfg))
-            kv = max(int(util * per_dev) - weights, per_token * max_len) if dev_cap else per_token * max_len
+            # vLLM's LoRA slots come out of the same share of the GPU as its KV cache
+            kv = max(int(util * per_dev) - weights - child, per_token * max_len) if dev_cap else per_token * max_len
     else:
         kv = per_token * max_len * cfg.engine.batch_size
 
+
     def items_for(fdev: str) -> tuple[PlanItem, ...]:
+        if lranks is not None:
+            return (
+                PlanItem("base", numel * fb, fdev),
+                PlanItem(f"lora factors (rank {max(lranks.values(), default=0)})",
+                         adapter_plan_bytes(shapes, lranks, K, fb), fdev),
+                PlanItem("engine weights", weights, eng_dev),
+                PlanItem(f"engine adapters x{M}", child, eng_dev),
+                PlanItem("engine kv cache", kv, eng_dev),
+                PlanItem("process", _PROCESS_BYTES.get(cfg.engine.name, _DEFAULT_PROCESS_BYTES), "cpu"),
+            )
         return (
             PlanItem("base", numel * fb, fdev),
             PlanItem("task vectors", K * numel * fb, fdev),
@@ -312,6 +337,20 @@ def memory_plan(
     if problem is not None:
         plan = replace(plan, problem=f"{problem}; {_advice(cfg, plan, items_for, problem_of, arch)}")
     return plan
+
+
+def _lora_ranks(cfg: "Config", shapes: Mapping[str, tuple[int, ...]],
+                lora: "tuple[int, Sequence[str]] | None") -> dict[str, int] | None:
+    """Per adapted tensor, the largest expert rank; None for dense experts."""
+    from cycleqd.model.adapters import ADAPTER_CONFIG, LoraAdapter, default_targets, lora_ranks
+
+    if lora is not None:
+        rank, targets = lora
+        return {n: int(rank) for n in default_targets(shapes, targets)}
+    paths = [Path(cfg.models.experts[t]) for t in cfg.task_names]
+    if not paths or not all((p / ADAPTER_CONFIG).is_file() for p in paths):
+        return None
+    return lora_ranks([LoraAdapter.read(p, load=False) for p in paths])
 
 
 def _gpus_per_process(cfg: "Config") -> int:

@@ -282,8 +282,14 @@ class RunStore:
                 try:
                     from cycleqd.model.experts import inspect_model
 
-                    info = inspect_model(cfg.models.base, cfg.models.revision)
-                    shape = GenomeShape.from_models(cfg.task_names, info.shapes, cfg.evolution.mutation.rank)
+                    from cycleqd.model.adapters import expert_kind
+                    from cycleqd.model.lora import genome_shape
+
+                    if expert_kind(cfg) == "lora":
+                        shape = genome_shape(cfg)
+                    else:
+                        info = inspect_model(cfg.models.base, cfg.models.revision)
+                        shape = GenomeShape.from_models(cfg.task_names, info.shapes, cfg.evolution.mutation.rank)
                 except Exception:  # noqa: BLE001 - an unreadable base is the models' check's to report
                     pass
             self._shape = shape

@@ -49,14 +49,16 @@ def _tree_text(node: dict, depth: int = 0) -> list[str]:
     return lines
 
 
-def model_card(cfg, sel: "Selection", run_name: str, tree: dict, base_meta: dict, tasks: list[str]) -> str:
-    """README.md text: YAML metadata, scores, how the model was made, lineage."""
+def model_card(cfg, sel: "Selection", run_name: str, tree: dict, base_meta: dict, tasks: list[str],
+               adapter: bool = False) -> str:
+    """README.md text: YAML metadata, scores, how the model was made, lineage (``adapter``: the
+    folder is a PEFT LoRA adapter of the base, and the card says how to load it)."""
     meta: dict[str, Any] = {}
     if _is_hub_id(cfg.models.base):
         meta["base_model"] = cfg.models.base
     elif isinstance(base_meta.get("base_model"), (str, list)):
         meta["base_model"] = base_meta["base_model"]
-    meta["library_name"] = "transformers"
+    meta["library_name"] = "peft" if adapter else "transformers"
     if base_meta.get("license"):
         meta["license"] = base_meta["license"]
     meta["tags"] = list(CARD_TAGS)
@@ -76,7 +78,7 @@ def model_card(cfg, sel: "Selection", run_name: str, tree: dict, base_meta: dict
 
 A merge of expert fine-tunes of `{cfg.models.base}`, found by CycleQD (cyclic
 quality-diversity evolutionary model merging, Kuroki et al., ICLR 2025) with
-the cycleqd toolkit and exported as a plain transformers model.
+the cycleqd toolkit and exported as {_form(cfg, adapter)}.
 
 Picked as: {sel.how}.
 
@@ -104,6 +106,15 @@ Picked as: {sel.how}.
 {chr(10).join(_tree_text(tree))}
 """
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + body
+
+
+def _form(cfg, adapter: bool) -> str:
+    if not adapter:
+        return "a plain transformers model"
+    return (f"a PEFT LoRA adapter of `{cfg.models.base}` (the experts were LoRA adapters, so the\n"
+            "merge is one exactly): load it with\n"
+            f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{cfg.models.base}\"), folder)`,\n"
+            "or serve it with vLLM's `enable_lora` and a `LoRARequest`; `cycleqd export --dense` writes full weights")
 
 
 _SERVING = {

@@ -177,8 +177,13 @@ def export(
     private: bool = False,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    dense: bool = False,
 ) -> Path:
     """Write one model of a run as a Hugging Face folder at ``out`` (and optionally push it).
+
+    With LoRA experts the folder is a PEFT LoRA adapter of the base (``adapter_config.json``,
+    ``adapter_model.safetensors``: ``PeftModel.from_pretrained(base, out)`` loads it), unless
+    ``dense`` (full weights) or the genome holds terms that are not low rank (full weights too).
 
     Pick with ``best="mean"``, ``archive`` + ``cell`` (``"i,j"`` or ints), or
     ``merged=True`` (pass ``best=None`` with the other two). The folder holds
@@ -207,7 +212,7 @@ def export(
     store.check_genome(sel.genome, deltas=True)
     with StopSignals():  # SIGTERM / SIGINT: the staging folder is removed, nothing is left at out
         try:
-            write_model(run, sel, genome_path, out, max_shard_size=max_shard_size)
+            write_model(run, sel, genome_path, out, max_shard_size=max_shard_size, dense=dense)
         except RunInterrupted as e:
             raise RunInterrupted(e.signum) from None
     if push_to_hub:
@@ -216,8 +221,30 @@ def export(
     return out
 
 
+def _adapter_of(cfg, genome_path: Path, shape=None):
+    """The genome as a child adapter when the run's experts are LoRA and the genome is low rank, else None."""
+    from cycleqd.model.adapters import expert_kind
+
+    if expert_kind(cfg) != "lora":
+        return None
+    import torch
+
+    from cycleqd.model.factors import Factors
+    from cycleqd.model.genome import Genome
+    from cycleqd.model.lora import child_adapter
+
+    genome = Genome.load(genome_path, shape)
+    if genome.terms:
+        return None
+    adapter = child_adapter(genome, Factors.prepare(cfg, device="cpu", progress=False))
+    for name, (B, A) in adapter.modules.items():
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+            raise RunDamaged(genome_path, f"the adapter's {name} is not finite")
+    return adapter
+
+
 def write_model(run: RunFolder, sel: Selection, genome_path: Path, out: Path, *,
-                max_shard_size: str | int = "5GB") -> Path:
+                max_shard_size: str | int = "5GB", dense: bool = False) -> Path:
     """Materialise ``genome_path`` over the run's base and write the model folder ``out`` (see :func:`export`).
 
     Everything goes to a sibling temp folder first and is renamed into place.
@@ -226,7 +253,8 @@ def write_model(run: RunFolder, sel: Selection, genome_path: Path, out: Path, *,
     cfg = store.config()
     from transformers import AutoTokenizer, GenerationConfig
 
-    engine = _materialized_engine(cfg, genome_path, store.genome_shape())
+    adapter = None if dense else _adapter_of(cfg, genome_path, store.genome_shape())
+    engine = _materialized_engine(cfg, genome_path, store.genome_shape()) if adapter is None else None
     tokenizer = AutoTokenizer.from_pretrained(cfg.models.base, revision=cfg.models.revision)
     try:
         gen_cfg = GenerationConfig.from_pretrained(cfg.models.base, revision=cfg.models.revision)
@@ -239,7 +267,12 @@ def write_model(run: RunFolder, sel: Selection, genome_path: Path, out: Path, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        engine.save(tmp, max_shard_size=max_shard_size, generation_config=gen_cfg)
+        if adapter is None:
+            engine.save(tmp, max_shard_size=max_shard_size, generation_config=gen_cfg)
+        else:
+            from cycleqd.model.lora import save_adapter
+
+            save_adapter(adapter, tmp, base_model=cfg.models.base)
         tokenizer.save_pretrained(tmp)
         (tmp / "cycleqd").mkdir()
         shutil.copyfile(genome_path, tmp / "cycleqd" / "genome.safetensors")
@@ -250,7 +283,8 @@ def write_model(run: RunFolder, sel: Selection, genome_path: Path, out: Path, *,
         }
         (tmp / "cycleqd" / "export.json").write_text(json.dumps(provenance, indent=1))
         base_meta = base_card_metadata(cfg.models.base, cfg.models.revision)
-        (tmp / "README.md").write_text(model_card(cfg, sel, cfg.name, tree, base_meta, tasks))
+        (tmp / "README.md").write_text(model_card(cfg, sel, cfg.name, tree, base_meta, tasks,
+                                                  adapter=adapter is not None))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
