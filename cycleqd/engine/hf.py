@@ -19,7 +19,7 @@ re-instantiates it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,6 +167,21 @@ class HFEngine(Engine):
         Raises:
             ValueError: a request sets both or neither of ``prompt`` and ``messages``.
         """
+        def decode(chunk: list[int], encoded: list[list[int]], stops: tuple[str, ...]) -> list[list[int]]:
+            tokens = self.decoder.decode(
+                [encoded[i] for i in chunk], [self._limit(requests[i]) for i in chunk], self._eos_ids(),
+                self._stop_check(stops), [self.decoder.draft(encoded[i]) for i in chunk],
+            )
+            for i, t in zip(chunk, tokens):
+                self.decoder.remember(encoded[i], t)
+            return tokens
+
+        return self._batched(requests, decode)
+
+    def _batched(self, requests: Sequence[GenRequest],
+                 decode: Callable[[list[int], list[list[int]], tuple[str, ...]], list[list[int]]]) -> list[str]:
+        """Answers of ``requests`` in their order: over-long prompts answered ``""``, the rest by
+        ``decode(chunk, encoded, stops)`` in batches of similar lengths that share their stop strings."""
         encoded = [self._encode(r) for r in requests]
         outputs: list[str] = [""] * len(requests)
         truncated = [False] * len(requests)
@@ -181,12 +196,7 @@ class HFEngine(Engine):
             idx.sort(key=lambda i: (len(encoded[i]), self._limit(requests[i])), reverse=True)
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k : k + self.batch_size]
-                tokens = self.decoder.decode(
-                    [encoded[i] for i in chunk], [self._limit(requests[i]) for i in chunk], self._eos_ids(),
-                    self._stop_check(stops), [self.decoder.draft(encoded[i]) for i in chunk],
-                )
-                for i, t in zip(chunk, tokens):
-                    self.decoder.remember(encoded[i], t)
+                for i, t in zip(chunk, decode(chunk, encoded, stops)):
                     outputs[i], truncated[i] = self._text(t, self._limit(requests[i]), stops)
         self.note_answers(truncated)
         return outputs
@@ -239,21 +249,12 @@ class HFEngine(Engine):
         unknown = sorted({a for a in adapters if a is not None and a not in known})
         if unknown:
             raise ValueError(f"generate_with: adapter(s) {unknown} not loaded")
-        encoded = [self._encode(r) for r in requests]
-        outputs: list[str] = [""] * len(requests)
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(tuple(r.stop), []).append(i)
-        for stops, idx in groups.items():
-            idx.sort(key=lambda i: (len(encoded[i]), self._limit(requests[i])), reverse=True)
-            for k in range(0, len(idx), self.batch_size):
-                chunk = idx[k : k + self.batch_size]
-                tokens = self._mixed(greedy_mixed, [encoded[i] for i in chunk], [self._limit(requests[i]) for i in chunk],
-                                      self._eos_ids(), self._stop_check(stops),
-                                      [adapters[i] or BASE for i in chunk], self.tokenizer.pad_token_id)
-                for i, t in zip(chunk, tokens):
-                    outputs[i] = self._text(t, self._limit(requests[i]), stops)
-        return outputs
+        def decode(chunk: list[int], encoded: list[list[int]], stops: tuple[str, ...]) -> list[list[int]]:
+            return self._mixed(greedy_mixed, [encoded[i] for i in chunk], [self._limit(requests[i]) for i in chunk],
+                               self._eos_ids(), self._stop_check(stops), [adapters[i] or BASE for i in chunk],
+                               self.tokenizer.pad_token_id)
+
+        return self._batched(requests, decode)
 
     def _mixed(self, decode, *args):
         self._peft.base_model.enable_adapter_layers()

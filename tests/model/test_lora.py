@@ -14,7 +14,7 @@ from cycleqd.model.adapters import LoraAdapter, lora_svd, read_experts
 from cycleqd.model.lora import child_adapter, save_adapter
 from cycleqd.search.crossover import layerwise, linear
 from cycleqd.search.mutation import gaussian, svd
-from tests.tiny_models import make_lora_experts
+from tiny_models import make_lora_experts
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Two expert sets: mixed ranks, alphas, targets and rsLoRA; and one uniform all-linear set with rsLoRA.
