@@ -19,7 +19,7 @@ re-instantiates it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,6 +59,17 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
             if i != -1:
                 cut = min(cut, i)
     return text[:cut]
+
+
+def right_padded(seqs: Sequence[Sequence[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded with ``pad`` to the longest row, and their attention mask, on ``device``."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, x in enumerate(seqs):
+        ids[r, : len(x)] = torch.tensor(list(x), dtype=torch.long)
+        mask[r, : len(x)] = 1
+    return ids.to(device), mask.to(device)
 
 
 @register_engine("transformers")
@@ -293,14 +304,8 @@ class HFEngine(Engine):
         results: dict[int, tuple[float, bool]] = {}
         for k in range(0, len(order), batch_size):
             chunk = order[k : k + batch_size]
-            seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[r, : len(s)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            ids, mask = right_padded([list(pairs[i][0]) + list(pairs[i][1]) for i in chunk], pad, self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             logp = torch.log_softmax(logits, -1)
             for r, i in enumerate(chunk):
                 ctx, cont = pairs[i]
@@ -325,13 +330,7 @@ class HFEngine(Engine):
         out: list[tuple[float, int]] = []
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i : i + batch_size]
-            width = max(len(e) for e in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, e in enumerate(chunk):
-                ids[r, : len(e)] = torch.tensor(e, dtype=torch.long)
-                mask[r, : len(e)] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
+            ids, mask = right_padded(chunk, pad, self.device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
             out += [(float(s), int(m)) for s, m in zip(lp.sum(1), mask[:, 1:].sum(1))]

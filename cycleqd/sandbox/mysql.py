@@ -62,12 +62,37 @@ from typing import Any, Sequence
 from cycleqd.sandbox.sqlite import DEFAULT_LIMITS, QueryResult, SQLLimits, fetch_capped, refusal
 
 # Everything a DBBench answer needs inside its own database, nothing about the server.
-_RIGHTS = ("SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER, CREATE TEMPORARY TABLES, "
+RIGHTS = ("SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER, CREATE TEMPORARY TABLES, "
            "CREATE VIEW, SHOW VIEW, LOCK TABLES, TRIGGER, REFERENCES")
 
 
-def _q(name: str) -> str:
+def quote_name(name: str) -> str:
+    """``name`` as a MySQL identifier (backquoted, backquotes doubled)."""
     return "`" + name.replace("`", "``") + "`"
+
+
+_q = quote_name
+
+
+def drop_and_close(admin: Any, user: str | None, databases: Sequence[str]) -> None:
+    """Drop ``user`` (None: not made) and ``databases`` over the administrative connection ``admin``,
+    then close it. Nothing raises: the server may be gone, and one failed drop keeps none of the rest."""
+    try:
+        with admin.cursor() as cur:
+            if user is not None:
+                cur.execute("DROP USER IF EXISTS %s@'%%'", (user,))
+            for name in databases:
+                try:
+                    cur.execute(f"DROP DATABASE IF EXISTS {quote_name(name)}")
+                except Exception:
+                    pass
+    except Exception:
+        pass
+    finally:
+        try:
+            admin.close()
+        except Exception:
+            pass
 
 
 # Per-user resource limits (the harness's SET SESSION before each statement counts too).
@@ -169,7 +194,7 @@ class MySQLSandbox:
                     resources += f" MAX_STATEMENT_TIME {float(limits.seconds):g}"
                 cur.execute(f"CREATE USER %s@'%%' IDENTIFIED BY %s WITH {resources}", (self.name, password))
                 self._user_made = True
-                cur.execute(f"GRANT {_RIGHTS} ON {_q(self.name)}.* TO %s@'%%'", (self.name,))
+                cur.execute(f"GRANT {RIGHTS} ON {_q(self.name)}.* TO %s@'%%'", (self.name,))
             user_kw = {k: v for k, v in connect.items() if k in ("host", "port", "unix_socket")}
             self.con = pymysql.connect(**user_kw, user=self.name, password=password, database=self.name,
                                        cursorclass=pymysql.cursors.SSCursor, **common)
@@ -314,19 +339,8 @@ class MySQLSandbox:
                 pass
             self.con = None
         if self.admin is not None:
-            try:
-                with self.admin.cursor() as cur:
-                    if self._user_made:
-                        cur.execute("DROP USER IF EXISTS %s@'%%'", (self.name,))
-                    cur.execute(f"DROP DATABASE IF EXISTS {_q(self.name)}")
-            except Exception:
-                pass
-            finally:
-                try:
-                    self.admin.close()
-                except Exception:
-                    pass
-                self.admin = None
+            drop_and_close(self.admin, self.name if self._user_made else None, [self.name])
+            self.admin = None
 
     def __enter__(self) -> "MySQLSandbox":
         return self

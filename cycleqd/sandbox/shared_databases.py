@@ -40,18 +40,14 @@ from decimal import Decimal
 from typing import Any, Protocol, Sequence
 
 from cycleqd.sandbox import connector
+from cycleqd.sandbox.mysql import RIGHTS, drop_and_close
+from cycleqd.sandbox.mysql import quote_name as _q
 from cycleqd.sandbox.sqlite import QueryResult, SQLiteSandbox, SQLLimits, fetch_capped, refusal
 
 SQL_LIMITS = SQLLimits()
 HASH_LIMITS = SQLLimits(seconds=30.0, max_rows=200_000, max_bytes=64 << 20)
 SETUP_LIMITS = SQLLimits(seconds=60.0, max_sql_chars=10_000_000, max_value_bytes=1 << 24)
 GROUP_CONCAT_MAX_LEN = 1024  # MySQL 8's default, which the recorded hashes depend on
-_RIGHTS = ("SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER, CREATE TEMPORARY TABLES, "
-           "CREATE VIEW, SHOW VIEW, LOCK TABLES, TRIGGER, REFERENCES")
-
-
-def _q(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
 
 
 def _escape(text: Any) -> str:
@@ -250,7 +246,7 @@ class MariaDBShared:
             pattern = name.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
             try:
                 with self.admin.cursor() as cur:
-                    cur.execute(f"GRANT {_RIGHTS} ON {_q(pattern)}.* TO %s@'%%'", (self.user,))
+                    cur.execute(f"GRANT {RIGHTS} ON {_q(pattern)}.* TO %s@'%%'", (self.user,))
             except self.pymysql.MySQLError:
                 pass  # a name the server refuses: every statement in it fails, as officially
 
@@ -314,23 +310,8 @@ class MariaDBShared:
         """Drop every database made here and the user; close the administrative connection."""
         if self.admin is None:
             return
-        try:
-            with self.admin.cursor() as cur:
-                if self._user_made:
-                    cur.execute("DROP USER IF EXISTS %s@'%%'", (self.user,))
-                for name in self.names:
-                    try:
-                        cur.execute(f"DROP DATABASE IF EXISTS {_q(name)}")
-                    except self.pymysql.MySQLError:
-                        pass
-        except Exception:
-            pass
-        finally:
-            try:
-                self.admin.close()
-            except Exception:
-                pass
-            self.admin = None
+        drop_and_close(self.admin, self.user if self._user_made else None, list(self.names))
+        self.admin = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,11 +25,11 @@ import numpy as np
 from cycleqd.config import Config, ConfigError, one_line_error
 from cycleqd.search.archive import Archive
 from cycleqd.search.child import ChildRecord, ChildResult, ChildSpec
-from cycleqd.search.scheduler import OrderError, child_seed
+from cycleqd.search.scheduler import AskTell, OrderError, child_seed
 from cycleqd.search.space import CoefficientSpace, SpaceOptions
 
 
-class CoefficientSearch:
+class CoefficientSearch(AskTell):
     """ask/tell over a :class:`CoefficientSpace`; subclasses say how a batch is drawn and learnt.
 
     Args:
@@ -115,15 +115,6 @@ class CoefficientSearch:
 
     # -- the protocol of Scheduler -------------------------------------------------------
     @property
-    def target(self) -> int:
-        return self.cfg.evolution.generations
-
-    @property
-    def in_flight(self) -> int:
-        """Specs asked and not yet told."""
-        return len(self._asked)
-
-    @property
     def next_index(self) -> int:
         return self._queue[0] if self._queue else self._drawn
 
@@ -160,13 +151,7 @@ class CoefficientSearch:
             OrderError: ``spec`` was never asked, was told already, or ``result`` is another child's.
         """
         t0 = time.perf_counter()
-        if spec.index in self._told:
-            raise OrderError(f"child {spec.id} (index {spec.index}) was told already")
-        if self._asked.get(spec.index) != spec:
-            raise OrderError(f"child {spec.id} (index {spec.index}) was never asked by this search")
-        if result.id != spec.id:
-            raise OrderError(f"result of {result.id} told for child {spec.id}")
-        del self._asked[spec.index]
+        self._take(spec, result)
         self.generation += 1
         ok = result.error is None
         inserted = self.archive.offer(spec.id, result.scores, self.generation) if ok and self.archive else []

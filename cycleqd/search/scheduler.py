@@ -40,7 +40,39 @@ def child_seed(cfg: Config, index: int) -> int:
     return int(np.random.SeedSequence([cfg.seed, index]).generate_state(1)[0])
 
 
-class Scheduler:
+class AskTell:
+    """What every search's ask/tell shares: the run's target and the specs asked and not yet told."""
+
+    cfg: Config
+    _asked: dict[int, ChildSpec]
+    _told: set[int]
+
+    @property
+    def target(self) -> int:
+        """Children the run asks for (``evolution.generations``)."""
+        return self.cfg.evolution.generations
+
+    @property
+    def in_flight(self) -> int:
+        """Specs asked and not yet told."""
+        return len(self._asked)
+
+    def _take(self, spec: ChildSpec, result: ChildResult) -> None:
+        """Guard the order of a tell and take ``spec`` off the in-flight specs.
+
+        Raises:
+            OrderError: ``spec`` was never asked here, was told already, or ``result`` is another child's.
+        """
+        if spec.index in self._told:
+            raise OrderError(f"child {spec.id} (index {spec.index}) was told already")
+        if self._asked.get(spec.index) != spec:
+            raise OrderError(f"child {spec.id} (index {spec.index}) was never asked by this {type(self).__name__}")
+        if result.id != spec.id:
+            raise OrderError(f"result of {result.id} told for child {spec.id}")
+        del self._asked[spec.index]
+
+
+class Scheduler(AskTell):
     """ask/tell over ``archive`` for the run ``cfg``.
 
     Args:
@@ -67,15 +99,6 @@ class Scheduler:
         self.next_index = max((c.index for c in log), default=-1) + 1
         self._told = {c.index for c in log}
         self._asked: dict[int, ChildSpec] = {}
-
-    @property
-    def target(self) -> int:
-        return self.cfg.evolution.generations
-
-    @property
-    def in_flight(self) -> int:
-        """Specs asked and not yet told."""
-        return len(self._asked)
 
     def wants_more(self) -> bool:
         """True while finished plus in-flight children fall short of the target."""
@@ -110,13 +133,7 @@ class Scheduler:
                 ``result`` is another child's.
         """
         t0 = time.perf_counter()
-        if spec.index in self._told:
-            raise OrderError(f"child {spec.id} (index {spec.index}) was told already")
-        if self._asked.get(spec.index) != spec:
-            raise OrderError(f"child {spec.id} (index {spec.index}) was never asked by this scheduler")
-        if result.id != spec.id:
-            raise OrderError(f"result of {result.id} told for child {spec.id}")
-        del self._asked[spec.index]
+        self._take(spec, result)
         self._told.add(spec.index)
         self.generation += 1
         inserted = self.archive.offer(spec.id, result.scores, self.generation) if result.error is None else []

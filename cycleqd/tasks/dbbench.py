@@ -543,17 +543,7 @@ class DBBenchTask(DatasetTask):
         failed: dict[str, str] = {}
         early: dict[str, SampleResult] = {}
 
-        def finish(ep: DBEpisode, error: str | None = None) -> SampleResult:
-            try:
-                return self._score(ep, error)
-            except Exception as e:  # scoring must not crash the task
-                return SampleResult(ep.sample_id, 0.0, f"scoring failed: {type(e).__name__}: {e}")
-            finally:
-                try:
-                    ep.db.close()  # drops the sample's database (and user) on a server
-                except Exception:
-                    pass
-
+        finish = self._finish
         for i in chosen:
             try:
                 ep = DBEpisode(i, self.rows[int(i)], self._open(self.rows[int(i)]), self.max_rounds, self.protocol)
@@ -584,6 +574,19 @@ class DBBenchTask(DatasetTask):
                 samples.append(finish(by_id[i], errors.get(i)))
         return task_result(self.name, samples, start)
 
+    def _finish(self, ep: DBEpisode, error: str | None = None) -> SampleResult:
+        """Score a finished episode, then close its database: under ``agentbench`` that drops the
+        sample's database (and user) on a server; under ``official``, the row's table name's database."""
+        try:
+            return self._score(ep, error)
+        except Exception as e:  # scoring must not crash the task
+            return SampleResult(ep.sample_id, 0.0, f"scoring failed: {type(e).__name__}: {e}")
+        finally:
+            try:
+                ep.db.close()
+            except Exception:
+                pass
+
     def _evaluate_official(self, engine: Engine, chosen: Sequence[str], start: float) -> TaskResult:
         """fishfarm's evaluation: every chosen row's database made up front on one server, one database
         per table name (:mod:`cycleqd.sandbox.shared_databases`); replies acted on in row order within
@@ -592,17 +595,7 @@ class DBBenchTask(DatasetTask):
         shared = MariaDBShared(parse_mysql_url(self.url or "")) if self.backend == "mysql" else SQLiteShared()
         done: dict[str, SampleResult] = {}
 
-        def finish(ep: DBEpisode, error: str | None = None) -> SampleResult:
-            try:
-                return self._score(ep, error)
-            except Exception as e:  # scoring must not crash the task
-                return SampleResult(ep.sample_id, 0.0, f"scoring failed: {type(e).__name__}: {e}")
-            finally:
-                try:
-                    ep.db.close()  # ``drop database`` of the row's table name
-                except Exception:
-                    pass
-
+        finish = self._finish
         try:
             views = {}
             for i in chosen:
