@@ -351,8 +351,9 @@ class OSSession:
         ipc = " && ".join(f"echo {v} > /proc/sys/{k}" for k, v in _IPC_LIMITS.items())
         overlay = ""
         if self.sys_root != "/" and usr_overlay(self.layer):  # /usr: the image's, writable copy-on-write
-            overlay = ('&& mount -t overlay cycleqd-usr -o "lowerdir=$3/usr,upperdir=$1/usr_upper,workdir=$1/usr_work" '
-                       '"$1/usr" ')
+            # where the kernel refuses the overlay, the image's /usr read-only (as without root)
+            overlay = ('&& { mount -t overlay cycleqd-usr -o "lowerdir=$3/usr,upperdir=$1/usr_upper,workdir=$1/usr_work" '
+                       '"$1/usr" 2>/dev/null || { mount --bind "$3/usr" "$1/usr" && mount -o remount,bind,ro "$1/usr"; }; } ')
         script = (f'mount -t tmpfs -o size={self.disk_mb}m,mode=0755 cycleqd-layer "$1" && cp -a "$2"/. "$1"/ '
                   f"{overlay}&& {{ {ipc}; }} 2>/dev/null; shift 3; exec \"$@\"")
         return [shutil.which("unshare") or "unshare", "--mount", "--ipc", "--propagation", "private",
