@@ -6,7 +6,8 @@ read-only; everything a task may change is a private writable layer for the
 episode: ``/`` itself (new top-level folders), ``/etc`` (a copy of the host's
 world-readable files, password hashes removed), ``/root`` (Ubuntu's skeleton
 dot-files), ``/home``, ``/tmp``, ``/dev/shm``, ``/usr/local``, new files directly
-in ``/usr``, ``/run`` and ``/var/{log,tmp,mail,spool,cache,local,opt}``.
+in ``/usr``, ``/run`` and ``/var/{log,tmp,mail,spool,cache,local,opt}``. On an OS image
+with root, ``/usr`` as a whole is a writable copy-on-write overlay of the image's.
 
 The machine is a set of namespaces held by a resting init process: the agent's shell,
 init scripts and checks are processes that enter them, each through bubblewrap into a
@@ -65,7 +66,7 @@ from pathlib import Path
 
 from cycleqd.sandbox import cgroups
 from cycleqd.sandbox.backends import SandboxUnavailable, bwrap_available, private_tmpfs_works
-from cycleqd.sandbox.os_image import ID_BASE, ID_COUNT, build_layer, check_view, machine_view
+from cycleqd.sandbox.os_image import ID_BASE, ID_COUNT, build_layer, check_view, machine_view, usr_overlay
 from cycleqd.sandbox.os_processes import (
     Processes,
     alive,
@@ -348,10 +349,15 @@ class OSSession:
     def _wrapper(self) -> list[str]:
         """With root: a private mount and IPC namespace holding the layer's tmpfs, then bwrap."""
         ipc = " && ".join(f"echo {v} > /proc/sys/{k}" for k, v in _IPC_LIMITS.items())
+        overlay = ""
+        if self.sys_root != "/" and usr_overlay(self.layer):  # /usr: the image's, writable copy-on-write
+            # where the kernel refuses the overlay, the image's /usr read-only (as without root)
+            overlay = ('&& { mount -t overlay cycleqd-usr -o "lowerdir=$3/usr,upperdir=$1/usr_upper,workdir=$1/usr_work" '
+                       '"$1/usr" 2>/dev/null || { mount --bind "$3/usr" "$1/usr" && mount -o remount,bind,ro "$1/usr"; }; } ')
         script = (f'mount -t tmpfs -o size={self.disk_mb}m,mode=0755 cycleqd-layer "$1" && cp -a "$2"/. "$1"/ '
-                  f"&& {{ {ipc}; }} 2>/dev/null; shift 2; exec \"$@\"")
+                  f"{overlay}&& {{ {ipc}; }} 2>/dev/null; shift 3; exec \"$@\"")
         return [shutil.which("unshare") or "unshare", "--mount", "--ipc", "--propagation", "private",
-                "/bin/sh", "-c", script, "sh", str(self.layer), str(self.prep)]
+                "/bin/sh", "-c", script, "sh", str(self.layer), str(self.prep), self.sys_root]
 
     def _state(self) -> str:
         """The layer as the worker reaches it (with root it is mounted in the machine's namespace)."""

@@ -7,7 +7,9 @@ everything a task may change: the root folder, a copy of the system's world-read
 ``/etc`` (password hashes removed), ``/root`` with the skeleton dot-files, ``/home``,
 ``/tmp``, ``/dev/shm``, ``/usr/local``, ``/run`` and ``/var/{log,tmp,mail,spool,cache,local,opt}``
 (with an image, these start as the image's). The system's other folders are bound
-read-only over it.
+read-only over it, except that with root and an image ``/usr`` is a writable overlay of the
+image's (``usr`` = image ``/usr`` + the layer's ``usr_upper``, mounted by the machine's own
+mount namespace, see :func:`usr_overlay`).
 
 Two views of one machine: :func:`machine_view` (the machine as the agent left it) and
 :func:`check_view` (the image's system, loader and start-up files with the agent's files
@@ -140,6 +142,9 @@ def build_layer(episode: Path, *, quota: bool, mapped: bool, sys_root: str = "/"
                 shutil.copy2(src, image / "etc" / name, follow_symlinks=False)
     if quota:
         (episode / "layer").mkdir()
+        if own:  # /usr: a writable overlay of the image's (see usr_overlay), its changes in the layer
+            for sub in ("usr", "usr_upper", "usr_work"):
+                (d / sub).mkdir()
     try:  # the host's memory when the episode began (see kernel_view)
         (episode / "meminfo").write_bytes(Path("/proc/meminfo").read_bytes())
         (episode / "meminfo").chmod(0o444)
@@ -218,9 +223,16 @@ def var_view(layer: Path, root: str | None = None, sys_root: str = "/") -> list[
         a += ["--bind", str(layer / f"var_{v}"), f"/var/{v}"]
     return a
 
-def system_view(root: str | None = None, sys_root: str = "/") -> list[str]:
+def usr_overlay(layer: Path) -> bool:
+    """Whether the layer holds /usr as a writable overlay of the image's (with root and an
+    image: the machine's mount namespace mounts ``usr`` = image ``/usr`` + ``usr_upper``)."""
+    return (layer.parent / "prep" / "usr_upper").is_dir()
+
+
+def system_view(root: str | None = None, sys_root: str = "/", usr: Path | None = None) -> list[str]:
     """The image's system: the system root's read-only top-level folders and /usr. With ``root``
-    (the machine's root folder, where earlier views made them) links already there are kept."""
+    (the machine's root folder, where earlier views made them) links already there are kept.
+    ``usr``: the writable overlay of the image's /usr to show instead (the agent's view)."""
     a = []
     top = Path(sys_root)
     for entry in sorted(os.listdir(top)):
@@ -230,6 +242,8 @@ def system_view(root: str | None = None, sys_root: str = "/") -> list[str]:
                 a += ["--symlink", os.readlink(p), f"/{entry}"]
         elif entry in _RO_TOP and p.is_dir():
             a += ["--ro-bind", str(p), f"/{entry}"]
+    if usr is not None:
+        return a + ["--bind", str(usr), "/usr"]
     a += ["--dir", "/usr"]
     for entry in sorted(os.listdir(top / "usr")):
         if entry == "local":
@@ -247,7 +261,8 @@ def machine_view(layer: Path, ctl: Path, state: str | None = None, sys_root: str
     makes the root folder's links and mount points."""
     d = layer
     root = None if state is None else f"{state}/rootfs"
-    a = ["--bind", str(d / "rootfs"), "/", *system_view(root, sys_root)]
+    usr = d / "usr" if sys_root != "/" and usr_overlay(layer) else None
+    a = ["--bind", str(d / "rootfs"), "/", *system_view(root, sys_root, usr)]
     for entry in _EMPTY_TOP:
         a += ["--dir", f"/{entry}"]
     a += ["--bind", str(d / "usr_local"), "/usr/local", *var_view(layer, root, sys_root)]
@@ -269,7 +284,11 @@ def check_view(layer: Path, image: Path, state: str, fds: list[int], sys_root: s
     top_links = {e for e in os.listdir(sys_root) if os.path.islink(Path(sys_root) / e)}
     a = system_view(None, sys_root)
     a += compose(state, "rootfs", "", _MANAGED_TOP | top_links, fds)
-    a += compose(state, "rootfs/usr", "/usr", host_usr | _IMAGE_ABSENT_USR, fds)
+    # the agent's new entries directly in /usr (in the overlay's upper folder where /usr is one)
+    overlay = sys_root != "/" and usr_overlay(layer)
+    a += compose(state, "usr_upper" if overlay else "rootfs/usr", "/usr", host_usr | _IMAGE_ABSENT_USR, fds)
+    if overlay:
+        a += _mode_view(state, Path(sys_root), image.parent / "views")
     a += _local_view(state, image.parent / "views", compose(state, "usr_local", "/usr/local", {"lib"}, fds))
     # the image's (an image's own, read-only; else empty): no .pth, sitecustomize or library of the agent's
     own_lib = Path(sys_root) / "usr" / "local" / "lib"
@@ -286,6 +305,44 @@ def check_view(layer: Path, image: Path, state: str, fds: list[int], sys_root: s
     a += ["--bind", str(d / "root"), "/root", "--bind", str(d / "home"), "/home",
           "--bind", str(d / "tmp"), "/tmp", "--bind", str(d / "run"), "/run", *kernel_view(layer)]
     return a
+
+def _mode_view(state: str, sys_root: Path, views: Path) -> list[str]:
+    """The image's commands with the agent's mode, owner and times: for each command of the
+    image's ``/usr/bin`` and ``/usr/sbin`` the agent changed (``chmod u+s /usr/bin/find``), a
+    copy of the image's file (never the agent's content) carrying the agent's metadata, so a
+    check's ``ls -l`` reads what ``docker exec`` would while it still runs the image's code."""
+    out: list[str] = []
+    views.mkdir(exist_ok=True)
+    base = Path(tempfile.mkdtemp(dir=views))
+    base.chmod(0o755)
+    kept = 0
+    for sub in ("bin", "sbin"):
+        try:
+            dfd = os.open(f"{state}/usr_upper/{sub}", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            for name in sorted(os.listdir(dfd)):
+                if kept >= MAX_ENTRIES:
+                    break
+                mine = sys_root / "usr" / sub / name
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode) or not stat.S_ISREG(os.lstat(mine).st_mode):
+                        continue
+                    copy = base / f"{sub}-{name}"
+                    shutil.copyfile(mine, copy)
+                    os.chown(copy, st.st_uid, st.st_gid)
+                    os.chmod(copy, stat.S_IMODE(st.st_mode))
+                    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+                except OSError:
+                    continue
+                kept += 1
+                out += ["--ro-bind", str(copy), f"/usr/{sub}/{name}"]
+        finally:
+            os.close(dfd)
+    return out
+
 
 def _local_view(state: str, views: Path, entries: list[str]) -> list[str]:
     """/usr/local for a check: a folder of the harness's holding a mount point for each of the

@@ -15,7 +15,8 @@ Ask for an image with :func:`image_root` (the cached one, else None) or :func:`e
 
 The cached tree belongs to the machine's users (host users ``ID_BASE`` and up, see
 :mod:`cycleqd.sandbox.os_image`), has no set-id bits (inside the machine nothing gains
-privileges anyway), and is only ever mounted read-only: an episode never writes to it.
+privileges anyway), and is only ever mounted read-only: an episode never writes to it
+(with root an episode's ``/usr`` is a copy-on-write overlay whose changes stay in its layer).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import pytest
 
 from cycleqd.sandbox import bwrap_available
 from cycleqd.sandbox.os_env import OSSession
+from cycleqd.sandbox.os_image import usr_overlay
 from cycleqd.sandbox.os_rootfs import IMAGES, image_root, spec
 from cycleqd.tasks.os_interaction import load_problems
 
@@ -40,7 +41,30 @@ def test_the_machine_is_the_image_not_the_host() -> None:
             assert "btmp" in lines[12] and "wtmp" in lines[12], out
             assert lines[13:15] == ["root", "ubuntu"], out
         r = s.run("echo hi > /usr/OSbench && cat /usr/OSbench; touch /usr/bin/x 2>&1; echo $?", timeout=10)
-        assert r.output.split("\n")[0] == "hi" and r.output.strip().endswith("1"), r.output
+        writable = usr_overlay(s.layer)  # with root: /usr is a writable overlay of the image's
+        assert r.output.split("\n")[0] == "hi" and r.output.strip().endswith("0" if writable else "1"), r.output
+        assert s.run_script("bash", "cat /usr/OSbench", [], timeout=10).output == "hi\n"
+
+
+@needs_image
+def test_usr_is_a_writable_overlay_the_image_never_changes() -> None:
+    """With root the agent's /usr is a copy-on-write overlay of the image's (AgentBench 6/new.json #3
+    runs ``chmod u+s /usr/bin/find`` in its init): the shell and a check's ``ls -l`` see the new mode,
+    a check still runs the image's code when the agent rewrites a command, the image's files are
+    untouched and the next episode starts from the image again."""
+    find = image_root("default") / "usr/bin/find"
+    before = (find.stat().st_mode, find.read_bytes())
+    with OSSession(memory_mb=1024) as s:
+        if not usr_overlay(s.layer):
+            pytest.skip("no root here: /usr stays the image's, read-only")
+        r = s.run("chmod u+s /usr/bin/find && ls -l /usr/bin/find | cut -c1-10; "
+                  "printf '#!/bin/sh\\necho fooled\\n' > /usr/bin/mawk; awk 'BEGIN{print 1}'", timeout=10)
+        assert r.output == "-rwsr-xr-x\nfooled\n", r.output
+        check = s.run_script("bash", "ls -l /usr/bin/find | cut -c1-10; echo | awk '{print 7}'", [], timeout=10)
+        assert check.output == "-rwsr-xr-x\n7\n", check.output
+    assert (find.stat().st_mode, find.read_bytes()) == before
+    with OSSession(memory_mb=1024) as s:
+        assert s.run("ls -l /usr/bin/find | cut -c1-10", timeout=10).output == "-rwxr-xr-x\n"
 
 
 def test_problems_name_their_image() -> None:

@@ -11,6 +11,7 @@ from oracles import OSOracleEngine
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.protocol import GenRequest
 from cycleqd.sandbox import bwrap_available
+from cycleqd.sandbox.os_rootfs import image_root
 from cycleqd.tasks.fishfarm_os import read_samples, samples_file
 from cycleqd.tasks.os_interaction import OFFICIAL_PROMPT, OSEpisode, OSInteractionTask
 
@@ -100,13 +101,8 @@ def test_allowed_class_called_with_arguments_is_refused(tmp_path) -> None:
         OSInteractionTask(data=str(tmp_path))
 
 
-#: Official problems the host layer cannot pass (they read or write the image's own /usr, /var/log
-#: or /proc/sys; docs/os_environment.md): the OS machine as an image removes them.
-HOST_LAYER = {"17": "reads /proc/sys/kernel/threads-max", "19": "newest file in the host's /usr",
-              "26": "find over the host's /var/lib", "42": "du over the host's /usr", "43": "find over the host's /usr",
-              "45": "find over the host's /usr", "46": "find over the host's /usr",
-              "123": "sums the files of /var/log (empty here)"}
-#: Cannot pass offline, or not at all (its own check is broken, in AgentBench too).
+#: Cannot pass offline, or not at all (its own check is broken, in AgentBench too). They count as
+#: failures in the figure below; every other problem must pass on the image.
 UNPASSABLE = {"52": "init runs apt install sudo (network)", "153": 'dev 8: size-match.py int("4.0")'}
 
 
@@ -125,15 +121,17 @@ class _OfficialOracle(OSOracleEngine):
 
 @pytest.mark.skipif(not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here")
 def test_the_110_official_problems_pass_with_their_examples_and_fail_wrong_answers(samples_pkl) -> None:
-    """The official selection read from samples.pkl, played by its own example scripts: every problem
-    the host layer can hold passes (>= 0.97 required), and wrong answers pass at most 1%."""
+    """The official selection read from samples.pkl, played by its own example scripts on the OS image:
+    all 110 together score >= 0.97 with nothing left out (only the network-bound and the broken-check
+    problem may fail), and wrong answers pass at most 1%."""
+    if image_root("default") is None:
+        pytest.skip("the OS image is not built here (make os-image); the host layer cannot hold these problems")
     task = OSInteractionTask(data=str(samples_pkl), select="official", sandbox=SandboxConfig(allow_code_execution=True))
     good = task.evaluate(_OfficialOracle(task.problems))
     failed = set(good.failed_ids)
     print(f"official OS oracle from samples.pkl: {good.quality:.4f} of {good.n}; failed {sorted(failed, key=int)}")
-    assert good.n == 110 and failed <= set(HOST_LAYER) | set(UNPASSABLE), failed - set(HOST_LAYER) - set(UNPASSABLE)
-    judged = [s for s in good.samples if s.id not in HOST_LAYER and s.id not in UNPASSABLE]
-    assert sum(s.score for s in judged) / len(judged) >= 0.97
+    assert good.n == 110 and failed <= set(UNPASSABLE), failed - set(UNPASSABLE)
+    assert good.quality >= 0.97
     wrong = task.evaluate(OSOracleEngine(task.problems, wrong=True))
     print(f"wrong answers: {wrong.quality:.4f} (passed {[s.id for s in wrong.samples if s.score > 0]})")
     assert wrong.quality <= 0.01

@@ -129,4 +129,5 @@ def test_agentbench_os_problems_on_the_image() -> None:
     print(f"AgentBench OS on the image: {res.quality:.4f} of {len(ids)}, failed {failed}")
     assert res.quality >= 0.97, failed
     wrong = task.evaluate(OSOracleEngine(task.problems, wrong=True), ids=ids)
+    print(f"wrong answers: {wrong.quality:.4f} (passed {[by_id[s.id].extra['file'] for s in wrong.samples if s.score > 0]})")
     assert wrong.quality <= 0.01
