@@ -41,10 +41,16 @@ def _config(root: Path, world: Path) -> Path:
 
 
 def _show(run: Path) -> dict:
-    res = subprocess.run([sys.executable, "-m", "cycleqd.cli", "-q", "show", str(run), "--json"],
-                         capture_output=True, text=True, env=_env(), timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return json.loads(res.stdout)
+    """``cycleqd show RUN --json`` in this process (no Ray)."""
+    import contextlib
+    import io
+
+    from cycleqd.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["show", str(run), "--json"]) == 0
+    return json.loads(buf.getvalue())
 
 
 def test_mini_lm_eval_killed_and_resumed_loses_nothing(small_world, tmp_path):
