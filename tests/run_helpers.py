@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -115,3 +117,21 @@ shutil.copyfile = copyfile
 from cycleqd.cli import main
 sys.exit(main(sys.argv[2:]))
 """
+
+
+def evolve_until_then_kill(argv: Sequence[str], run: Path, children: int, *, env: dict | None = None,
+                           cwd: str | Path | None = None, timeout: float = 300) -> None:
+    """``cycleqd -q ARGV`` in a fresh process, SIGKILLed once ``run``'s log holds ``children`` lines.
+
+    Asserts that the run was still going at the kill (a run that ends first tests no resume).
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "cycleqd.cli", "-q", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env, cwd=cwd)
+    log, deadline = Path(run) / "children.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= children:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read().decode()[-800:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

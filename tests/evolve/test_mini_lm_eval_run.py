@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+from run_helpers import evolve_until_then_kill
 
 from cycleqd.runs.store import RunStore
 
@@ -61,18 +60,8 @@ def test_mini_lm_eval_killed_and_resumed_loses_nothing(small_world, tmp_path):
     cfg, run = _config(tmp_path, small_world), tmp_path / "run"
     lm_axis = [t["name"] for t in yaml.safe_load(cfg.read_text())["tasks"] if t["kind"] == "lm_eval"]
     assert lm_axis == ["shell"]
-    proc = subprocess.Popen([sys.executable, "-m", "cycleqd.cli", "-q", "evolve", "--config", str(cfg),
-                             "--run-dir", str(run), "--tasks", "sql,shell", "--generations", str(GENERATIONS),
-                             "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=REPO)
-    log, deadline = run / "children.jsonl", time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read().decode()[-800:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    evolve_until_then_kill(["evolve", "--config", str(cfg), "--run-dir", str(run), "--tasks", "sql,shell",
+                            "--generations", str(GENERATIONS), "--workers", "1"], run, 2, env=_env(), cwd=REPO)
     before = RunStore(run).children()
     assert 2 <= len(before) < GENERATIONS
     before_show = _show(run)

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from run_helpers import evolve_until_then_kill
 
 from cycleqd.registry import SEARCHES
 from cycleqd.runs.store import RunStore
-from cycleqd.search.space import CoefficientSpace
 
 GENERATIONS = 10
 OPTIONS = {"cma_es": {"population": 4}, "nsga2": {"population": 4}, "random": {}}
@@ -79,17 +77,8 @@ def test_search_killed_and_resumed_loses_nothing(search, small_world, tmp_path):
     flight asked again), every genome is the search's point for its index, archives kept, the search's
     state in the folder, and show / heatmap / export work on the run."""
     cfg_path, run = _config(tmp_path, small_world, search), tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "cycleqd.cli", "-q", "evolve", "--config", str(cfg_path),
-                             "--run-dir", str(run), "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
-    log, deadline = run / "children.jsonl", time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read().decode()[-800:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    evolve_until_then_kill(["evolve", "--config", str(cfg_path), "--run-dir", str(run), "--workers", "2"], run, 3,
+                           env=_env())
     store = RunStore(run)
     before = RunStore(run).children()
     assert 3 <= len(before) < GENERATIONS
