@@ -98,6 +98,22 @@ class DatasetTask(Task):
             require_code_execution(self.sandbox, self.name)
         return select_ids(self._ids, ids, None) if ids is not None else list(self._ids)
 
+    def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
+        """Score the chosen samples (``ids``, default all) with ``engine`` (:meth:`score`); quality is
+        the mean sample score.
+
+        Raises:
+            CodeExecutionNotAllowed: the task runs model code and ``sandbox.allow_code_execution`` is false.
+            ConfigError: an id that is not in the selection.
+        """
+        chosen = self.chosen(ids)
+        start = time.monotonic()
+        return task_result(self.name, self.score(engine, chosen), start)
+
+    def score(self, engine: Engine, chosen: list[str]) -> list[SampleResult]:
+        """One result per id of ``chosen``, in order: the task's own way of answering and judging."""
+        raise NotImplementedError(f"{type(self).__name__} scores its samples in evaluate()")
+
 
 def select_ids(all_ids: Sequence[str], ids: Iterable[Any] | None, limit: int | None) -> list[str]:
     """``ids`` (any order, as strings) restricted to known ones, then the first ``limit``.

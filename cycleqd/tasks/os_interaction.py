@@ -30,7 +30,6 @@ evaluation is repeated ``runs`` times (the paper: 5) and averaged.
 from __future__ import annotations
 
 import re
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,11 +49,10 @@ from cycleqd.tasks.dataset import (
     read_rows,
     run_episodes,
     select_ids,
-    task_result,
 )
 from cycleqd.tasks.fishfarm_os import FishfarmSample, read_samples, samples_file
 from cycleqd.tasks.official import official_samples
-from cycleqd.tasks.protocol import SampleResult, TaskResult
+from cycleqd.tasks.protocol import SampleResult
 
 PROMPT = """You are an assistant that will act like a person, I will play the role of linux(ubuntu) operating system. Your goal is to implement the operations required by me or answer to the question proposed by me. For each of your turn, you should first think what you should do, and then take exact one of the three actions: "bash", "finish" or "answer". 
 
@@ -529,14 +527,8 @@ class OSInteractionTask(DatasetTask):
             out.update(self._one_run(engine, chosen[k:k + self.chunk]))
         return out
 
-    def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
-        """Play every chosen problem ``runs`` times; a sample's score is its pass rate over the runs.
-
-        Raises:
-            CodeExecutionNotAllowed: ``sandbox.allow_code_execution`` is false.
-        """
-        chosen = self.chosen(ids)
-        start = time.monotonic()
+    def score(self, engine: Engine, chosen: list[str]) -> list[SampleResult]:
+        """Play every chosen problem ``runs`` times; a sample's score is its pass rate over the runs."""
         runs = [self._play(engine, chosen) for _ in range(self.runs)]
         samples = []
         for i in chosen:
@@ -547,4 +539,4 @@ class OSInteractionTask(DatasetTask):
             if skipped:
                 detail["overlong_prompts"] = skipped
             samples.append(SampleResult(i, sum(scores) / len(scores), errs[0] if errs else None, detail))
-        return task_result(self.name, samples, start)
+        return samples

@@ -37,7 +37,6 @@ batch per kind of test (and the references it still needs in one more).
 """
 from __future__ import annotations
 
-import time
 from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, Field
@@ -47,7 +46,7 @@ from cycleqd.engine.protocol import Engine, GenRequest
 from cycleqd.registry import register_task
 from cycleqd.sandbox import require_code_execution, run_python_batch
 from cycleqd.sandbox.verdict import check_asserts_batch, evaluate_calls_batch
-from cycleqd.tasks.dataset import DatasetOptions, DatasetTask, read_rows, select_ids, task_result
+from cycleqd.tasks.dataset import DatasetOptions, DatasetTask, read_rows, select_ids
 from cycleqd.tasks.mbpp.problems import Problem, problem_from_row
 from cycleqd.tasks.mbpp.programs import assert_job, base_calls_job, probe_program, same_output, time_limits
 from cycleqd.tasks.mbpp.prompts import (
@@ -60,7 +59,7 @@ from cycleqd.tasks.mbpp.prompts import (
     official_prompt,
 )
 from cycleqd.tasks.mbpp.sanitizers import official_sanitize, sanitize
-from cycleqd.tasks.protocol import SampleResult, TaskResult
+from cycleqd.tasks.protocol import SampleResult
 
 OFFICIAL_COUNT = 399      # problems in EvalPlus MBPP+ v0.1.0, all of which the official code scores
 
@@ -222,19 +221,13 @@ class MBPPTask(DatasetTask):
                     out[k] = verdict
         return out
 
-    def evaluate(self, engine: Engine, ids: Sequence[str] | None = None) -> TaskResult:
-        """Generate one completion per problem (one batch), then judge all solutions (see :meth:`judge`).
-
-        Raises:
-            CodeExecutionNotAllowed: ``sandbox.allow_code_execution`` is false.
-        """
-        chosen = self.chosen(ids)
-        start = time.monotonic()
+    def score(self, engine: Engine, chosen: list[str]) -> list[SampleResult]:
+        """Generate one completion per problem (one batch), then judge all solutions (see :meth:`judge`)."""
         try:
             completions = engine.generate([self.request(self.problems[i]) for i in chosen])
         except Exception as e:  # the model failing is every sample failing, not a crash
             err = f"generation failed: {type(e).__name__}: {e}"
-            return task_result(self.name, [SampleResult(i, 0.0, err) for i in chosen], start)
+            return [SampleResult(i, 0.0, err) for i in chosen]
         problems = [self.problems[i] for i in chosen]
         solutions = [self.solution(p, c) for p, c in zip(problems, completions)]
         verdicts = self.judge(problems, solutions)
@@ -244,7 +237,7 @@ class MBPPTask(DatasetTask):
                 error = "empty solution"
             samples.append(SampleResult(p.id, 1.0 if ok else 0.0, None if ok else (error or "failed"),
                                         {"solution": sol, "conversation": self.conversation(p, completion)}))
-        return task_result(self.name, samples, start)
+        return samples
 
     def conversation(self, problem: Problem, reply: str) -> list[dict[str, str]]:
         """The sample as chat turns (system, user, assistant with the prefilled fence), for trajectories."""
