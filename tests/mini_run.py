@@ -9,6 +9,19 @@ import yaml
 from cycleqd.config import parse_config, resolve_paths
 
 
+def mini_config_data(world: Path, size: str, n: int, config: str | Path = "experiments/mini.yaml") -> dict:
+    """``config`` (a mini-world experiment) as a dict, its models the ``size`` world's in ``world``,
+    ``n`` val items per task and 4 bins per axis."""
+    data = yaml.safe_load(Path(config).read_text())
+    data["models"] = {"base": str(world / "base"), "dtype": "float32",
+                      "experts": {t: str(world / f"expert_{t}") for t in ("code", "sql", "shell")},
+                      "mini": {"dir": str(world), "seed": 0, "size": size}}
+    for t in data["tasks"]:
+        t["options"]["n"] = n
+        t["bins"] = {"lo": 0.0, "hi": 1.0, "count": 4}
+    return data
+
+
 def make_mini_run(root: Path, world: Path, size: str, *, n: int = 8, generations: int = 3,
                   record: bool = True, edit: Callable[[dict], None] | None = None) -> Path:
     """A run of ``generations`` children over the mini world in ``world`` (built there if absent), no Ray.
@@ -22,13 +35,7 @@ def make_mini_run(root: Path, world: Path, size: str, *, n: int = 8, generations
     from cycleqd.mini.build import ensure_mini_world
     from cycleqd.runs.store import RunStore, check_models
 
-    data = yaml.safe_load(Path("experiments/mini.yaml").read_text())
-    data["models"] = {"base": str(world / "base"), "dtype": "float32",
-                      "experts": {t: str(world / f"expert_{t}") for t in ("code", "sql", "shell")},
-                      "mini": {"dir": str(world), "seed": 0, "size": size}}
-    for t in data["tasks"]:
-        t["options"]["n"] = n
-        t["bins"] = {"lo": 0.0, "hi": 1.0, "count": 4}
+    data = mini_config_data(world, size, n)
     data["evolution"].update(workers=1, generations=generations, final_merge=False, record_episodes=record)
     data["prepare_cache"] = str(root / "prepare")
     if edit is not None:

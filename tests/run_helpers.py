@@ -80,9 +80,14 @@ print(json.dumps({"code": code, "ray": "ray" in sys.modules}))
 """
 
 
+def cli_env() -> dict:
+    """This process's environment for a CLI child: Ray on loopback, no usage statistics."""
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 def cli(*argv: str) -> tuple[int, bool, str]:
     """Run the CLI in a fresh process: (exit code, whether Ray was imported, stderr)."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = cli_env()
     out = subprocess.run([sys.executable, "-c", _PROBE, "-q", *argv], capture_output=True, text=True, env=env,
                          timeout=300)
     res = json.loads(out.stdout.strip().splitlines()[-1])

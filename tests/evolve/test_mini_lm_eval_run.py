@@ -3,13 +3,13 @@ mini world: SIGKILL mid-run, `cycleqd resume`; nothing lost, the lm-eval axis sc
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
-from run_helpers import evolve_until_then_kill
+from mini_run import mini_config_data
+from run_helpers import cli_env, evolve_until_then_kill
 
 from cycleqd.runs.store import RunStore
 
@@ -17,19 +17,10 @@ GENERATIONS = 4
 REPO = Path(__file__).parents[2]
 
 
-def _env() -> dict:
-    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
 def _config(root: Path, world: Path) -> Path:
     """experiments/mini_lm_eval.yaml as written, its models the small world's and 6 items per task."""
-    data = yaml.safe_load((REPO / "experiments" / "mini_lm_eval.yaml").read_text())
-    data["models"] = {"base": str(world / "base"), "dtype": "float32",
-                      "experts": {t: str(world / f"expert_{t}") for t in ("code", "sql", "shell")},
-                      "mini": {"dir": str(world), "seed": 0, "size": "small"}}
+    data = mini_config_data(world, "small", 6, REPO / "experiments" / "mini_lm_eval.yaml")
     for t in data["tasks"]:
-        t["options"]["n"] = 6
-        t["bins"] = {"lo": 0.0, "hi": 1.0, "count": 4}
         if t["kind"] == "lm_eval":
             t["data"] = str(REPO / t["data"])
     data["evolution"]["final_merge"] = False
@@ -61,13 +52,13 @@ def test_mini_lm_eval_killed_and_resumed_loses_nothing(small_world, tmp_path):
     lm_axis = [t["name"] for t in yaml.safe_load(cfg.read_text())["tasks"] if t["kind"] == "lm_eval"]
     assert lm_axis == ["shell"]
     evolve_until_then_kill(["evolve", "--config", str(cfg), "--run-dir", str(run), "--tasks", "sql,shell",
-                            "--generations", str(GENERATIONS), "--workers", "1"], run, 2, env=_env(), cwd=REPO)
+                            "--generations", str(GENERATIONS), "--workers", "1"], run, 2, env=cli_env(), cwd=REPO)
     before = RunStore(run).children()
     assert 2 <= len(before) < GENERATIONS
     before_show = _show(run)
 
     res = subprocess.run([sys.executable, "-m", "cycleqd.cli", "-q", "resume", str(run)], capture_output=True,
-                         text=True, env=_env(), timeout=600, cwd=REPO)
+                         text=True, env=cli_env(), timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]
     children = RunStore(run).children()
     assert [c.generation for c in children] == list(range(1, GENERATIONS + 1))  # nothing lost, nothing twice

@@ -4,7 +4,6 @@ show / heatmap / export read the run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from run_helpers import evolve_until_then_kill
+from mini_run import mini_config_data
+from run_helpers import cli_env, evolve_until_then_kill
 
 from cycleqd.registry import SEARCHES
 from cycleqd.runs.store import RunStore
 
 GENERATIONS = 10
 OPTIONS = {"cma_es": {"population": 4}, "nsga2": {"population": 4}, "random": {}}
-
-
-def _env() -> dict:
-    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _show(run: Path) -> dict:
@@ -41,13 +37,7 @@ def _show(run: Path) -> dict:
 
 def _config(root: Path, world: Path, search: str) -> Path:
     """experiments/mini.yaml over the small world, 6 val items per task, ``search`` with small batches."""
-    data = yaml.safe_load(Path("experiments/mini.yaml").read_text())
-    data["models"] = {"base": str(world / "base"), "dtype": "float32",
-                      "experts": {t: str(world / f"expert_{t}") for t in ("code", "sql", "shell")},
-                      "mini": {"dir": str(world), "seed": 0, "size": "small"}}
-    for t in data["tasks"]:
-        t["options"]["n"] = 6
-        t["bins"] = {"lo": 0.0, "hi": 1.0, "count": 4}
+    data = mini_config_data(world, "small", 6)
     data["evolution"].update(workers=2, generations=GENERATIONS, final_merge=False,
                              search={"name": search, "options": OPTIONS[search]})
     data["prepare_cache"] = str(root / "prepare")
@@ -78,14 +68,14 @@ def test_search_killed_and_resumed_loses_nothing(search, small_world, tmp_path):
     state in the folder, and show / heatmap / export work on the run."""
     cfg_path, run = _config(tmp_path, small_world, search), tmp_path / "run"
     evolve_until_then_kill(["evolve", "--config", str(cfg_path), "--run-dir", str(run), "--workers", "2"], run, 3,
-                           env=_env())
+                           env=cli_env())
     store = RunStore(run)
     before = RunStore(run).children()
     assert 3 <= len(before) < GENERATIONS
     before_archive = _show(run)
 
     res = subprocess.run([sys.executable, "-m", "cycleqd.cli", "-q", "resume", str(run)], capture_output=True,
-                         text=True, env=_env(), timeout=600)
+                         text=True, env=cli_env(), timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     children = store.children()
     assert [c.generation for c in children] == list(range(1, GENERATIONS + 1))

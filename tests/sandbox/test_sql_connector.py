@@ -175,6 +175,11 @@ def test_sqlite_emulation_shows_what_the_official_connector_shows(mariadb_url) -
     want = _oracle(mariadb_url, COMMON)
     got = _ours(SQLiteShared(), COMMON)
     _compare(want, got, COMMON)
+    # what the emulation itself must show, whatever the server says: a write's `[]`, the
+    # connector's error format, several statements out of sync, the 800-character cut
+    assert got[14] == "[]" and got[COMMON.index("SELECT 1; SELECT 2")] == connector.OUT_OF_SYNC
+    assert got[COMMON.index("SELECT Nope FROM `Game Results`")].startswith("1054 (42S22): Unknown column 'Nope'")
+    assert got[9].endswith("[TRUNCATED]") and len(got[9]) == 811
 
 
 def test_official_set_up_shares_one_database_per_table_name(mariadb_url) -> None:

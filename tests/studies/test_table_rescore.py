@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mini_run import mini_config_data
 
 from cycleqd.config import load_config
 from cycleqd.studies.table import INTERVAL_KEY, MODELS_FILE, VERSUS_KEY, make_table, read_models
@@ -19,13 +20,7 @@ def made(tmp_path_factory) -> dict[str, Path]:
     """A table over a tiny mini world (built here), one CycleQD seed of 2 children."""
     d = tmp_path_factory.mktemp("table")
     world = d / "world"
-    cfg = yaml.safe_load(Path("experiments/mini.yaml").read_text())
-    cfg["models"] = {"base": str(world / "base"), "dtype": "float32",
-                     "experts": {t: str(world / f"expert_{t}") for t in ("code", "sql", "shell")},
-                     "mini": {"dir": str(world), "seed": 0, "size": "tiny"}}
-    for t in cfg["tasks"]:
-        t["options"]["n"] = 4
-        t["bins"] = {"lo": 0.0, "hi": 1.0, "count": 4}
+    cfg = mini_config_data(world, "tiny", 4)
     cfg["evolution"]["workers"] = 1
     cfg["prepare_cache"] = str(d / "prepare")
     path = d / "tiny.yaml"
