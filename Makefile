@@ -14,6 +14,8 @@ TABLE_SEEDS ?= 5
 TABLE_GENERATIONS ?= 300
 TABLE_RUNS ?= archives/table-g$(TABLE_GENERATIONS)
 TEST_SEED ?= 1
+# make test's pytest-xdist workers (each takes a whole test file at a time; the vLLM files take turns)
+TEST_WORKERS ?= 2
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
@@ -66,7 +68,7 @@ system-deps:  ## Debian packages the sandbox, DB tests and report test use (need
 	else echo "system-deps: not root or no apt-get; install bubblewrap, mariadb-server, chromium yourself"; fi
 
 test: install  ## run the test suite (CPU, tiny models)
-	$(BIN)/pytest -q --timeout=900 -m "not gpu"
+	$(BIN)/pytest -q --timeout=900 -m "not gpu" -n $(TEST_WORKERS) --dist loadfile
 
 test-all: install  ## every test, GPU-marked ones too (needs CUDA)
 	$(BIN)/pytest -q --timeout=900

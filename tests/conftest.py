@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random Llama family on disk, and a throw-away MariaDB server for the task and SQL tests."""
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -9,6 +11,18 @@ from tiny_models import make_tiny_family
 
 if TYPE_CHECKING:
     from cycleqd.sandbox.mariadb import MariaDBServer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_vllm_file_at_a_time(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under ``make test`` (``pytest -n 2 --dist loadfile``) the files marked ``vllm`` take turns: two
+    vLLM engines at once pin their threads to the same cores and only slow each other down."""
+    if request.node.get_closest_marker("vllm") is None or "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    with open(tmp_path_factory.getbasetemp().parent / "vllm.lock", "a") as lock:  # the run's, shared by its workers
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +84,4 @@ def mini_run(tmp_path_factory: pytest.TempPathFactory, small_world: Path) -> Pat
     from mini_run import make_mini_run
 
     return make_mini_run(tmp_path_factory.mktemp("mini_run"), small_world, "small", n=12)
+

@@ -28,9 +28,10 @@ TEXTS = {
 
 
 def real_run(tmp_path_factory: pytest.TempPathFactory, tasks: str = "abc", generations: int = 8,
-             workers: int = 2) -> Path:
-    """A finished run folder of ``cycleqd.evolve.loop.evolve`` (cached per process)."""
-    key = (tasks, generations, workers)
+             workers: int = 2, in_process: bool = False) -> Path:
+    """A finished run folder of ``cycleqd.evolve.loop.evolve`` (cached per process). ``in_process``:
+    the same loop with one worker in this process (``run_loop`` over a ``LocalPool``), without Ray."""
+    key = (tasks, generations, workers, in_process)
     if key in _RUNS:
         return _RUNS[key]
     from tiny_models import make_tiny_family
@@ -55,6 +56,16 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, tasks: str = "abc", gener
         "engine": {"device": "cpu"},
         "prepare_cache": str(root / "cache"),
     })
+    if in_process:
+        from cycleqd.evolve.loop import run_loop
+        from cycleqd.evolve.pool import LocalPool
+        from cycleqd.evolve.worker import ChildWorker
+        from cycleqd.runs.store import RunStore
+
+        store = RunStore.create(root / "run", cfg)
+        run_loop(store, LocalPool([ChildWorker(cfg, threads=1)]), [PlotObserver()])
+        _RUNS[key] = store.path
+        return _RUNS[key]
     local_ray()
     _RUNS[key] = evolve(cfg, root / "run", progress=False, observers=[PlotObserver()])
     return _RUNS[key]

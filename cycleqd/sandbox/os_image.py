@@ -365,8 +365,8 @@ def _local_view(state: str, views: Path, entries: list[str]) -> list[str]:
         out += [kind, src, dst]
     (base / "lib").mkdir(exist_ok=True)
     try:
-        t = os.stat(f"{state}/usr_local").st_mtime
-        os.utime(base, (t, t))
+        st = os.stat(f"{state}/usr_local")
+        os.utime(base, ns=(st.st_atime_ns, st.st_mtime_ns))
     except OSError:
         pass
     return ["--ro-bind", str(base), "/usr/local", *out]

@@ -17,6 +17,7 @@ from cycleqd.search.crossover import linear
 from cycleqd.search.mutation import svd
 from tiny_models import make_lora_experts
 
+pytestmark = pytest.mark.vllm  # its vLLM tests take turns with the other vLLM files under pytest -n
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPECS = {
     "code": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},

