@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -113,6 +114,7 @@ def driver_ceiling(n: int = 10_000, *, on_ray: bool = False, workers: int = 2, r
     from cycleqd.runs.store import RunStore
     from cycleqd.views.plots import PlotObserver
 
+    made = root is None
     root = Path(root or tempfile.mkdtemp(prefix="cycleqd-driver-"))
     cfg = synthetic_config(n, workers, 0.0, root, worker_cpus=0.5 if on_ray else 1.0)
     _ready_models(cfg)
@@ -126,7 +128,8 @@ def driver_ceiling(n: int = 10_000, *, on_ray: bool = False, workers: int = 2, r
     from cycleqd.evolve.loop import run_loop
 
     t0 = time.perf_counter()
-    run_loop(store, pool, [PlotObserver()])
+    plots = PlotObserver()
+    run_loop(store, pool, [plots])
     wall = time.perf_counter() - t0
     rss1 = rss_mb()
     if on_ray:
@@ -147,6 +150,9 @@ def driver_ceiling(n: int = 10_000, *, on_ray: bool = False, workers: int = 2, r
             out[f"p99_ms_at_{at}"] = round(_pct(window, 99), 3)
             out[f"cpu_p99_ms_at_{at}"] = round(_pct(cpu_ms[max(0, at - 500):at], 99), 3)
     out["run_dir_mb"] = round(sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file()) / 2**20, 1)
+    plots.wait()  # a drawing in the background still reads the folder
+    if made:
+        shutil.rmtree(root, ignore_errors=True)
     return out
 
 
@@ -257,6 +263,7 @@ def scaling(workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32), latency_s: float = 
     why = netns_available()
     if why is not None:
         return {"skipped": f"network namespaces unavailable: {why}"}
+    made = root is None
     root = Path(root or tempfile.mkdtemp(prefix="cycleqd-scale-"))
     avail = mem_available_mb()
     fit = int((avail - 3072) // ACTOR_MB)  # 3 GiB left to the rest of the machine
@@ -280,6 +287,8 @@ def scaling(workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32), latency_s: float = 
     finally:
         cluster.stop()
         cluster.remove_files()
+        if made:
+            shutil.rmtree(root, ignore_errors=True)
     r1 = out["per_n"][str(min(capped))]["children_per_hour"] / min(capped)
     for n, row in out["per_n"].items():
         row["efficiency"] = round(row["children_per_hour"] / (int(n) * r1), 3)
