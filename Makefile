@@ -61,6 +61,7 @@ system-deps:  ## Debian packages the sandbox, DB tests and report test use (need
 	  command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || missing="$$missing mariadb-server"; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
+	  command -v ip >/dev/null && command -v ss >/dev/null || missing="$$missing iproute2"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -88,8 +89,8 @@ table-rescore: install  ## score the committed table models on a fresh test draw
 bench: install  ## write bench.json (ratios against baselines measured in the same run)
 	$(BIN)/python benchmarks/bench.py --out bench.json
 
-bench-scale: install  ## bench.json: driver ceiling (10,000 zero-latency children) and children/hour on 1..32 workers over a loopback cluster
-	$(BIN)/python benchmarks/bench_scale.py --out bench.json
+bench-scale: install  ## bench.json: driver ceiling (10,000 zero-latency children) and children/hour on 1..32 workers over a 4-node cluster (network namespaces)
+	nice $(BIN)/python benchmarks/bench_scale.py --out bench.json
 
 submit: install  ## the same evolve job through `ray job submit` (ADDRESS=http://127.0.0.1:8265)
 	$(BIN)/ray job submit --address $(or $(ADDRESS),http://127.0.0.1:8265) --working-dir . \

@@ -9,8 +9,10 @@ genome, :mod:`cycleqd.tasks.synthetic`) over the tiny mini world, through the re
   back to waiting for the next: tell, commit, observers, ask, submit) at p50 / p99 over the
   children around 1,000 and around 10,000, children per second, driver RSS at start and end;
 * scaling: children with a fixed latency (default 2 s) on N = 1, 2, 4, ... 32 workers spread
-  over a loopback cluster of a head and 3 nodes (:mod:`cycleqd.evolve.cluster`); children per
-  hour and efficiency ``rate(N) / (N x rate(1))``.
+  over a cluster of a head and 3 nodes, each in its own network namespace
+  (:mod:`cycleqd.evolve.cluster`; skipped, with the reason, where namespaces cannot be made),
+  the driver in the head's namespace; children per hour and efficiency ``rate(N) / (N x rate(1))``;
+  N capped by the memory available (the key of the largest N asked is then ``null``).
 
 Results are merged into bench.json (other keys kept); a plot of children per hour against
 workers goes to docs/img/scaling.png.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -111,6 +114,7 @@ def driver_ceiling(n: int = 10_000, *, on_ray: bool = False, workers: int = 2, r
     from cycleqd.runs.store import RunStore
     from cycleqd.views.plots import PlotObserver
 
+    made = root is None
     root = Path(root or tempfile.mkdtemp(prefix="cycleqd-driver-"))
     cfg = synthetic_config(n, workers, 0.0, root, worker_cpus=0.5 if on_ray else 1.0)
     _ready_models(cfg)
@@ -124,7 +128,8 @@ def driver_ceiling(n: int = 10_000, *, on_ray: bool = False, workers: int = 2, r
     from cycleqd.evolve.loop import run_loop
 
     t0 = time.perf_counter()
-    run_loop(store, pool, [PlotObserver()])
+    plots = PlotObserver()
+    run_loop(store, pool, [plots])
     wall = time.perf_counter() - t0
     rss1 = rss_mb()
     if on_ray:
@@ -145,63 +150,152 @@ def driver_ceiling(n: int = 10_000, *, on_ray: bool = False, workers: int = 2, r
             out[f"p99_ms_at_{at}"] = round(_pct(window, 99), 3)
             out[f"cpu_p99_ms_at_{at}"] = round(_pct(cpu_ms[max(0, at - 500):at], 99), 3)
     out["run_dir_mb"] = round(sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file()) / 2**20, 1)
+    plots.wait()  # a drawing in the background still reads the folder
+    if made:
+        shutil.rmtree(root, ignore_errors=True)
     return out
 
 
-def scaling(workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32), latency_s: float = 2.0, rounds: int = 4,
-            root: Path | None = None) -> dict:
-    """Children per hour on N workers spread over a loopback cluster (head + 3 nodes), ``latency_s`` a child.
+def actor_memory_mb(namespaces: list[str]) -> dict:
+    """Memory of the cluster's genome-only worker actors (``ray::ChildWorker`` processes in its network
+    ``namespaces``): mean RSS and PSS (shared pages split among the processes sharing them), MiB, from /proc."""
+    inodes = set()
+    for ns in namespaces:
+        try:
+            inodes.add(os.stat(f"/run/netns/{ns}").st_ino)
+        except OSError:
+            pass
+    rss, pss = [], []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if not (d / "cmdline").read_bytes().startswith(b"ray::ChildWorker"):
+                continue
+            if os.stat(d / "ns" / "net").st_ino not in inodes:
+                continue
+            rollup = (d / "smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        vals = {line.split()[0]: int(line.split()[1]) for line in rollup[1:] if len(line.split()) >= 2}
+        rss.append(vals.get("Rss:", 0) / 1024)
+        pss.append(vals.get("Pss:", 0) / 1024)
+    if not rss:
+        return {"actors": 0}
+    return {"actors": len(rss), "rss_mb_mean": round(sum(rss) / len(rss), 1), "pss_mb_mean": round(sum(pss) / len(pss), 1)}
 
-    Each N runs ``(rounds + 1) x N`` children through the real loop on Ray; the rate is the
-    children that finished after the N-th, over the time from the N-th finish to the last.
+
+def mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scaling_driver(address: str, workers: tuple[int, ...], latency_s: float, rounds: int, root: Path,
+                   namespaces: list[str]) -> dict:
+    """The driver's side of :func:`scaling`, run where a driver joins the cluster (the head's namespace).
+
+    ``max(workers)`` actors are started once; each N runs ``(rounds + 1) x N`` children through the
+    real loop on the first N of them. The rate counts the children finished after the N-th, over the
+    time from the N-th finish to the last (the first N include the actors' first call).
     """
-    from cycleqd.evolve.cluster import LoopbackCluster
+    import copy
+
     from cycleqd.evolve.loop import _ready_models, run_loop
     from cycleqd.evolve.pool import RayPool, start_ray
     from cycleqd.runs.store import RunStore
 
-    root = Path(root or tempfile.mkdtemp(prefix="cycleqd-scale-"))
     top = max(workers)
-    per_node = [-(-top // 3)] * 3
-    out: dict = {"latency_s": latency_s, "nodes": 4, "per_n": {}}
-    cluster = LoopbackCluster(Path("/tmp") / f"cqs{os.getpid()}", head_cpus=0, node_cpus=tuple(per_node))
-    cluster.start()
-    try:
-        ray = start_ray(cluster.address)
-        for n in workers:
-            cfg = synthetic_config((rounds + 1) * n, n, latency_s / 3, root, name=f"scale{n}")
-            _ready_models(cfg)
-            store = RunStore.create(root / f"n{n}", cfg)
-            inner = RayPool(ray, cfg, n)
-            finished: list[float] = []
+    ray = start_ray(address)
+    base_cfg = synthetic_config(top, top, latency_s / 3, root, name="scale")
+    _ready_models(base_cfg)
+    t0 = time.perf_counter()
+    big = RayPool(ray, base_cfg, top)  # every actor started once, in parallel
+    out: dict = {"actors_start_s": round(time.perf_counter() - t0, 1), "per_n": {}}
+    out["actor_memory"] = actor_memory_mb(namespaces)
+    for n in workers:
+        cfg = synthetic_config((rounds + 1) * n, n, latency_s / 3, root, name=f"scale{n}")
+        store = RunStore.create(root / f"n{n}", cfg)
+        inner = copy.copy(big)
+        inner.cfg, inner.actors, inner.inflight = cfg, big.actors[:n], {}
+        finished: list[float] = []
 
-            class Clock(TimedPool):
-                def wait(self, timeout=None):
-                    got = super().wait(timeout)
-                    if got is not None:
-                        finished.append(time.perf_counter())
-                    return got
+        class Clock(TimedPool):
+            def wait(self, timeout=None):
+                got = super().wait(timeout)
+                if got is not None:
+                    finished.append(time.perf_counter())
+                return got
 
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        try:
             run_loop(store, Clock(inner), [])
-            wall = time.perf_counter() - t0
-            for a in inner.actors:
-                ray.kill(a)
-            done = finished  # children only (the seed experts go through run_genomes)
-            # after the first N (the workers' start): the children that finished after the N-th, over that time
-            rate = (len(done) - n) / (done[-1] - done[n - 1]) if len(done) > n else float("nan")
-            nodes = {c.node for c in store.children()}
-            out["per_n"][str(n)] = {"children": len(done), "wall_s": round(wall, 1),
-                                    "children_per_hour": round(rate * 3600, 1), "nodes_used": len(nodes)}
-            print(f"scaling: N={n}: {out['per_n'][str(n)]}", flush=True)
-        ray.shutdown()
+        except Exception as e:  # noqa: BLE001 - e.g. Ray's memory monitor killing workers: keep the smaller N
+            out["stopped"] = f"N={n}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(f"scaling: {out['stopped']}", flush=True)
+            break
+        wall = time.perf_counter() - t0
+        done = finished  # children only (the seed experts go through run_genomes)
+        rate = (len(done) - n) / (done[-1] - done[n - 1]) if len(done) > n else float("nan")
+        nodes = {c.node for c in store.children()}
+        out["per_n"][str(n)] = {"children": len(done), "wall_s": round(wall, 1),
+                                "children_per_hour": round(rate * 3600, 1), "nodes_used": len(nodes),
+                                "load_average": round(os.getloadavg()[0], 1)}
+        print(f"scaling: N={n}: {out['per_n'][str(n)]}", flush=True)
+    ray.shutdown()
+    return out
+
+
+def scaling(workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32), latency_s: float = 2.0, rounds: int = 6,
+            root: Path | None = None) -> dict:
+    """Children per hour on N workers spread over a cluster of a head (0 CPUs) and 3 nodes, each in
+    its own network namespace (:mod:`cycleqd.evolve.cluster`), ``latency_s`` a child.
+
+    The driver runs in the head's namespace (a subprocess: :func:`scaling_driver`). Where network
+    namespaces cannot be made, the scaling part is skipped and the reason recorded. N is capped so
+    that the actors fit in the memory available (about ``ACTOR_MB`` each).
+    """
+    import subprocess
+
+    from cycleqd.evolve.cluster import LoopbackCluster, netns_available
+
+    why = netns_available()
+    if why is not None:
+        return {"skipped": f"network namespaces unavailable: {why}"}
+    made = root is None
+    root = Path(root or tempfile.mkdtemp(prefix="cycleqd-scale-"))
+    avail = mem_available_mb()
+    fit = int((avail - 3072) // ACTOR_MB)  # 3 GiB left to the rest of the machine
+    capped = tuple(n for n in workers if n <= fit) or (1,)
+    top = max(capped)
+    per_node = [-(-top // 3)] * 3
+    out: dict = {"latency_s": latency_s, "nodes": 4, "rounds": rounds, "mem_available_mb": round(avail),
+                 "load_average_start": round(os.getloadavg()[0], 1)}
+    if capped != tuple(workers):
+        out["capped"] = f"N up to {top}: {avail:.0f} MiB available, about {ACTOR_MB} MiB per worker actor"
+    cluster = LoopbackCluster(Path("/tmp") / f"cqs{os.getpid()}", head_cpus=0, node_cpus=tuple(per_node), netns=True)
+    try:
+        cluster.start()
+        res_file = root / "scaling.json"
+        cmd = cluster.command([sys.executable, str(Path(__file__).resolve()), "--scaling-driver", cluster.address,
+                               "--workers", ",".join(map(str, capped)), "--latency", str(latency_s),
+                               "--rounds", str(rounds), "--netns", ",".join(cluster.namespaces),
+                               "--out", str(res_file)])
+        subprocess.run(cmd, env=cluster.env, check=True, cwd=ROOT)
+        out.update(json.loads(res_file.read_text()))
     finally:
         cluster.stop()
         cluster.remove_files()
-    r1 = out["per_n"][str(min(workers))]["children_per_hour"] / min(workers)
+        if made:
+            shutil.rmtree(root, ignore_errors=True)
+    r1 = out["per_n"][str(min(capped))]["children_per_hour"] / min(capped)
     for n, row in out["per_n"].items():
         row["efficiency"] = round(row["children_per_hour"] / (int(n) * r1), 3)
     return out
+
+
+ACTOR_MB = 300  # a genome-only worker actor's memory (PSS 200 MiB measured: actor_memory in bench.json), with room
 
 
 def plot_scaling(res: dict, path: Path) -> None:
@@ -219,7 +313,7 @@ def plot_scaling(res: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(ns, [str(n) for n in ns])
-    ax.set_xlabel("workers (Ray actors over 4 loopback nodes)")
+    ax.set_xlabel("workers (Ray actors over 4 nodes, one netns each)", fontsize=9)
     ax.set_ylabel("children per hour")
     ax.set_title(f"synthetic children, {res['latency_s']:g} s each", fontsize=10)
     ax.grid(alpha=0.3)
@@ -237,7 +331,16 @@ def main() -> int:
     ap.add_argument("--no-ray-driver", action="store_true", help="driver ceiling in process only")
     ap.add_argument("--max-workers", type=int, default=32)
     ap.add_argument("--latency", type=float, default=2.0, help="seconds per synthetic child")
+    ap.add_argument("--rounds", type=int, default=6, help="scaling: (rounds + 1) x N children per N")
+    ap.add_argument("--scaling-driver", metavar="ADDRESS", help=argparse.SUPPRESS)  # the inner driver (see scaling)
+    ap.add_argument("--workers", help=argparse.SUPPRESS)
+    ap.add_argument("--netns", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.scaling_driver:
+        r = scaling_driver(args.scaling_driver, tuple(int(n) for n in args.workers.split(",")), args.latency,
+                           args.rounds, Path(args.out).parent, args.netns.split(","))
+        Path(args.out).write_text(json.dumps(r))
+        return 0
     res: dict = {}
     if args.only in (None, "driver"):
         res["driver_local"] = driver_ceiling(args.children)
@@ -247,8 +350,9 @@ def main() -> int:
             print("driver, on Ray:", res["driver_ray"], flush=True)
     if args.only in (None, "scaling"):
         ws = tuple(n for n in (1, 2, 4, 8, 16, 32) if n <= args.max_workers)
-        res["scaling"] = scaling(ws, args.latency)
-        plot_scaling(res["scaling"], ROOT / "docs" / "img" / "scaling.png")
+        res["scaling"] = scaling(ws, args.latency, args.rounds)
+        if "per_n" in res["scaling"]:
+            plot_scaling(res["scaling"], ROOT / "docs" / "img" / "scaling.png")
     out_path = Path(args.out)
     data = json.loads(out_path.read_text()) if out_path.is_file() else {}
     data["scale"] = {**data.get("scale", {}), **res}
@@ -257,10 +361,17 @@ def main() -> int:
         data["driver_children_per_second"] = dl["children_per_second"]
         data["driver_p99_ms_at_1000"] = dl.get("p99_ms_at_1000")
         data["driver_p99_ms_at_10000"] = dl.get("p99_ms_at_10000")
-    if "scaling" in res:
+    if "driver_ray" in res:
+        data["driver_ray_children_per_second"] = res["driver_ray"]["children_per_second"]
+    if "per_n" in res.get("scaling", {}):
         per = res["scaling"]["per_n"]
+        for k in [k for k in data if k.startswith("scaling_efficiency_") or k == "scaling_capped"]:
+            del data[k]  # a previous run's
         top = max(per, key=int)
         data[f"scaling_efficiency_{top}"] = per[top]["efficiency"]
+        if str(max(ws)) not in per:  # capped by memory: the key is there, with why it has no figure
+            data[f"scaling_efficiency_{max(ws)}"] = None
+            data["scaling_capped"] = res["scaling"].get("capped") or res["scaling"].get("stopped")
         data["children_per_hour"] = {n: row["children_per_hour"] for n, row in per.items()}
     out_path.write_text(json.dumps(data, indent=2))
     print(f"wrote {out_path}")

@@ -13,8 +13,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)  # read the process umask without changing it
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+def write_atomic(path: Path, data: bytes | str, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
+
+    With ``durable=False`` the temp file is not fsynced before the rename: a killed process
+    still leaves the old file or the new one (the page cache outlives it), but a machine crash
+    may not; the caller fsyncs the file later (see :mod:`cycleqd.runs.durable`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
@@ -23,7 +27,8 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:

@@ -180,6 +180,10 @@ class EvolutionConfig(_Frozen):
     # LoRA experts only: children a worker evaluates at once, as adapters in one engine
     # (their generation calls share batches; see cycleqd.engine.gather).
     children_per_worker: int = Field(1, ge=1, le=64)
+    # When a finished child's genome and log line are fsynced: "batch" (a background thread, in
+    # groups; a killed driver loses nothing, a machine crash the last moments) or "child" (before
+    # the next child is asked). See cycleqd.runs.durable.
+    fsync: Literal["batch", "child"] = "batch"
 
 
 class EngineConfig(_Frozen):

@@ -228,6 +228,8 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
 
     if stop is not None:
         stop.polling = True
+    if cfg.evolution.fsync == "batch":  # fsync in a background thread; a killed driver loses nothing
+        store.start_syncer()
     next_snapshot, behind = time.monotonic() + SNAPSHOT_SECONDS, False
     try:
         while not sched.done():
@@ -261,6 +263,7 @@ def run_loop(store: RunStore, pool: RayPool | LocalPool, observers: Sequence[Obs
     finally:
         if stop is not None:
             stop.polling = False
+        store.stop_syncer()  # every finished child fsynced before the loop returns or raises
     if behind:  # stopped between snapshots: leave archives.json matching the log
         store.write_archives(archive.to_json(sched.generation))
     if stop is not None and stop.signum is not None:

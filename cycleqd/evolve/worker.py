@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from typing import Any, Sequence
 
@@ -170,6 +170,13 @@ class ChildWorker:
             self.truncated[name] = (engine.answers_truncated - before[1]) / n
         return check
 
+    def _checks(self) -> ThreadPoolExecutor:
+        """This thread's one check thread, kept for the worker's life (not a new thread per child)."""
+        pool = getattr(self._local, "checks", None)
+        if pool is None:
+            pool = self._local.checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cycleqd-check")
+        return pool
+
     def evaluate_recorded(self, genome: Any, tasks: Sequence[str] | None = None, *, record: bool | None = None
                           ) -> tuple[dict[str, float], dict[str, float], list[dict]]:
         """:meth:`evaluate`, plus the passing samples' conversations when ``record`` (default:
@@ -202,10 +209,13 @@ class ChildWorker:
         self._local.truncated = {}
         results: dict[str, Any] = {}
         try:
-            with ThreadPoolExecutor(max_workers=1) as checks:
+            checks = self._checks()
+            try:
                 for name in sorted(names, key=lambda n: not self.tasks[n].executes_code):
                     results[name] = checks.submit(self._answer(name, engine))
-                results = {n: r.result() for n, r in results.items()}
+            finally:  # the checks already submitted end before this child does, as it fails or not
+                wait(list(results.values()))
+            results = {n: r.result() for n, r in results.items()}
         finally:
             if view is not None:
                 self.gather.leave(view)

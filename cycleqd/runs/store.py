@@ -132,6 +132,8 @@ class RunStore:
         if not (self.path / layout.GENOMES).is_dir() and not (self.path / self.CHILDREN).is_file():
             raise RunNotFound(f"{str(path)!r} is not a cycleqd run folder (a {self.CONFIG} but no {layout.GENOMES}/)")
         self._shape = None
+        self.syncer = None  # a Syncer while the loop runs with evolution.fsync: batch (see start_syncer)
+        self._tails: dict[str, int] = {}  # log -> its size after this store's last append (a clean tail)
 
     @classmethod
     def create(cls, path: str | os.PathLike, cfg: Config, lock: RunLock | None = None) -> "RunStore":
@@ -341,12 +343,17 @@ class RunStore:
         With ``snapshot=False`` the archive snapshot is left as it was (the loop writes it at
         most every few seconds and at the end: readers replay a stale one, see
         :meth:`cycleqd.runs.folder.RunFolder.snapshot`).
+
+        With a :meth:`start_syncer` running (``evolution.fsync: batch``) the genome, episodes and
+        log line are written without waiting for fsync and fsynced in that order by a background
+        thread (:mod:`cycleqd.runs.durable`): a killed driver still loses nothing.
         """
         gid = record.genome if isinstance(record, SeedRecord) else record.id
+        syncer = self.syncer
         if genome is not None and (isinstance(record, SeedRecord) or record.ok):
-            write_atomic(self.genome_path(gid), genome)
+            self._write_child_file(self.genome_path(gid), genome, syncer)
         if episodes is not None:
-            write_atomic(self.episodes_path(gid), "".join(json.dumps(e) + "\n" for e in episodes))
+            self._write_child_file(self.episodes_path(gid), "".join(json.dumps(e) + "\n" for e in episodes), syncer)
         if isinstance(record, SeedRecord):
             order = self.config().task_names
             seeds = {**self.seeds(), record.task: {"genome": record.genome, "scores": dict(record.scores),
@@ -354,13 +361,36 @@ class RunStore:
             write_atomic(self.path / self.SEEDS, json.dumps({t: seeds[t] for t in order if t in seeds}, indent=1))
             generation, stats = 0, len(seeds) == len(order)
         else:
-            self._append(self.CHILDREN, json.loads(record.to_line()))
+            self._append(self.CHILDREN, json.loads(record.to_line()), durable=syncer is None)
+            if syncer is not None:
+                syncer.add(self.path / self.CHILDREN)
             generation, stats = record.generation, True
         if snapshot:
             self.write_archives(archive.to_json(generation))
         if stats:  # derived (plots): not fsynced, a torn or lost line is skipped or redrawn
             self._append(self.STATS, {"generation": generation,
                                       "archives": {t: archive.stats(t) for t in archive.tasks}}, durable=False)
+
+    @staticmethod
+    def _write_child_file(path: Path, data: bytes | str, syncer: Any) -> None:
+        if syncer is None:
+            write_atomic(path, data)
+        else:
+            write_atomic(path, data, durable=False)
+            syncer.add(path)
+
+    def start_syncer(self) -> None:
+        """Fsync the children's files in a background thread from now on (``evolution.fsync: batch``)."""
+        if self.syncer is None:
+            from cycleqd.runs.durable import Syncer
+
+            self.syncer = Syncer()
+
+    def stop_syncer(self) -> None:
+        """Wait until every write handed to the syncer is fsynced, then fsync inline again."""
+        syncer, self.syncer = self.syncer, None
+        if syncer is not None:
+            syncer.close()
 
     def save_genome(self, genome_id: str, data: bytes) -> None:
         write_atomic(self.genome_path(genome_id), data)
@@ -372,9 +402,11 @@ class RunStore:
         write_atomic(self.path / self.MODELS, json.dumps(fingerprints, indent=1))
 
     def _append(self, name: str, record: dict, *, durable: bool = True) -> None:
+        """Append ``record`` as one JSON line to the log ``name``."""
         f = self.path / name
-        # drop a torn tail first so the new line starts on a line boundary
-        if f.exists() and f.stat().st_size:
+        size = f.stat().st_size if f.exists() else 0
+        # drop a torn tail first so the new line starts on a line boundary (unless this store wrote the tail)
+        if size and self._tails.get(name) != size:
             with open(f, "rb+") as h:
                 h.seek(-1, os.SEEK_END)
                 if h.read(1) != b"\n":
@@ -384,6 +416,7 @@ class RunStore:
             h.flush()
             if durable:
                 os.fsync(h.fileno())
+            self._tails[name] = h.tell()
 
     def write_archives(self, snapshot: dict) -> None:
         write_atomic(self.path / self.ARCHIVES, json.dumps(snapshot))

@@ -1,5 +1,9 @@
-"""A loopback Ray cluster of 4 nodes: workers spread over the nodes, a node lost mid-run, the driver killed.
+"""A Ray cluster of 4 nodes on this machine: workers spread over the nodes, a node lost mid-run, the driver killed.
 
+Each node (the head included) runs in a network namespace the test creates (``ip netns``, veth pairs
+to a bridge in one more namespace), with an address of its own on 10.77.x.0/24; the driver joins
+from the head's namespace. Nothing of the cluster listens in the machine's own namespace. Where
+network namespaces cannot be made (not root, no iproute2) the test is skipped with the reason.
 Synthetic genome-only children (no engine) keep it light: each node offers one CPU, the head none.
 """
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cycleqd.evolve.cluster import LoopbackCluster
+from cycleqd.evolve.cluster import LoopbackCluster, netns_available
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -38,10 +42,19 @@ def _children(run: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
+def _namespaces() -> set[str]:
+    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+
+
 @pytest.fixture
 def cluster(tmp_path_factory):
-    """Head (0 CPUs) + 3 nodes (1 CPU each) on 127.0.0.1; afterwards nothing of it listens any more."""
-    c = LoopbackCluster(Path("/tmp") / f"cq{os.getpid()}", head_cpus=0, node_cpus=(1, 1, 1))
+    """Head (0 CPUs) + 3 nodes (1 CPU each), each in its own network namespace; afterwards nothing of it
+    listens any more (`ss -ltnp`, in the machine's namespace and in each of the cluster's), and every
+    namespace it made (with its veths and bridge) is deleted."""
+    why = netns_available()
+    if why is not None:
+        pytest.skip(f"network namespaces unavailable here: {why}")
+    c = LoopbackCluster(Path("/tmp") / f"cq{os.getpid()}", head_cpus=0, node_cpus=(1, 1, 1), netns=True)
     try:
         c.start()
         yield c
@@ -50,7 +63,9 @@ def cluster(tmp_path_factory):
         c.stop()
         assert not set(c.pids())
         assert not pids & _listening_pids(), "a process of the cluster still listens"
+        assert c.listening() == [], "something still listens in the cluster's namespaces"
         c.remove_files()
+        assert not set(c.namespaces) & _namespaces(), "a network namespace of the cluster is left"
 
 
 def _config(tmp_path: Path, generations: int, latency: float) -> Path:
@@ -66,7 +81,8 @@ def _config(tmp_path: Path, generations: int, latency: float) -> Path:
 def _cycleqd(cluster, *args: str, log: Path) -> subprocess.Popen:
     """``cycleqd -q ARGS --address CLUSTER`` in its own session, stderr to ``log``."""
     with open(log, "ab") as err:
-        return subprocess.Popen([str(BIN / "cycleqd"), "-q", *args, "--address", cluster.address], cwd=ROOT,
+        return subprocess.Popen(cluster.command([str(BIN / "cycleqd"), "-q", *args, "--address", cluster.address]),
+                                cwd=ROOT,
                                 env=cluster.env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
 
@@ -84,7 +100,12 @@ def test_node_lost_mid_run_then_back_and_driver_killed_and_resumed(cluster, tmp_
     a SIGKILLed driver resumes on the same cluster."""
     run, gens = tmp_path / "run", 60
     cfg = _config(tmp_path, gens, latency=0.3)
-    ids = {n["NodeID"]: _name(n) for n in cluster.alive_nodes()}
+    nodes = cluster.alive_nodes()
+    ids = {n["NodeID"]: _name(n) for n in nodes}
+    # every node has an address of its own, none of them the machine's; nothing listens outside the namespaces
+    assert sorted(n["NodeManagerAddress"] for n in nodes) == sorted(node.ip for node in cluster.nodes)
+    assert len({node.ip for node in cluster.nodes}) == 4 and all(n.ip.startswith("10.77.") for n in cluster.nodes)
+    assert not set(cluster.pids()) & _listening_pids()
 
     log = tmp_path / "driver.log"
     proc = _cycleqd(cluster, "evolve", "--config", str(cfg), "--run-dir", str(run), log=log)
@@ -93,6 +114,7 @@ def test_node_lost_mid_run_then_back_and_driver_killed_and_resumed(cluster, tmp_
     assert {ids[c["node"]] for c in _children(run)} == {"node1", "node2", "node3"}
     before = {c["id"] for c in _children(run)}
     cluster.kill_raylet(2)
+    assert cluster.nodes[2].netns not in _namespaces()  # the lost node's address went with it
     _wait_children(run, 24, proc)
     after_loss = _children(run)[len(before):]
     assert {ids.get(c["node"]) for c in after_loss[-6:]} <= {"node1", "node3"}  # the others carry on
@@ -115,3 +137,4 @@ def test_node_lost_mid_run_then_back_and_driver_killed_and_resumed(cluster, tmp_
     assert all((run / "genomes" / f"{c['id']}.safetensors").is_file() for c in children)
     # the restarted node took workers again
     assert "node2" in {ids.get(c["node"]) for c in children[24:]}
+    assert not set(cluster.pids()) & _listening_pids()  # the driver's and workers' listeners too stayed inside
