@@ -6,9 +6,10 @@ Each gathers the adapter's weight matrix once per token (``weights[indices]``: a
 ``[tokens, out, in]`` copy) and contracts it with an einsum, so a prefill of T tokens copies
 T weight matrices per LoRA module and layer, and costs far more than the model's own
 matmuls. Those ops also read index ``-1`` (a row without an adapter) as the last slot's
-adapter. :func:`install` replaces them, in this process, with ops that group the rows by
-adapter and apply each adapter's matrix to its rows in one matmul (rows without an adapter
-get no LoRA term): the same sums, in the order of an ordinary ``x @ W^T``.
+adapter. :func:`install` replaces them, in this process, with ops that apply each adapter's
+matrix to its rows in place (``addmm_`` on each request's run of rows in a prefill, one
+gathered matmul per adapter in a decode step that mixes them; rows without an adapter get
+no LoRA term): the same sums, in the order of an ordinary ``x @ W^T``.
 
 Installed by :meth:`cycleqd.engine.vllm.VLLMEngine.from_path` when ``enable_lora`` runs on a
 CPU (the engine core runs in this process there, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
@@ -20,56 +21,67 @@ import torch
 _INSTALLED = False
 
 
-def _apply(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Row i of ``inputs`` times ``weights[indices[i]]^T`` (``[L, out, in]`` or ``[L, 1, out, in]``); zero rows for -1."""
+def _runs(indices: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(start, end, slot)`` of each run of equal adapter slots (rows of one request are one run in a prefill)."""
+    if indices.numel() == 0:
+        return []
+    cut = (indices[1:] != indices[:-1]).nonzero().flatten().add(1).tolist()
+    starts, ends = [0, *cut], [*cut, int(indices.numel())]
+    slots = indices[starts].tolist()
+    return list(zip(starts, ends, slots))
+
+
+def _lora_mm(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, out: torch.Tensor,
+             scale: float, add: bool) -> None:
+    """``out[i] (+)= scale * inputs[i] @ weights[indices[i]]^T`` for every row i; rows with slot -1 untouched
+    (or zeroed when not ``add``). ``weights``: ``[L, out, in]`` or ``[L, 1, out, in]``.
+
+    Contiguous runs of one adapter (a prefill's requests) are one in-place matmul each on row
+    slices; many short runs (a decode step mixing adapters) are gathered per adapter instead.
+    """
     if weights.dim() == 4:
         weights = weights.squeeze(1)
-    x = inputs.to(dtype)
-    n = min(x.shape[0], indices.shape[0])
-    out = torch.zeros((x.shape[0], weights.shape[1]), dtype=dtype, device=x.device)
+    n = min(inputs.shape[0], indices.shape[0], out.shape[0])
+    if not add:
+        out.zero_()
     if n == 0:
-        return out
-    idx = indices[:n]
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo == hi:  # one adapter (or none) for every row: one matmul, no gather
-        if lo >= 0:
-            out[:n] = x[:n] @ weights[lo].to(dtype).t()
-        return out
-    for slot in torch.unique(idx).tolist():
+        return
+    x, idx = inputs[:n].to(out.dtype), indices[:n]
+    runs = _runs(idx)
+    slots = {s for _, _, s in runs}
+    if len(runs) <= 2 * len(slots):
+        for a, b, slot in runs:
+            if slot >= 0:
+                out[a:b].addmm_(x[a:b], weights[slot].to(out.dtype).t(), alpha=scale)
+        return
+    for slot in sorted(slots):
         if slot < 0:
             continue
-        rows = (idx == slot).nonzero().squeeze(1)
-        out[rows] = x[rows] @ weights[slot].to(dtype).t()
-    return out
+        rows = (idx == slot).nonzero().flatten()
+        out.index_add_(0, rows, x[rows] @ weights[slot].to(out.dtype).t(), alpha=scale)
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     """``output[:, :r] = scaling * x @ A_i^T`` row by row (vLLM's signature)."""
-    outputs = _apply(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+    r = lora_a_weights.shape[-2]
+    _lora_mm(inputs, lora_a_weights, lora_indices_tensor, output_tensor[:, :r], scaling, add=False)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
     """``output (+)= x @ B_i^T`` row by row, over the columns both have (vLLM's signature)."""
-    outputs = _apply(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    limit = output_tensor.shape[0]
-    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
-        limit = 1
-    common = min(outputs.shape[1], output_tensor.shape[1])
-    if add_inputs:
-        output_tensor[:, :common] += outputs[:limit, :common]
-    else:
-        output_tensor[:, :common] = outputs[:limit, :common]
+    common = min(lora_b_weights.shape[-2], output_tensor.shape[1])
+    w = lora_b_weights[..., :common, :]
+    if inputs.shape[0] == 1 and output_tensor.shape[0] != 1:  # vLLM's rule: one input row updates row 0 only
+        _lora_mm(inputs, w, lora_indices_tensor[:1], output_tensor[:1, :common], 1.0, add=add_inputs)
+        return
+    _lora_mm(inputs, w, lora_indices_tensor, output_tensor[:, :common], 1.0, add=add_inputs)
 
 
 def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
                       slice_size: int, add_inputs: bool = True):
     """``output[:, offset:offset + size] (+)= x @ B_i^T`` row by row (vLLM's signature)."""
-    outputs = _apply(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    if add_inputs:
-        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
-    else:
-        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+    _lora_mm(inputs, lora_b_weights, lora_indices_tensor,
+             output_tensor[:, slice_offset : slice_offset + slice_size], 1.0, add=add_inputs)
 
 
 def install() -> bool:
