@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 
 _INSTALLED = False
+#: Up to this many runs of rows (a prefill's requests) get one in-place matmul each; more (a decode
+#: step interleaving adapters row by row) are gathered per adapter.
+MAX_RUNS = 256
 
 
 def _runs(indices: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -37,7 +40,8 @@ def _lora_mm(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     (or zeroed when not ``add``). ``weights``: ``[L, out, in]`` or ``[L, 1, out, in]``.
 
     Contiguous runs of one adapter (a prefill's requests) are one in-place matmul each on row
-    slices; many short runs (a decode step mixing adapters) are gathered per adapter instead.
+    slices; more than :data:`MAX_RUNS` short runs (a big decode step mixing adapters) are gathered
+    per adapter instead.
     """
     if weights.dim() == 4:
         weights = weights.squeeze(1)
@@ -49,7 +53,7 @@ def _lora_mm(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     x, idx = inputs[:n].to(out.dtype), indices[:n]
     runs = _runs(idx)
     slots = {s for _, _, s in runs}
-    if len(runs) <= 2 * len(slots):
+    if len(runs) <= max(MAX_RUNS, 2 * len(slots)):
         for a, b, slot in runs:
             if slot >= 0:
                 out[a:b].addmm_(x[a:b], weights[slot].to(out.dtype).t(), alpha=scale)
