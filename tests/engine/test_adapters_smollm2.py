@@ -59,7 +59,7 @@ def world(tmp_path_factory):
     """SmolLM2's LoRA factors, three children (crossover + SVD mutation) and each alone, dense, in transformers."""
     base = _smollm2()
     experts = make_lora_experts(base, tmp_path_factory.mktemp("smol_lora"), SPECS, seed=1, merged=False,
-                                magnitude=0.15)
+                                magnitude=0.5)
     f = Factors.from_adapters(base, {t: p["adapter"] for t, p in experts.items()})
     gen = torch.Generator().manual_seed(3)
     kids = []
