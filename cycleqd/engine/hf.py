@@ -108,7 +108,7 @@ class HFEngine(Engine):
         self.decoder = DraftedDecoder(model, tokenizer.pad_token_id, draft_memory)
         self._encoded: Recent[str, list[int]] = Recent(max(draft_memory, 1024))
         self._peft = None  # a PeftModel over self.model once a child adapter is loaded
-        self._adapter_dir: Path | None = None
+        self._adapter_dir = None  # AdapterFolders, made with the first adapter
 
     @classmethod
     def from_path(cls, path: str, engine_cfg: EngineConfig, dtype: str | None = None) -> "HFEngine":
@@ -215,33 +215,31 @@ class HFEngine(Engine):
     # -- children as adapters ----------------------------------------------------------------
     def load_adapter(self, name: str, adapter) -> None:
         """Hold a child adapter under ``name`` (PEFT LoRA layers over the live model, base weights untouched)."""
-        import tempfile
-
         from peft import PeftModel
 
+        from cycleqd.engine.adapter_folders import AdapterFolders
         from cycleqd.model.lora import save_adapter
 
         if self._adapter_dir is None:
-            self._adapter_dir = Path(tempfile.mkdtemp(prefix="cycleqd-adapters-"))
-        folder = save_adapter(adapter, self._adapter_dir / name, base_model="base")
+            self._adapter_dir = AdapterFolders(self)
+        folder = save_adapter(adapter, self._adapter_dir.path(name), base_model="base")
         if self._peft is None:
             self._peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name).eval()
         else:
             if name in self._peft.peft_config:
                 self._peft.delete_adapter(name)
             self._peft.load_adapter(str(folder), adapter_name=name)
+        self._adapter_dir.remove(name)  # PEFT holds the weights now
         self._peft.to(self.device)
         # LoRA layers are on only inside generate_with: everything else sees the base alone.
         self._peft.base_model.disable_adapter_layers()
 
     def drop_adapter(self, name: str) -> None:
         """Forget the adapter ``name`` (its LoRA weights and folder)."""
-        import shutil
-
         if self._peft is not None and name in self._peft.peft_config and len(self._peft.peft_config) > 1:
             self._peft.delete_adapter(name)
         if self._adapter_dir is not None:
-            shutil.rmtree(self._adapter_dir / name, ignore_errors=True)
+            self._adapter_dir.remove(name)
 
     def generate_with(self, requests: Sequence[GenRequest], adapters: Sequence[str | None]) -> list[str]:
         """Greedy completions, request i through adapter ``adapters[i]`` (None: the base), rows of
@@ -266,6 +264,24 @@ class HFEngine(Engine):
                                self.tokenizer.pad_token_id)
 
         return self._batched(requests, decode)
+
+    def serves_adapters(self) -> bool:
+        """True: PEFT's mixed-adapter batches serve any number of child adapters."""
+        return True
+
+    def prompt_logprobs_with(self, requests: Sequence[GenRequest], adapter: str | None,
+                             batch_size: int = 16) -> list[tuple[float, int]]:
+        """:meth:`prompt_logprobs` with the LoRA layers of ``adapter`` on (None: the base alone).
+
+        Raises:
+            ValueError: the adapter was not loaded.
+        """
+        if adapter is None:
+            return self.prompt_logprobs(requests, batch_size)
+        if self._peft is None or adapter not in self._peft.peft_config:
+            raise ValueError(f"prompt_logprobs_with: adapter {adapter!r} not loaded")
+        self._peft.base_model.set_adapter(adapter)
+        return self._mixed(lambda _peft: self.prompt_logprobs(requests, batch_size))
 
     def _mixed(self, decode, *args):
         self._peft.base_model.enable_adapter_layers()

@@ -149,6 +149,15 @@ class Engine:
         ``adapters[i]`` (None: the base alone), all in shared batches."""
         self._unsupported("serve LoRA adapters")
 
+    def serves_adapters(self) -> bool:
+        """Whether :meth:`load_adapter` and :meth:`generate_with` work on this engine as started."""
+        return False
+
+    def prompt_logprobs_with(self, requests: Sequence[GenRequest], adapter: str | None,
+                             batch_size: int = 16) -> list[tuple[float, int]]:
+        """:meth:`prompt_logprobs` of the base plus adapter ``adapter`` (None: the base alone)."""
+        self._unsupported("score prompts through an adapter")
+
     def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:
         """(sum of log-probabilities, token count) of each request's prompt tokens (the NLL router)."""
         self._unsupported("score prompts")

@@ -109,7 +109,7 @@ class VLLMEngine(Engine):
         self.max_new_tokens = max_new_tokens
         self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest (engine started with enable_lora)
         self._lora_ids = 0
-        self._adapter_dir: Path | None = None
+        self._adapter_dir = None  # AdapterFolders, made with the first adapter
 
     @classmethod
     def from_path(cls, path: str, engine_cfg: EngineConfig, dtype: str | None = None) -> "VLLMEngine":
@@ -118,7 +118,8 @@ class VLLMEngine(Engine):
         ``engine_cfg.options`` go to ``vllm.LLM`` as they are; defaults that differ from
         vLLM's: ``max_model_len`` = the model's ``max_position_embeddings`` (at most
         4096), ``seed`` 0, and on CPUs ``enforce_eager`` and a 1 GiB KV cache
-        (``VLLM_CPU_KVCACHE_SPACE``, GiB, unless set).
+        (``VLLM_CPU_KVCACHE_SPACE``, GiB, unless set). On CPUs with ``enable_lora`` the LoRA
+        ops are the grouped ones of :mod:`cycleqd.engine.vllm_lora_cpu`.
 
         Raises:
             VLLMNotInstalled: vllm is not importable.
@@ -133,6 +134,10 @@ class VLLMEngine(Engine):
         if current_platform.device_type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             opts.setdefault("enforce_eager", True)
+            if opts.get("enable_lora"):  # one matmul per adapter in a batch, not a weight copy per token
+                from cycleqd.engine.vllm_lora_cpu import install
+
+                install()
         llm = vllm.LLM(model=str(path), dtype=name, **opts)
         return cls(llm, dtype=torch_dtype(name), max_model_len=int(opts["max_model_len"]),
                    max_new_tokens=engine_cfg.max_new_tokens)
@@ -174,14 +179,13 @@ class VLLMEngine(Engine):
         """Hold a child adapter under ``name``: written as a PEFT folder, served by vLLM's multi-LoRA
         (the engine must run with ``enable_lora``, ``max_lora_rank`` >= the adapter's rank; see
         :func:`lora_options`)."""
-        import tempfile
-
         from vllm.lora.request import LoRARequest
 
+        from cycleqd.engine.adapter_folders import AdapterFolders
         from cycleqd.model.lora import save_adapter
 
         if self._adapter_dir is None:
-            self._adapter_dir = Path(tempfile.mkdtemp(prefix="cycleqd-adapters-"))
+            self._adapter_dir = AdapterFolders(self)
         if _BASE not in self._loras and adapter.modules:
             # vLLM-CPU gives rows without a LoRARequest some other row's adapter in a mixed batch:
             # the base is served as an adapter too, of rank 1 and all zero.
@@ -190,17 +194,15 @@ class VLLMEngine(Engine):
             mod, (B, A) = next(iter(adapter.modules.items()))
             self._lora_ids += 1
             zero = ChildAdapter({mod: (B.new_zeros(B.shape[0], 1), A.new_zeros(1, A.shape[1]))}, 1)
-            folder = save_adapter(zero, self._adapter_dir / _BASE, base_model="base")
+            folder = save_adapter(zero, self._adapter_dir.path(_BASE), base_model="base")
             self._loras[_BASE] = LoRARequest(_BASE, self._lora_ids, str(folder))
         self.drop_adapter(name)
         self._lora_ids += 1
-        folder = save_adapter(adapter, self._adapter_dir / f"{name}-{self._lora_ids}", base_model="base")
+        folder = save_adapter(adapter, self._adapter_dir.path(f"{name}-{self._lora_ids}"), base_model="base")
         self._loras[name] = LoRARequest(name, self._lora_ids, str(folder))
 
     def drop_adapter(self, name: str) -> None:
         """Forget the adapter ``name`` (vLLM's copy and its folder)."""
-        import shutil
-
         req = self._loras.pop(name, None) if name != _BASE else None
         if req is None:
             return
@@ -208,7 +210,11 @@ class VLLMEngine(Engine):
             self.llm.llm_engine.remove_lora(req.lora_int_id)
         except Exception:  # noqa: BLE001 - never loaded (no request used it yet)
             pass
-        shutil.rmtree(req.lora_path, ignore_errors=True)
+        self._adapter_dir.remove(req.lora_path)
+
+    def serves_adapters(self) -> bool:
+        """Whether the engine was started with ``enable_lora`` (:func:`lora_options`)."""
+        return self.llm.llm_engine.vllm_config.lora_config is not None
 
     def generate_with(self, requests: Sequence[GenRequest], adapters: Sequence[str | None]) -> list[str]:
         """Greedy completions, request i through adapter ``adapters[i]`` (None: the base), in one

@@ -5,6 +5,8 @@ already has (no candidate is evaluated again to pick it). All members share one
 resident engine with the base and the factors: a member is materialised into it
 (``load_weights``, in place) when its turn comes, so a team of k costs k genomes of
 memory (a few MB each, not k models) and one materialisation per switch of member.
+With LoRA experts the members are adapters of that one engine instead (:class:`Residents`):
+no weights switch, and the members' answers to a request share one batch.
 :class:`TeamEngine` implements the Engine protocol, so every task evaluates a team
 unchanged; per task and strategy (the *variants*):
 
@@ -37,7 +39,7 @@ from cycleqd.config import ConfigError
 from cycleqd.engine.protocol import Engine, EngineUnsupported, GenRequest
 from cycleqd.tasks.protocol import text_signatures
 
-__all__ = ["STRATEGIES", "VARIANTS", "Member", "Team", "Residents", "TeamEngine", "choose_team", "vote",
+__all__ = ["STRATEGIES", "VARIANTS", "Member", "Team", "Residents", "MemberView", "TeamEngine", "choose_team", "vote",
            "with_proposals", "evaluate_team", "make_team", "read_team"]
 
 #: strategy -> the variants it evaluates (a router reports the task-labelled and the NLL router).
@@ -148,24 +150,45 @@ def choose_team(snap: Any, strategy: str, size: int = 3, layers: int = 1) -> Tea
 
 
 class Residents:
-    """The team's members over one resident engine: a member is materialised into it in turn.
+    """The team's members over one resident engine: each member served as an adapter, or materialised in turn.
 
-    Counts the switches and their seconds (``switches``, ``seconds``); loading the member
-    already in the engine is free. ``engines`` adds members that bring their own engine
-    (e.g. a :class:`~cycleqd.engine.answers.ReplayEngine` of a model's recorded answers).
+    With LoRA experts, an engine that serves adapters (:meth:`~cycleqd.engine.protocol.Engine.serves_adapters`)
+    and members that are low rank, every member is held as a LoRA adapter beside the base
+    (``as_adapters``): members answer in shared batches (:meth:`generate_routed`) and no weights
+    are switched. Otherwise a member is materialised into the engine (``load_genome``, in place)
+    when its turn comes. Counts the switches and their seconds (``switches``, ``seconds``, adapter
+    loads included); loading the member already in the engine is free. ``engines`` adds members
+    that bring their own engine (e.g. a :class:`~cycleqd.engine.answers.ReplayEngine` of a model's
+    recorded answers). ``adapters=False`` forces weight switches.
     """
 
     def __init__(self, engine: Any, factors: Any, genomes: Mapping[str, Any],
-                 engines: Mapping[str, Any] | None = None):
+                 engines: Mapping[str, Any] | None = None, *, adapters: bool | None = None):
         self.engine, self.factors, self.genomes = engine, factors, dict(genomes)
         self.engines = dict(engines or {})
         self.current: str | None = None
         self.switches, self.seconds = 0, 0.0
+        able = _adaptable(engine, factors, [g for n, g in self.genomes.items() if n not in self.engines])
+        self.as_adapters = able if adapters is None else (adapters and able)
+        self._held: set[str] = set()
+
+    def _hold(self, genome: str) -> None:
+        if genome in self._held:
+            return
+        from cycleqd.model.lora import child_adapter
+
+        t0 = time.perf_counter()
+        self.engine.load_adapter(genome, child_adapter(self.genomes[genome], self.factors))
+        self._held.add(genome)
+        self.seconds += time.perf_counter() - t0
 
     def load(self, genome: str) -> Any:
-        """Materialise ``genome`` into the engine (unless it is there) and return the engine."""
+        """The engine answering as ``genome``: its adapter's view, or the engine with ``genome`` materialised."""
         if genome in self.engines:
             return self.engines[genome]
+        if self.as_adapters:
+            self._hold(genome)
+            return MemberView(self.engine, genome)
         if genome != self.current:
             import torch
 
@@ -181,6 +204,24 @@ class Residents:
     def generate(self, genome: str, requests: Sequence[GenRequest]) -> list[str]:
         return self.load(genome).generate(requests) if requests else []
 
+    def generate_routed(self, genomes: Sequence[str], requests: Sequence[GenRequest]) -> list[str]:
+        """Request i answered by member ``genomes[i]``: one shared batch for the adapter members,
+        one call per member otherwise (the loaded member first)."""
+        out = [""] * len(requests)
+        shared = [i for i, g in enumerate(genomes) if self.as_adapters and g not in self.engines]
+        for g in dict.fromkeys(genomes[i] for i in shared):
+            self._hold(g)
+        if shared:
+            for i, text in zip(shared, self.engine.generate_with([requests[i] for i in shared],
+                                                                 [genomes[i] for i in shared])):
+                out[i] = text
+        rest = [i for i in range(len(requests)) if i not in set(shared)]
+        for g in self.first(list(dict.fromkeys(genomes[i] for i in rest))):
+            idx = [i for i in rest if genomes[i] == g]
+            for i, text in zip(idx, self.generate(g, [requests[i] for i in idx])):
+                out[i] = text
+        return out
+
     def prompt_nll(self, genome: str, requests: Sequence[GenRequest]) -> list[float]:
         """Mean negative log-likelihood per prompt token of each request under ``genome``.
 
@@ -188,7 +229,8 @@ class Residents:
             ConfigError: the engine cannot score prompts (only the transformers engine can).
         """
         try:
-            scored = self.load(genome).prompt_logprobs(requests)
+            engine = self.load(genome)
+            scored = engine.prompt_logprobs(requests)
         except EngineUnsupported as e:
             raise ConfigError(f"the NLL router needs an engine that scores prompts (transformers): {e}") from None
         return [-s / n if n else math.inf for s, n in scored]
@@ -196,6 +238,36 @@ class Residents:
     def first(self, genomes: Sequence[str]) -> list[str]:
         """``genomes`` with the loaded one first (one switch fewer)."""
         return sorted(genomes, key=lambda g: g != self.current)
+
+
+def _adaptable(engine: Any, factors: Any, genomes: Sequence[Any]) -> bool:
+    """Whether members can be served as adapters: LoRA factors, low-rank genomes, an engine that serves them."""
+    if engine is None or not getattr(factors, "low_rank", False) or any(getattr(g, "terms", ()) for g in genomes):
+        return False
+    try:
+        return bool(engine.serves_adapters())
+    except AttributeError:
+        return False
+
+
+class MemberView(Engine):
+    """One member of a team served as an adapter of a shared engine: it generates and scores prompts
+    through its adapter; everything else a task reads (``tokenizer`` ...) is the engine's."""
+
+    def __init__(self, engine: Engine, name: str):
+        self._engine, self._name = engine, name
+        self.device, self.dtype = engine.device, engine.dtype
+
+    def __getattr__(self, attr: str) -> Any:
+        # Only what the Engine protocol does not define: scoring other than prompts and weight loads
+        # stay the protocol's "unsupported", never the base's answers.
+        return getattr(self._engine, attr)
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        return self._engine.generate_with(list(requests), [self._name] * len(requests)) if requests else []
+
+    def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:
+        return self._engine.prompt_logprobs_with(requests, self._name, batch_size)
 
 
 def vote(signatures: Sequence[str | None], quality: Sequence[float]) -> int:
@@ -291,17 +363,16 @@ class TeamEngine(Engine):
         candidates = self.team.routers
         nll = {g: self.residents.prompt_nll(g, requests) for g in self.residents.first(candidates)}
         chosen = [min(candidates, key=lambda g: (nll[g][i], candidates.index(g))) for i in range(len(requests))]
-        out = [""] * len(requests)
-        for g in self.residents.first(list(dict.fromkeys(chosen))):
-            idx = [i for i, c in enumerate(chosen) if c == g]
-            for i, text in zip(idx, self.residents.generate(g, [requests[i] for i in idx])):
-                out[i] = text
+        out = self.residents.generate_routed(chosen, requests)
         self.trace += [{"sample_id": r.sample_id, "turn": r.turn, "member": chosen[i],
                         "nll": {g: nll[g][i] for g in candidates}} for i, r in enumerate(requests)]
         return out
 
     def _answers(self, genomes: Sequence[str], requests: list[GenRequest]) -> dict[str, list[str]]:
-        return {g: self.residents.generate(g, requests) for g in self.residents.first(genomes)}
+        order = self.residents.first(genomes)
+        flat = self.residents.generate_routed([g for g in order for _ in requests], [r for _ in order for r in requests])
+        n = len(requests)
+        return {g: flat[k * n : (k + 1) * n] for k, g in enumerate(order)}
 
     def _vote(self, requests: list[GenRequest]) -> list[str]:
         voters = list(self.plan["voters"])
@@ -435,7 +506,8 @@ def make_team(run_dir: str | Path, strategy: str, *, size: int = 3, layers: int 
         "scores": {v: scores(results[v]) for v in results},
         "best_single": {"genome": best["genome"], "scores": scores(single), "run_scores": best["scores"]},
         "routing": {v: _routing(engines[v]) for v in engines if v.startswith("router")},
-        "cost": {"switches": residents.switches, "materialize_seconds": round(residents.seconds, 3),
+        "cost": {"members_as": "adapters" if residents.as_adapters else "weights",
+                 "switches": residents.switches, "materialize_seconds": round(residents.seconds, 3),
                  "seconds_per_switch": round(residents.seconds / max(1, residents.switches), 4),
                  "team_seconds": round(team_seconds, 2), "engine_load_seconds": round(load_seconds, 2),
                  "resident_model_bytes": _resident_bytes(worker.engine),
@@ -459,6 +531,9 @@ def format_team(record: Mapping[str, Any]) -> str:
     for name, s in named:
         rows.append(f"{name:24s}" + "".join(f"{s[t]:10.3f}" for t in tasks) + f"{s['mean']:10.3f}")
     c = record["cost"]
-    rows.append(f"\n{len(record['members'])} members, {c['switches']} switches, "
-                f"{c['seconds_per_switch']:.3f}s per switch")
+    if c.get("members_as") == "adapters":
+        rows.append(f"\n{len(record['members'])} members, served as LoRA adapters of one engine (no weight switch)")
+    else:
+        rows.append(f"\n{len(record['members'])} members, {c['switches']} switches, "
+                    f"{c['seconds_per_switch']:.3f}s per switch")
     return "\n".join(rows)

@@ -131,8 +131,43 @@ raw prompt, or listed at the end of the last user turn of a chat; its reply is t
 }
 
 
+def _multi_lora(record: dict) -> str:
+    """How to serve a team of adapters with vLLM's multi-LoRA (one base, every member an adapter)."""
+    names = [m["genome"] for m in record["members"]]
+    rank, n = record["adapters"]["max_lora_rank"], len(names)
+    modules = " \\\n    ".join(f"{g}=./{m['folder']}" for g, m in zip(names, record["members"]))
+    listed = ",\n    ".join(f'"{g}": LoRARequest("{g}", {i}, "{m["folder"]}")'
+                             for i, (g, m) in enumerate(zip(names, record["members"]), 1))
+    return f"""`base/` is the base model; each member under `members/` is a PEFT LoRA adapter of it (rank up to
+{record['adapters']['rank']}). One vLLM server holds the base once and serves every member at once,
+requests of different members in the same batch (multi-LoRA), with no weight switch:
+
+```bash
+vllm serve ./base --enable-lora --max-lora-rank {rank} --max-loras {n} \\
+  --lora-modules {modules}
+```
+
+A request names its member as the model (`"model": "{names[0]}"` in the OpenAI API). In Python:
+
+```python
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+
+llm = LLM("base", enable_lora=True, max_lora_rank={rank}, max_loras={n})
+members = {{
+    {listed},
+}}
+outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=256),
+                    lora_request=[members[g] for g in who])  # who: the member of each prompt
+```
+
+In transformers, `PeftModel.from_pretrained(base, "members/<genome>", adapter_name=...)` loads one,
+`load_adapter` the others, and `generate(..., adapter_names=[...])` mixes them in one batch."""
+
+
 def team_card(record: dict, run_name: str) -> str:
-    """README.md of an exported team: members, scores, and how to serve it."""
+    """README.md of an exported team: members, scores, and how to serve it (as adapters of one base
+    with vLLM multi-LoRA when ``record["adapters"]`` says the members are LoRA adapters)."""
     tasks = record["tasks"]
     members = "\n".join(f"| `{m['genome']}` | {m['folder']} | " + " | ".join(f"{m['scores'].get(t, 0):.3f}"
                                                                           for t in tasks) + " |"
@@ -149,23 +184,31 @@ def team_card(record: dict, run_name: str) -> str:
                   + "---|" * (len(tasks) + 1) + "\n" + "\n".join(
                       f"| {n} | " + " | ".join(f"{s[t]:.3f}" for t in tasks) + f" | {s['mean']:.3f} |"
                       for n, s in rows) + "\n")
+    if record.get("adapters"):
+        library, what = "peft", ("Each folder under `members/` is a PEFT LoRA adapter of `base/` (its own README, genome "
+                                 "and lineage).")
+        shared = "\n### Serving the members with vLLM multi-LoRA\n\n" + _multi_lora(record)
+    else:
+        library, what = "transformers", ("Each folder under `members/` is a plain transformers model (its own README, "
+                                         "genome and lineage).")
+        shared = """All members share the base model: a server can keep one copy of the base and each member's weights,
+or keep one model resident and load a member's weights into it when its turn comes (as `cycleqd team`
+does), which costs one weight load per switch of member."""
     return f"""---
-library_name: transformers
+library_name: {library}
 tags: [{', '.join(CARD_TAGS)}, model-team]
 ---
 
 # {run_name}: a {record['strategy']} team of {len(record['members'])} CycleQD elites
 
-Each folder under `members/` is a plain transformers model (its own README, genome and lineage).
+{what}
 `team.json` says who answers what (`plan`), and each member's scores in the run.
 
 ## How to serve it
 
 {_SERVING[record['strategy']]}
 
-All members share the base model: a server can keep one copy of the base and each member's weights,
-or keep one model resident and load a member's weights into it when its turn comes (as `cycleqd team`
-does), which costs one weight load per switch of member.
+{shared}
 
 ## Members
 

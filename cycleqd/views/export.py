@@ -302,11 +302,27 @@ def write_model(run: RunFolder, sel: Selection, genome_path: Path, out: Path, *,
     return out
 
 
+def _adapter_rank(folder: Path) -> int | None:
+    """The rank of the PEFT adapter in ``folder``, or None if it holds full weights."""
+    cfg = folder / "adapter_config.json"
+    return int(json.loads(cfg.read_text())["r"]) if cfg.is_file() else None
+
+
+def _copy_base(cfg, dst: Path) -> None:
+    """The run's base model folder (config, weights, tokenizer), copied to ``dst`` (Hub ids resolved)."""
+    from cycleqd.model.experts import resolve_model_dir
+
+    src = resolve_model_dir(cfg.models.base, cfg.models.revision)
+    shutil.copytree(src, dst, symlinks=False, ignore=shutil.ignore_patterns(".*", "cycleqd"))
+
+
 def export_team(run_dir: str | Path, team_file: str | Path, *, out: str | Path, push_to_hub: str | None = None,
                 private: bool = False, max_shard_size: str | int = "5GB") -> Path:
     """Write a team (``cycleqd team``'s team.json) as one folder: a model folder per member under
     ``members/<genome>/`` (each what :func:`export` writes), ``team.json`` with each member's folder,
-    and a README saying how to serve the team. Pushed as one Hub repo with ``push_to_hub``.
+    and a README saying how to serve the team. With LoRA experts every member is a PEFT adapter and
+    the folder holds the base once (``base/``); the README says how to serve all members with vLLM's
+    multi-LoRA. Pushed as one Hub repo with ``push_to_hub``.
 
     Raises:
         ConfigError: no run, not a team file, a member genome missing, ``out`` not empty, or no
@@ -340,6 +356,13 @@ def export_team(run_dir: str | Path, team_file: str | Path, *, out: str | Path, 
                 sel = Selection(m.genome, dict(m.scores), f"member of a {team.strategy} team ({', '.join(roles)})")
                 write_model(run, sel, paths[m.genome], stage / "members" / m.genome, max_shard_size=max_shard_size)
             record = {**record, "members": [{**mm, "folder": f"members/{mm['genome']}"} for mm in record["members"]]}
+            ranks = [_adapter_rank(stage / "members" / m.genome) for m in team.members]
+            if all(r is not None for r in ranks):  # every member an adapter: one base beside them
+                from cycleqd.engine.vllm import lora_options
+
+                _copy_base(run.config, stage / "base")
+                record["adapters"] = {"base": "base", "rank": max(ranks),
+                                      "max_lora_rank": lora_options(max(ranks), len(ranks))["max_lora_rank"]}
             (stage / TEAM_FILE).write_text(json.dumps(record, indent=1))
             (stage / "README.md").write_text(team_card(record, run.config.name))
             os.chmod(stage, 0o755)

@@ -1,0 +1,107 @@
+"""Grouped LoRA kernels for vLLM's CPU backend: one matmul per adapter in the batch, not a weight per token.
+
+vLLM-CPU applies multi-LoRA through ``vllm.lora.ops.torch_ops`` (``bgmv_shrink``,
+``bgmv_expand``, ``bgmv_expand_slice``; the ``sgmv_*`` prefill ops call them per token).
+Each gathers the adapter's weight matrix once per token (``weights[indices]``: a
+``[tokens, out, in]`` copy) and contracts it with an einsum, so a prefill of T tokens copies
+T weight matrices per LoRA module and layer, and costs far more than the model's own
+matmuls. Those ops also read index ``-1`` (a row without an adapter) as the last slot's
+adapter. :func:`install` replaces them, in this process, with ops that apply each adapter's
+matrix to its rows in place (``addmm_`` on each request's run of rows in a prefill, one
+gathered matmul per adapter in a decode step that mixes them; rows without an adapter get
+no LoRA term): the same sums, in the order of an ordinary ``x @ W^T``.
+
+Installed by :meth:`cycleqd.engine.vllm.VLLMEngine.from_path` when ``enable_lora`` runs on a
+CPU (the engine core runs in this process there, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+"""
+from __future__ import annotations
+
+import torch
+
+_INSTALLED = False
+#: Up to this many runs of rows (a prefill's requests) get one in-place matmul each; more (a decode
+#: step interleaving adapters row by row) are gathered per adapter.
+MAX_RUNS = 256
+
+
+def _runs(indices: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(start, end, slot)`` of each run of equal adapter slots (rows of one request are one run in a prefill)."""
+    if indices.numel() == 0:
+        return []
+    cut = (indices[1:] != indices[:-1]).nonzero().flatten().add(1).tolist()
+    starts, ends = [0, *cut], [*cut, int(indices.numel())]
+    slots = indices[starts].tolist()
+    return list(zip(starts, ends, slots))
+
+
+def _lora_mm(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, out: torch.Tensor,
+             scale: float, add: bool) -> None:
+    """``out[i] (+)= scale * inputs[i] @ weights[indices[i]]^T`` for every row i; rows with slot -1 untouched
+    (or zeroed when not ``add``). ``weights``: ``[L, out, in]`` or ``[L, 1, out, in]``.
+
+    Contiguous runs of one adapter (a prefill's requests) are one in-place matmul each on row
+    slices; more than :data:`MAX_RUNS` short runs (a big decode step mixing adapters) are gathered
+    per adapter instead.
+    """
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    n = min(inputs.shape[0], indices.shape[0], out.shape[0])
+    if not add:
+        out.zero_()
+    if n == 0:
+        return
+    x, idx = inputs[:n].to(out.dtype), indices[:n]
+    runs = _runs(idx)
+    slots = {s for _, _, s in runs}
+    if len(runs) <= max(MAX_RUNS, 2 * len(slots)):
+        for a, b, slot in runs:
+            if slot >= 0:
+                out[a:b].addmm_(x[a:b], weights[slot].to(out.dtype).t(), alpha=scale)
+        return
+    for slot in sorted(slots):
+        if slot < 0:
+            continue
+        rows = (idx == slot).nonzero().flatten()
+        out.index_add_(0, rows, x[rows] @ weights[slot].to(out.dtype).t(), alpha=scale)
+
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    """``output[:, :r] = scaling * x @ A_i^T`` row by row (vLLM's signature)."""
+    r = lora_a_weights.shape[-2]
+    _lora_mm(inputs, lora_a_weights, lora_indices_tensor, output_tensor[:, :r], scaling, add=False)
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+    """``output (+)= x @ B_i^T`` row by row, over the columns both have (vLLM's signature)."""
+    common = min(lora_b_weights.shape[-2], output_tensor.shape[1])
+    w = lora_b_weights[..., :common, :]
+    if inputs.shape[0] == 1 and output_tensor.shape[0] != 1:  # vLLM's rule: one input row updates row 0 only
+        _lora_mm(inputs, w, lora_indices_tensor[:1], output_tensor[:1, :common], 1.0, add=add_inputs)
+        return
+    _lora_mm(inputs, w, lora_indices_tensor, output_tensor[:, :common], 1.0, add=add_inputs)
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
+                      slice_size: int, add_inputs: bool = True):
+    """``output[:, offset:offset + size] (+)= x @ B_i^T`` row by row (vLLM's signature)."""
+    _lora_mm(inputs, lora_b_weights, lora_indices_tensor,
+             output_tensor[:, slice_offset : slice_offset + slice_size], 1.0, add=add_inputs)
+
+
+def install() -> bool:
+    """Replace vLLM's CPU LoRA ops with the grouped ones (once per process); False if vLLM lacks them."""
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    try:
+        from vllm.lora.ops.torch_ops import lora_ops
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError:
+        return False
+    for mod in (lora_ops, punica_cpu):
+        for name, fn in (("bgmv_shrink", bgmv_shrink), ("bgmv_expand", bgmv_expand),
+                         ("bgmv_expand_slice", bgmv_expand_slice)):
+            if hasattr(mod, name):
+                setattr(mod, name, fn)
+    _INSTALLED = True
+    return True
