@@ -24,6 +24,7 @@ from cycleqd.search.crossover import linear
 from cycleqd.search.mutation import svd
 from tiny_models import make_lora_experts
 
+pytestmark = pytest.mark.vllm  # its vLLM test takes turns with the other vLLM files under pytest -n
 ROOT = Path(__file__).resolve().parents[2]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPECS = {
