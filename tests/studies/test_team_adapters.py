@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from mini_run import make_mini_run
+from tiny_models import make_lora_experts
 
-from cycleqd.config import parse_config, resolve_paths
 from cycleqd.runs.folder import RunFolder
 from cycleqd.studies.team import Residents, choose_team, evaluate_team
-from tiny_models import make_lora_experts
 
 SKILLS = ("code", "sql", "shell")
 SPECS = {
@@ -25,28 +24,15 @@ SPECS = {
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, small_world: Path) -> Path:
     """Four children over three random LoRA experts of the small world's base (no Ray)."""
-    from cycleqd.evolve.loop import run_loop, summarize
-    from cycleqd.evolve.pool import LocalPool
-    from cycleqd.evolve.worker import ChildWorker
-    from cycleqd.runs.store import RunStore, check_models
-
     root = tmp_path_factory.mktemp("team_lora")
     experts = make_lora_experts(small_world / "base", root, SPECS, seed=8, merged=False, magnitude=0.3)
-    data = yaml.safe_load(Path("experiments/mini.yaml").read_text())
-    data["models"] = {"base": str(small_world / "base"), "dtype": "float32",
-                      "experts": {t: str(experts[t]["adapter"]) for t in SKILLS}}
-    for t in data["tasks"]:
-        t["options"]["n"] = 6
-        t["bins"] = {"lo": 0.0, "hi": 1.0, "count": 4}
-    data["evolution"].update(workers=1, generations=4, final_merge=False,
-                             crossover={"name": "linear", "sigma": 0.3}, mutation={"name": "svd", "rate": 0.3})
-    data["prepare_cache"] = str(root / "prepare")
-    cfg = resolve_paths(parse_config(data))
-    store = RunStore.create(root / "run", cfg)
-    check_models(store, cfg)
-    run_loop(store, LocalPool([ChildWorker(cfg, threads=1)]), [])
-    summarize(store)
-    return store.path
+
+    def on_lora_experts(data: dict) -> None:
+        data["models"] = {"base": str(small_world / "base"), "dtype": "float32",
+                          "experts": {t: str(experts[t]["adapter"]) for t in SKILLS}}
+        data["evolution"].update(crossover={"name": "linear", "sigma": 0.3}, mutation={"name": "svd", "rate": 0.3})
+
+    return make_mini_run(root, small_world, "small", n=6, generations=4, record=False, edit=on_lora_experts)
 
 
 def _residents(run: Path, team, adapters: bool):

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-
-from cycleqd.config import parse_config, resolve_paths
+from mini_run import make_mini_run
 from tiny_models import make_lora_experts
 
 SKILLS = ("code", "sql", "shell")
@@ -22,27 +20,14 @@ SPECS = {
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, small_world: Path) -> Path:
     """Three generations over three LoRA experts of the small mini world's base (no Ray)."""
-    from cycleqd.evolve.loop import run_loop, summarize
-    from cycleqd.evolve.pool import LocalPool
-    from cycleqd.evolve.worker import ChildWorker
-    from cycleqd.runs.store import RunStore, check_models
-
     root = tmp_path_factory.mktemp("lora_run")
     experts = make_lora_experts(small_world / "base", root, SPECS, seed=4, merged=False, magnitude=0.3)
-    data = yaml.safe_load(Path("experiments/mini.yaml").read_text())
-    data["models"] = {"base": str(small_world / "base"), "dtype": "float32",
-                      "experts": {t: str(experts[t]["adapter"]) for t in SKILLS}}
-    for t in data["tasks"]:
-        t["options"]["n"] = 6
-        t["bins"] = {"lo": 0.0, "hi": 1.0, "count": 4}
-    data["evolution"].update(workers=1, generations=3, final_merge=False)
-    data["prepare_cache"] = str(root / "prepare")
-    cfg = resolve_paths(parse_config(data))
-    store = RunStore.create(root / "run", cfg)
-    check_models(store, cfg)
-    run_loop(store, LocalPool([ChildWorker(cfg, threads=1)]), [])
-    summarize(store)
-    return store.path
+
+    def on_lora_experts(data: dict) -> None:
+        data["models"] = {"base": str(small_world / "base"), "dtype": "float32",
+                          "experts": {t: str(experts[t]["adapter"]) for t in SKILLS}}
+
+    return make_mini_run(root, small_world, "small", n=6, generations=3, record=False, edit=on_lora_experts)
 
 
 def test_lora_run_exports_an_adapter_peft_loads(lora_run, tmp_path):
