@@ -157,12 +157,14 @@ def cmd_table(a: argparse.Namespace) -> int:
         print("rows chosen: " + ", ".join(f"{n} ({len(fs)})" for n, fs in manifest["rows"].items()))
         return 0
     if a.rescore:
-        table = score_models(models, test_n=a.test_n, test_seed=a.test_seed)
+        table = score_models(models, test_n=a.test_n, test_seed=a.test_seed,
+                             cache=Path(a.scores_cache) if a.scores_cache else None)
         write_atomic(out, json.dumps(table, indent=2))
     else:
         table = make_table(cfg, out, models_dir=models, seeds=a.seeds, generations=a.generations, test_n=a.test_n,
                            test_seed=a.test_seed, variants=a.variants.split(",") if a.variants else None,
-                           evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root))
+                           evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root),
+                           cache=Path(a.scores_cache) if a.scores_cache else None)
     plot_table(table, out.with_suffix(".png"))
     print_table(table)
     return 0
@@ -478,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--select-n", type=int, default=200,
                     help="val items per task, unseen by evolution, for choosing models (default 200)")
     tb.add_argument("--runs-root", default="archives/table", help="folder of the table's runs")
+    tb.add_argument("--scores-cache", default=".cache/table_scores",
+                    help="folder of per-model test scores, so an interrupted scoring resumes ('' for none)")
     tb.add_argument("--variants", help="comma-separated subset of the variants (cycleqd, fixed_axes, "
                                        "gaussian_mutation, uniform_sampling, cma_es, nsga2, random)")
     tb.set_defaults(func=cmd_table)

@@ -466,10 +466,50 @@ def read_models(models_dir: Path) -> dict:
     return json.loads(f.read_text())
 
 
-def score_models(models_dir: Path, *, test_n: int = TEST_N, test_seed: int = 0) -> dict:
+class ScoreCache:
+    """Per-item test scores of the models a table scored, by what was scored and on which draw.
+
+    A file per model under ``folder``, named by a hash of the world's fingerprints, the draw
+    (seed, items per task) and the model's bytes (a team: its JSON and its members' genomes; a
+    merge: its method and weight). An interrupted scoring resumes where it stopped; a model
+    or a draw that differs is scored again. ``folder`` None keeps nothing.
+    """
+
+    def __init__(self, folder: Path | None, world: Mapping[str, str], test_seed: int, test_n: int):
+        self.folder = Path(folder) if folder is not None else None
+        self.key = json.dumps([dict(world), test_seed, test_n])
+
+    def get(self, what: bytes, score) -> dict[str, list[float]]:
+        """The cached scores of ``what`` (the model's identity), else ``score()``, kept."""
+        import hashlib
+
+        from cycleqd.atomic import write_atomic
+
+        if self.folder is None:
+            return score()
+        file = self.folder / f"{hashlib.sha256(self.key.encode() + what).hexdigest()[:24]}.json"
+        if file.is_file():
+            return json.loads(file.read_text())
+        out = score()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(file, json.dumps(out))
+        return out
+
+
+def _team_bytes(file: Path) -> bytes:
+    """A team row's identity: its JSON and its members' genomes."""
+    row = json.loads(file.read_text())
+    members = sorted({m["genome"] for m in row["team"]["members"]})
+    return file.read_bytes() + b"".join((file.parent / row["dir"] / f"{g}.safetensors").read_bytes()
+                                        for g in members)
+
+
+def score_models(models_dir: Path, *, test_n: int = TEST_N, test_seed: int = 0,
+                 cache: Path | None = None) -> dict:
     """Score every row of a models folder on a test draw; the table object (rows, interval).
 
-    The world is built when absent (deterministic in its seed and recipe).
+    The world is built when absent (deterministic in its seed and recipe). ``cache``: a folder
+    of per-model scores (:class:`ScoreCache`), so an interrupted scoring resumes.
 
     Raises:
         ConfigError: no manifest, or the world's weights differ from the ones the genomes were made on.
@@ -486,15 +526,25 @@ def score_models(models_dir: Path, *, test_n: int = TEST_N, test_seed: int = 0) 
                           f"were made on (fingerprints in {MODELS_FILE}); rebuild that world or make the table again")
     test = Scorer(split_config(cfg, "test", test_n, test_seed))
     f = test.factors
-    load = lambda file: Genome.load(Path(models_dir) / file)  # noqa: E731
-    items: dict[str, list[dict[str, list[float]]]] = {"base": [test.genome(load("base.safetensors"))]}
+    kept = ScoreCache(cache, now, test_seed, test_n)
+    path = lambda file: Path(models_dir) / file  # noqa: E731
+
+    def genome(file: str) -> dict[str, list[float]]:
+        return kept.get(path(file).read_bytes(), lambda: test.genome(Genome.load(path(file))))
+
+    def member(file: str) -> dict[str, list[float]]:
+        if file.endswith(".json"):
+            return kept.get(_team_bytes(path(file)), lambda: test.team(path(file)))
+        return genome(file)
+
+    items: dict[str, list[dict[str, list[float]]]] = {"base": [genome("base.safetensors")]}
     for t in cfg.task_names:
-        items[f"expert_{t}"] = [test.genome(load(f"expert_{t}.safetensors"))]
+        items[f"expert_{t}"] = [genome(f"expert_{t}.safetensors")]
     for method, m in manifest["merges"].items():
-        items[method] = [test.state(mergekit_merge(f, method, m["weight"]))]
+        items[method] = [kept.get(json.dumps([method, m]).encode(),
+                                  lambda: test.state(mergekit_merge(f, method, m["weight"])))]
     for name, files in manifest["rows"].items():
-        items[name] = [test.team(Path(models_dir) / file) if file.endswith(".json") else test.genome(load(file))
-                       for file in files]
+        items[name] = [member(file) for file in files]
         print(f"{name}: {[round(_mean(_quality(s)), 3) for s in items[name]]}", flush=True)
     rows = []
     for name, per_seed in items.items():
@@ -547,14 +597,15 @@ def score_models(models_dir: Path, *, test_n: int = TEST_N, test_seed: int = 0) 
 def make_table(cfg: Config, out: Path, *, models_dir: Path | None = None, seeds: int = 3,
                generations: int | None = None, runs_root: Path = Path("archives/table"),
                test_n: int | None = TEST_N, test_seed: int = 0, variants: list[str] | None = None,
-               evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5) -> dict:
+               evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5,
+               cache: Path | None = None) -> dict:
     """:func:`choose_models` then :func:`score_models`; writes the table JSON to ``out``."""
     from cycleqd.atomic import write_atomic
 
     models_dir = models_dir or out.parent / f"{out.stem}_models"
     choose_models(cfg, models_dir, seeds=seeds, generations=generations, runs_root=runs_root, variants=variants,
                   evolve_n=evolve_n, select_n=select_n, shortlist_k=shortlist_k)
-    table = score_models(models_dir, test_n=test_n or TEST_N, test_seed=test_seed)
+    table = score_models(models_dir, test_n=test_n or TEST_N, test_seed=test_seed, cache=cache)
     write_atomic(out, json.dumps(table, indent=2))
     return table
 

@@ -134,7 +134,8 @@ def test_table_cli_small_with_searches_resumes_run_by_run(tmp_path):
     def table(*extra: str) -> str:
         argv = [sys.executable, "-m", "cycleqd.cli", "-q", "table", "--config", str(tmp_path / "t.yaml"),
                 "--models", str(models), "--out", str(out), "--runs-root", str(runs), "--seeds", "1",
-                "--generations", "4", "--evolve-n", "4", "--select-n", "3", "--test-n", "5", *extra]
+                "--generations", "4", "--evolve-n", "4", "--select-n", "3", "--test-n", "5",
+                "--scores-cache", str(tmp_path / "scores"), *extra]
         res = subprocess.run(argv, capture_output=True, text=True, env=cli_env(), timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         return res.stdout
@@ -160,3 +161,25 @@ def test_table_cli_small_with_searches_resumes_run_by_run(tmp_path):
     record = json.loads((models / "runs" / "nsga2-s0.json").read_text())
     assert record["chosen"] in {s["genome"] for s in record["shortlist"]}
     assert all(len(v) == 3 for s in record["shortlist"] for v in s["selection_items"].values())
+    kept = [json.loads(f.read_text()) for f in (tmp_path / "scores").glob("*.json")]  # per-model test scores
+    assert len(kept) >= 8 and all(len(v) == 5 for k in kept for v in k.values())  # (equal genomes share one)
+
+
+def test_score_cache_keeps_scores_per_model_and_draw(tmp_path):
+    """A model's test scores are computed once per draw and world; another model, draw or world is scored."""
+    from cycleqd.studies.table import ScoreCache
+
+    calls = []
+
+    def score(v):
+        return lambda: calls.append(v) or {"code": [v, 1.0]}
+
+    world = {"base": "a"}
+    first = ScoreCache(tmp_path, world, 0, 2)
+    assert first.get(b"model", score(0.0)) == {"code": [0.0, 1.0]}
+    assert ScoreCache(tmp_path, world, 0, 2).get(b"model", score(0.5)) == {"code": [0.0, 1.0]}  # kept
+    assert first.get(b"other", score(0.25)) == {"code": [0.25, 1.0]}
+    assert ScoreCache(tmp_path, world, 1, 2).get(b"model", score(0.75))["code"][0] == 0.75  # another draw
+    assert ScoreCache(tmp_path, {"base": "b"}, 0, 2).get(b"model", score(1.0))["code"][0] == 1.0  # another world
+    assert ScoreCache(None, world, 0, 2).get(b"model", score(0.5))["code"][0] == 0.5  # no folder: nothing kept
+    assert calls == [0.0, 0.25, 0.75, 1.0, 0.5]
