@@ -258,6 +258,9 @@ def conclusion(interval: Sequence[float], ours: str = "cycleqd_best", theirs: st
 
 
 RUNS_DIR = "runs"
+#: the order of the evolved rows in the manifest and the table (single models, then teams)
+ROW_ORDER = ("cycleqd_best", "cycleqd_merged", "fixed_axes", "gaussian_mutation", "uniform_sampling",
+             "cma_es_best", "nsga2_best", "random_best", *TEAM_ROWS.values(), "nsga2_team_router", "nsga2_team_vote")
 #: a row file's seed: ``<row>-s<seed>.safetensors`` / ``.json``
 _SEED_OF = re.compile(r"-s(\d+)\.(?:safetensors|json)$")
 #: the teams of NSGA-II's front (its per-task bests): variant -> row
@@ -358,7 +361,7 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
         budget.setdefault(rec["row"], {})[rec["seed"]] = rec["budget"]
 
     def save() -> dict:
-        order = {v: i for i, v in enumerate(VARIANTS)}
+        order = {n: i for i, n in enumerate(ROW_ORDER)}
         manifest.update(merges=merges, rows={n: [fs[s] for s in sorted(fs)] for n, fs in rows.items()},
                         budget={n: [{"seed": s, **b[s]} for s in sorted(b)] for n, b in budget.items()})
         manifest["rows"] = dict(sorted(manifest["rows"].items(), key=lambda kv: order.get(kv[0], len(order))))
