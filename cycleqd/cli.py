@@ -139,6 +139,8 @@ def cmd_table(a: argparse.Namespace) -> int:
 
     if min(a.seeds, a.test_n, a.select_n) < 1 or (a.generations is not None and a.generations < 1):
         raise ConfigError("--seeds, --generations, --test-n and --select-n must be >= 1")
+    if a.rescore and a.choose_only:
+        raise ConfigError("--rescore and --choose-only exclude each other")
     if a.rescore and not a.models:
         raise ConfigError("--rescore needs --models (the folder `make table` wrote)")
     cfg = None if a.rescore else load_config(a.config)  # bad input before anything heavy
@@ -146,13 +148,23 @@ def cmd_table(a: argparse.Namespace) -> int:
     from cycleqd.studies.table import make_table, plot_table, print_table, score_models
 
     out, models = Path(a.out), Path(a.models) if a.models else None
+    if a.choose_only:
+        from cycleqd.studies.table import choose_models
+
+        manifest = choose_models(cfg, models or out.parent / f"{out.stem}_models", seeds=a.seeds,
+                                 generations=a.generations, variants=a.variants.split(",") if a.variants else None,
+                                 evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root))
+        print("rows chosen: " + ", ".join(f"{n} ({len(fs)})" for n, fs in manifest["rows"].items()))
+        return 0
     if a.rescore:
-        table = score_models(models, test_n=a.test_n, test_seed=a.test_seed)
+        table = score_models(models, test_n=a.test_n, test_seed=a.test_seed,
+                             cache=Path(a.scores_cache) if a.scores_cache else None)
         write_atomic(out, json.dumps(table, indent=2))
     else:
         table = make_table(cfg, out, models_dir=models, seeds=a.seeds, generations=a.generations, test_n=a.test_n,
                            test_seed=a.test_seed, variants=a.variants.split(",") if a.variants else None,
-                           evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root))
+                           evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root),
+                           cache=Path(a.scores_cache) if a.scores_cache else None)
     plot_table(table, out.with_suffix(".png"))
     print_table(table)
     return 0
@@ -460,14 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only score the models folder on a fresh test draw (--test-seed); no evolution")
     tb.add_argument("--seeds", type=int, default=3)
     tb.add_argument("--generations", type=int)
-    tb.add_argument("--test-n", type=int, default=300, help="test items per task (default 300)")
+    tb.add_argument("--choose-only", action="store_true",
+                    help="only evolve (or resume) the runs and choose their models on val; no test item is scored")
+    tb.add_argument("--test-n", type=int, default=1500, help="test items per task (default 1500)")
     tb.add_argument("--test-seed", type=int, default=0, help="which test items are drawn (default 0)")
     tb.add_argument("--evolve-n", type=int, help="val items per task scored during evolution (default: config)")
     tb.add_argument("--select-n", type=int, default=200,
                     help="val items per task, unseen by evolution, for choosing models (default 200)")
     tb.add_argument("--runs-root", default="archives/table", help="folder of the table's runs")
-    tb.add_argument("--variants", help="comma-separated subset of the ablations (cycleqd, fixed_axes, "
-                                       "gaussian_mutation, uniform_sampling)")
+    tb.add_argument("--scores-cache", default=".cache/table_scores",
+                    help="folder of per-model test scores, so an interrupted scoring resumes ('' for none)")
+    tb.add_argument("--variants", help="comma-separated subset of the variants (cycleqd, fixed_axes, "
+                                       "gaussian_mutation, uniform_sampling, cma_es, nsga2, random)")
     tb.set_defaults(func=cmd_table)
 
     m = sub.add_parser("mini", help="the embedded mini world")

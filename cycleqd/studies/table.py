@@ -24,6 +24,7 @@ The table is made in two steps with one home each:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -58,6 +59,8 @@ INTERVAL_KEY = "cycleqd_best_minus_task_arithmetic"
 VERSUS_KEY = "minus_task_arithmetic"
 #: the other searches' best rows minus cycleqd_best, paired the same way (seeds averaged per item on both sides)
 VERSUS_CYCLEQD_KEY = "minus_cycleqd_best"
+#: test items per task: enough for paired intervals of about +-0.012 (300 gave about +-0.025)
+TEST_N = 1500
 
 
 def selection_config(evolve_cfg: Config, n: int) -> Config:
@@ -154,27 +157,31 @@ class Scorer:
         return {n: [s.score for s in r.samples] for n, r in results[row["variant"]].items()}
 
 
-def save_teams(snap: Any, store: Any, models_dir: Path, seed: int) -> dict[str, str]:
+def save_teams(snap: Any, store: Any, models_dir: Path, seed: int, *, rows: Mapping[str, str] = TEAM_ROWS,
+               folder: str = "team") -> dict[str, str]:
     """Each team row's file for one run: members chosen on the run's archive scores (val only).
 
-    The members' genomes go to ``models_dir/team-s<seed>/``; a row's JSON (variant, team, that
-    folder) to ``models_dir/<row>-s<seed>.json``. Returns {row: file name}.
+    ``rows`` maps the team variants to make to their rows (default all of them). The members'
+    genomes go to ``models_dir/<folder>-s<seed>/``; a row's JSON (variant, team, that folder) to
+    ``models_dir/<row>-s<seed>.json``. Returns {row: file name}.
     """
     from cycleqd.atomic import write_atomic
     from cycleqd.studies.team import STRATEGIES, choose_team
 
-    folder = models_dir / f"team-s{seed}"
+    folder = models_dir / f"{folder}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for strategy, variants in STRATEGIES.items():
+        if not any(v in rows for v in variants):
+            continue
         team = choose_team(snap, strategy, TEAM_SIZE)
         for m in team.members:
             shutil.copyfile(store.genome_path(m.genome), folder / f"{m.genome}.safetensors")
-        for v in variants:
-            name = f"{TEAM_ROWS[v]}-s{seed}.json"
+        for v in (v for v in variants if v in rows):
+            name = f"{rows[v]}-s{seed}.json"
             write_atomic(models_dir / name, json.dumps({"variant": v, "team": team.to_json(), "dir": folder.name},
                                                        indent=1))
-            files[TEAM_ROWS[v]] = name
+            files[rows[v]] = name
     return files
 
 
@@ -250,21 +257,78 @@ def conclusion(interval: Sequence[float], ours: str = "cycleqd_best", theirs: st
     return f"{ours} better" if lo > 0 else f"{theirs} better" if hi < 0 else "no difference"
 
 
+RUNS_DIR = "runs"
+#: the order of the evolved rows in the manifest and the table (single models, then teams)
+ROW_ORDER = ("cycleqd_best", "cycleqd_merged", "fixed_axes", "gaussian_mutation", "uniform_sampling",
+             "cma_es_best", "nsga2_best", "random_best", *TEAM_ROWS.values(), "nsga2_team_router", "nsga2_team_vote")
+#: a row file's seed: ``<row>-s<seed>.safetensors`` / ``.json``
+_SEED_OF = re.compile(r"-s(\d+)\.(?:safetensors|json)$")
+#: the teams of NSGA-II's front (its per-task bests): variant -> row
+FRONT_TEAM_ROWS = {"router_task": "nsga2_team_router", "vote": "nsga2_team_vote"}
+
+
+def row_name(variant: str) -> str:
+    """The table row of a variant's chosen models: cycleqd_best, <search>_best, or the ablation's name."""
+    return "cycleqd_best" if variant == "cycleqd" else f"{variant}_best" if variant in SEARCH_VARIANTS else variant
+
+
+def front_snapshot(snap: Any, front: Sequence[Mapping[str, Any]]) -> Any:
+    """``snap`` with each archive replaced by the Pareto front (every front member, ranked by that task).
+
+    A team chosen from it (:func:`cycleqd.studies.team.choose_team`) takes its router member and
+    voters per task from the front: the front's per-task bests.
+    """
+    from dataclasses import replace
+
+    elites = [{"genome": f["genome"], "scores": dict(f["scores"]), "generation": f["generation"], "cell": ()}
+              for f in front]
+    return replace(snap, archives={t: {"elites": [{**e, "quality": float(e["scores"][t])} for e in elites]}
+                                   for t in snap.tasks})
+
+
+def _check_same_table(old: dict, new: dict, models_dir: Path) -> None:
+    """A models folder is added to only by the same experiment (config, world, budget, selection)."""
+    a = parse_config(old["config"]).model_dump(mode="json")
+    diff = _differences(a, new["config"])
+    for key in ("world", "generations", "evolve_n", "select"):
+        if old.get(key) != new[key]:
+            diff.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
+    if diff:
+        raise ConfigError(f"{models_dir} holds a table made with other settings ({'; '.join(diff[:3])}); "
+                          "pass another --models folder")
+
+
+def _rows_by_seed(manifest: dict) -> tuple[dict[str, dict[int, str]], dict[str, dict[int, dict]]]:
+    """A manifest's rows and budget as {row: {seed: file}} and {row: {seed: budget}}."""
+    rows = {name: {int(_SEED_OF.search(f).group(1)): f for f in files} for name, files in manifest["rows"].items()}
+    budget: dict[str, dict[int, dict]] = {}
+    for name, runs in manifest.get("budget", {}).items():
+        seeds = sorted(rows.get(name, {}))
+        for i, r in enumerate(runs):
+            budget.setdefault(name, {})[int(r.get("seed", seeds[i] if i < len(seeds) else i))] = r
+    return rows, budget
+
+
 def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations: int | None = None,
                   runs_root: Path = Path("archives/table"), variants: list[str] | None = None,
                   evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5) -> dict:
     """Evolve (or resume) every run, choose each row's models on val, write them to ``models_dir``.
 
-    Returns the manifest written to ``models_dir/models.json``. Nothing here reads a test item.
+    Resumable run by run: as soon as a run ends its chosen model(s), a record of the choice
+    (``runs/<variant>-s<seed>.json``: the shortlist's per-item scores on the selection items, the
+    budget) and the manifest ``models.json`` are written. A later call skips every run whose
+    models are already in the folder (no evolution, no scoring), keeps the merge weights chosen
+    before, and adds the rows of other variants and seeds to the same manifest.
+
+    Returns the manifest. Nothing here reads a test item.
 
     Raises:
-        ConfigError: an existing run folder holds another experiment.
+        ConfigError: an existing run folder holds another experiment, or the models folder
+            holds a table made with other settings.
     """
     from cycleqd.atomic import write_atomic
-    from cycleqd.evolve.loop import evolve, resume
     from cycleqd.model.genome import Genome
-    from cycleqd.runs.folder import RunFolder
-    from cycleqd.runs.store import RunStore, model_fingerprints
+    from cycleqd.runs.store import model_fingerprints
 
     unresolved = cfg
     for v in variants or []:
@@ -272,52 +336,6 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
             raise ConfigError(f"unknown variant {v!r} (known: {', '.join(VARIANTS)})")
     cfg = ready_config(cfg)
     models_dir.mkdir(parents=True, exist_ok=True)
-    # Model choices (merge weights, which elite) are made on val items that evolution never
-    # scored: picking the best of many elites on the evolution's own noisy scores would
-    # favour lucky ones.
-    val = Scorer(selection_config(variant_config(cfg, "cycleqd", 0, generations, evolve_n), select_n))
-    f = val.factors
-    merges = {}
-    for method in ("task_arithmetic", "ties"):
-        best_w = max(MERGE_WEIGHTS, key=lambda w: _mean(_quality(val.state(mergekit_merge(f, method, w)))))
-        merges[method] = {"weight": best_w, **({"density": TIES_DENSITY} if method == "ties" else {})}
-        print(f"{method}: weight {best_w} (chosen on val)", flush=True)
-    rows: dict[str, list[str]] = {}
-    budget: dict[str, list[dict]] = {}
-    for variant in variants or list(VARIANTS):
-        name = ("cycleqd_best" if variant == "cycleqd" else f"{variant}_best" if variant in SEARCH_VARIANTS
-                else variant)
-        for seed in range(seeds):
-            vcfg = variant_config(cfg, variant, seed, generations, evolve_n)
-            run = runs_root / f"{variant}-s{seed}"
-            if (run / layout.CONFIG).exists():
-                check_same_experiment(RunStore(run).config(), vcfg, run)
-                resume(run, generations=vcfg.evolution.generations, progress=True)
-            else:
-                evolve(vcfg, run, progress=True)
-            store = RunStore(run)
-            # the run's top elites by its own mean, re-scored on the selection sample
-            snap = RunFolder(run).snapshot()
-            elites = {e["genome"]: e for a in snap.archives.values() for e in a["elites"]}
-            shortlist = sorted(elites.values(), key=lambda e: -_mean(e["scores"]))[:shortlist_k]
-            top = max(shortlist, key=lambda e: _mean(_quality(val.genome(store.load_genome(e["genome"])))))
-            file = f"{name}-s{seed}.safetensors"
-            shutil.copyfile(store.genome_path(top["genome"]), models_dir / file)
-            rows.setdefault(name, []).append(file)
-            done = store.children()  # the budget: children and the workers' seconds on them
-            budget.setdefault(name, []).append({"children": len(done), "child_seconds": sum(
-                sum(c.seconds.values()) for c in done)})
-            fm = store.final_merge()
-            if variant == "cycleqd" and fm and fm.get("error") is None:
-                shutil.copyfile(store.genome_path(fm["genome"]), models_dir / f"cycleqd_merged-s{seed}.safetensors")
-                rows.setdefault("cycleqd_merged", []).append(f"cycleqd_merged-s{seed}.safetensors")
-            if variant == "cycleqd":  # teams of this run's elites, chosen on its own (val) scores
-                for row, team_file in save_teams(snap, store, models_dir, seed).items():
-                    rows.setdefault(row, []).append(team_file)
-            print(f"{variant} seed {seed}: chose {top['genome']} of {run}", flush=True)
-    for k in range(len(cfg.task_names)):  # the seed experts and base are genomes too: one way to score all
-        Genome.seed(k, f).save(models_dir / f"expert_{cfg.task_names[k]}.safetensors")
-    Genome.base(f).save(models_dir / "base.safetensors")
     manifest = {
         "config": unresolved.model_dump(mode="json"),
         "world": model_fingerprints(cfg),
@@ -326,12 +344,117 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
         "seeds": seeds,
         "evolve_n": evolve_n,
         "select": {"split": "val", "n": select_n, "disjoint_from_evolution": True, "shortlist": shortlist_k},
-        "merges": merges,
-        "rows": rows,
-        "budget": budget,
     }
-    write_atomic(models_dir / MODELS_FILE, json.dumps(manifest, indent=1))
-    return manifest
+    rows: dict[str, dict[int, str]] = {}
+    budget: dict[str, dict[int, dict]] = {}
+    merges: dict[str, dict] = {}
+    if (models_dir / MODELS_FILE).is_file():
+        old = read_models(models_dir)
+        _check_same_table(old, manifest, models_dir)
+        rows, budget = _rows_by_seed(old)
+        merges = old.get("merges", {})
+        manifest["seeds"] = max(seeds, int(old.get("seeds", 0)))
+    for rec_file in sorted((models_dir / RUNS_DIR).glob("*.json")):  # a run recorded before the manifest was
+        rec = json.loads(rec_file.read_text())
+        for name, file in rec["rows"].items():
+            rows.setdefault(name, {})[rec["seed"]] = file
+        budget.setdefault(rec["row"], {})[rec["seed"]] = rec["budget"]
+
+    def save() -> dict:
+        order = {n: i for i, n in enumerate(ROW_ORDER)}
+        manifest.update(merges=merges, rows={n: [fs[s] for s in sorted(fs)] for n, fs in rows.items()},
+                        budget={n: [{"seed": s, **b[s]} for s in sorted(b)] for n, b in budget.items()})
+        manifest["rows"] = dict(sorted(manifest["rows"].items(), key=lambda kv: order.get(kv[0], len(order))))
+        write_atomic(models_dir / MODELS_FILE, json.dumps(manifest, indent=1))
+        return manifest
+
+    todo = [(v, s) for v in variants or list(VARIANTS) for s in range(seeds) if s not in rows.get(row_name(v), {})]
+    if not todo and merges:
+        return save()
+    # Model choices (merge weights, which elite) are made on val items that evolution never
+    # scored: picking the best of many elites on the evolution's own noisy scores would
+    # favour lucky ones.
+    val = Scorer(selection_config(variant_config(cfg, "cycleqd", 0, generations, evolve_n), select_n))
+    f = val.factors
+    for method in ("task_arithmetic", "ties"):
+        if method not in merges:
+            best_w = max(MERGE_WEIGHTS, key=lambda w: _mean(_quality(val.state(mergekit_merge(f, method, w)))))
+            merges[method] = {"weight": best_w, **({"density": TIES_DENSITY} if method == "ties" else {})}
+        print(f"{method}: weight {merges[method]['weight']} (chosen on val)", flush=True)
+    for k in range(len(cfg.task_names)):  # the seed experts and base are genomes too: one way to score all
+        Genome.seed(k, f).save(models_dir / f"expert_{cfg.task_names[k]}.safetensors")
+    Genome.base(f).save(models_dir / "base.safetensors")
+    save()
+    for variant, seed in todo:
+        rec = choose_run(cfg, variant, seed, val, models_dir, generations=generations, runs_root=runs_root,
+                         evolve_n=evolve_n, shortlist_k=shortlist_k)
+        for name, file in rec["rows"].items():
+            rows.setdefault(name, {})[seed] = file
+        budget.setdefault(rec["row"], {})[seed] = rec["budget"]
+        save()
+    return save()
+
+
+def choose_run(cfg: Config, variant: str, seed: int, val: "Scorer", models_dir: Path, *,
+               generations: int | None, runs_root: Path, evolve_n: int | None, shortlist_k: int) -> dict:
+    """Evolve (or resume) one run, choose its models on the selection items, write them and their record.
+
+    Returns the record also written to ``models_dir/runs/<variant>-s<seed>.json``.
+    """
+    import time
+
+    from cycleqd.atomic import write_atomic
+    from cycleqd.evolve.loop import evolve, resume
+    from cycleqd.runs.folder import RunFolder
+    from cycleqd.runs.store import RunStore
+
+    name = row_name(variant)
+    vcfg = variant_config(cfg, variant, seed, generations, evolve_n)
+    run = runs_root / f"{variant}-s{seed}"
+    wall_file = run / "table_wall.json"  # wall seconds of every call that drove this run, summed
+    t0 = time.monotonic()
+    try:
+        if (run / layout.CONFIG).exists():
+            check_same_experiment(RunStore(run).config(), vcfg, run)
+            resume(run, generations=vcfg.evolution.generations, progress=True)
+        else:
+            evolve(vcfg, run, progress=True)
+    finally:
+        if run.is_dir():
+            before = json.loads(wall_file.read_text())["wall_seconds"] if wall_file.is_file() else 0.0
+            write_atomic(wall_file, json.dumps({"wall_seconds": before + time.monotonic() - t0}))
+    store = RunStore(run)
+    # the run's top elites by its own mean, re-scored on the selection sample
+    folder = RunFolder(run)
+    snap = folder.snapshot()
+    elites = {e["genome"]: e for a in snap.archives.values() for e in a["elites"]}
+    shortlist = sorted(elites.values(), key=lambda e: -_mean(e["scores"]))[:shortlist_k]
+    scored = [(e, val.genome(store.load_genome(e["genome"]))) for e in shortlist]
+    top = max(scored, key=lambda es: _mean(_quality(es[1])))[0]
+    file = f"{name}-s{seed}.safetensors"
+    shutil.copyfile(store.genome_path(top["genome"]), models_dir / file)
+    rows = {name: file}
+    fm = store.final_merge()
+    if variant == "cycleqd" and fm and fm.get("error") is None:
+        shutil.copyfile(store.genome_path(fm["genome"]), models_dir / f"cycleqd_merged-s{seed}.safetensors")
+        rows["cycleqd_merged"] = f"cycleqd_merged-s{seed}.safetensors"
+    if variant == "cycleqd":  # teams of this run's elites, chosen on its own (val) scores
+        rows.update(save_teams(snap, store, models_dir, seed))
+    if variant == "nsga2":  # teams of its archive, the Pareto front: router and vote over its per-task bests
+        rows.update(save_teams(front_snapshot(snap, folder.front()), store, models_dir, seed,
+                               rows=FRONT_TEAM_ROWS, folder="nsga2_team"))
+    done = store.children()  # the budget: children, the workers' seconds on them, the run's wall seconds
+    record = {
+        "variant": variant, "seed": seed, "run": str(run), "row": name, "chosen": top["genome"], "rows": rows,
+        "budget": {"children": len(done), "child_seconds": sum(sum(c.seconds.values()) for c in done),
+                   "wall_seconds": json.loads(wall_file.read_text())["wall_seconds"]},
+        "shortlist": [{"genome": e["genome"], "evolution_mean": _mean(e["scores"]), "selection_mean": _mean(
+            _quality(items)), "selection_items": items} for e, items in scored],
+    }
+    (models_dir / RUNS_DIR).mkdir(exist_ok=True)
+    write_atomic(models_dir / RUNS_DIR / f"{variant}-s{seed}.json", json.dumps(record))
+    print(f"{variant} seed {seed}: chose {top['genome']} of {run}", flush=True)
+    return record
 
 
 def read_models(models_dir: Path) -> dict:
@@ -346,10 +469,50 @@ def read_models(models_dir: Path) -> dict:
     return json.loads(f.read_text())
 
 
-def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> dict:
+class ScoreCache:
+    """Per-item test scores of the models a table scored, by what was scored and on which draw.
+
+    A file per model under ``folder``, named by a hash of the world's fingerprints, the draw
+    (seed, items per task) and the model's bytes (a team: its JSON and its members' genomes; a
+    merge: its method and weight). An interrupted scoring resumes where it stopped; a model
+    or a draw that differs is scored again. ``folder`` None keeps nothing.
+    """
+
+    def __init__(self, folder: Path | None, world: Mapping[str, str], test_seed: int, test_n: int):
+        self.folder = Path(folder) if folder is not None else None
+        self.key = json.dumps([dict(world), test_seed, test_n])
+
+    def get(self, what: bytes, score) -> dict[str, list[float]]:
+        """The cached scores of ``what`` (the model's identity), else ``score()``, kept."""
+        import hashlib
+
+        from cycleqd.atomic import write_atomic
+
+        if self.folder is None:
+            return score()
+        file = self.folder / f"{hashlib.sha256(self.key.encode() + what).hexdigest()[:24]}.json"
+        if file.is_file():
+            return json.loads(file.read_text())
+        out = score()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(file, json.dumps(out))
+        return out
+
+
+def _team_bytes(file: Path) -> bytes:
+    """A team row's identity: its JSON and its members' genomes."""
+    row = json.loads(file.read_text())
+    members = sorted({m["genome"] for m in row["team"]["members"]})
+    return file.read_bytes() + b"".join((file.parent / row["dir"] / f"{g}.safetensors").read_bytes()
+                                        for g in members)
+
+
+def score_models(models_dir: Path, *, test_n: int = TEST_N, test_seed: int = 0,
+                 cache: Path | None = None) -> dict:
     """Score every row of a models folder on a test draw; the table object (rows, interval).
 
-    The world is built when absent (deterministic in its seed and recipe).
+    The world is built when absent (deterministic in its seed and recipe). ``cache``: a folder
+    of per-model scores (:class:`ScoreCache`), so an interrupted scoring resumes.
 
     Raises:
         ConfigError: no manifest, or the world's weights differ from the ones the genomes were made on.
@@ -366,25 +529,36 @@ def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> 
                           f"were made on (fingerprints in {MODELS_FILE}); rebuild that world or make the table again")
     test = Scorer(split_config(cfg, "test", test_n, test_seed))
     f = test.factors
-    load = lambda file: Genome.load(Path(models_dir) / file)  # noqa: E731
-    items: dict[str, list[dict[str, list[float]]]] = {"base": [test.genome(load("base.safetensors"))]}
+    kept = ScoreCache(cache, now, test_seed, test_n)
+    path = lambda file: Path(models_dir) / file  # noqa: E731
+
+    def genome(file: str) -> dict[str, list[float]]:
+        return kept.get(path(file).read_bytes(), lambda: test.genome(Genome.load(path(file))))
+
+    def member(file: str) -> dict[str, list[float]]:
+        if file.endswith(".json"):
+            return kept.get(_team_bytes(path(file)), lambda: test.team(path(file)))
+        return genome(file)
+
+    items: dict[str, list[dict[str, list[float]]]] = {"base": [genome("base.safetensors")]}
     for t in cfg.task_names:
-        items[f"expert_{t}"] = [test.genome(load(f"expert_{t}.safetensors"))]
+        items[f"expert_{t}"] = [genome(f"expert_{t}.safetensors")]
     for method, m in manifest["merges"].items():
-        items[method] = [test.state(mergekit_merge(f, method, m["weight"]))]
+        items[method] = [kept.get(json.dumps([method, m]).encode(),
+                                  lambda: test.state(mergekit_merge(f, method, m["weight"])))]
     for name, files in manifest["rows"].items():
-        items[name] = [test.team(Path(models_dir) / file) if file.endswith(".json") else test.genome(load(file))
-                       for file in files]
+        items[name] = [member(file) for file in files]
         print(f"{name}: {[round(_mean(_quality(s)), 3) for s in items[name]]}", flush=True)
     rows = []
     for name, per_seed in items.items():
         row = _row(name, [_quality(s) for s in per_seed])
         if name in manifest["merges"]:
             row["weight"] = manifest["merges"][name]["weight"]
-        if name in manifest.get("budget", {}):  # per seed: children evolved, the workers' seconds on them
+        if name in manifest.get("budget", {}):  # per seed: children evolved, workers' and wall seconds
             runs = manifest["budget"][name]
-            row["children"] = statistics.fmean(r["children"] for r in runs)
-            row["child_seconds"] = statistics.fmean(r["child_seconds"] for r in runs)
+            for key in ("children", "child_seconds", "wall_seconds"):
+                if all(key in r for r in runs):
+                    row[key] = statistics.fmean(r[key] for r in runs)
         rows.append(row)
     table = {"split": "test", "test_n": test_n, "test_seed": test_seed, "generations": manifest["generations"],
              "evolve_n": manifest["evolve_n"], "select": manifest["select"], "world": manifest["world"],
@@ -410,20 +584,31 @@ def score_models(models_dir: Path, *, test_n: int = 300, test_seed: int = 0) -> 
                 d = paired_interval(items[name], cq_mean)
                 table[VERSUS_CYCLEQD_KEY][name] = {"mean": d["mean"], "interval": d["interval"],
                                                    "conclusion": conclusion(d["interval"], name, "cycleqd_best")}
+        # NSGA-II's front as a team against the same kind of team of CycleQD's archives
+        for variant, name in FRONT_TEAM_ROWS.items():
+            rival = TEAM_ROWS[variant]
+            if name in items and rival in items:
+                theirs = items[rival]
+                mean = {t: [statistics.fmean(s[t][i] for s in theirs) for i in range(len(theirs[0][t]))]
+                        for t in theirs[0]}
+                d = paired_interval(items[name], mean)
+                table[VERSUS_CYCLEQD_KEY][name] = {"mean": d["mean"], "interval": d["interval"], "rival": rival,
+                                                   "conclusion": conclusion(d["interval"], name, rival)}
     return table
 
 
 def make_table(cfg: Config, out: Path, *, models_dir: Path | None = None, seeds: int = 3,
                generations: int | None = None, runs_root: Path = Path("archives/table"),
-               test_n: int | None = 300, test_seed: int = 0, variants: list[str] | None = None,
-               evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5) -> dict:
+               test_n: int | None = TEST_N, test_seed: int = 0, variants: list[str] | None = None,
+               evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5,
+               cache: Path | None = None) -> dict:
     """:func:`choose_models` then :func:`score_models`; writes the table JSON to ``out``."""
     from cycleqd.atomic import write_atomic
 
     models_dir = models_dir or out.parent / f"{out.stem}_models"
     choose_models(cfg, models_dir, seeds=seeds, generations=generations, runs_root=runs_root, variants=variants,
                   evolve_n=evolve_n, select_n=select_n, shortlist_k=shortlist_k)
-    table = score_models(models_dir, test_n=test_n or 300, test_seed=test_seed)
+    table = score_models(models_dir, test_n=test_n or TEST_N, test_seed=test_seed, cache=cache)
     write_atomic(out, json.dumps(table, indent=2))
     return table
 
@@ -450,7 +635,8 @@ def plot_table(table: dict, path: Path) -> None:
 
 def print_table(table: dict) -> None:
     for r in table["rows"]:
-        budget = f"  ({r['children']:.0f} children, {r['child_seconds']:.0f} worker s)" if "children" in r else ""
+        budget = f"  ({r['children']:.0f} children, {r['child_seconds']:.0f} worker s" if "children" in r else ""
+        budget += (f", {r['wall_seconds']:.0f} wall s)" if "wall_seconds" in r else ")") if budget else ""
         print(f"{r['model']:20s} mean {r['mean']:.3f} ± {r['std']:.3f}  " +
               "  ".join(f"{t} {v:.3f}" for t, v in r["scores"].items()) + budget)
     if INTERVAL_KEY in table:
@@ -462,5 +648,6 @@ def print_table(table: dict) -> None:
         print(f"{name} - task_arithmetic: {d['mean']:+.4f}, [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]: "
               f"{d['conclusion']}")
     for name, d in table.get(VERSUS_CYCLEQD_KEY, {}).items():
-        print(f"{name} - cycleqd_best: {d['mean']:+.4f}, [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]: "
+        print(f"{name} - {d.get('rival', 'cycleqd_best')}: {d['mean']:+.4f}, "
+              f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]: "
               f"{d['conclusion']}")

@@ -107,3 +107,79 @@ def test_paired_interval():
     assert paired_interval([up, ta], ta)["mean"] == pytest.approx(better["mean"] / 2)
     with pytest.raises(ValueError):
         paired_interval([{t: v[:10] for t, v in up.items()}], ta)
+
+
+def test_table_cli_small_with_searches_resumes_run_by_run(tmp_path):
+    """`cycleqd table` end to end on the tiny mini world (one seed, 4 children per run), in two
+    calls: the first evolves and chooses cycleqd only (--choose-only, no test item); the second
+    skips that finished run (not resumed, not chosen again, the merge weights kept), adds nsga2 and
+    scores the whole folder: cycleqd and nsga2 rows, NSGA-II's front teams, the budget columns
+    (children, worker and wall seconds) and the paired intervals against task arithmetic and CycleQD."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from mini_run import mini_config_data
+    from run_helpers import cli_env
+
+    from cycleqd.studies.table import FRONT_TEAM_ROWS, VERSUS_CYCLEQD_KEY, VERSUS_KEY
+
+    data = mini_config_data(tmp_path / "world", "tiny", 4)
+    data["evolution"].update(workers=1, final_merge=False)
+    data["prepare_cache"] = str(tmp_path / "prepare")
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(data))
+    models, runs, out = tmp_path / "models", tmp_path / "runs", tmp_path / "table.json"
+
+    def table(*extra: str) -> str:
+        argv = [sys.executable, "-m", "cycleqd.cli", "-q", "table", "--config", str(tmp_path / "t.yaml"),
+                "--models", str(models), "--out", str(out), "--runs-root", str(runs), "--seeds", "1",
+                "--generations", "4", "--evolve-n", "4", "--select-n", "3", "--test-n", "5",
+                "--scores-cache", str(tmp_path / "scores"), *extra]
+        res = subprocess.run(argv, capture_output=True, text=True, env=cli_env(), timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    assert "cycleqd seed 0: chose" in table("--choose-only", "--variants", "cycleqd")
+    assert not out.exists()  # nothing scored on test
+    weights = json.loads((models / "models.json").read_text())["merges"]
+    log = (runs / "cycleqd-s0" / "children.jsonl").stat().st_mtime_ns
+
+    second = table("--variants", "cycleqd,nsga2")
+    assert "cycleqd seed 0: chose" not in second and "nsga2 seed 0: chose" in second
+    assert (runs / "cycleqd-s0" / "children.jsonl").stat().st_mtime_ns == log  # not resumed
+    assert json.loads((models / "models.json").read_text())["merges"] == weights
+    t = json.loads(out.read_text())
+    rows = {r["model"]: r for r in t["rows"]}
+    assert {"cycleqd_best", "nsga2_best", "team_router", "team_vote", *FRONT_TEAM_ROWS.values()} <= set(rows)
+    assert t["test_n"] == 5 and t[VERSUS_KEY]["nsga2_best"]["conclusion"]
+    for name in ("cycleqd_best", "nsga2_best"):
+        assert rows[name]["children"] == 4 and rows[name]["wall_seconds"] > rows[name]["child_seconds"] / 2 > 0
+    assert set(t[VERSUS_CYCLEQD_KEY]) == {"nsga2_best", *FRONT_TEAM_ROWS.values()}
+    assert t[VERSUS_CYCLEQD_KEY]["nsga2_team_vote"]["rival"] == "team_vote"
+    assert {"nsga2_best", "nsga2_team_router"} <= set(t[VERSUS_KEY])
+    record = json.loads((models / "runs" / "nsga2-s0.json").read_text())
+    assert record["chosen"] in {s["genome"] for s in record["shortlist"]}
+    assert all(len(v) == 3 for s in record["shortlist"] for v in s["selection_items"].values())
+    kept = [json.loads(f.read_text()) for f in (tmp_path / "scores").glob("*.json")]  # per-model test scores
+    assert len(kept) >= 8 and all(len(v) == 5 for k in kept for v in k.values())  # (equal genomes share one)
+
+
+def test_score_cache_keeps_scores_per_model_and_draw(tmp_path):
+    """A model's test scores are computed once per draw and world; another model, draw or world is scored."""
+    from cycleqd.studies.table import ScoreCache
+
+    calls = []
+
+    def score(v):
+        return lambda: calls.append(v) or {"code": [v, 1.0]}
+
+    world = {"base": "a"}
+    first = ScoreCache(tmp_path, world, 0, 2)
+    assert first.get(b"model", score(0.0)) == {"code": [0.0, 1.0]}
+    assert ScoreCache(tmp_path, world, 0, 2).get(b"model", score(0.5)) == {"code": [0.0, 1.0]}  # kept
+    assert first.get(b"other", score(0.25)) == {"code": [0.25, 1.0]}
+    assert ScoreCache(tmp_path, world, 1, 2).get(b"model", score(0.75))["code"][0] == 0.75  # another draw
+    assert ScoreCache(tmp_path, {"base": "b"}, 0, 2).get(b"model", score(1.0))["code"][0] == 1.0  # another world
+    assert ScoreCache(None, world, 0, 2).get(b"model", score(0.5))["code"][0] == 0.5  # no folder: nothing kept
+    assert calls == [0.0, 0.25, 0.75, 1.0, 0.5]
