@@ -56,6 +56,27 @@ def _guard_torchcodec() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SHIMS, os.environ.get("PYTHONPATH")) if p)
 
 
+def _guard_llvmlite() -> None:
+    """vLLM-CPU's kernel overrides scan every loaded module's values and read ``vars(v).get(...)``
+    of each that has a ``__dict__``. llvmlite's library handle (loaded with numba, which pyribs
+    imports) answers every attribute name with a C-function wrapper, ``__dict__`` included, and
+    the scan fails with an AttributeError. A dunder name is never a C function: the handle now
+    says so, and the scan passes it by."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    wrapper = getattr(ffi, "_lib_wrapper", None)
+    if wrapper is None or getattr(wrapper, "_dunders_refused", False):
+        return
+    lookup = wrapper.__getattr__
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return lookup(self, name)
+
+    wrapper.__getattr__ = __getattr__
+    wrapper._dunders_refused = True
+
+
 def _import_vllm() -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if "vllm" not in sys.modules:
@@ -138,6 +159,7 @@ class VLLMEngine(Engine):
                 from cycleqd.engine.vllm_lora_cpu import install
 
                 install()
+        _guard_llvmlite()
         llm = vllm.LLM(model=str(path), dtype=name, **opts)
         return cls(llm, dtype=torch_dtype(name), max_model_len=int(opts["max_model_len"]),
                    max_new_tokens=engine_cfg.max_new_tokens)

