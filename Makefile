@@ -17,8 +17,10 @@ TEST_SEED ?= 1
 # test items per task of the committed table (experiments/results/mini_table.json's test_n); its rows are
 # being re-scored on 1,500 (docs/mini_table.md), which then becomes the size here
 TABLE_TEST_N ?= 300
-# make test's pytest-xdist workers (each takes a whole test file at a time; the vLLM files take turns)
-TEST_WORKERS ?= 2
+# make test's pytest-xdist workers: 0 runs the suite in one process (as CI does); N > 0 gives each of
+# N workers a whole test file at a time, the vLLM files taking turns (for machines with more cores:
+# on 2 cores, Ray and vLLM start-ups of two files at once time out)
+TEST_WORKERS ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
