@@ -1,8 +1,8 @@
 """Short in-process CycleQD runs in the mini world, for the team and trajectory tests."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -47,3 +47,20 @@ def make_mini_run(root: Path, world: Path, size: str, *, n: int = 8, generations
     run_loop(store, LocalPool([ChildWorker(cfg, threads=1)]), [])
     summarize(store)
     return store.path
+
+
+def make_lora_run(root: Path, world: Path, specs: dict[str, dict], *, seed: int, generations: int,
+                  evolution: dict | None = None) -> Path:
+    """:func:`make_mini_run` (6 val items per task, no episodes) over random LoRA experts of the small
+    world ``world``'s base: ``specs`` maps each skill to its PEFT settings (rank, alpha, target modules);
+    ``evolution`` overrides evolution settings."""
+    from tiny_models import make_lora_experts
+
+    experts = make_lora_experts(world / "base", root, specs, seed=seed, merged=False, magnitude=0.3)
+
+    def on_lora_experts(data: dict) -> None:
+        data["models"] = {"base": str(world / "base"), "dtype": "float32",
+                          "experts": {t: str(experts[t]["adapter"]) for t in specs}}
+        data["evolution"].update(evolution or {})
+
+    return make_mini_run(root, world, "small", n=6, generations=generations, record=False, edit=on_lora_experts)

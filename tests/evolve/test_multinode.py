@@ -62,10 +62,12 @@ def cluster(tmp_path_factory):
         _end_drivers()
         pids = set(c.pids())
         c.stop()
-        assert not set(c.pids())
-        assert not pids & _listening_pids(), "a process of the cluster still listens"
-        assert c.listening() == [], "something still listens in the cluster's namespaces"
-        c.remove_files()
+        try:
+            assert not set(c.pids())
+            assert not pids & _listening_pids(), "a process of the cluster still listens"
+            assert c.listening() == [], "something still listens in the cluster's namespaces"
+        finally:  # the namespaces go even when a check above fails
+            c.remove_files()
         assert not set(c.namespaces) & _namespaces(), "a network namespace of the cluster is left"
 
 

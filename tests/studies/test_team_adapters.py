@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from mini_run import make_mini_run
-from tiny_models import make_lora_experts
+from mini_run import make_lora_run
 
 from cycleqd.runs.folder import RunFolder
 from cycleqd.studies.team import Residents, choose_team, evaluate_team
 
-SKILLS = ("code", "sql", "shell")
 SPECS = {
     "code": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "sql": {"r": 16, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -24,15 +22,8 @@ SPECS = {
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, small_world: Path) -> Path:
     """Four children over three random LoRA experts of the small world's base (no Ray)."""
-    root = tmp_path_factory.mktemp("team_lora")
-    experts = make_lora_experts(small_world / "base", root, SPECS, seed=8, merged=False, magnitude=0.3)
-
-    def on_lora_experts(data: dict) -> None:
-        data["models"] = {"base": str(small_world / "base"), "dtype": "float32",
-                          "experts": {t: str(experts[t]["adapter"]) for t in SKILLS}}
-        data["evolution"].update(crossover={"name": "linear", "sigma": 0.3}, mutation={"name": "svd", "rate": 0.3})
-
-    return make_mini_run(root, small_world, "small", n=6, generations=4, record=False, edit=on_lora_experts)
+    return make_lora_run(tmp_path_factory.mktemp("team_lora"), small_world, SPECS, seed=8, generations=4,
+                         evolution={"crossover": {"name": "linear", "sigma": 0.3}, "mutation": {"name": "svd", "rate": 0.3}})
 
 
 def _residents(run: Path, team, adapters: bool):

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from mini_run import make_mini_run
-from tiny_models import make_lora_experts
+from mini_run import make_lora_run
 
-SKILLS = ("code", "sql", "shell")
 SPECS = {
     "code": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
     "sql": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj", "o_proj", "up_proj"], "use_rslora": True},
@@ -20,14 +18,7 @@ SPECS = {
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, small_world: Path) -> Path:
     """Three generations over three LoRA experts of the small mini world's base (no Ray)."""
-    root = tmp_path_factory.mktemp("lora_run")
-    experts = make_lora_experts(small_world / "base", root, SPECS, seed=4, merged=False, magnitude=0.3)
-
-    def on_lora_experts(data: dict) -> None:
-        data["models"] = {"base": str(small_world / "base"), "dtype": "float32",
-                          "experts": {t: str(experts[t]["adapter"]) for t in SKILLS}}
-
-    return make_mini_run(root, small_world, "small", n=6, generations=3, record=False, edit=on_lora_experts)
+    return make_lora_run(tmp_path_factory.mktemp("lora_run"), small_world, SPECS, seed=4, generations=3)
 
 
 def test_lora_run_exports_an_adapter_peft_loads(lora_run, tmp_path):
