@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 
 _INSTALLED = False
+#: vLLM's own ops, as they were before :func:`install` replaced them (name -> function).
+_VLLM_OPS: dict[str, object] = {}
 #: Up to this many runs of rows (a prefill's requests) get one in-place matmul each; more (a decode
 #: step interleaving adapters row by row) are gathered per adapter.
 MAX_RUNS = 256
@@ -88,6 +90,17 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
              output_tensor[:, slice_offset : slice_offset + slice_size], 1.0, add=add_inputs)
 
 
+def vllm_ops():
+    """vLLM's own torch LoRA ops (``bgmv_shrink``, ``bgmv_expand``, ``bgmv_expand_slice``), even after
+    :func:`install`: the reference the grouped ops are checked against."""
+    from types import SimpleNamespace
+
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    names = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+    return SimpleNamespace(**{n: _VLLM_OPS.get(n, getattr(lora_ops, n)) for n in names})
+
+
 def install() -> bool:
     """Replace vLLM's CPU LoRA ops with the grouped ones (once per process); False if vLLM lacks them."""
     global _INSTALLED
@@ -98,6 +111,8 @@ def install() -> bool:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:
         return False
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        _VLLM_OPS.setdefault(name, getattr(lora_ops, name))
     for mod in (lora_ops, punica_cpu):
         for name, fn in (("bgmv_shrink", bgmv_shrink), ("bgmv_expand", bgmv_expand),
                          ("bgmv_expand_slice", bgmv_expand_slice)):
