@@ -74,7 +74,7 @@ system-deps:  ## Debian packages the sandbox, DB tests and report test use (need
 	else echo "system-deps: not root or no apt-get; install bubblewrap, mariadb-server, chromium yourself"; fi
 
 test: install  ## run the test suite (CPU, tiny models)
-	$(BIN)/pytest -q --timeout=900 -m "not gpu" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q --timeout=900 -m "not gpu" -n $(TEST_WORKERS) --dist loadfile --durations=40
 
 test-all: install  ## every test, GPU-marked ones too (needs CUDA)
 	$(BIN)/pytest -q --timeout=900
