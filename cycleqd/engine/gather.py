@@ -133,7 +133,8 @@ class Gatherer:
 
 
 class AdapterView(Engine):
-    """One child's view of a shared engine: ``generate`` goes through its adapter, gathered with the others'.
+    """One child's view of a shared engine: ``generate`` goes through its adapter, gathered with the others';
+    the scoring calls go through it too, each with the engine held alone.
 
     Everything else a task reads (``tokenizer``, ``max_new_tokens`` ...) is the engine's.
     """
@@ -149,6 +150,20 @@ class AdapterView(Engine):
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         return self._gatherer.generate(self._name, requests)
+
+    def _scored(self, call: str, *args):
+        """A scoring call through this child's adapter, with the engine held alone (no batch meets it)."""
+        with self._gatherer.exclusive() as engine, engine.scoring_through(self._name):
+            return getattr(engine, call)(*args)
+
+    def sequence_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
+        return self._scored("sequence_logprobs", texts, batch_size)
+
+    def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:
+        return self._scored("prompt_logprobs", requests, batch_size)
+
+    def continuation_logprobs(self, pairs, batch_size: int = 16) -> list[tuple[float, bool]]:
+        return self._scored("continuation_logprobs", pairs, batch_size)
 
 
 def adapter_engine_config(cfg: "Config"):

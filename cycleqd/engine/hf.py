@@ -18,6 +18,7 @@ re-instantiates it.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -269,19 +270,17 @@ class HFEngine(Engine):
         """True: PEFT's mixed-adapter batches serve any number of child adapters."""
         return True
 
-    def prompt_logprobs_with(self, requests: Sequence[GenRequest], adapter: str | None,
-                             batch_size: int = 16) -> list[tuple[float, int]]:
-        """:meth:`prompt_logprobs` with the LoRA layers of ``adapter`` on (None: the base alone).
-
-        Raises:
-            ValueError: the adapter was not loaded.
-        """
-        if adapter is None:
-            return self.prompt_logprobs(requests, batch_size)
+    @contextlib.contextmanager
+    def scoring_through(self, adapter: str):
+        """The LoRA layers of ``adapter`` on for the scoring calls inside (see :class:`Engine`)."""
         if self._peft is None or adapter not in self._peft.peft_config:
-            raise ValueError(f"prompt_logprobs_with: adapter {adapter!r} not loaded")
+            raise ValueError(f"scoring through adapter {adapter!r}: not loaded")
         self._peft.base_model.set_adapter(adapter)
-        return self._mixed(lambda _peft: self.prompt_logprobs(requests, batch_size))
+        self._peft.base_model.enable_adapter_layers()
+        try:
+            yield self
+        finally:
+            self._peft.base_model.disable_adapter_layers()
 
     def _mixed(self, decode, *args):
         self._peft.base_model.enable_adapter_layers()

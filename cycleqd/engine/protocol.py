@@ -7,7 +7,7 @@ caller (``materialize``) never needs a second full copy of the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, NoReturn, Sequence, Union
+from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Mapping, NoReturn, Sequence, Union
 
 import torch
 
@@ -153,10 +153,23 @@ class Engine:
         """Whether :meth:`load_adapter` and :meth:`generate_with` work on this engine as started."""
         return False
 
+    def scoring_through(self, adapter: str) -> ContextManager["Engine"]:
+        """A section in which the scoring calls (:meth:`sequence_logprobs`, :meth:`prompt_logprobs`,
+        :meth:`continuation_logprobs`) read the base plus the loaded adapter ``adapter``; the caller
+        holds the engine alone meanwhile.
+
+        Raises:
+            ValueError: the adapter was not loaded.
+        """
+        self._unsupported("score through a child adapter")
+
     def prompt_logprobs_with(self, requests: Sequence[GenRequest], adapter: str | None,
                              batch_size: int = 16) -> list[tuple[float, int]]:
         """:meth:`prompt_logprobs` of the base plus adapter ``adapter`` (None: the base alone)."""
-        self._unsupported("score prompts through an adapter")
+        if adapter is None:
+            return self.prompt_logprobs(requests, batch_size)
+        with self.scoring_through(adapter):
+            return self.prompt_logprobs(requests, batch_size)
 
     def prompt_logprobs(self, requests: Sequence[GenRequest], batch_size: int = 16) -> list[tuple[float, int]]:
         """(sum of log-probabilities, token count) of each request's prompt tokens (the NLL router)."""

@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import Any, Sequence
 
 import torch
@@ -196,19 +196,22 @@ class ChildWorker:
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         engine, view = self.engine, None
-        if self.gather is not None and not genome.terms:  # the child as an adapter beside the others
-            from cycleqd.model.lora import child_adapter
+        with ExitStack() as held:
+            if self.gather is not None and not genome.terms:  # the child as an adapter beside the others
+                from cycleqd.model.lora import child_adapter
 
-            view = f"child-{threading.get_ident()}"
-            engine = self.gather.enter(view, child_adapter(genome, self.factors))
-        else:
-            with torch.no_grad(), (self.gather.exclusive() if self.gather is not None else nullcontext()):
-                self.engine.load_genome(genome, self.factors)
-        seconds["materialize"] = time.perf_counter() - t0
-        names = [n for n in self.tasks if tasks is None or n in tasks]
-        self._local.truncated = {}
-        results: dict[str, Any] = {}
-        try:
+                view = f"child-{threading.get_ident()}"
+                engine = self.gather.enter(view, child_adapter(genome, self.factors))
+                held.callback(self.gather.leave, view)
+            else:
+                if self.gather is not None:  # a dense swap: the engine is this child's alone until it is scored
+                    held.enter_context(self.gather.exclusive())
+                with torch.no_grad():
+                    self.engine.load_genome(genome, self.factors)
+            seconds["materialize"] = time.perf_counter() - t0
+            names = [n for n in self.tasks if tasks is None or n in tasks]
+            self._local.truncated = {}
+            results: dict[str, Any] = {}
             checks = self._checks()
             try:
                 for name in sorted(names, key=lambda n: not self.tasks[n].executes_code):
@@ -216,9 +219,6 @@ class ChildWorker:
             finally:  # the checks already submitted end before this child does, as it fails or not
                 wait(list(results.values()))
             results = {n: r.result() for n, r in results.items()}
-        finally:
-            if view is not None:
-                self.gather.leave(view)
         scores = {}
         for name in names:
             res = results[name]

@@ -108,3 +108,43 @@ def test_vllm_multi_lora_equals_each_child_alone(tiny_world, lora_factors, child
     alone = [eng.generate_with(reqs, [f"c{i}"] * len(reqs)) for i in range(len(children))]
     assert together[:-1] == alone
     assert together == reference
+
+
+def test_children_in_one_engine_score_and_generate_as_each_alone(tiny_world, lora_factors, children, reference):
+    """Children held as adapters by one gathering engine, in threads at once: each one's likelihood scores
+    are its dense weights' scores, and its generations its dense tokens, while the others generate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cycleqd.engine.gather import Gatherer
+
+    texts = ["def add(a, b): return a + b", "select name from t where id = 3", "ls -la | grep x"]
+    dense = HFEngine.from_path(str(tiny_world / "base"), EngineConfig(device="cpu", batch_size=16), dtype="float32")
+    want = []
+    for g in children:
+        dense.load_genome(g, lora_factors)
+        want.append(dense.sequence_logprobs(texts))
+
+    eng = HFEngine.from_path(str(tiny_world / "base"), EngineConfig(device="cpu", batch_size=16), dtype="float32")
+    gather = Gatherer(eng)
+    reqs = _requests()
+
+    def child(i: int):
+        view = gather.enter(f"c{i}", child_adapter(children[i], lora_factors))
+        try:
+            first = view.generate(reqs[:6])
+            scores = view.sequence_logprobs(texts)
+            return first + view.generate(reqs[6:]), scores
+        finally:
+            gather.leave(f"c{i}")
+
+    with ThreadPoolExecutor(len(children)) as pool:
+        got = list(pool.map(child, range(len(children))))
+    for i, (tokens, scores) in enumerate(got):
+        assert tokens == reference[i]
+        for (lp, n), (lp_want, n_want) in zip(scores, want[i]):
+            assert n == n_want and lp == pytest.approx(lp_want, rel=1e-4, abs=1e-3)
+    assert got[0][1] != got[1][1]  # the scores are the children's own, not the base's
+    # Outside a child's section the engine scores the base again.
+    fresh = HFEngine.from_path(str(tiny_world / "base"), EngineConfig(device="cpu", batch_size=16), dtype="float32")
+    assert [lp for lp, _ in eng.sequence_logprobs(texts)] == pytest.approx(
+        [lp for lp, _ in fresh.sequence_logprobs(texts)], rel=1e-5)
