@@ -67,10 +67,43 @@ def _lora_mm(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
         out.index_add_(0, rows, x[rows] @ weights[slot].to(out.dtype).t(), alpha=scale)
 
 
+#: (weights' storage, its version, slots) -> whether those slots hold one matrix (bounded; see _one_matrix)
+_SAME: dict[tuple, bool] = {}
+
+
+def _one_matrix(weights: torch.Tensor, slots: list[int]) -> bool:
+    """Whether every slot in ``slots`` holds the same matrix. Children over LoRA experts all share
+    ``A = [V_k^T]_k`` (:func:`cycleqd.model.lora.child_adapter`), so their shrink is one matmul.
+    Cached by the tensor's version counter, which every write into a slot moves."""
+    if len(slots) < 2:
+        return True
+    key = (weights.data_ptr(), weights._version, tuple(slots))
+    same = _SAME.get(key)
+    if same is None:
+        first = weights[slots[0]]
+        same = all(torch.equal(weights[j], first) for j in slots[1:])
+        if len(_SAME) > 4096:
+            _SAME.clear()
+        _SAME[key] = same
+    return same
+
+
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
-    """``output[:, :r] = scaling * x @ A_i^T`` row by row (vLLM's signature)."""
+    """``output[:, :r] = scaling * x @ A_i^T`` row by row (vLLM's signature); one matmul for all rows
+    when their adapters share ``A``."""
     r = lora_a_weights.shape[-2]
-    _lora_mm(inputs, lora_a_weights, lora_indices_tensor, output_tensor[:, :r], scaling, add=False)
+    out = output_tensor[:, :r]
+    n = min(inputs.shape[0], lora_indices_tensor.shape[0], out.shape[0])
+    idx = lora_indices_tensor[:n]
+    slots = sorted(s for s in set(idx.tolist()) if s >= 0) if n else []
+    w = lora_a_weights.squeeze(1) if lora_a_weights.dim() == 4 else lora_a_weights
+    if len(slots) > 1 and _one_matrix(w, slots):
+        out.zero_()
+        out[:n].addmm_(inputs[:n].to(out.dtype), w[slots[0]].to(out.dtype).t(), alpha=scaling)
+        if (idx < 0).any():
+            out[:n][idx < 0] = 0
+        return
+    _lora_mm(inputs, lora_a_weights, lora_indices_tensor, out, scaling, add=False)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):

@@ -88,3 +88,26 @@ def test_a_prefill_costs_matmuls_not_weight_copies():
     mine = _bytes_allocated(lambda: ours.bgmv_expand(h, B, y, idx, True))
     assert theirs >= one_weight_per_token  # the behaviour this replaces
     assert mine < one_weight_per_token / 100, (mine, theirs)
+
+
+def test_adapters_that_share_a_are_shrunk_at_once_and_equal_vllms():
+    """Children over LoRA experts share A: their shrink is one matmul, equal to vLLM's per-row op; slots
+    that differ (or a slot rewritten in place) go back to one matmul per adapter."""
+    from cycleqd.engine import vllm_lora_cpu as ours
+
+    ref = ours.vllm_ops()
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(1, 1, 8, 96, generator=gen).repeat(4, 1, 1, 1)
+    x = torch.randn(T, 96, generator=gen)
+    for idx in (PATTERNS["interleaved (a decode step)"], torch.tensor([0, -1, 1, 2, -1, 3] * (T // 6))):
+        a, b = torch.randn(T, 8), torch.randn(T, 8)
+        ref.bgmv_shrink(x, A, a, idx, 0.5)
+        ours.bgmv_shrink(x, A, b, idx, 0.5)
+        a[idx < 0] = 0  # vLLM's op gives slot -1 the last slot's adapter; ours gives it none
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
+    A[2].add_(1.0)  # one child's A now differs: written in place, as vLLM loads a slot
+    idx = PATTERNS["interleaved (a decode step)"]
+    a, b = torch.randn(T, 8), torch.randn(T, 8)
+    ref.bgmv_shrink(x, A, a, idx, 0.5)
+    ours.bgmv_shrink(x, A, b, idx, 0.5)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
