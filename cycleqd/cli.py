@@ -61,9 +61,15 @@ def _observers() -> list:
     return [PlotObserver()]
 
 
+def _where(a: argparse.Namespace) -> None:
+    if a.in_process and a.address:
+        raise ConfigError("--in-process and --address: choose one (in this process, or on that Ray cluster)")
+
+
 def cmd_evolve(a: argparse.Namespace) -> int:
     from cycleqd.config import load_config, with_overrides
 
+    _where(a)
     cfg = with_overrides(load_config(a.config), tasks=_tasks(a.tasks), generations=a.generations,
                          workers=a.workers, seed=a.seed)
     if a.record_episodes:
@@ -84,7 +90,8 @@ def cmd_evolve(a: argparse.Namespace) -> int:
         print(plan.format(), flush=True)
     from cycleqd.evolve.loop import evolve
 
-    run = evolve(cfg, a.run_dir, address=a.address, progress=not a.quiet, observers=_observers())
+    run = evolve(cfg, a.run_dir, address=a.address, progress=not a.quiet, observers=_observers(),
+                 in_process=a.in_process)
     _print_summary(run)
     return 0
 
@@ -93,12 +100,13 @@ def cmd_resume(a: argparse.Namespace) -> int:
     from cycleqd.runs.lock import RunLock
     from cycleqd.runs.store import RunStore
 
+    _where(a)
     RunStore(a.run_dir).config()  # bad input (not a run, an unreadable config) before anything starts
     RunLock.refuse_if_held(a.run_dir)  # before the heavy imports; resume takes the lock itself
     from cycleqd.evolve.loop import resume
 
     run = resume(a.run_dir, generations=a.generations, address=a.address, progress=not a.quiet,
-                 observers=_observers())
+                 observers=_observers(), in_process=a.in_process)
     _print_summary(run)
     return 0
 
@@ -339,6 +347,10 @@ def cmd_mini(a: argparse.Namespace) -> int:
     return 0
 
 
+IN_PROCESS = ("no Ray: one worker in this process evaluates the children one at a time (debugging, quick "
+              "runs; evolution.workers is ignored, the run folder is the same)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cycleqd", description="CycleQD: evolutionary model merging with cyclic quality-diversity.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -353,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run-dir", help="run folder (default archives/<name>-<time>)")
     e.add_argument("--seed", type=int)
     e.add_argument("--address", help="join an existing Ray cluster (e.g. ray://host:10001 or auto)")
+    e.add_argument("--in-process", action="store_true", help=IN_PROCESS)
     e.add_argument("--record-episodes", action="store_true",
                    help="keep the elites' passing conversations (evolution.record_episodes) for `cycleqd trajectories`")
     e.set_defaults(func=cmd_evolve)
@@ -361,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.add_argument("--generations", type=int, help="new total number of generations")
     r.add_argument("--address")
+    r.add_argument("--in-process", action="store_true", help=IN_PROCESS)
     r.set_defaults(func=cmd_resume)
 
     gr = sub.add_parser("grow", help="add a task and its expert to a run (K -> K+1), then resume it")

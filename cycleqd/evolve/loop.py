@@ -77,8 +77,9 @@ def _check_genomes(folder: RunFolder) -> None:
 
 
 def evolve(cfg: Config, run_dir: str | os.PathLike | None = None, *, address: str | None = None,
-           progress: bool = True, observers: Sequence[Observer] | None = None) -> Path:
-    """Start a new run of ``cfg`` in ``run_dir`` (default archives/<name>-<time>) and drive it.
+           progress: bool = True, observers: Sequence[Observer] | None = None, in_process: bool = False) -> Path:
+    """Start a new run of ``cfg`` in ``run_dir`` (default archives/<name>-<time>) and drive it
+    (on Ray, or with ``in_process`` one worker in this process; see :func:`drive`).
 
     Every check (:func:`cycleqd.evolve.preflight.preflight`) runs before the folder is created.
 
@@ -92,13 +93,13 @@ def evolve(cfg: Config, run_dir: str | os.PathLike | None = None, *, address: st
     lock = RunLock(path)
     store = RunStore.create(path, cfg, lock=lock)
     try:
-        return drive(store, address=address, progress=progress, observers=observers)
+        return drive(store, address=address, progress=progress, observers=observers, in_process=in_process)
     finally:
         lock.release()
 
 
 def resume(run_dir: str | os.PathLike, *, generations: int | None = None, address: str | None = None,
-           progress: bool = True, observers: Sequence[Observer] | None = None) -> Path:
+           progress: bool = True, observers: Sequence[Observer] | None = None, in_process: bool = False) -> Path:
     """Continue a run (after a crash, a signal, a growth or to more generations) from its log.
 
     The lock is taken first and the folder is read whole (log, seeds, the elites' genomes)
@@ -120,7 +121,7 @@ def resume(run_dir: str | os.PathLike, *, generations: int | None = None, addres
         _ready_models(cfg)
         if cfg != store.config():
             write_atomic(store.path / RunStore.CONFIG, dump_config(cfg))
-        return drive(store, address=address, progress=progress, observers=observers)
+        return drive(store, address=address, progress=progress, observers=observers, in_process=in_process)
 
 
 def _ready_models(cfg: Config) -> None:
@@ -139,8 +140,12 @@ def _ready_models(cfg: Config) -> None:
 
 
 def drive(store: RunStore, *, address: str | None = None, progress: bool = True,
-          observers: Sequence[Observer] | None = None) -> Path:
+          observers: Sequence[Observer] | None = None, in_process: bool = False) -> Path:
     """Set up and run the loop on Ray. Everything it needs is in the run folder, so it is also the resume path.
+
+    ``in_process``: no Ray; one worker in this process evaluates the children one at a time
+    (``evolution.workers`` is ignored). The run folder is the same either way, so a run may be
+    resumed on Ray that began in process, and the other way round.
 
     The caller holds the run folder's lock.
     """
@@ -157,11 +162,20 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True,
         if progress:
             observers.append(_Progress(cfg.evolution.generations, len(store.children())))
 
-        ray = start_ray(address)
+        ray = None if in_process else start_ray(address)
         stop.install()  # after ray.init, which installs its own SIGTERM handler
         pool = None
         try:
-            pool = RayPool(ray, cfg, cfg.evolution.workers)
+            if in_process:
+                from cycleqd.evolve.worker import ChildWorker
+
+                if not progress:  # a Ray worker's loading bars go to its log; here they would reach the terminal
+                    from transformers.utils import logging as hf_logging
+
+                    hf_logging.disable_progress_bar()
+                pool = LocalPool([ChildWorker(cfg, threads=os.cpu_count() or 1)])
+            else:
+                pool = RayPool(ray, cfg, cfg.evolution.workers)
             sched = run_loop(store, pool, observers, stop)
             # The paper's last step: one model from the archives' best elites, beta = softmax(quality).
             if cfg.evolution.final_merge and (store.final_merge() or {}).get("generation") != sched.generation:
@@ -171,10 +185,11 @@ def drive(store: RunStore, *, address: str | None = None, progress: bool = True,
         except RunInterrupted as e:
             if pool is not None:
                 pool.cancel()
-            try:
-                ray.shutdown()
-            except BaseException:  # noqa: BLE001 - a second signal during shutdown: still a clean stop
-                pass
+            if ray is not None:
+                try:
+                    ray.shutdown()
+                except BaseException:  # noqa: BLE001 - a second signal during shutdown: still a clean stop
+                    pass
             raise RunInterrupted(e.signum, store.path, len(store.children())) from None
     return store.path
 

@@ -132,11 +132,11 @@ def test_one_worker_and_one_seed_replay_a_child_exactly(killed_and_resumed):
     assert res.scores == pytest.approx(child.scores, abs=1e-9)
 
 
-def _start(run_config: Path, run: Path, generations: int = 30) -> subprocess.Popen:
+def _start(run_config: Path, run: Path, generations: int = 30, *where: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.Popen(
         [sys.executable, "-m", "cycleqd.cli", "-q", "evolve", "--config", str(run_config), "--run-dir", str(run),
-         "--workers", "2", "--generations", str(generations)],
+         "--workers", "2", "--generations", str(generations), *where],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -151,11 +151,13 @@ def _wait_for_children(proc: subprocess.Popen, run: Path, n: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_the_run_cleanly_and_it_resumes(signum, run_config, tmp_path):
-    """SIGTERM and SIGINT alike: exit 1 with one line, nothing half-written, no second driver meanwhile."""
+@pytest.mark.parametrize("signum, where", [(signal.SIGTERM, ()), (signal.SIGINT, ("--in-process",))],
+                         ids=["SIGTERM-on-ray", "SIGINT-in-process"])
+def test_a_signal_stops_the_run_cleanly_and_it_resumes(signum, where, run_config, tmp_path):
+    """SIGTERM and SIGINT alike, on Ray and in process: exit 1 with one line, nothing half-written, no
+    second driver meanwhile; the run resumes the other way (in process <-> on Ray: one run folder)."""
     run = tmp_path / "run"
-    proc = _start(run_config, run, generations=1000)  # far more than can finish before the signal
+    proc = _start(run_config, run, 1000, *where)  # far more than can finish before the signal
     _wait_for_children(proc, run, 3)
     # one driver per run folder: a second one is refused while the first lives
     second = _cycleqd("resume", str(run))
@@ -171,7 +173,24 @@ def test_a_signal_stops_the_run_cleanly_and_it_resumes(signum, run_config, tmp_p
     assert all(store.genome_path(c.id).is_file() for c in children if c.ok)
     check = _cycleqd("check", str(run))
     assert check.returncode == 0, check.stdout
-    res = _cycleqd("resume", str(run), "--generations", str(len(children) + 2))
+    other = () if where else ("--in-process",)
+    res = _cycleqd("resume", str(run), "--generations", str(len(children) + 2), *other)
     assert res.returncode == 0, res.stderr[-2000:]
     after = store.children()
     assert len(after) == len(children) + 2 and len({c.id for c in after}) == len(after)
+
+
+def test_in_process_runs_without_ray(run_config, tmp_path):
+    """--in-process: the CLI never imports Ray, and the run is whole; with --address it is refused (exit 2)."""
+    from run_helpers import cli
+
+    run = tmp_path / "run"
+    code, ray, err = cli("evolve", "--config", str(run_config), "--run-dir", str(run), "--generations", "4",
+                         "--in-process")
+    assert code == 0 and not ray, err[-2000:]
+    children = RunStore(run).children()
+    assert [c.generation for c in children] == [1, 2, 3, 4] and all(c.ok for c in children)
+    assert RunStore(run).final_merge()["scores"].keys() == set("abc")
+    code, ray, err = cli("resume", str(run), "--generations", "6", "--in-process", "--address", "auto")
+    assert code == 2 and len(err.splitlines()) == 1 and "--in-process" in err, err
+    assert len(RunStore(run).children()) == 4
