@@ -161,7 +161,8 @@ def cmd_table(a: argparse.Namespace) -> int:
 
         manifest = choose_models(cfg, models or out.parent / f"{out.stem}_models", seeds=a.seeds,
                                  generations=a.generations, variants=a.variants.split(",") if a.variants else None,
-                                 evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root))
+                                 evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root),
+                                 in_process=a.in_process)
         print("rows chosen: " + ", ".join(f"{n} ({len(fs)})" for n, fs in manifest["rows"].items()))
         return 0
     if a.rescore:
@@ -172,7 +173,7 @@ def cmd_table(a: argparse.Namespace) -> int:
         table = make_table(cfg, out, models_dir=models, seeds=a.seeds, generations=a.generations, test_n=a.test_n,
                            test_seed=a.test_seed, variants=a.variants.split(",") if a.variants else None,
                            evolve_n=a.evolve_n, select_n=a.select_n, runs_root=Path(a.runs_root),
-                           cache=Path(a.scores_cache) if a.scores_cache else None)
+                           cache=Path(a.scores_cache) if a.scores_cache else None, in_process=a.in_process)
     plot_table(table, out.with_suffix(".png"))
     print_table(table)
     return 0
@@ -494,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--select-n", type=int, default=200,
                     help="val items per task, unseen by evolution, for choosing models (default 200)")
     tb.add_argument("--runs-root", default="archives/table", help="folder of the table's runs")
+    tb.add_argument("--in-process", action="store_true", help="evolve the runs without Ray: " + IN_PROCESS)
     tb.add_argument("--scores-cache", default=".cache/table_scores",
                     help="folder of per-model test scores, so an interrupted scoring resumes ('' for none)")
     tb.add_argument("--variants", help="comma-separated subset of the variants (cycleqd, fixed_axes, "

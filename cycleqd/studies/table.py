@@ -311,7 +311,8 @@ def _rows_by_seed(manifest: dict) -> tuple[dict[str, dict[int, str]], dict[str, 
 
 def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations: int | None = None,
                   runs_root: Path = Path("archives/table"), variants: list[str] | None = None,
-                  evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5) -> dict:
+                  evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5,
+                  in_process: bool = False) -> dict:
     """Evolve (or resume) every run, choose each row's models on val, write them to ``models_dir``.
 
     Resumable run by run: as soon as a run ends its chosen model(s), a record of the choice
@@ -387,7 +388,7 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
     save()
     for variant, seed in todo:
         rec = choose_run(cfg, variant, seed, val, models_dir, generations=generations, runs_root=runs_root,
-                         evolve_n=evolve_n, shortlist_k=shortlist_k)
+                         evolve_n=evolve_n, shortlist_k=shortlist_k, in_process=in_process)
         for name, file in rec["rows"].items():
             rows.setdefault(name, {})[seed] = file
         budget.setdefault(rec["row"], {})[seed] = rec["budget"]
@@ -396,8 +397,10 @@ def choose_models(cfg: Config, models_dir: Path, *, seeds: int = 3, generations:
 
 
 def choose_run(cfg: Config, variant: str, seed: int, val: "Scorer", models_dir: Path, *,
-               generations: int | None, runs_root: Path, evolve_n: int | None, shortlist_k: int) -> dict:
-    """Evolve (or resume) one run, choose its models on the selection items, write them and their record.
+               generations: int | None, runs_root: Path, evolve_n: int | None, shortlist_k: int,
+               in_process: bool = False) -> dict:
+    """Evolve (or resume) one run (on Ray, or ``in_process``), choose its models on the selection items,
+    write them and their record.
 
     Returns the record also written to ``models_dir/runs/<variant>-s<seed>.json``.
     """
@@ -416,9 +419,9 @@ def choose_run(cfg: Config, variant: str, seed: int, val: "Scorer", models_dir: 
     try:
         if (run / layout.CONFIG).exists():
             check_same_experiment(RunStore(run).config(), vcfg, run)
-            resume(run, generations=vcfg.evolution.generations, progress=True)
+            resume(run, generations=vcfg.evolution.generations, progress=True, in_process=in_process)
         else:
-            evolve(vcfg, run, progress=True)
+            evolve(vcfg, run, progress=True, in_process=in_process)
     finally:
         if run.is_dir():
             before = json.loads(wall_file.read_text())["wall_seconds"] if wall_file.is_file() else 0.0
@@ -601,13 +604,13 @@ def make_table(cfg: Config, out: Path, *, models_dir: Path | None = None, seeds:
                generations: int | None = None, runs_root: Path = Path("archives/table"),
                test_n: int | None = TEST_N, test_seed: int = 0, variants: list[str] | None = None,
                evolve_n: int | None = None, select_n: int = 200, shortlist_k: int = 5,
-               cache: Path | None = None) -> dict:
+               cache: Path | None = None, in_process: bool = False) -> dict:
     """:func:`choose_models` then :func:`score_models`; writes the table JSON to ``out``."""
     from cycleqd.atomic import write_atomic
 
     models_dir = models_dir or out.parent / f"{out.stem}_models"
     choose_models(cfg, models_dir, seeds=seeds, generations=generations, runs_root=runs_root, variants=variants,
-                  evolve_n=evolve_n, select_n=select_n, shortlist_k=shortlist_k)
+                  evolve_n=evolve_n, select_n=select_n, shortlist_k=shortlist_k, in_process=in_process)
     table = score_models(models_dir, test_n=test_n or TEST_N, test_seed=test_seed, cache=cache)
     write_atomic(out, json.dumps(table, indent=2))
     return table

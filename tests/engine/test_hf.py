@@ -176,7 +176,7 @@ def test_mini_prompts_with_drafts_match_generate(tmp_path):
 
 def test_small_mini_world_with_drafts_matches_generate(small_world):
     """Trained mini models that solve items (the small world's, and merges of them), each with the model before as drafts."""
-    assert _differences_from_generate(small_world, 10) == []
+    assert _differences_from_generate(small_world, 6) == []
 
 
 @pytest.mark.skipif(not (MINI / "manifest.json").is_file(), reason="the default mini world is not built")

@@ -59,7 +59,7 @@ def runs(tiny_world, tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm-run")
     hf_run, vl_run = d / "hf", d / "vl"
     res = _cycleqd("evolve", "--config", str(_config(tiny_world, d, "transformers")), "--run-dir", str(hf_run),
-                   "--generations", "0")
+                   "--generations", "0", "--in-process")
     assert res.returncode == 0, res.stderr[-2000:]
     proc = subprocess.Popen(
         [sys.executable, "-m", "cycleqd.cli", "-q", "evolve", "--config", str(_config(tiny_world, d, "vllm")),

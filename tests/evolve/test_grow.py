@@ -82,7 +82,7 @@ def runs(world, tmp_path_factory) -> dict:
     """A 3-task run of 8 children; copies of it; one copy grown by d (show before / after)."""
     root = tmp_path_factory.mktemp("growruns")
     run = root / "run"
-    out = _cycleqd("evolve", "--config", str(world["three"]), "--run-dir", str(run), "--workers", "2")
+    out = _cycleqd("evolve", "--config", str(world["three"]), "--run-dir", str(run), "--in-process")
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("kill", "cvt", "bad", "switch", "term"):
         shutil.copytree(run, root / name)
@@ -168,7 +168,7 @@ def test_resume_after_grow_continues_with_four_rotating_tasks_and_survives_sigki
     proc.wait()
     killed = _show(run)
     assert killed["tasks"] == list("abcd") and killed["generation"] >= 10
-    out = _cycleqd("resume", str(run), "--generations", "14")
+    out = _cycleqd("resume", str(run), "--generations", "14", "--in-process")
     assert out.returncode == 0, out.stderr[-2000:]
     after = _show(run)
     for task, arch in killed["archives"].items():  # the kill lost no elite
@@ -284,7 +284,7 @@ def test_k4_run_on_cvt_end_to_end_with_heatmaps(runs, world):
     run = runs["root"] / "cvt"
     out = _cycleqd("grow", str(run), "--task", str(world["cvt"]))
     assert out.returncode == 0, out.stderr[-2000:]
-    out = _cycleqd("resume", str(run), "--generations", "11")
+    out = _cycleqd("resume", str(run), "--generations", "11", "--in-process")
     assert out.returncode == 0, out.stderr[-2000:]
     snap = _show(run)
     assert snap["generation"] == 11 and snap["tasks"] == list("abcd")

@@ -57,8 +57,8 @@ def test_mini_lm_eval_killed_and_resumed_loses_nothing(small_world, tmp_path):
     assert 2 <= len(before) < GENERATIONS
     before_show = _show(run)
 
-    res = subprocess.run([sys.executable, "-m", "cycleqd.cli", "-q", "resume", str(run)], capture_output=True,
-                         text=True, env=cli_env(), timeout=600, cwd=REPO)
+    res = subprocess.run([sys.executable, "-m", "cycleqd.cli", "-q", "resume", str(run), "--in-process"],
+                         capture_output=True, text=True, env=cli_env(), timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]
     children = RunStore(run).children()
     assert [c.generation for c in children] == list(range(1, GENERATIONS + 1))  # nothing lost, nothing twice

@@ -169,8 +169,8 @@ def test_a_repaired_folder_resumes(run):
     n = RunFolder(run).generation
     t0 = time.time()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    out = subprocess.run([sys.executable, "-m", "cycleqd.cli", "-q", "resume", str(run), "--generations", str(n + 2)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "cycleqd.cli", "-q", "resume", str(run), "--generations", str(n + 2),
+                          "--in-process"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     folder = RunFolder(run)
     assert folder.generation == n + 2 and folder.stale() is None, time.time() - t0

@@ -135,7 +135,7 @@ def test_table_cli_small_with_searches_resumes_run_by_run(tmp_path):
         argv = [sys.executable, "-m", "cycleqd.cli", "-q", "table", "--config", str(tmp_path / "t.yaml"),
                 "--models", str(models), "--out", str(out), "--runs-root", str(runs), "--seeds", "1",
                 "--generations", "4", "--evolve-n", "4", "--select-n", "3", "--test-n", "5",
-                "--scores-cache", str(tmp_path / "scores"), *extra]
+                "--scores-cache", str(tmp_path / "scores"), "--in-process", *extra]
         res = subprocess.run(argv, capture_output=True, text=True, env=cli_env(), timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         return res.stdout
