@@ -282,7 +282,16 @@ class HFEngine(Engine):
         finally:
             self._peft.base_model.disable_adapter_layers()
 
+    def _ready_peft(self) -> None:
+        """Make PEFT's model-level active adapter one that is loaded. PEFT reads its config on every
+        forward (``active_peft_config``), and after deletions and reloads it can still name a deleted
+        adapter; the rows' own adapters are chosen per call (``adapter_names``) regardless."""
+        loaded = list(self._peft.peft_config)
+        if loaded and self._peft.active_adapter not in loaded:
+            self._peft.base_model.set_adapter(loaded[-1])
+
     def _mixed(self, decode, *args):
+        self._ready_peft()
         self._peft.base_model.enable_adapter_layers()
         try:
             return decode(self._peft, *args)

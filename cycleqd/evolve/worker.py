@@ -10,10 +10,12 @@ Domain errors inside a child become a failed result; they never crash the run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 import traceback
+import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from typing import Any, Sequence
@@ -23,6 +25,8 @@ import torch
 from cycleqd.config import Config, parse_config, resolve_paths, split_config
 from cycleqd.registry import CROSSOVERS, ENGINES, MUTATIONS, TASKS
 from cycleqd.search.child import ChildResult, ChildSpec
+
+log = logging.getLogger("cycleqd")
 
 
 def _short_error(e: BaseException) -> str:
@@ -200,7 +204,7 @@ class ChildWorker:
             if self.gather is not None and not genome.terms:  # the child as an adapter beside the others
                 from cycleqd.model.lora import child_adapter
 
-                view = f"child-{threading.get_ident()}"
+                view = f"child-{uuid.uuid4().hex[:12]}"  # never a name an earlier child held
                 engine = self.gather.enter(view, child_adapter(genome, self.factors))
                 held.callback(self.gather.leave, view)
             else:
@@ -239,6 +243,7 @@ class ChildWorker:
                                tuple(episodes) if self.cfg.evolution.record_episodes else None,
                                dict(self.truncated), self.node)
         except Exception as e:  # the worker boundary: a bad child is a logged failure
+            log.warning("child %s failed:\n%s", spec.id, traceback.format_exc())  # the whole trace, in the worker's log
             return ChildResult(spec.id, None, {}, {}, _short_error(e), self.index)
 
     def run_many(self, items: Sequence[tuple[ChildSpec, Sequence[bytes]]]) -> list[ChildResult]:
