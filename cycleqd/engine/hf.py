@@ -231,6 +231,7 @@ class HFEngine(Engine):
                 self._peft.delete_adapter(name)
             self._peft.load_adapter(str(folder), adapter_name=name)
         self._adapter_dir.remove(name)  # PEFT holds the weights now
+        self._ready_peft()
         self._peft.to(self.device)
         # LoRA layers are on only inside generate_with: everything else sees the base alone.
         self._peft.base_model.disable_adapter_layers()
@@ -239,6 +240,7 @@ class HFEngine(Engine):
         """Forget the adapter ``name`` (its LoRA weights and folder)."""
         if self._peft is not None and name in self._peft.peft_config and len(self._peft.peft_config) > 1:
             self._peft.delete_adapter(name)
+            self._ready_peft()
         if self._adapter_dir is not None:
             self._adapter_dir.remove(name)
 
