@@ -49,7 +49,10 @@ def main() -> int:
 
         out.update(bench_adapters())
     out["seconds"] = round(time.time() - t0, 1)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    # merged into the file: keys of parts not run here (bench_scale's, --only's other parts) are kept
+    path = Path(args.out)
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**kept, **out}, indent=2))
     print(f"\nwrote {args.out}")
     baselines = {
         "child_overhead_speedup": lambda o: f"reference {o['reference_child_seconds']:.3f} s/child "

@@ -24,6 +24,9 @@ _VLLM_OPS: dict[str, object] = {}
 #: Up to this many runs of rows (a prefill's requests) get one in-place matmul each; more (a decode
 #: step interleaving adapters row by row) are gathered per adapter.
 MAX_RUNS = 256
+#: Rows x slots x output features up to which all slots' matrices are applied in one matmul (a decode
+#: step's few rows); above it (a prefill's many rows) each run gets its own.
+STACKED_BUDGET = 1 << 21
 
 
 def _runs(indices: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -55,6 +58,18 @@ def _lora_mm(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     x, idx = inputs[:n].to(out.dtype), indices[:n]
     runs = _runs(idx)
     slots = {s for _, _, s in runs}
+    live = [s for s in slots if s >= 0]
+    m = max(live, default=-1) + 1
+    if len(runs) > 1 and live and n * m * weights.shape[1] <= STACKED_BUDGET:
+        # a decode step: every slot's matrix at once (a view of the stacked weights, no copy), each row
+        # then keeps its own slot's part: one matmul where runs would be many small ones
+        both = (x @ weights[:m].reshape(m * weights.shape[1], -1).to(out.dtype).t()).view(n, m, -1)
+        pick = idx.clamp(min=0).view(n, 1, 1).expand(n, 1, both.shape[2])
+        term = both.gather(1, pick).squeeze(1)
+        if (idx < 0).any():
+            term[idx < 0] = 0
+        out[:n].add_(term, alpha=scale)
+        return
     if len(runs) <= max(MAX_RUNS, 2 * len(slots)):
         for a, b, slot in runs:
             if slot >= 0:
