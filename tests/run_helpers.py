@@ -29,9 +29,8 @@ TEXTS = {
 
 def real_run(tmp_path_factory: pytest.TempPathFactory, tasks: str = "abc", generations: int = 8,
              workers: int = 2, in_process: bool = True) -> Path:
-    """A finished run folder (cached per process). ``in_process``: what ``cycleqd.evolve.loop.evolve``
-    does (the loop, the final merge, the summary) with one worker in this process, without Ray (the
-    tests of the views and the run folder need a run, not Ray); else ``evolve`` itself on Ray."""
+    """A finished run folder (cached per process). ``in_process``: ``evolve`` with one worker in this
+    process, without Ray (the tests of the views and the run folder need a run, not Ray); else on Ray."""
     key = (tasks, generations, workers, in_process)
     if key in _RUNS:
         return _RUNS[key]
@@ -57,27 +56,8 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, tasks: str = "abc", gener
         "engine": {"device": "cpu"},
         "prepare_cache": str(root / "cache"),
     })
-    if in_process:  # what evolve's drive does, with the pool in this process
-        from cycleqd.evolve.events import notify
-        from cycleqd.evolve.loop import final_merge, run_loop, summarize
-        from cycleqd.evolve.pool import LocalPool
-        from cycleqd.evolve.worker import ChildWorker
-        from cycleqd.runs.lock import RunLock
-        from cycleqd.runs.store import RunStore, check_models
-
-        lock = RunLock(root / "run")
-        try:
-            store = RunStore.create(root / "run", cfg, lock=lock)
-            check_models(store, cfg)
-            pool, observers = LocalPool([ChildWorker(cfg, threads=1)]), [PlotObserver()]
-            sched = run_loop(store, pool, observers)
-            if cfg.evolution.final_merge:
-                final_merge(store, sched.archive, pool, sched.generation)
-            notify(observers, "run_done", store.path, sched.archive)
-            summarize(store)
-        finally:
-            lock.release()
-        _RUNS[key] = store.path
+    if in_process:  # `cycleqd evolve --in-process`: the loop, the final merge and the summary, without Ray
+        _RUNS[key] = evolve(cfg, root / "run", progress=False, observers=[PlotObserver()], in_process=True)
         return _RUNS[key]
     local_ray()
     _RUNS[key] = evolve(cfg, root / "run", progress=False, observers=[PlotObserver()])
