@@ -155,13 +155,11 @@ def _owner_alive(folder: Path) -> bool:
     try:
         pid, start = (folder / "owner").read_text().split()
         return alive(int(pid), int(start))
-    except FileNotFoundError:
+    except (OSError, ValueError):  # no record yet (it is written whole, by rename), or not one of ours
         try:
             return time.time() - folder.stat().st_mtime < 60
         except OSError:
             return False
-    except (OSError, ValueError):
-        return False
 
 
 def sweep_stale_sessions() -> list[str]:
@@ -219,7 +217,9 @@ class OSSession:
         sweep_stale_sessions()
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.dir = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=shm))
-        (self.dir / "owner").write_text(f"{os.getpid()} {start_time(os.getpid())}\n")
+        # whole or not at all: a sweeping thread that read a half-written record would take it for a dead owner's
+        (self.dir / "owner.new").write_text(f"{os.getpid()} {start_time(os.getpid())}\n")
+        os.replace(self.dir / "owner.new", self.dir / "owner")
         self.ctl = self.dir / "ctl"
         self.prep = self.dir / "prep"  # the layer's initial content
         self.image = self.dir / "image"  # the image's own copies of what checks must not take from the agent
@@ -354,8 +354,10 @@ class OSSession:
             # where the kernel refuses the overlay, the image's /usr read-only (as without root)
             overlay = ('&& { mount -t overlay cycleqd-usr -o "lowerdir=$3/usr,upperdir=$1/usr_upper,workdir=$1/usr_work" '
                        '"$1/usr" 2>/dev/null || { mount --bind "$3/usr" "$1/usr" && mount -o remount,bind,ro "$1/usr"; }; } ')
-        script = (f'mount -t tmpfs -o size={self.disk_mb}m,mode=0755 cycleqd-layer "$1" && cp -a "$2"/. "$1"/ '
-                  f"{overlay}&& {{ {ipc}; }} 2>/dev/null; shift 3; exec \"$@\"")
+        # the machine starts only on its layer: where the tmpfs or the copy fails, the wrapper says so and stops
+        script = (f'{{ mount -t tmpfs -o size={self.disk_mb}m,mode=0755 cycleqd-layer "$1" && cp -a "$2"/. "$1"/ '
+                  f'{overlay}; }} || {{ echo "cycleqd: the layer could not be made" >&2; exit 125; }}; '
+                  f"{{ {ipc}; }} 2>/dev/null; shift 3; exec \"$@\"")
         return [shutil.which("unshare") or "unshare", "--mount", "--ipc", "--propagation", "private",
                 "/bin/sh", "-c", script, "sh", str(self.layer), str(self.prep), self.sys_root]
 

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from cycleqd.sandbox import cgroups
+from cycleqd.sandbox import bwrap_available, cgroups
 
 # Appends a line to a file every 10 ms, and keeps starting children that do the same.
 TICKER = """
@@ -88,3 +90,43 @@ def test_sweep_stale_removes_only_groups_whose_owner_is_gone() -> None:
     finally:
         mine.remove()
         stale.remove()
+
+
+def test_session_sweep_keeps_starting_episodes_and_removes_dead_ones() -> None:
+    """A folder whose owner record is missing or half-written is a starting episode's while it
+    is young (another thread is still writing it), so a sweep keeps it; one whose owner is gone
+    goes, and so does an old one without a record."""
+    from cycleqd.sandbox.os_env import _PREFIX, _session_places, sweep_stale_sessions
+    place = _session_places()[0]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folders = {name: Path(tempfile.mkdtemp(prefix=_PREFIX, dir=place)) for name in ("empty", "none", "dead", "old")}
+    (folders["empty"] / "owner").write_text("")
+    (folders["dead"] / "owner").write_text(f"{dead.pid} 1\n")
+    os.utime(folders["old"], (time.time() - 3600, time.time() - 3600))
+    try:
+        removed = set(sweep_stale_sessions())
+        assert {folders["dead"].name, folders["old"].name} <= removed
+        assert folders["empty"].is_dir() and folders["none"].is_dir()
+        assert not folders["dead"].exists() and not folders["old"].exists()
+    finally:
+        for f in folders.values():
+            shutil.rmtree(f, ignore_errors=True)
+
+
+@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here")
+def test_sessions_started_together_survive_each_others_sweeps() -> None:
+    """Every session start sweeps; eight threads starting machines at once all get theirs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cycleqd.sandbox.os_env import OSSession
+
+    def one(i: int) -> str:
+        s = OSSession(memory_mb=256, disk_mb=64, image=None)
+        try:
+            return s.run(f"echo ok{i}", timeout=30).output.strip()
+        finally:
+            s.close()
+
+    with ThreadPoolExecutor(8) as ex:
+        assert list(ex.map(one, range(8))) == [f"ok{i}" for i in range(8)]
