@@ -279,28 +279,34 @@ class LoopbackCluster:
         """Every live process of the cluster."""
         return [p for node in self.nodes if node.proc is not None for p in session_pids(node.proc.pid)]
 
-    def _stop(self, node: Node, grace: float = 15) -> None:
-        if node.proc is None:
-            return
-        leader = node.proc.pid
+    def _stop(self, *nodes: Node, grace: float = 15) -> None:
+        """Stop ``nodes`` together, each process by its PID: SIGTERM to all of them, then, after
+        ``grace`` seconds, SIGKILL to what is left."""
+        live = [n for n in nodes if n.proc is not None]
+
+        def left() -> list[int]:
+            return [p for n in live for p in session_pids(n.proc.pid)]
+
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in session_pids(leader):
+            for pid in left():
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and (node.proc.poll() is None or session_pids(leader)):
+            while time.monotonic() < deadline and (any(n.proc.poll() is None for n in live) or left()):
                 time.sleep(0.2)
-            if node.proc.poll() is not None and not session_pids(leader):
+            if all(n.proc.poll() is not None for n in live) and not left():
                 break
-        node.proc.wait()
-        node.proc = None
+        for n in live:
+            n.proc.wait()
+            n.proc = None
 
-    def stop(self) -> None:
-        """Stop every node, then the head, each process by its PID (SIGTERM, then SIGKILL)."""
-        for node in reversed(self.nodes):
-            self._stop(node)
+    def stop(self, grace: float = 15) -> None:
+        """Stop every node and the head together, each process by its PID: SIGTERM, then SIGKILL
+        after ``grace`` seconds (``ray start --block`` ends its processes one after another, which
+        takes about 30 s on a 2-core machine)."""
+        self._stop(*self.nodes, grace=grace)
 
     def remove_files(self) -> None:
         """Remove the network namespaces (with their veths and bridge), the session folder and the

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cycleqd.evolve.cluster import session_pids
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -76,11 +78,18 @@ def ray_head(tmp_path_factory):
     else:
         pytest.fail("ray head did not come up: " + (tmp / "head.err").read_text()[-1500:])
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    # SIGTERM, then SIGKILL to what is left after 3 s (`ray start --block` stops its processes one by one, ~30 s)
     os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.time() + 3
+    while time.time() < deadline and (proc.poll() is None or session_pids(proc.pid)):
+        time.sleep(0.2)
+    for pid in session_pids(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and session_pids(proc.pid):
+        time.sleep(0.2)
+    assert not session_pids(proc.pid), "a process of the Ray head is left"
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def cluster(tmp_path_factory):
     finally:
         _end_drivers()
         pids = set(c.pids())
-        c.stop()
+        c.stop(grace=3)
         try:
             assert not set(c.pids())
             assert not pids & _listening_pids(), "a process of the cluster still listens"
