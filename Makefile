@@ -14,9 +14,9 @@ TABLE_SEEDS ?= 5
 TABLE_GENERATIONS ?= 300
 TABLE_RUNS ?= archives/table-g$(TABLE_GENERATIONS)
 TEST_SEED ?= 1
-# test items per task of the committed table (experiments/results/mini_table.json's test_n); its rows are
-# being re-scored on 1,500 (docs/mini_table.md), which then becomes the size here
-TABLE_TEST_N ?= 300
+# test items per task of the committed table (experiments/results/mini_table.json's test_n): 1,500, enough
+# for paired 95% intervals of about +-0.01 (docs/mini_table.md)
+TABLE_TEST_N ?= 1500
 # make test's pytest-xdist workers: 0 runs the suite in one process (as CI does); N > 0 gives each of
 # N workers a whole test file at a time, the vLLM files taking turns (for machines with more cores:
 # on 2 cores, Ray and vLLM start-ups of two files at once time out)
