@@ -104,6 +104,28 @@ def session_pids(leader: int) -> list[int]:
     return out
 
 
+def stop_sessions(leaders: list[subprocess.Popen], grace: float = 15) -> None:
+    """Stop the sessions that ``leaders`` lead, all together, each process by its PID: SIGTERM,
+    then SIGKILL to what is left after ``grace`` seconds; returns once every leader is reaped."""
+
+    def left() -> list[int]:
+        return [p for leader in leaders for p in session_pids(leader.pid)]
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (any(p.poll() is None for p in leaders) or left()):
+            time.sleep(0.2)
+        if all(p.poll() is not None for p in leaders) and not left():
+            break
+    for leader in leaders:
+        leader.wait()
+
+
 @dataclass
 class Node:
     """One ``ray start --block`` process (its session leader) and the ports it was given."""
@@ -280,26 +302,10 @@ class LoopbackCluster:
         return [p for node in self.nodes if node.proc is not None for p in session_pids(node.proc.pid)]
 
     def _stop(self, *nodes: Node, grace: float = 15) -> None:
-        """Stop ``nodes`` together, each process by its PID: SIGTERM to all of them, then, after
-        ``grace`` seconds, SIGKILL to what is left."""
+        """Stop ``nodes`` together (see :func:`stop_sessions`)."""
         live = [n for n in nodes if n.proc is not None]
-
-        def left() -> list[int]:
-            return [p for n in live for p in session_pids(n.proc.pid)]
-
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in left():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and (any(n.proc.poll() is None for n in live) or left()):
-                time.sleep(0.2)
-            if all(n.proc.poll() is not None for n in live) and not left():
-                break
+        stop_sessions([n.proc for n in live], grace)
         for n in live:
-            n.proc.wait()
             n.proc = None
 
     def stop(self, grace: float = 15) -> None:

@@ -64,6 +64,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cycleqd.atomic import write_atomic
 from cycleqd.sandbox import cgroups
 from cycleqd.sandbox.backends import SandboxUnavailable, bwrap_available, private_tmpfs_works
 from cycleqd.sandbox.os_image import ID_BASE, ID_COUNT, build_layer, check_view, machine_view, usr_overlay
@@ -218,8 +219,7 @@ class OSSession:
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.dir = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=shm))
         # whole or not at all: a sweeping thread that read a half-written record would take it for a dead owner's
-        (self.dir / "owner.new").write_text(f"{os.getpid()} {start_time(os.getpid())}\n")
-        os.replace(self.dir / "owner.new", self.dir / "owner")
+        write_atomic(self.dir / "owner", f"{os.getpid()} {start_time(os.getpid())}\n", durable=False)
         self.ctl = self.dir / "ctl"
         self.prep = self.dir / "prep"  # the layer's initial content
         self.image = self.dir / "image"  # the image's own copies of what checks must not take from the agent

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cycleqd.evolve.cluster import session_pids
+from cycleqd.evolve.cluster import session_pids, stop_sessions
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -79,16 +79,7 @@ def ray_head(tmp_path_factory):
         pytest.fail("ray head did not come up: " + (tmp / "head.err").read_text()[-1500:])
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     # SIGTERM, then SIGKILL to what is left after 3 s (`ray start --block` stops its processes one by one, ~30 s)
-    os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.time() + 3
-    while time.time() < deadline and (proc.poll() is None or session_pids(proc.pid)):
-        time.sleep(0.2)
-    for pid in session_pids(proc.pid):
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 10
-    while time.time() < deadline and session_pids(proc.pid):
-        time.sleep(0.2)
+    stop_sessions([proc], grace=3)
     assert not session_pids(proc.pid), "a process of the Ray head is left"
 
 
