@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import signal
 import time
 from collections.abc import Callable
@@ -139,6 +140,13 @@ class Group:
             except OSError:
                 if strict:
                     raise
+
+    def joining(self, argv: list[str]) -> list[str]:
+        """``argv`` behind a shell that first moves itself into the group (as :meth:`join` with
+        ``strict=False``), then becomes ``argv``: the join happens in the child without code run
+        between fork and exec, so the caller's Python may start it with vfork."""
+        join = "".join(f"echo 0 > {shlex.quote(str(d / 'cgroup.procs'))} 2>/dev/null; " for d in self._folders())
+        return ["/bin/sh", "-c", f'{join}exec "$@"', "sh", *argv] if join else list(argv)
 
     def pids(self) -> list[int]:
         """Every process in the group and its child groups, ascending."""

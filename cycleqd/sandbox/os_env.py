@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import shlex
 import shutil
 import signal
@@ -269,13 +268,14 @@ class OSSession:
             self.close()
             raise
 
-    def _child_setup(self):
-        mem, group = self.memory_mb, self.cgroup
-
-        def child() -> None:
-            _limit(mem)
-            group.join(strict=False)
-        return child
+    def _confined(self, argv: list[str]) -> list[str]:
+        """``argv`` in the episode's cgroup and under its limits (address space, no core files, files of
+        at most 256 MB), set by exec wrappers (``sh`` joining the group, ``prlimit``) rather than by code
+        between fork and exec. Without that code Python starts the process with vfork: a worker holding
+        a model's gigabytes forks slowly (its page tables are copied), several times per episode."""
+        mem = self.memory_mb << 20
+        return self.cgroup.joining([shutil.which("prlimit") or "prlimit", f"--as={mem}", "--core=0",
+                                    f"--fsize={256 << 20}", "--", *argv])
 
     def _start_machine(self) -> None:
         """The init that holds the machine's namespaces (bwrap's PID 1 and a resting ``sleep``)."""
@@ -300,9 +300,8 @@ class OSSession:
                 fds: tuple[int, ...] = (r2, w1)
             else:
                 fds = ()
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=fds,
-                                         start_new_session=True, preexec_fn=self._child_setup(),
-                                         env=dict(_ENV), cwd="/")
+            self.proc = subprocess.Popen(self._confined(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         pass_fds=fds, start_new_session=True, env=dict(_ENV), cwd="/")
             if sync is not None:
                 os.close(r2)
                 os.close(w1)
@@ -401,8 +400,8 @@ class OSSession:
         argv, fds, opened = self._enter("machine", _CAPS, _ENV, "/root")
         try:
             self.shell = subprocess.Popen(
-                [*argv, "/bin/bash", "-c", f"{_CLOSE_FDS}; exec /bin/bash --noprofile --norc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=self._child_setup(),
+                self._confined([*argv, "/bin/bash", "-c", f"{_CLOSE_FDS}; exec /bin/bash --noprofile --norc"]),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                 env=dict(_ENV), cwd="/", pass_fds=fds)
         finally:
             for fd in opened:
@@ -560,10 +559,9 @@ class OSSession:
         except OSError as e:
             return ShellOutput(f"could not enter the machine: {e}", -1, False)
         try:
-            proc = subprocess.Popen([*enter, "/bin/bash", "-c", f'{_CLOSE_FDS}; exec "$@"', "bash", *argv],
+            proc = subprocess.Popen(self._confined([*enter, "/bin/bash", "-c", f'{_CLOSE_FDS}; exec "$@"', "bash", *argv]),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=dict(env), cwd="/", pass_fds=fds,
-                                    preexec_fn=self._child_setup())
+                                    start_new_session=True, env=dict(env), cwd="/", pass_fds=fds)
         except OSError as e:
             return ShellOutput(f"could not start a process in the machine: {e}", -1, False)
         finally:
@@ -639,10 +637,3 @@ class OSSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _limit(memory_mb: int) -> None:
-    mem = memory_mb << 20
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 20, 256 << 20))

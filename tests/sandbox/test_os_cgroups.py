@@ -130,3 +130,30 @@ def test_sessions_started_together_survive_each_others_sweeps() -> None:
 
     with ThreadPoolExecutor(8) as ex:
         assert list(ex.map(one, range(8))) == [f"ok{i}" for i in range(8)]
+
+
+@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here")
+def test_the_machine_shell_and_checks_run_in_the_episodes_group_and_limits() -> None:
+    """The machine's init, the agent's shell and a check script are each in the episode's cgroup (where
+    the host has cgroups) and under its limits: address space, no core files, files up to 256 MB."""
+    from cycleqd.sandbox.os_env import OSSession
+
+    want = {"Max address space": 384 << 20, "Max core file size": 0, "Max file size": 256 << 20}
+
+    def limits(text: str) -> dict[str, int]:
+        out = {}
+        for line in text.splitlines():
+            for name in want:
+                if line.startswith(name):
+                    out[name] = int(line[len(name):].split()[0])  # the soft limit
+        return out
+
+    with OSSession(memory_mb=384, disk_mb=64, image=None) as s:
+        assert limits(s.run("cat /proc/self/limits", timeout=30).output) == want
+        assert limits(s.run_script("bash", "cat /proc/self/limits", [], timeout=30).output) == want
+        probe = s.run_script("bash", "sleep 5 & echo $!; cat /proc/$!/limits", [], timeout=30).output
+        assert limits(probe) == want
+        if s.cgroup.dirs:  # the host gives the episode a group: every process of the machine is in it
+            members = set(s.cgroup.pids())
+            assert s._init_pid in members and s._shell_pid in members
+            assert {p for p, _ in s._processes()} <= members
