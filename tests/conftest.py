@@ -7,7 +7,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import pytest
-from tiny_models import make_tiny_family
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # ``pytest -n N``: N workers share the cores, so each computes with its share of them. With more
+    # threads than that, a thread of a tiny model's many small parallel steps often waits for a sibling
+    # the other worker's process has pushed off its core. Subprocesses (runs, Ray workers) inherit it.
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from tiny_models import make_tiny_family  # noqa: E402
 
 if TYPE_CHECKING:
     from cycleqd.sandbox.mariadb import MariaDBServer

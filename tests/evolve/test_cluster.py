@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,7 +70,9 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    tmp = tmp_path_factory.mktemp("ray")
+    # Ray's session folder under a short root: its socket paths must fit in 107 bytes, and pytest's own
+    # folders grow longer under xdist (popen-gw0/...)
+    tmp = Path(tempfile.mkdtemp(prefix="cqray", dir="/tmp"))
     for _ in range(2):
         proc, gcs, dash = _start_head(tmp, env)
         if _head_takes_jobs(proc, dash, env, time.time() + 180):
@@ -80,6 +84,7 @@ def ray_head(tmp_path_factory):
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     # SIGTERM, then SIGKILL to what is left after 3 s (`ray start --block` stops its processes one by one, ~30 s)
     stop_sessions([proc], grace=3)
+    shutil.rmtree(tmp, ignore_errors=True)
     assert not session_pids(proc.pid), "a process of the Ray head is left"
 
 
