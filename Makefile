@@ -17,10 +17,10 @@ TEST_SEED ?= 1
 # test items per task of the committed table (experiments/results/mini_table.json's test_n): 1,500, enough
 # for paired 95% intervals of about +-0.01 (docs/mini_table.md)
 TABLE_TEST_N ?= 1500
-# make test's pytest-xdist workers: 0 runs the suite in one process (as CI does); N > 0 gives each of
-# N workers a whole test file at a time, the vLLM files taking turns (for machines with more cores:
-# on 2 cores, Ray and vLLM start-ups of two files at once time out)
-TEST_WORKERS ?= 0
+# make test's pytest-xdist workers (0: the suite in one process). Each worker computes with its share of
+# the cores; a whole test file is a unit of work, the files that start vLLM engines one unit together,
+# the longest units first (tests/durations.json, tests/conftest.py)
+TEST_WORKERS ?= 2
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
@@ -74,7 +74,7 @@ system-deps:  ## Debian packages the sandbox, DB tests and report test use (need
 	else echo "system-deps: not root or no apt-get; install bubblewrap, mariadb-server, chromium yourself"; fi
 
 test: install  ## run the test suite (CPU, tiny models)
-	$(BIN)/pytest -q --timeout=900 -m "not gpu" -n $(TEST_WORKERS) --dist loadfile --durations=40
+	$(BIN)/pytest -q --timeout=900 -m "not gpu" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40
 
 test-all: install  ## every test, GPU-marked ones too (needs CUDA)
 	$(BIN)/pytest -q --timeout=900

@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny random Llama family on disk, and a throw-away MariaDB server for the task and SQL tests."""
 from __future__ import annotations
 
-import fcntl
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -17,22 +17,50 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from tiny_models import make_tiny_family  # noqa: E402
+from tiny_models import make_tiny_family
 
 if TYPE_CHECKING:
     from cycleqd.sandbox.mariadb import MariaDBServer
 
+#: Seconds each unit of work took in a measured run (``tests/durations.py``): the longest go first.
+DURATIONS = Path(__file__).with_name("durations.json")
+#: The files that start vLLM engines (their ``pytestmark`` names ``vllm``): one unit of work together.
+VLLM_FILES = frozenset(str(p.relative_to(Path(__file__).parent.parent)) for p in Path(__file__).parent.rglob("test_*.py")
+                       if "pytest.mark.vllm" in p.read_text())
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_vllm_file_at_a_time(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Under ``make test`` (``pytest -n 2 --dist loadfile``) the files marked ``vllm`` take turns: two
-    vLLM engines at once pin their threads to the same cores and only slow each other down."""
-    if request.node.get_closest_marker("vllm") is None or "PYTEST_XDIST_WORKER" not in os.environ:
-        yield
+
+def unit(nodeid: str) -> str:
+    """A test's unit of work under ``make test``: ``vllm`` for the vLLM files, else its file."""
+    file = nodeid.split("::", 1)[0]
+    return "vllm" if file in VLLM_FILES else file
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N`` (``make test``): units are collected longest first (``durations.json``; an
+    unknown file counts a second per test), so that with ``--no-loadscope-reorder`` the workers take
+    the long ones first and finish together."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
         return
-    with open(tmp_path_factory.getbasetemp().parent / "vllm.lock", "a") as lock:  # the run's, shared by its workers
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    count: dict[str, int] = {}
+    for item in items:
+        count[unit(item.nodeid)] = count.get(unit(item.nodeid), 0) + 1
+    weight = {u: known.get(u, float(n)) for u, n in count.items()}
+    items.sort(key=lambda item: -weight[unit(item.nodeid)])  # stable: a file's tests keep their order
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``--dist loadfile`` with the vLLM files as one unit: one worker runs them one after another (two
+    vLLM engines at once only slow each other down), the other workers take the other files."""
+    if config.getoption("dist", "no") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndVLLM(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit(nodeid)
+
+    return FilesAndVLLM(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,14 @@ from cycleqd.runs.store import RunStore
 from pathlib import Path
 cfg = parse_config(yaml.safe_load(Path(sys.argv[1]).read_text()))
 run = Path(sys.argv[2])
-store = RunStore(run) if (run / "config.yaml").exists() else RunStore.create(run, cfg)
+if (run / "config.yaml").exists():  # a resume, to the total of generations given
+    from cycleqd.atomic import write_atomic
+    from cycleqd.config import dump_config, with_overrides
+    store = RunStore(run)
+    write_atomic(run / RunStore.CONFIG, dump_config(with_overrides(store.config(), generations=int(sys.argv[3]))))
+    store = RunStore(run)
+else:
+    store = RunStore.create(run, cfg)
 worker = ChildWorker(cfg, threads=1)
 run_loop(store, LocalPool([worker, worker]))  # two slots: two children in flight at every ask
 """
@@ -35,15 +42,16 @@ run_loop(store, LocalPool([worker, worker]))  # two slots: two children in fligh
 
 def test_cma_run_is_killed_and_resumes(tiny_family, tmp_path):
     """The loop (two children in flight) with operator_control: cma is SIGKILLed after 5 children and
-    resumed to 14: no child is logged twice, every child carries its operator parameters, the solvers'
-    log replays, and each child's parameters are the official formula of its parents' bins and candidate."""
+    resumed for 8 more (at least 14 in all): no child is logged twice, every child carries its operator
+    parameters, the solvers' log replays, and each child's parameters are the official formula of its
+    parents' bins and candidate."""
     tasks = []
     for t in "abc":
         (tmp_path / f"{t}.txt").write_text("\n".join(TEXTS[t]) + "\n")
         tasks.append({"name": t, "kind": "likelihood", "data": str(tmp_path / f"{t}.txt"), "bins": BINS})
     cfg = {"name": "cma", "seed": 1, "tasks": tasks,
            "models": {"base": str(tiny_family["base"]), "experts": {t: str(tiny_family[t]) for t in "abc"}},
-           "evolution": {"generations": 14, "workers": 2, "final_merge": False,
+           "evolution": {"generations": 1000, "workers": 2, "final_merge": False,
                          "mutation": {"name": "svd", "rank": 8},
                          "operator_control": {"name": "cma", "popsize": 2, "sigma": 0.01, "seed": 42}},
            "engine": {"device": "cpu"}, "prepare_cache": str(tmp_path / "cache")}
@@ -62,13 +70,14 @@ def test_cma_run_is_killed_and_resumes(tiny_family, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = len(RunStore(run).children())
-    assert (run / FILE).exists() and 5 <= before < 14
-    res = subprocess.run([sys.executable, "-c", _RUN, str(config), str(run)], capture_output=True, text=True,
-                         timeout=900, check=False)
+    assert (run / FILE).exists() and 5 <= before < 1000  # far more generations than can run before the kill
+    target = max(14, before + 8)
+    res = subprocess.run([sys.executable, "-c", _RUN, str(config), str(run), str(target)], capture_output=True,
+                         text=True, timeout=900, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
 
     children = RunStore(run).children()
-    assert len(children) >= 14 and len({c.id for c in children}) == len(children)
+    assert len(children) >= target and len({c.id for c in children}) == len(children)
     assert all(c.operators is not None and len(c.operators) == 3 for c in children)
     # the log replays into fresh solvers (every replayed population equals the logged one) ...
     store = RunStore(run)
