@@ -38,7 +38,7 @@ def run_config(tiny_family, tmp_path_factory) -> Path:
         "seed": 0,
         "models": {"base": str(tiny_family["base"]), "experts": {t: str(tiny_family[t]) for t in TEXTS}},
         "tasks": tasks,
-        "evolution": {"generations": 30, "workers": 2, "mutation": {"name": "svd", "rate": 0.1, "rank": 8}},
+        "evolution": {"generations": 20, "workers": 2, "mutation": {"name": "svd", "rate": 0.1, "rank": 8}},
         "engine": {"name": "transformers", "device": "cpu"},
         "prepare_cache": str(d / "cache"),
     }
@@ -70,12 +70,12 @@ def _show(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(run_config, tmp_path_factory) -> tuple[Path, dict, dict]:
-    """A 30-generation run SIGKILLed after >= 8 children, then resumed: (run, show before, show after)."""
+    """A 20-generation run SIGKILLed after >= 8 children, then resumed: (run, show before, show after)."""
     run = tmp_path_factory.mktemp("killed") / "run"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cycleqd.cli", "-q", "evolve", "--config", str(run_config), "--run-dir", str(run),
-         "--workers", "2", "--generations", "30"],
+         "--workers", "2", "--generations", "20"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=False,
     )
     log = run / "children.jsonl"
@@ -98,7 +98,7 @@ def test_sigkill_mid_run_then_resume_loses_nothing(killed_and_resumed):
     run, before, after = killed_and_resumed
     assert before["generation"] >= 7
     children = RunStore(run).children()
-    assert after["generation"] >= 30 and len(children) >= 30
+    assert after["generation"] >= 20 and len(children) >= 20
     assert len({c.id for c in children}) == len(children)  # no child logged twice
     assert [c.generation for c in children] == list(range(1, len(children) + 1))  # generation = log line
     for task, arch in before["archives"].items():
