@@ -541,14 +541,16 @@ def main(argv: list[str] | None = None) -> int:
         print("cycleqd: interrupted; the run can be continued with `cycleqd resume`", file=sys.stderr)
         return 1
     except Exception as e:
-        signals = sys.modules.get("cycleqd.evolve.signals")  # only a loaded driver raises RunInterrupted
-        if signals is not None and isinstance(e, signals.RunInterrupted):
-            print(f"cycleqd: {e}", file=sys.stderr)
-            return 1
         if args.verbose:
             raise
         print(f"cycleqd: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except BaseException as e:
+        signals = sys.modules.get("cycleqd.evolve.signals")  # only a loaded driver raises RunInterrupted
+        if signals is not None and isinstance(e, signals.RunInterrupted):
+            print(f"cycleqd: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

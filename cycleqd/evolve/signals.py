@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import Any
 
 
-class RunInterrupted(Exception):
-    """The driver was stopped by a signal; everything finished is on disk and the run resumes."""
+class RunInterrupted(BaseException):
+    """The driver was stopped by a signal; everything finished is on disk and the run resumes.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: the handler raises it wherever the main
+    thread is, and a task's or the worker's ``except Exception`` (a sample that fails, a bad
+    child logged as failed) must not take the stop for an error and carry on.
+    """
 
     def __init__(self, signum: int, run_dir: Path | None = None, generation: int | None = None):
         self.signum, self.run_dir, self.generation = signum, run_dir, generation
