@@ -488,12 +488,18 @@ class OSInteractionTask(DatasetTask):
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
             list(pool.map(build, chosen))
         for i in chosen:
-            if i in sessions:
+            for attempt in range(2):  # a machine that did not start (a loaded host) is made once more
+                if i not in sessions:
+                    break
                 try:
                     sessions[i].launch()
+                    break
                 except Exception as e:
-                    out[i] = (0.0, f"set-up failed: {error_text(e)}", {})
                     sessions.pop(i).close()
+                    if attempt == 0:
+                        build(i)
+                    else:
+                        out[i] = (0.0, f"set-up failed: {error_text(e)}", {})
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
             list(pool.map(start, [i for i in chosen if i in sessions]))
         try:
