@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 #: Seconds each unit of work took in a measured run (``tests/durations.py``): the longest go first.
 DURATIONS = Path(__file__).with_name("durations.json")
 #: The files that start vLLM engines (their ``pytestmark`` names ``vllm``): one unit of work together.
-VLLM_FILES = frozenset(str(p.relative_to(Path(__file__).parent.parent)) for p in Path(__file__).parent.rglob("test_*.py")
-                       if "pytest.mark.vllm" in p.read_text())
+VLLM_FILES = frozenset(str(p.relative_to(Path(__file__).parent.parent))
+                       for p in Path(__file__).parent.rglob("test_*.py") if "pytest.mark.vllm" in p.read_text())
 
 
 def unit(nodeid: str) -> str:

@@ -559,7 +559,8 @@ class OSSession:
         except OSError as e:
             return ShellOutput(f"could not enter the machine: {e}", -1, False)
         try:
-            proc = subprocess.Popen(self._confined([*enter, "/bin/bash", "-c", f'{_CLOSE_FDS}; exec "$@"', "bash", *argv]),
+            command = [*enter, "/bin/bash", "-c", f'{_CLOSE_FDS}; exec "$@"', "bash", *argv]
+            proc = subprocess.Popen(self._confined(command),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     start_new_session=True, env=dict(env), cwd="/", pass_fds=fds)
         except OSError as e:
