@@ -6,9 +6,17 @@ given, so a line of 100,000 ``[`` (RecursionError) or a multi-gigabyte line
 included. Every JSON a run folder holds (log lines, seeds, snapshots, genome
 headers) is read through :func:`loads_bounded`: the size is checked first, then
 the nesting depth is measured without recursion, and only then is it parsed.
+
+Python text read on the host (a DB answer, MBPP tests) is parsed through
+:func:`parse_python`: CPython 3.11 keeps the AST builder's depth counter per
+interpreter, not per thread, so ``ast.parse`` raises ``SystemError`` ("AST
+constructor recursion depth mismatch") when a garbage collection inside it lets
+another thread parse at the same time (a worker's engine or Ray threads).
 """
 from __future__ import annotations
 
+import ast
+import gc
 import json
 import re
 from pathlib import Path
@@ -23,6 +31,34 @@ MAX_FILE_BYTES = 256 << 20  # one JSON file (archives.json of the largest archiv
 # a JSON string (with escapes), so brackets inside strings are not counted as nesting
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+
+
+_AST_RACE = "recursion depth mismatch"
+_AST_TRIES = 8
+
+
+def parse_python(text: str, mode: str = "exec") -> ast.AST:
+    """``ast.parse(text, mode=mode)``, safe from other threads parsing at the same time.
+
+    The garbage collector, whose callbacks and finalizers may hand the interpreter to
+    another thread, is off while the tree is built; a tree still spoilt by another
+    thread is built again.
+
+    Raises:
+        SyntaxError, ValueError, RecursionError, MemoryError: as ``ast.parse``.
+    """
+    for attempt in range(_AST_TRIES):
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return ast.parse(text, mode=mode)
+        except SystemError as e:
+            if _AST_RACE not in str(e) or attempt == _AST_TRIES - 1:
+                raise
+        finally:
+            if collecting:
+                gc.enable()
+    raise AssertionError("unreachable")
 
 
 class TooLarge(ValueError):

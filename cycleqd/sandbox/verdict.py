@@ -37,6 +37,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from cycleqd.bounded import parse_python
 from cycleqd.sandbox import _runner
 from cycleqd.sandbox.backends import RunResult, get_backend
 
@@ -160,7 +161,7 @@ def parse_tests(text: str) -> tuple[str, list[str]]:
         ValueError: the block does not parse, or holds another kind of statement.
     """
     try:
-        tree = ast.parse(text)
+        tree = parse_python(text)
     except SyntaxError as e:
         raise ValueError(f"test code does not parse: {e}") from None
     imports, asserts = [], []
@@ -187,7 +188,7 @@ def trusted_namespace(imports: str = "") -> dict[str, Any]:
     if not imports.strip():
         return ns
     try:
-        tree = ast.parse(imports)
+        tree = parse_python(imports)
     except SyntaxError as e:
         raise ValueError(f"test imports do not parse: {e}") from None
     for node in tree.body:
@@ -293,7 +294,7 @@ class SplitAssert:
 def split_assert(assertion: str, trusted: Iterable[str], candidate_names: Iterable[str] = ()) -> SplitAssert:
     """Split one ``assert`` statement (see the module docstring); ``error`` when it is not one."""
     try:
-        tree = ast.parse(assertion.strip())
+        tree = parse_python(assertion.strip())
     except (SyntaxError, ValueError) as e:
         return SplitAssert(assertion, None, (), f"assertion does not parse: {e}")
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):

@@ -62,6 +62,7 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
+from cycleqd.bounded import parse_python
 from cycleqd.config import ConfigError, SandboxConfig
 from cycleqd.engine.protocol import Engine
 from cycleqd.registry import register_task
@@ -306,7 +307,7 @@ def read_answer(answer: str) -> list | None:
             return None
         with warnings.catch_warnings():  # answers hold invalid escape sequences
             warnings.simplefilter("ignore")
-            tree = ast.parse(answer.lstrip(" \t"), mode="eval")
+            tree = parse_python(answer.lstrip(" \t"), mode="eval")
         _shape_ok(tree)
         value, _ = _Reader().value(tree.body)
         return list(value)
