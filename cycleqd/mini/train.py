@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from cycleqd.mini.items import MiniItem
+
+if TYPE_CHECKING:  # transformers' model classes load in seconds: only a build needs them
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class TrainSpec:
 
 def new_model(tokenizer: PreTrainedTokenizerBase, shape: ModelShape, seed: int) -> LlamaForCausalLM:
     """A freshly initialised LlamaForCausalLM for ``tokenizer``'s vocabulary (deterministic in ``seed``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

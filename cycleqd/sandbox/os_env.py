@@ -411,7 +411,13 @@ class OSSession:
         setup = f"exec 2>&1; set +m; shopt -s expand_aliases; cd -- {shlex.quote(cwd)} 2>/dev/null"
         r = self._run(setup, 30, agent=False)
         if r.exit_code == -1:
-            raise SandboxUnavailable(f"the OS machine's shell did not start: {r.output[-300:]}")
+            machine = "running" if self.proc is not None and self.proc.poll() is None else "ended"
+            try:
+                why = (self.dir / "machine.log").read_text(errors="replace")[-300:]
+            except OSError:
+                why = ""
+            raise SandboxUnavailable(f"the OS machine's shell did not start (shell exit {self.shell.poll()}, "
+                                     f"machine {machine}): {r.output[-300:]!r}; machine log: {why!r}")
         for pid in sorted(descendants(self.shell.pid)):
             try:
                 with open(f"/proc/{pid}/comm") as f:

@@ -247,7 +247,8 @@ class PlotObserver:
     the last and at least ``max(min_interval_s, 10 x the last drawing's seconds)`` after it, so
     drawing takes a bounded share of the machine however fast children come (a real run's
     children take minutes: every ``every`` children). The drawings at the seeds and at the end
-    are made in this process. Plots never stop a run: a drawing error is logged and the run goes on.
+    are made in this process; a background drawing still running at the end is stopped, not
+    waited for. Plots never stop a run: a drawing error is logged and the run goes on.
     """
 
     def __init__(self, every: int = 10, min_interval_s: float = 10.0):
@@ -321,6 +322,13 @@ class PlotObserver:
 
             logging.getLogger("cycleqd").warning("plots not refreshed: %s", e)
 
+    def stop(self) -> None:
+        """End a background drawing now: the end's own drawing replaces it (files are replaced whole)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
     def run_done(self, run_dir: Path, archive) -> None:
-        self.wait()
+        self.stop()  # not waited for: its picture is older than the one drawn next
         self._refresh(run_dir)

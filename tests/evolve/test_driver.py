@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -60,3 +61,19 @@ def test_plot_observer_draws_in_another_process_at_most_one_at_a_time(synthetic_
     obs.wait()
     assert first.returncode == 0
     assert (store.path / "plots" / "heatmaps.png").is_file()
+
+
+def test_the_end_stops_a_background_drawing_and_draws_itself(synthetic_store):
+    """run_done does not wait for a drawing still going: it ends it and draws the final plots in this
+    process; no half-written picture is left."""
+    store, cfg = synthetic_store
+    loop.run_loop(store, LocalPool([ChildWorker(cfg, index=0, threads=1)]), [])
+    obs = PlotObserver(every=1, min_interval_s=0.0)
+    obs.child_done(store.path, store.children()[-1], None)
+    drawing = obs._proc
+    assert drawing is not None and drawing.poll() is None  # a fresh process: still importing
+    obs.run_done(store.path, None)
+    assert drawing.returncode == -signal.SIGKILL and obs._proc is None
+    plots = store.path / "plots"
+    assert (plots / "heatmaps.png").stat().st_size > 0 and (plots / "history.png").stat().st_size > 0
+    assert not list(plots.glob(".*.tmp"))  # a picture the killed drawing began is replaced whole

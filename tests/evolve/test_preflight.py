@@ -121,3 +121,21 @@ def test_a_fishfarm_samples_file_naming_another_global_is_refused(base_cfg, tmp_
     err = _refused(tmp_path, c)
     assert str(evil) in err and "refused global os.system" in err
     assert not marker.exists()
+
+
+def test_the_drivers_checks_of_a_built_mini_world_load_no_model_classes(small_world, tmp_path):
+    """On Ray the driver never runs a model: its checks of a mini world already built (preflight, the
+    world's recipe, the model files' headers) import no transformers model code, which takes seconds."""
+    import subprocess
+    import sys
+
+    from mini_run import mini_config_data
+
+    cfg = tmp_path / "mini.yaml"
+    cfg.write_text(yaml.safe_dump(mini_config_data(small_world, "small", 6)))
+    code = ("import sys; from cycleqd.config import load_config; from cycleqd.evolve.loop import _ready_models; "
+            "_ready_models(load_config(sys.argv[1])); "
+            "print(sorted(m for m in sys.modules if m.startswith('transformers.models')))")
+    out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
