@@ -7,11 +7,11 @@ caller (``materialize``) never needs a second full copy of the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Mapping, NoReturn, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Mapping, NoReturn, Sequence, Union
 
-import torch
+if TYPE_CHECKING:  # torch takes over a second to import: commands that only read a run folder never need it
+    import torch
 
-if TYPE_CHECKING:
     from cycleqd.model.factors import Factors
     from cycleqd.model.genome import Genome
     from cycleqd.model.lora import ChildAdapter
@@ -67,12 +67,24 @@ def default_max_model_len(model_config: Mapping) -> int:
 
 
 #: What :meth:`Engine.load_weights` accepts: a mapping or a stream of ``(name, tensor)`` pairs.
-Weights = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+Weights = Union[Mapping[str, "torch.Tensor"], Iterable[tuple[str, "torch.Tensor"]]]
 
 
 def weight_items(weights: Weights) -> Iterable[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` pairs of a mapping or a stream, without copying either."""
     return weights.items() if isinstance(weights, Mapping) else weights
+
+
+class _TorchDefault:
+    """A class attribute's default made from torch when first read; an instance's own value shadows it."""
+
+    def __init__(self, make: Callable[[Any], Any]):
+        self.make = make
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        import torch
+
+        return self.make(torch)
 
 
 class EngineUnsupported(NotImplementedError):
@@ -91,8 +103,8 @@ class Engine:
         dtype: the model's weight dtype.
     """
 
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
+    device: torch.device = _TorchDefault(lambda torch: torch.device("cpu"))
+    dtype: torch.dtype = _TorchDefault(lambda torch: torch.float32)
     #: answers generated so far, and how many of them stopped at their ``max_new_tokens`` (engines
     #: that can tell count them in :meth:`generate` through :meth:`note_answers`)
     #: the Hugging Face tokenizer the engine encodes with (None where it has none, e.g. recorded answers)
@@ -125,6 +137,8 @@ class Engine:
     def load_genome(self, genome: "Genome", factors: "Factors") -> None:
         """Build ``genome``'s weights from the resident ``factors`` on this engine's device, in its
         dtype, and stream them into :meth:`load_weights` (one scratch tensor: no second full copy)."""
+        import torch
+
         from cycleqd.model.genome import iter_weights
 
         with torch.no_grad():
