@@ -194,6 +194,7 @@ class MariaDBShared:
         killed = threading.Event()
         timer = threading.Timer(lim.seconds + 0.5, lambda: (killed.set(), self._kill(con.thread_id())))
         late = f"interrupted: ran past its {lim.seconds:g}s time limit"
+        cur = None
         try:
             cur = con.cursor()
             timeout = (("max_statement_time", lim.seconds) if self.mariadb
@@ -236,6 +237,10 @@ class MariaDBShared:
                 con.close()  # what was not committed is rolled back, as on the connector's reconnect
             except Exception:
                 pass
+            if cur is not None:  # rows left unread (a capped or killed result) went with the connection
+                if cur._result is not None:
+                    cur._result.unbuffered_active = False
+                cur.connection = None
 
     # -- the harness ---------------------------------------------------------------------------
     def create(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

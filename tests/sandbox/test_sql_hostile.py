@@ -11,6 +11,9 @@ import pytest
 
 from cycleqd.sandbox.sqlite import QueryResult, SQLiteSandbox, SQLLimits
 
+# a capped or killed result is dropped with its connection: nothing is left to fail when collected
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 LIMITS = SQLLimits(seconds=1.0, max_rows=1000, max_bytes=64 << 10)
 SLACK = 3.0  # seconds on top of the limit a stopped statement may take on a loaded machine
 
