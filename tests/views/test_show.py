@@ -82,11 +82,10 @@ def test_show_reads_a_run_without_importing_torch(run):
     import subprocess
     import sys
 
-    code = ("import contextlib, io, sys; from cycleqd.cli import main\n"
+    code = ("import contextlib, io, json, sys; from cycleqd.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()) as out: code = main(['-q', 'show', sys.argv[1], '--json'])\n"
             "assert code == 0 and json.loads(out.getvalue())['archives'], code\n"
             "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
-    res = subprocess.run([sys.executable, "-c", "import json\n" + code, str(run)], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[]"
