@@ -526,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cycleqd.evolve.signals import note_parent
+
+    note_parent()  # a driver stops when the process that started it ends (not under nohup)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -2,25 +2,77 @@
 
 The lock is ``fcntl.flock`` on ``RUN/.lock``; the kernel drops it when the
 process dies however it dies (SIGKILL included), so a stale lock never blocks a
-resume. The file holds the holder's PID, which a refused second driver names.
+resume. The file holds the holder's PID, which a refused second driver names, and
+``stopping`` once a signal stopped the holder: a second driver then waits for it (a
+resume started right after a driver's wrapper was killed) instead of refusing.
 """
 from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from cycleqd.config import ConfigError
 from cycleqd.runs.layout import LOCK as LOCK_NAME  # noqa: E402
 
 
+#: Seconds a second driver watches a held lock for its holder to say it is stopping (a
+#: signal's handler runs between two steps of the holder's main thread).
+NOTICE_S = 3.0
+#: Seconds a second driver waits for a stopping holder to let go (its Ray cluster shuts down).
+STOPPING_WAIT_S = 120.0
+_held: set[int] = set()  # descriptors of the locks this process holds
+
+
 class RunLocked(ConfigError):
     """Another live driver holds the run folder (bad input: exit 2)."""
 
 
-def _locked(run_dir: Path, pid: object) -> RunLocked:
+def _locked(run_dir: Path, pid: object, stopping: bool = False) -> RunLocked:
+    if stopping:
+        return RunLocked(f"{run_dir}: the cycleqd driver on this run folder (PID {pid}) is stopping but has "
+                         f"not let go after {STOPPING_WAIT_S:.0f} s; try again once it has ended")
     return RunLocked(f"{run_dir}: another cycleqd driver is running on this run folder "
                      f"(PID {pid}); wait for it or stop it first")
+
+
+def _record(fd: int) -> tuple[int | None, bool]:
+    """(PID, stopping) as the lock file ``fd`` says."""
+    words = os.pread(fd, 64, 0).decode(errors="replace").split()
+    return (int(words[0]) if words and words[0].isdigit() else None), "stopping" in words[1:]
+
+
+def mark_stopping() -> None:
+    """Say in every lock this process holds that its driver is stopping (a signal's first step)."""
+    for fd in list(_held):
+        try:
+            os.pwrite(fd, f"{os.getpid()} stopping\n".encode(), 0)
+        except OSError:
+            pass
+
+
+def _wait_unless_running(fd: int) -> tuple[bool, int | None, bool]:
+    """With the lock file ``fd`` held by another process: wait while its holder stops.
+
+    Returns (free, pid, stopping): free once the holder let go (nothing taken); else the
+    holder's PID and whether it said it was stopping. A holder that says nothing within
+    :data:`NOTICE_S` runs on; one that stops gets :data:`STOPPING_WAIT_S` to end.
+    """
+    start = time.monotonic()
+    pid, stopping = _record(fd)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, stopping = _record(fd)
+            waited = time.monotonic() - start
+            if waited >= (STOPPING_WAIT_S if stopping else NOTICE_S):
+                return False, pid, stopping
+            time.sleep(0.1)
+            continue
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True, pid, stopping
 
 
 class RunLock:
@@ -48,15 +100,19 @@ class RunLock:
         except FileExistsError:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             self.created = False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise _locked(self.path.parent, pid) from None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                free, pid, stopping = _wait_unless_running(fd)
+                if not free:
+                    os.close(fd)
+                    raise _locked(self.path.parent, pid or "unknown", stopping) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        _held.add(fd)
         return self
 
     @property
@@ -67,16 +123,25 @@ class RunLock:
     def release(self) -> None:
         """Drop the lock (the file stays; an unlocked file means no driver)."""
         if self._fd is not None:
+            _held.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
     @staticmethod
     def refuse_if_held(run_dir: str | os.PathLike) -> None:
-        """Raise RunLocked naming the PID if a live driver holds ``run_dir`` (takes nothing)."""
-        pid = RunLock.holder(run_dir)
-        if pid is not None:
-            raise _locked(Path(run_dir), pid if pid >= 0 else "unknown")
+        """Raise RunLocked naming the PID if a live driver holds ``run_dir``, after waiting for
+        one that is stopping (takes nothing)."""
+        try:
+            fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            free, pid, stopping = _wait_unless_running(fd)
+        finally:
+            os.close(fd)
+        if not free:
+            raise _locked(Path(run_dir), pid or "unknown", stopping)
 
     @staticmethod
     def holder(run_dir: str | os.PathLike) -> int | None:
@@ -90,8 +155,8 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                return int(text) if text.isdigit() else -1
+                pid, _ = _record(fd)
+                return pid if pid is not None else -1
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         finally:

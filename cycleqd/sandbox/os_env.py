@@ -118,6 +118,9 @@ _IPC_LIMITS = {  # per IPC namespace: shared memory and message queues outside a
     "fs/mqueue/queues_max": 16, "fs/mqueue/msg_max": 10, "fs/mqueue/msgsize_max": 8192,
 }
 _PREFIX = "cycleqd-os-"
+# Seconds the agent's shell has to answer once started: a tenth of a second on an idle host,
+# far more while other episodes and a model loading share two cores.
+_SHELL_START_S = 90.0
 # Runs as the first process of a machine (with root): a user namespace whose id maps the
 # worker writes, then root in it. Plain Python (os.unshare is 3.12+), nothing imported.
 _USERNS_HELPER = r"""
@@ -141,6 +144,17 @@ class ShellOutput:
     output: str
     exit_code: int
     timed_out: bool
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group ``proc`` leads, while ``proc`` is not yet reaped: once it is,
+    its number may be another process's (PIDs wrap quickly on a busy host), and what was left
+    in its group is in the episode's cgroup, which :meth:`OSSession.close` kills."""
+    if proc.poll() is None:  # not reaped: the number is still this process's, and so its group's
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 # -- what a killed worker left ------------------------------------------------------------------
@@ -397,6 +411,33 @@ class OSSession:
         return [*nsenter, "--", shutil.which("bwrap") or "bwrap", "--args", str(afd), "--"], fds, opened
 
     def _start_shell(self, cwd: str) -> None:
+        """The agent's shell, in ``cwd``; tried twice, since a host busy enough (other episodes,
+        a model loading) can stall a start that takes a tenth of a second when idle.
+
+        Raises:
+            SandboxUnavailable: no shell answered, with why (its exit, whether the start
+                timed out, the episode's memory kills, the machine's state and log).
+        """
+        failures: list[str] = []
+        for _ in range(2):
+            why = self._shell_once(cwd)
+            if why is None:
+                return
+            failures.append(why)
+            self._drop_shell()
+            if self.proc is None or self.proc.poll() is not None:  # the machine itself is gone
+                break
+            self.alive = True  # the failed start marked the session dead; the machine still runs
+        machine = "running" if self.proc is not None and self.proc.poll() is None else "ended"
+        try:
+            log = (self.dir / "machine.log").read_text(errors="replace")[-300:]
+        except OSError:
+            log = ""
+        raise SandboxUnavailable(f"the OS machine's shell did not start ({'; then '.join(failures)}; "
+                                 f"machine {machine}, machine log: {log!r})")
+
+    def _shell_once(self, cwd: str) -> str | None:
+        """Start the shell and wait for its first answer; None once it answered, else why not."""
         argv, fds, opened = self._enter("machine", _CAPS, _ENV, "/root")
         try:
             self.shell = subprocess.Popen(
@@ -409,15 +450,16 @@ class OSSession:
         self._buf = b""
         self._shell_pid = None
         setup = f"exec 2>&1; set +m; shopt -s expand_aliases; cd -- {shlex.quote(cwd)} 2>/dev/null"
-        r = self._run(setup, 30, agent=False)
+        started, kills = time.monotonic(), self.cgroup.oom_kills()
+        r = self._run(setup, _SHELL_START_S, agent=False)
         if r.exit_code == -1:
-            machine = "running" if self.proc is not None and self.proc.poll() is None else "ended"
             try:
-                why = (self.dir / "machine.log").read_text(errors="replace")[-300:]
-            except OSError:
-                why = ""
-            raise SandboxUnavailable(f"the OS machine's shell did not start (shell exit {self.shell.poll()}, "
-                                     f"machine {machine}): {r.output[-300:]!r}; machine log: {why!r}")
+                self.shell.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            return (f"shell exit {self.shell.poll()} after {time.monotonic() - started:.1f} s"
+                    f"{' (timed out)' if r.timed_out else ''}, {self.cgroup.oom_kills() - kills} memory kills, "
+                    f"output {r.output[-200:]!r}")
         for pid in sorted(descendants(self.shell.pid)):
             try:
                 with open(f"/proc/{pid}/comm") as f:
@@ -426,6 +468,28 @@ class OSSession:
                         break
             except OSError:
                 continue
+        return None
+
+    def _drop_shell(self) -> None:
+        """Kill the agent's shell (while it is still ours: never a number the kernel gave another
+        process since) and close its pipes."""
+        if self.shell is None:
+            return
+        if self._shell_pid and self.shell.poll() is None:  # the shell's bwrap lives, so its bash is still its own
+            try:
+                os.kill(self._shell_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        _kill_group(self.shell)
+        try:
+            self.shell.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (self.shell.stdin, self.shell.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
 
     # -- processes of the machine ------------------------------------------------------------
     def _processes(self) -> Processes:
@@ -448,22 +512,7 @@ class OSSession:
                 cwd = os.readlink(f"/proc/{self._shell_pid}/cwd")
             except OSError:
                 pass
-        if self.shell is not None:
-            for pid in (self._shell_pid, self.shell.pid):
-                try:
-                    if pid:
-                        os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            try:
-                self.shell.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            for f in (self.shell.stdin, self.shell.stdout):
-                try:
-                    f.close()
-                except OSError:
-                    pass
+        self._drop_shell()
         try:
             self._start_shell(cwd if cwd.startswith("/") else "/root")
         except SandboxUnavailable:
@@ -509,10 +558,11 @@ class OSSession:
                     return ShellOutput(out.decode("utf-8", errors="replace"), int(m.group(1)), timed_out)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    if timed_out:  # the shell itself is busy: replace it, files kept
+                    if timed_out:  # the shell itself is busy: replace it, files kept (a starting one: give up)
                         out, self._buf = self._buf, b""
                         self._kill_since(before)
-                        self._restart_shell()
+                        if agent:
+                            self._restart_shell()
                         return ShellOutput(out.decode("utf-8", errors="replace"), -1, True)
                     timed_out = True
                     self.timeouts += 1
@@ -600,10 +650,7 @@ class OSSession:
         finally:
             if timed_out:
                 self._kill_since(before)
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+                _kill_group(proc)
             proc.stdout.close()
         code = proc.wait()
         text = bytes(out).decode("utf-8", errors="replace")
@@ -613,10 +660,7 @@ class OSSession:
         """Kill everything in the episode and delete its layer."""
         for p in (self.shell, self.proc):
             if p is not None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+                _kill_group(p)
         for p in (self.shell, self.proc):
             if p is not None:
                 try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -157,3 +158,63 @@ def test_the_machine_shell_and_checks_run_in_the_episodes_group_and_limits() -> 
             members = set(s.cgroup.pids())
             assert s._init_pid in members and s._shell_pid in members
             assert {p for p, _ in s._processes()} <= members
+
+
+
+@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap (bwrap) missing or cannot start here")
+@pytest.mark.parametrize("every", [False, True], ids=["first-stalls", "all-stall"])
+def test_a_stalled_shell_start_is_tried_again_then_reported(monkeypatch: pytest.MonkeyPatch, every: bool) -> None:
+    """A shell that does not answer in time (a host too busy to run it) is killed and started once
+    more; where that one stalls too, the error says both tries timed out. The stall: the episode's
+    cgroup frozen once the machine runs (the shell joins it frozen), for the first try or for all."""
+    import threading
+
+    from cycleqd.sandbox import os_env
+    from cycleqd.sandbox.backends import SandboxUnavailable
+    monkeypatch.setattr(os_env, "_SHELL_START_S", 1.5)
+    start_machine = os_env.OSSession._start_machine
+    stop = threading.Event()
+
+    def start_then_freeze(self: os_env.OSSession) -> None:
+        start_machine(self)
+        if not self.cgroup.freeze(True):
+            pytest.skip("this host gives the episode no freezer")
+        if every:  # frozen again whenever a kill thaws it
+            threading.Thread(target=lambda: [self.cgroup.freeze(True) for _ in iter(lambda: stop.wait(0.02), True)],
+                             daemon=True).start()
+
+    monkeypatch.setattr(os_env.OSSession, "_start_machine", start_then_freeze)
+    s = os_env.OSSession(memory_mb=256, disk_mb=64, image=None, launch=False)
+    try:
+        if every:
+            with pytest.raises(SandboxUnavailable) as err:
+                s.launch()
+            assert str(err.value).count("(timed out)") == 2, err.value
+            assert s.shell.poll() is not None and not s.alive
+        else:
+            s.launch()
+            assert s.run("echo ok", timeout=30).output == "ok\n"
+    finally:
+        stop.set()
+        s.cgroup.freeze(False)
+        s.close()
+
+
+def test_a_reaped_process_group_is_never_signalled() -> None:
+    """Once a process is reaped its number may be reused by any process: the session kills a
+    group only while its leader is unreaped (then the number is still the leader's)."""
+    from cycleqd.sandbox.os_env import _kill_group
+    live = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    _kill_group(live)
+    assert live.wait(timeout=10) == -signal.SIGKILL
+    done = subprocess.Popen(["true"], start_new_session=True)
+    done.wait()
+    # a process that now has done's number, in a group of that number, stands for the reuse
+    calls: list[tuple[int, int]] = []
+    real = os.killpg
+    try:
+        os.killpg = lambda pgid, sig: calls.append((pgid, sig))  # records; nothing may be sent
+        _kill_group(done)
+    finally:
+        os.killpg = real
+    assert calls == []
