@@ -85,8 +85,12 @@ class StopSignals:
             self._old.setdefault(s, old)
         if signal.SIGHUP in self._old and _parent is not None and not self._armed:
             self._armed = _parent_death_signal(signal.SIGHUP)
-            if self._armed and os.getppid() != _parent:  # it ended before the kernel was asked
-                os.kill(os.getpid(), signal.SIGHUP)
+            if self._armed:
+                from cycleqd.runs.lock import watch_parent
+
+                watch_parent(_parent)
+                if os.getppid() != _parent:  # it ended before the kernel was asked
+                    os.kill(os.getpid(), signal.SIGHUP)
 
     def _handle(self, signum: int, frame: object) -> None:
         first = self.signum is None
@@ -100,7 +104,10 @@ class StopSignals:
 
     def restore(self) -> None:
         if self._armed:
+            from cycleqd.runs.lock import watch_parent
+
             _parent_death_signal(0)
+            watch_parent(None)
             self._armed = False
         for s, old in self._old.items():
             signal.signal(s, old)

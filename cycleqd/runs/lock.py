@@ -17,9 +17,6 @@ from cycleqd.config import ConfigError
 from cycleqd.runs.layout import LOCK as LOCK_NAME  # noqa: E402
 
 
-#: Seconds a second driver watches a held lock for its holder to say it is stopping (a
-#: signal's handler runs between two steps of the holder's main thread).
-NOTICE_S = 3.0
 #: Seconds a second driver waits for a stopping holder to let go (its Ray cluster shuts down).
 STOPPING_WAIT_S = 120.0
 _held: set[int] = set()  # descriptors of the locks this process holds
@@ -37,17 +34,43 @@ def _locked(run_dir: Path, pid: object, stopping: bool = False) -> RunLocked:
                      f"(PID {pid}); wait for it or stop it first")
 
 
+def _write(fd: int, *words: str) -> None:
+    """The lock file's one record: the holder's PID and what it says of itself, at a fixed width
+    (a reader never sees a shorter record over a longer one's tail)."""
+    os.pwrite(fd, " ".join((str(os.getpid()), *words)).ljust(63).encode()[:63] + b"\n", 0)
+
+
 def _record(fd: int) -> tuple[int | None, bool]:
-    """(PID, stopping) as the lock file ``fd`` says."""
+    """(PID, stopping) as the lock file ``fd`` says: stopping once the holder said so, or once the
+    parent whose end stops it (see :func:`watch_parent`) is no longer its parent."""
     words = os.pread(fd, 64, 0).decode(errors="replace").split()
-    return (int(words[0]) if words and words[0].isdigit() else None), "stopping" in words[1:]
+    pid = int(words[0]) if words and words[0].isdigit() else None
+    stopping = "stopping" in words[1:]
+    parent = next((w.removeprefix("parent=") for w in words[1:] if w.startswith("parent=")), None)
+    if pid is not None and parent is not None and not stopping:
+        try:  # /proc/PID/stat: "pid (comm) state ppid ...", comm may hold spaces and parentheses
+            ppid = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1]
+        except (OSError, IndexError):
+            ppid = None  # ended: its lock is about to go
+        stopping = ppid != parent
+    return pid, stopping
+
+
+def watch_parent(parent: int | None) -> None:
+    """Say in every lock this process holds that it stops when ``parent`` ends (a second driver
+    then waits for it from the moment it is orphaned, before its handler has run); None: no more."""
+    for fd in list(_held):
+        try:
+            _write(fd, *([f"parent={parent}"] if parent is not None else []))
+        except OSError:
+            pass
 
 
 def mark_stopping() -> None:
     """Say in every lock this process holds that its driver is stopping (a signal's first step)."""
     for fd in list(_held):
         try:
-            os.pwrite(fd, f"{os.getpid()} stopping\n".encode(), 0)
+            _write(fd, "stopping")
         except OSError:
             pass
 
@@ -56,23 +79,21 @@ def _wait_unless_running(fd: int) -> tuple[bool, int | None, bool]:
     """With the lock file ``fd`` held by another process: wait while its holder stops.
 
     Returns (free, pid, stopping): free once the holder let go (nothing taken); else the
-    holder's PID and whether it said it was stopping. A holder that says nothing within
-    :data:`NOTICE_S` runs on; one that stops gets :data:`STOPPING_WAIT_S` to end.
+    holder's PID and whether it is stopping. A running holder is refused at once; a stopping
+    one gets :data:`STOPPING_WAIT_S` to end.
     """
     start = time.monotonic()
-    pid, stopping = _record(fd)
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             pid, stopping = _record(fd)
-            waited = time.monotonic() - start
-            if waited >= (STOPPING_WAIT_S if stopping else NOTICE_S):
+            if not stopping or time.monotonic() - start >= STOPPING_WAIT_S:
                 return False, pid, stopping
             time.sleep(0.1)
             continue
         fcntl.flock(fd, fcntl.LOCK_UN)
-        return True, pid, stopping
+        return True, None, False
 
 
 class RunLock:
@@ -110,7 +131,7 @@ class RunLock:
                     os.close(fd)
                     raise _locked(self.path.parent, pid or "unknown", stopping) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _write(fd)
         self._fd = fd
         _held.add(fd)
         return self
