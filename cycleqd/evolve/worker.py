@@ -205,7 +205,7 @@ class ChildWorker:
                 from cycleqd.model.lora import child_adapter
 
                 view = f"child-{uuid.uuid4().hex[:12]}"  # never a name an earlier child held
-                engine = self.gather.enter(view, child_adapter(genome, self.factors))
+                engine = self.gather.enter(view, child_adapter(genome, self.factors, shared=True))
                 held.callback(self.gather.leave, view)
             else:
                 if self.gather is not None:  # a dense swap: the engine is this child's alone until it is scored

@@ -68,11 +68,14 @@ def _check_adaptable(genome: "Genome", factors: Factors) -> None:
 
 @torch.no_grad()
 def child_adapter(genome: "Genome", factors: Factors, *, rank: int | None = None,
-                  dtype: torch.dtype = torch.float32) -> ChildAdapter:
+                  dtype: torch.dtype = torch.float32, shared: bool = False) -> ChildAdapter:
     """The genome's delta as a LoRA adapter: ``B = [U_k diag(a_k S_k + d_k)]_k``, ``A = [V_k^T]_k``.
 
-    Directions with a zero coefficient are dropped, then every module is padded to one
-    rank (``rank`` if given, else the largest module's), so engines see a uniform adapter.
+    Directions with a zero coefficient are dropped (the smallest adapter, as exported), then
+    every module is padded to one rank (``rank`` if given, else the largest module's), so
+    engines see a uniform adapter. With ``shared`` every direction is kept, so that all
+    children of these factors have the very same ``A`` per module and an engine applies it to
+    all their rows with one matmul (:mod:`cycleqd.engine.vllm_lora_cpu`); the delta is the same.
 
     Raises:
         ValueError: dense factors, a genome with noise/delta terms, or ``rank`` below what a module needs.
@@ -85,7 +88,7 @@ def child_adapter(genome: "Genome", factors: Factors, *, rank: int | None = None
         r = factors.ranks[name]
         coef = genome.a[t].float()[:, None] * factors.S[name] + genome.d[factors.d_slices[name]].float().view(K, r)
         coef = coef.flatten()
-        keep = coef.ne(0).nonzero().flatten()
+        keep = torch.arange(coef.numel()) if shared else coef.ne(0).nonzero().flatten()
         if keep.numel() == 0:
             continue
         c = coef[keep].to(factors.device)

@@ -178,7 +178,7 @@ class Residents:
         from cycleqd.model.lora import child_adapter
 
         t0 = time.perf_counter()
-        self.engine.load_adapter(genome, child_adapter(self.genomes[genome], self.factors))
+        self.engine.load_adapter(genome, child_adapter(self.genomes[genome], self.factors, shared=True))
         self._held.add(genome)
         self.seconds += time.perf_counter() - t0
 

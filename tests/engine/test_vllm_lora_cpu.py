@@ -111,3 +111,56 @@ def test_adapters_that_share_a_are_shrunk_at_once_and_equal_vllms():
     ref.bgmv_shrink(x, A, a, idx, 0.5)
     ours.bgmv_shrink(x, A, b, idx, 0.5)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
+
+
+def _per_row(x: torch.Tensor, W: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The oracle: row i times its slot's matrix, rows of slot -1 zero."""
+    W = W.squeeze(1)
+    return torch.stack([x[i] @ W[s].t() if s >= 0 else x.new_zeros(W.shape[1]) for i, s in enumerate(slots.tolist())])
+
+
+@pytest.mark.parametrize("slots", [[0, 2, 2, -1, 1], [1, 1, 3, 0, 0], [2, 2, 2, 2, 2], [-1, 0, 1, 2, 3]],
+                         ids=["mixed", "adjacent-same", "one-adapter", "first-without"])
+@pytest.mark.parametrize("shared_a", [False, True], ids=["own-A", "shared-A"])
+def test_request_ops_equal_the_row_by_row_sums(slots, shared_a):
+    """The per-request ops (``sgmv``: what vLLM's CPU wrapper calls for every layer) give every request's
+    rows its adapter's term (none for slot -1), for shrink (set), expand and expand_slice (add or set)."""
+    from cycleqd.engine import vllm_lora_cpu as ours
+
+    gen = torch.Generator().manual_seed(2)
+    lens = torch.tensor([5, 0, 7, 3, 9])
+    starts = torch.cumsum(lens, 0) - lens
+    idx = torch.tensor(slots)
+    rows = idx.repeat_interleave(lens)
+    n = int(lens.sum())
+    meta = (starts, lens, idx, len(slots), int(lens.max()), n)
+    x, h = torch.randn(n, 96, generator=gen), torch.randn(n, 8, generator=gen)
+    A = torch.randn(4, 1, 8, 96, generator=gen)
+    if shared_a:
+        A = A[:1].repeat(4, 1, 1, 1)
+    B = torch.randn(4, 1, 40, 8, generator=gen)
+    y = torch.randn(n, 12, generator=gen)
+    ours.sgmv_shrink(x, A, y, *meta, 0.5)
+    torch.testing.assert_close(y[:, :8], 0.5 * _per_row(x, A, rows), rtol=1e-5, atol=1e-5)
+    for add in (True, False):
+        y0 = torch.randn(n, 50, generator=gen)
+        y = y0.clone()
+        ours.sgmv_expand(h, B, y, *meta, add)
+        torch.testing.assert_close(y[:, :40], (y0[:, :40] if add else 0) + _per_row(h, B, rows), rtol=1e-5, atol=1e-5)
+        assert torch.equal(y[:, 40:], y0[:, 40:])
+        y = y0.clone()
+        ours.sgmv_expand_slice(h, B, y, *meta, 6, 40, add)
+        torch.testing.assert_close(y[:, 6:46], (y0[:, 6:46] if add else 0) + _per_row(h, B, rows), rtol=1e-5, atol=1e-5)
+        assert torch.equal(y[:, :6], y0[:, :6]) and torch.equal(y[:, 46:], y0[:, 46:])
+
+
+def test_a_layer_step_reads_no_per_token_index():
+    """The per-request ops build no per-token index (vLLM's ``repeat_interleave`` of the slots) and copy no
+    weight: a prefill of 6,000 tokens through 4 adapters allocates about its output, not a matrix per token."""
+    from cycleqd.engine import vllm_lora_cpu as ours
+
+    n = 6000
+    lens = torch.full((4,), n // 4)
+    meta = (torch.cumsum(lens, 0) - lens, lens, torch.arange(4), 4, n // 4, n)
+    h, B, y = torch.randn(n, 32), torch.randn(4, 1, 576, 32), torch.zeros(n, 576)
+    assert _bytes_allocated(lambda: ours.sgmv_expand(h, B, y, *meta, True)) < n * 8  # not even an index per token

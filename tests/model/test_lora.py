@@ -121,6 +121,25 @@ def test_child_adapter_equals_dense_materialisation(lora_world):
         assert adapter.rank <= sum(s["r"] for s in lora_world["specs"].values())
 
 
+def test_shared_child_adapters_have_one_a_per_module_and_the_same_delta(lora_world):
+    """With ``shared`` every direction is kept (zero coefficients too, as a seed's or an early child's):
+    all children's ``A`` is the same matrix per module, so an engine shrinks all their rows at once; the
+    delta equals the smallest adapter's."""
+    lora = lora_world["lora"]
+    genomes = [Genome.seed(0, lora), Genome.seed(1, lora), *_random_genomes(lora, 4, seed=3)]
+    small = [child_adapter(g, lora) for g in genomes]
+    shared = [child_adapter(g, lora, shared=True) for g in genomes]
+    assert any(a.rank < shared[0].rank for a in small)  # the seeds' zero directions were dropped there
+    for name, (_, A) in shared[0].modules.items():
+        for other in shared[1:]:
+            assert torch.equal(other.modules[name][1], A), name
+        for s, a in zip(shared, small):
+            if name in a.modules:
+                torch.testing.assert_close(s.delta(name), a.delta(name), rtol=0, atol=1e-6)
+            else:
+                assert float(s.delta(name).abs().max()) == 0.0
+
+
 def test_child_adapter_loads_in_peft(lora_world, tmp_path):
     """A child saved as a PEFT folder loads with PeftModel.from_pretrained and gives the dense child's logits."""
     from peft import PeftModel
