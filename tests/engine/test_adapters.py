@@ -71,7 +71,7 @@ def reference(tiny_world, lora_factors, children):
 
 def _mixed(eng, factors, children, reqs) -> list[list[str]]:
     for i, g in enumerate(children):
-        eng.load_adapter(f"c{i}", child_adapter(g, factors))
+        eng.load_adapter(f"c{i}", child_adapter(g, factors, shared=True))  # as a worker builds them
     names = [f"c{i}" for i in range(len(children))] + [None]
     # Interleave: every batch mixes children and the base.
     flat = [(n, r) for r in reqs for n in names]

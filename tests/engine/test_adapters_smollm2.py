@@ -79,7 +79,7 @@ def world(tmp_path_factory):
 
 def _together(eng, f, kids, reqs) -> list[list[str]]:
     for i, g in enumerate(kids):
-        eng.load_adapter(f"k{i}", child_adapter(g, f))
+        eng.load_adapter(f"k{i}", child_adapter(g, f, shared=True))  # as a worker builds them
     names = [f"k{i}" for i in range(len(kids))] + [None]
     flat = [(n, r) for r in reqs for n in names]  # every batch mixes the children and the base
     got = eng.generate_with([r for _, r in flat], [n for n, _ in flat])
