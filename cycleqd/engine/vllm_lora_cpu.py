@@ -31,6 +31,11 @@ MAX_RUNS = 256
 STACKED_BUDGET = 1 << 21
 
 
+def _3d(weights: torch.Tensor) -> torch.Tensor:
+    """vLLM's stacked LoRA weights ``[L, 1, out, in]`` (or already ``[L, out, in]``) as ``[L, out, in]``."""
+    return weights.squeeze(1) if weights.dim() == 4 else weights
+
+
 def _runs(indices: torch.Tensor) -> list[tuple[int, int, int]]:
     """``(start, end, slot)`` of each run of equal adapter slots (rows of one request are one run in a prefill)."""
     if indices.numel() == 0:
@@ -50,8 +55,7 @@ def _lora_mm(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     slices; more than :data:`MAX_RUNS` short runs (a big decode step mixing adapters) are gathered
     per adapter instead.
     """
-    if weights.dim() == 4:
-        weights = weights.squeeze(1)
+    weights = _3d(weights)
     n = min(inputs.shape[0], indices.shape[0], out.shape[0])
     if not add:
         out.zero_()
@@ -110,7 +114,7 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
     """vLLM's per-request shrink (its signature): ``output[rows, :r] = scaling * x @ A_slot^T`` for each
     request's rows, one matmul for all when the requests' adapters share ``A``; no per-token index."""
     runs = _request_runs(b_seq_start_loc, seq_len_tensor, lora_indices_tensor)
-    w = lora_a_weights.squeeze(1) if lora_a_weights.dim() == 4 else lora_a_weights
+    w = _3d(lora_a_weights)
     out = output_tensor[:, :w.shape[1]]
     out.zero_()
     x = inputs.to(out.dtype)
@@ -127,7 +131,7 @@ def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches, max_seq_length, token_nums, add_inputs=False):
     """vLLM's per-request expand (its signature): ``output[rows] (+)= x @ B_slot^T`` over the columns both have."""
-    w = lora_b_weights.squeeze(1) if lora_b_weights.dim() == 4 else lora_b_weights
+    w = _3d(lora_b_weights)
     common = min(w.shape[1], output_tensor.shape[1])
     out = output_tensor[:, :common]
     if not add_inputs:
@@ -139,7 +143,7 @@ def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_
 def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                       batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
     """vLLM's per-request expand into ``output[:, offset:offset + size]`` (its signature)."""
-    w = lora_b_weights.squeeze(1) if lora_b_weights.dim() == 4 else lora_b_weights
+    w = _3d(lora_b_weights)
     out = output_tensor[:, slice_offset:slice_offset + slice_size]
     if not add_inputs:
         out.zero_()
@@ -175,7 +179,7 @@ def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scal
     n = min(inputs.shape[0], lora_indices_tensor.shape[0], out.shape[0])
     idx = lora_indices_tensor[:n]
     slots = sorted(s for s in set(idx.tolist()) if s >= 0) if n else []
-    w = lora_a_weights.squeeze(1) if lora_a_weights.dim() == 4 else lora_a_weights
+    w = _3d(lora_a_weights)
     if len(slots) > 1 and _one_matrix(w, slots):
         out.zero_()
         out[:n].addmm_(inputs[:n].to(out.dtype), w[slots[0]].to(out.dtype).t(), alpha=scaling)

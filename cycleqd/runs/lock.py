@@ -2,9 +2,11 @@
 
 The lock is ``fcntl.flock`` on ``RUN/.lock``; the kernel drops it when the
 process dies however it dies (SIGKILL included), so a stale lock never blocks a
-resume. The file holds the holder's PID, which a refused second driver names, and
-``stopping`` once a signal stopped the holder: a second driver then waits for it (a
-resume started right after a driver's wrapper was killed) instead of refusing.
+resume. The file holds the holder's PID, which a refused second driver names; the
+parent whose end stops the holder (a CLI driver, see :mod:`cycleqd.evolve.signals`); and
+``stopping`` once a signal stopped it. A second driver waits for a holder that is stopping
+or whose parent is gone (a resume started right after a driver's wrapper was killed)
+instead of refusing it.
 """
 from __future__ import annotations
 

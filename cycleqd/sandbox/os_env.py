@@ -453,11 +453,12 @@ class OSSession:
         started, kills = time.monotonic(), self.cgroup.oom_kills()
         r = self._run(setup, _SHELL_START_S, agent=False)
         if r.exit_code == -1:
+            took = time.monotonic() - started
             try:
-                self.shell.wait(timeout=5)
+                self.shell.wait(timeout=5)  # its exit status, for the message
             except subprocess.TimeoutExpired:
                 pass
-            return (f"shell exit {self.shell.poll()} after {time.monotonic() - started:.1f} s"
+            return (f"shell exit {self.shell.poll()} after {took:.1f} s"
                     f"{' (timed out)' if r.timed_out else ''}, {self.cgroup.oom_kills() - kills} memory kills, "
                     f"output {r.output[-200:]!r}")
         for pid in sorted(descendants(self.shell.pid)):

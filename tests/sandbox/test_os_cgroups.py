@@ -204,7 +204,7 @@ def test_a_shell_that_cannot_start_is_reported_with_both_tries(monkeypatch: pyte
     assert not s.alive and s.proc.poll() is not None and not s.dir.exists()
 
 
-def test_a_reaped_process_group_is_never_signalled() -> None:
+def test_a_reaped_process_group_is_never_signalled(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once a process is reaped its number may be reused by any process: the session kills a
     group only while its leader is unreaped (then the number is still the leader's)."""
     from cycleqd.sandbox.os_env import _kill_group
@@ -215,10 +215,6 @@ def test_a_reaped_process_group_is_never_signalled() -> None:
     done.wait()
     # a process that now has done's number, in a group of that number, stands for the reuse
     calls: list[tuple[int, int]] = []
-    real = os.killpg
-    try:
-        os.killpg = lambda pgid, sig: calls.append((pgid, sig))  # records; nothing may be sent
-        _kill_group(done)
-    finally:
-        os.killpg = real
+    monkeypatch.setattr(os, "killpg", lambda pgid, sig: calls.append((pgid, sig)))  # records; nothing may be sent
+    _kill_group(done)
     assert calls == []
