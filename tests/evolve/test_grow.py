@@ -214,6 +214,23 @@ def test_sigkill_during_grow_leaves_the_run_as_it_was_then_grows(runs, world):
     assert _show(run) == runs["after"]
 
 
+def _wait(proc: subprocess.Popen, seconds: float) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _feed_fifo(fifo: Path, src: Path) -> None:
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: nobody is reading
+    except OSError:
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(src.read_bytes())
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM])
 def test_sigterm_during_grow_is_one_line_and_the_run_stays_as_it_was(runs, world, sig):
     """A real SIGTERM to a real grow while it stages: exit 1 with one line naming the run, the run's own
@@ -223,13 +240,26 @@ def test_sigterm_during_grow_is_one_line_and_the_run_stays_as_it_was(runs, world
     run = runs["root"] / "term"
     state = lambda: {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != LOCK_NAME}  # noqa: E731
     before = state()
-    proc = subprocess.Popen([sys.executable, "-m", "cycleqd.cli", "-q", "grow", str(run), "--task",
-                             str(world["spec"])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (run / ".grow" / "genomes").exists():
-        time.sleep(0.05)
-    assert proc.poll() is None, f"grow ended before the signal: {proc.stderr.read()[-500:]}"
-    os.kill(proc.pid, sig)
+    # Task d reads its texts from a FIFO, which grow first opens once the genomes are staged: the open
+    # holds grow inside its staging until this test has signalled it (no race with a fast grow).
+    fifo = world["dir"] / "d_held.fifo"
+    os.mkfifo(fifo)
+    spec = world["dir"] / "grow_d_held.yaml"
+    held = yaml.safe_load(world["spec"].read_text())
+    spec.write_text(yaml.safe_dump({**held, "task": {**held["task"], "data": str(fifo)}}))
+    proc = subprocess.Popen([sys.executable, "-m", "cycleqd.cli", "-q", "grow", str(run), "--task", str(spec)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (run / ".grow" / "genomes").exists():
+            time.sleep(0.05)
+        assert proc.poll() is None, f"grow ended before the signal: {proc.stderr.read()[-500:]}"
+        assert (run / ".grow" / "genomes").exists(), "grow did not stage its genomes in 300 s"
+        os.kill(proc.pid, sig)
+    finally:
+        if proc.poll() is None and not _wait(proc, 60):  # a grow that ignored the signal: let it read, then end it
+            _feed_fifo(fifo, world["dir"] / "d.txt")
+            proc.kill()
     _, err = proc.communicate(timeout=120)
     lines = [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln]
     assert proc.returncode == 1 and len(lines) == 1, err[-2000:]

@@ -25,11 +25,23 @@ def _cgroups_work() -> bool:
     return True
 
 
-def _shmem_kb() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Shmem:"):
-            return int(line.split()[1])
-    return 0
+def _memfd_holders(tag: str) -> list[str]:
+    """Every descriptor or mapping, in any process on the host, of a memfd whose name holds ``tag``.
+
+    A memfd's pages live exactly as long as one of these does, so none left means the host holds
+    none of its memory. (A count of the host's shared memory would also see other tests' engines.)"""
+    held = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if tag in os.readlink(fd):
+                    held.append(str(fd))
+            held += [f"{proc}/maps: {line}" for line in (proc / "maps").read_text().splitlines() if tag in line]
+        except OSError:                    # the process ended while we looked
+            continue
+    return held
 
 
 MEMFD_1GB = """
@@ -37,7 +49,7 @@ import os
 chunk = b"x" * (1 << 20)
 held = []
 for k in range(128):                       # 128 memfds of 8 MB: RLIMIT_FSIZE binds one file only
-    fd = os.memfd_create("hog")
+    fd = os.memfd_create("TAG")
     os.ftruncate(fd, 8 << 20)
     for _ in range(8):
         os.write(fd, chunk)                # real pages, not holes
@@ -51,12 +63,17 @@ print("held 1 GB")
 def test_a_1gb_memfd_is_stopped_at_the_jobs_memory_limit() -> None:
     """1 GB of memfd pages (which RLIMIT_AS does not count) at memory_mb=256: the job is killed as
     out of memory, its neighbour in the batch runs, and the host holds none of it afterwards."""
-    before = _shmem_kb()
-    hog, ok = run_python_batch([MEMFD_1GB, "print('fine')"], timeout=20, memory_mb=256)
+    tag = f"hog-{uuid.uuid4().hex}"
+    mine = os.memfd_create(tag)                                   # the scan sees a memfd that is held
+    try:
+        assert _memfd_holders(tag), "the scan for memfd holders sees nothing"
+    finally:
+        os.close(mine)
+    hog, ok = run_python_batch([MEMFD_1GB.replace("TAG", tag), "print('fine')"], timeout=20, memory_mb=256)
     assert "held 1 GB" not in hog.stdout
     assert hog.error and "out of memory" in hog.error and "256" in hog.error, hog
     assert ok.stdout == "fine\n" and ok.finished
-    assert _shmem_kb() - before < 64 * 1024, "shared memory of the job outlived it"
+    assert not _memfd_holders(tag), "shared memory of the job outlived it"
     base = cgroups.own_cgroup("memory")
     assert base is not None and not [p for p in base.glob(f"{CGROUP_PREFIX}-{os.getpid()}-*")], "cgroup left behind"
 
