@@ -89,7 +89,8 @@ table: install  ## experiments/results/mini_table.json + the models behind it: m
 
 table-rescore: install  ## score the committed table models on a fresh test draw: make table-rescore TEST_SEED=S
 	$(BIN)/cycleqd table --rescore --models experiments/results/mini_table_models \
-	  --test-seed $(TEST_SEED) --test-n $(TABLE_TEST_N) --out experiments/results/mini_table_rescored.json
+	  --test-seed $(TEST_SEED) --test-n $(TABLE_TEST_N) --out experiments/results/mini_table_rescored.json \
+	  --against experiments/results/mini_table.json
 
 bench: install  ## write bench.json (ratios against baselines measured in the same run)
 	$(BIN)/python benchmarks/bench.py --out bench.json

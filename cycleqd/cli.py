@@ -142,9 +142,43 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _read_table(path: str) -> dict:
+    try:
+        table = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such table (make it with `make table`)") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a table JSON ({e})") from None
+    if not isinstance(table, dict) or "rows" not in table or "test_n" not in table:
+        raise ConfigError(f"{path}: not a table JSON (no rows, no test_n)")
+    return table
+
+
+def _compare_tables(reference: dict, other: dict, ref_path: str) -> dict:
+    from cycleqd.studies.replication import compare_tables, format_comparison
+
+    try:
+        rep = compare_tables(reference, other)
+    except ValueError as e:
+        raise ConfigError(f"--against {ref_path}: {e}") from None
+    print(format_comparison(rep))
+    return {"against": ref_path, **rep}
+
+
 def cmd_table(a: argparse.Namespace) -> int:
     from cycleqd.config import load_config
 
+    if a.compare:
+        if a.rescore or a.choose_only or a.against:
+            raise ConfigError("--compare reads two finished tables; it takes no --rescore, --choose-only or --against")
+        _compare_tables(_read_table(a.compare[0]), _read_table(a.compare[1]), a.compare[0])
+        return 0
+    if a.against and not a.rescore:
+        raise ConfigError("--against compares a rescored table with another; it needs --rescore")
+    reference = _read_table(a.against) if a.against else None  # bad input before anything heavy
+    if reference is not None and reference["test_n"] != a.test_n:
+        raise ConfigError(f"--against {a.against} was scored on {reference['test_n']} items per task, this draw on "
+                          f"{a.test_n}: compare draws of the same size (--test-n {reference['test_n']})")
     if min(a.seeds, a.test_n, a.select_n) < 1 or (a.generations is not None and a.generations < 1):
         raise ConfigError("--seeds, --generations, --test-n and --select-n must be >= 1")
     if a.rescore and a.choose_only:
@@ -168,6 +202,8 @@ def cmd_table(a: argparse.Namespace) -> int:
     if a.rescore:
         table = score_models(models, test_n=a.test_n, test_seed=a.test_seed,
                              cache=Path(a.scores_cache) if a.scores_cache else None)
+        if reference is not None:
+            table["replication"] = _compare_tables(reference, table, a.against)
         write_atomic(out, json.dumps(table, indent=2))
     else:
         table = make_table(cfg, out, models_dir=models, seeds=a.seeds, generations=a.generations, test_n=a.test_n,
@@ -498,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--in-process", action="store_true", help="evolve the runs without Ray: " + IN_PROCESS)
     tb.add_argument("--scores-cache", default=".cache/table_scores",
                     help="folder of per-model test scores, so an interrupted scoring resumes ('' for none)")
+    tb.add_argument("--against", metavar="TABLE",
+                    help="with --rescore: set each conclusion beside this table's (another draw of the same models), "
+                         "with the chance a fresh draw repeats it and the items per task it needs to hold")
+    tb.add_argument("--compare", nargs=2, metavar=("TABLE", "OTHER"),
+                    help="only compare the conclusions of two finished tables of the same models (no scoring)")
     tb.add_argument("--variants", help="comma-separated subset of the variants (cycleqd, fixed_axes, "
                                        "gaussian_mutation, uniform_sampling, cma_es, nsga2, random)")
     tb.set_defaults(func=cmd_table)
