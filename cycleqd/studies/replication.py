@@ -6,7 +6,8 @@ and the conclusion may differ: a difference that is a few standard errors from z
 "better" on some draws and "no difference" on others. :func:`compare_tables` lines up every
 conclusion of two tables of the same models and says, per comparison:
 
-- ``same``: whether both draws reach the same conclusion;
+- ``same``: whether both draws reach the same conclusion (a pair that differs is ``flipped``;
+  it is ``reversed`` where one draw finds A better and the other B);
 - ``chance_same``: the chance that a fresh draw of this size reaches the reference table's
   conclusion, if the difference is what both draws together estimate (normal approximation);
 - ``items_per_task``: how many items per task a draw needs so that it reaches the pooled
@@ -91,11 +92,13 @@ def compare_tables(reference: Mapping[str, Any], other: Mapping[str, Any]) -> di
         pooled = (a["mean"] / sa**2 + b["mean"] / sb**2) / (1 / sa**2 + 1 / sb**2)
         se = (sa + sb) / 2  # one draw's, at this size
         rows[name] = {"reference": a["conclusion"], "other": b["conclusion"], "same": _side(a) == _side(b),
+                      "reversed": _side(a) * _side(b) < 0,
                       "pooled_mean": pooled, "chance_same": chance_of_side(pooled, se, _side(a)),
                       "items_per_task": items_needed(pooled, se, n)}
     chance_all = math.prod(r["chance_same"] for r in rows.values())
     return {"reference_test_seed": reference.get("test_seed"), "other_test_seed": other.get("test_seed"),
             "test_n": n, "flipped": sorted(k for k, r in rows.items() if not r["same"]),
+            "reversed": sorted(k for k, r in rows.items() if r["reversed"]),
             "chance_all_same": chance_all, "comparisons": rows}
 
 
@@ -105,9 +108,9 @@ def format_comparison(rep: Mapping[str, Any]) -> str:
              f"({rep['test_n']} items per task):"]
     for name, r in rep["comparisons"].items():
         need = "a tie" if r["items_per_task"] is None else f"{r['items_per_task']:,} items per task to hold"
-        mark = "same   " if r["same"] else "FLIPPED"
+        mark = "same    " if r["same"] else "REVERSED" if r["reversed"] else "FLIPPED "
         lines.append(f"  {mark} {name:42s} {r['reference']!r} -> {r['other']!r}  "
                      f"(a fresh draw repeats it with chance {r['chance_same']:.2f}; {need})")
-    lines.append(f"{len(rep['flipped'])} of {len(rep['comparisons'])} conclusions differ; a fresh draw of this size "
-                 f"repeats all of them with chance {rep['chance_all_same']:.2f}")
+    lines.append(f"{len(rep['flipped'])} of {len(rep['comparisons'])} conclusions differ, {len(rep['reversed'])} of them "
+                 f"reversed; a fresh draw of this size repeats all of them with chance {rep['chance_all_same']:.2f}")
     return "\n".join(lines)

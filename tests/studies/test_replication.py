@@ -85,7 +85,8 @@ def test_two_draws_of_the_same_models_line_up_conclusion_by_conclusion():
     # a conclusion that reads the other way on the second draw is a flip
     b[VERSUS_KEY]["far_better"] = {"mean": -0.05, "interval": [-0.06, -0.04], "conclusion": "task_arithmetic better"}
     flipped = compare_tables(a, b)
-    assert "far_better - task_arithmetic" in flipped["flipped"]
+    assert "far_better - task_arithmetic" in flipped["flipped"] and flipped["reversed"] == ["far_better - task_arithmetic"]
+    assert all(not r["reversed"] for k, r in rep["comparisons"].items() if k not in rep["flipped"])
     assert flipped["comparisons"]["far_better - task_arithmetic"]["other"] == "task_arithmetic better"
 
 
@@ -111,9 +112,9 @@ def test_table_compare_on_the_command_line(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(b))
     out = _cycleqd("table", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
     assert out.returncode == 0, out.stderr
-    flipped = [ln for ln in out.stdout.splitlines() if "FLIPPED" in ln]
-    assert len(flipped) == 1 and "far_better - task_arithmetic" in flipped[0], out.stdout
-    assert "1 of 2 conclusions differ" in out.stdout
+    flipped = [ln for ln in out.stdout.splitlines() if "REVERSED" in ln or "FLIPPED" in ln]
+    assert len(flipped) == 1 and "REVERSED far_better - task_arithmetic" in flipped[0], out.stdout
+    assert "1 of 2 conclusions differ, 1 of them reversed" in out.stdout
     # bad input: one line, exit 2, before anything is scored
     (tmp_path / "junk.json").write_text("{")
     for args, message in ((("--compare", str(tmp_path / "a.json"), str(tmp_path / "none.json")), "no such table"),
