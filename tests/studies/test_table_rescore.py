@@ -31,9 +31,9 @@ def made(tmp_path_factory) -> dict[str, Path]:
     return {"dir": d, "world": world, "out": out, "models": d / "models"}
 
 
-def _rescore(models: Path, out: Path, seed: int) -> subprocess.CompletedProcess:
+def _rescore(models: Path, out: Path, seed: int, *more: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cycleqd.cli", "table", "--rescore", "--models", str(models),
-                           "--test-seed", str(seed), "--test-n", "6", "--out", str(out)],
+                           "--test-seed", str(seed), "--test-n", "6", "--out", str(out), *more],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -65,10 +65,18 @@ def test_models_folder_holds_every_row(made):
 
 def test_rescore_writes_the_same_schema_on_a_fresh_draw(made):
     out = made["dir"] / "rescored.json"
-    res = _rescore(made["models"], out, 3)
+    res = _rescore(made["models"], out, 3, "--against", str(made["out"]))
     assert res.returncode == 0, res.stderr[-2000:]
     first, again = json.loads(made["out"].read_text()), json.loads(out.read_text())
-    assert set(first) == set(again) and again["test_seed"] == 3 and first["test_seed"] == 0
+    assert set(first) == set(again) - {"replication"} and again["test_seed"] == 3 and first["test_seed"] == 0
+    # every conclusion of the first draw beside this one's, as `make table-rescore` prints it
+    rep = again["replication"]
+    assert rep["against"] == str(made["out"]) and (rep["reference_test_seed"], rep["other_test_seed"]) == (0, 3)
+    assert set(rep["comparisons"]) == {"cycleqd_best - task_arithmetic"} | {f"{r} - task_arithmetic"
+                                                                            for r in first[VERSUS_KEY]}
+    for name, r in rep["comparisons"].items():
+        assert r["same"] == (r["reference"] == r["other"]) and 0.0 <= r["chance_same"] <= 1.0
+    assert "conclusions on test seed 3 against seed 0 (6 items per task)" in res.stdout
     assert [r["model"] for r in first["rows"]] == [r["model"] for r in again["rows"]]
     assert set(again[INTERVAL_KEY]) == set(first[INTERVAL_KEY])
 
