@@ -154,13 +154,13 @@ def _read_table(path: str) -> dict:
     return table
 
 
-def _compare_tables(reference: dict, other: dict, ref_path: str) -> dict:
+def _compare_tables(reference: dict, other: dict, ref_path: str, flag: str) -> dict:
     from cycleqd.studies.replication import compare_tables, format_comparison
 
     try:
         rep = compare_tables(reference, other)
     except ValueError as e:
-        raise ConfigError(f"--against {ref_path}: {e}") from None
+        raise ConfigError(f"{flag} {ref_path}: {e}") from None
     print(format_comparison(rep))
     return {"against": ref_path, **rep}
 
@@ -171,7 +171,7 @@ def cmd_table(a: argparse.Namespace) -> int:
     if a.compare:
         if a.rescore or a.choose_only or a.against:
             raise ConfigError("--compare reads two finished tables; it takes no --rescore, --choose-only or --against")
-        _compare_tables(_read_table(a.compare[0]), _read_table(a.compare[1]), a.compare[0])
+        _compare_tables(_read_table(a.compare[0]), _read_table(a.compare[1]), a.compare[0], "--compare")
         return 0
     if a.against and not a.rescore:
         raise ConfigError("--against compares a rescored table with another; it needs --rescore")
@@ -203,7 +203,7 @@ def cmd_table(a: argparse.Namespace) -> int:
         table = score_models(models, test_n=a.test_n, test_seed=a.test_seed,
                              cache=Path(a.scores_cache) if a.scores_cache else None)
         if reference is not None:
-            table["replication"] = _compare_tables(reference, table, a.against)
+            table["replication"] = _compare_tables(reference, table, a.against, "--against")
         write_atomic(out, json.dumps(table, indent=2))
     else:
         table = make_table(cfg, out, models_dir=models, seeds=a.seeds, generations=a.generations, test_n=a.test_n,

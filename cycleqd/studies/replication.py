@@ -44,12 +44,6 @@ def _std_error(d: Mapping[str, Any]) -> float:
     return max((hi - lo) / (2 * Z95), 1e-12)
 
 
-def _side(d: Mapping[str, Any]) -> int:
-    """+1: the first named is better; -1: the second; 0: no difference."""
-    lo, hi = d["interval"]
-    return 1 if lo > 0 else -1 if hi < 0 else 0
-
-
 def chance_of_side(mean: float, std_error: float, side: int) -> float:
     """The chance that a draw whose estimate is N(mean, std_error^2) reads ``side`` at 95%."""
     z = mean / std_error
@@ -84,6 +78,8 @@ def compare_tables(reference: Mapping[str, Any], other: Mapping[str, Any]) -> di
     if set(ours) != set(theirs):
         missing = sorted(set(ours) ^ set(theirs))
         raise ValueError(f"the tables state different comparisons: {', '.join(missing)}")
+    from cycleqd.studies.table import side
+
     n = int(reference["test_n"])
     rows = {}
     for name, a in ours.items():
@@ -91,9 +87,9 @@ def compare_tables(reference: Mapping[str, Any], other: Mapping[str, Any]) -> di
         sa, sb = _std_error(a), _std_error(b)
         pooled = (a["mean"] / sa**2 + b["mean"] / sb**2) / (1 / sa**2 + 1 / sb**2)
         se = (sa + sb) / 2  # one draw's, at this size
-        rows[name] = {"reference": a["conclusion"], "other": b["conclusion"], "same": _side(a) == _side(b),
-                      "reversed": _side(a) * _side(b) < 0,
-                      "pooled_mean": pooled, "chance_same": chance_of_side(pooled, se, _side(a)),
+        ref, now = side(a["interval"]), side(b["interval"])
+        rows[name] = {"reference": a["conclusion"], "other": b["conclusion"], "same": ref == now,
+                      "reversed": ref * now < 0, "pooled_mean": pooled, "chance_same": chance_of_side(pooled, se, ref),
                       "items_per_task": items_needed(pooled, se, n)}
     chance_all = math.prod(r["chance_same"] for r in rows.values())
     return {"reference_test_seed": reference.get("test_seed"), "other_test_seed": other.get("test_seed"),

@@ -251,10 +251,15 @@ def paired_interval(ours: Sequence[Mapping[str, Sequence[float]]], theirs: Mappi
             "paired": "per item, the same item index in every task; seeds averaged per item"}
 
 
+def side(interval: Sequence[float]) -> int:
+    """Which side a paired interval of (ours - theirs) finds better: +1 ours, -1 theirs, 0 neither."""
+    lo, hi = interval
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
 def conclusion(interval: Sequence[float], ours: str = "cycleqd_best", theirs: str = "task_arithmetic") -> str:
     """What a paired interval of (ours - theirs) says: which side is better, or neither at its level."""
-    lo, hi = interval
-    return f"{ours} better" if lo > 0 else f"{theirs} better" if hi < 0 else "no difference"
+    return {1: f"{ours} better", -1: f"{theirs} better", 0: "no difference"}[side(interval)]
 
 
 RUNS_DIR = "runs"

@@ -117,8 +117,11 @@ def test_table_compare_on_the_command_line(tmp_path):
     assert "1 of 2 conclusions differ, 1 of them reversed" in out.stdout
     # bad input: one line, exit 2, before anything is scored
     (tmp_path / "junk.json").write_text("{")
+    (tmp_path / "small.json").write_text(json.dumps(_table(rng, 300, gains, 2, resamples=200)))
     for args, message in ((("--compare", str(tmp_path / "a.json"), str(tmp_path / "none.json")), "no such table"),
                           (("--compare", str(tmp_path / "a.json"), str(tmp_path / "junk.json")), "not a table JSON"),
+                          (("--compare", str(tmp_path / "a.json"), str(tmp_path / "small.json")),
+                           "--compare " + str(tmp_path / "a.json") + ": the tables were scored on 600 and 300"),
                           (("--against", str(tmp_path / "a.json")), "needs --rescore"),
                           (("--rescore", "--models", str(tmp_path), "--against", str(tmp_path / "none.json")),
                            "no such table"),
